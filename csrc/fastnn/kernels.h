@@ -1,0 +1,83 @@
+// Kernel interface shared by every ISA build of csrc/kernels/*.cpp.
+//
+// Layout conventions (all arrays C-contiguous, row-major):
+//   activations NCHW, conv weights OIHW (I = C / groups), matrices row-major.
+// Each file under csrc/kernels/ is compiled once per ISA (baseline, AVX2+FMA,
+// AVX-512) with FASTNN_ISA_NS set to that ISA's namespace; dispatch.cpp picks one
+// KernelTable at import from what the CPU supports. Kernels never allocate
+// Python objects and never touch the GIL, so the bindings can release it.
+#pragma once
+
+#include <cstdint>
+
+namespace fastnn {
+
+// Geometry of one conv2d call. Padding is symmetric (top = bottom = ph,
+// left = right = pw); asymmetric "same" padding is handled in Python.
+struct Conv2dParams {
+  int64_t N, C, H, W;       // input
+  int64_t O, KH, KW;        // weight (O, C / groups, KH, KW)
+  int64_t OH, OW;           // output
+  int64_t sh, sw, ph, pw, dh, dw;
+  int64_t groups;
+};
+
+// Geometry of one pooling call. OH/OW come from Python, which applies torch's
+// ceil_mode rule; windows may then run past the padded input and are clipped.
+struct Pool2dParams {
+  int64_t N, C, H, W;
+  int64_t OH, OW;
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+  bool count_include_pad;   // avg only
+  int64_t divisor_override; // avg only; 0 means none
+};
+
+template <typename T>
+struct KernelTable {
+  // C[M,N] (+)= op(A) @ op(B); op(A) is A^T when trans_a (A stored K x M).
+  // lda/ldb/ldc are row strides in elements. accumulate=false overwrites C.
+  void (*gemm)(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+               const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+               int64_t ldc, bool accumulate);
+
+  // y (N,O,OH,OW) = conv(x (N,C,H,W), w (O,C/g,KH,KW)) + b (O,) ; b may be null.
+  void (*conv2d_forward)(const Conv2dParams& p, const T* x, const T* w,
+                         const T* b, T* y);
+  // gx (N,C,H,W) from gy (N,O,OH,OW) and w. Overwrites gx.
+  void (*conv2d_backward_input)(const Conv2dParams& p, const T* gy,
+                                const T* w, T* gx);
+  // gw (O,C/g,KH,KW) from gy and x. Overwrites gw.
+  void (*conv2d_backward_weight)(const Conv2dParams& p, const T* gy,
+                                 const T* x, T* gw);
+
+  // y (N,C,OH,OW). Padded positions are -inf; NaN wins (propagates) as in torch.
+  void (*max_pool2d_forward)(const Pool2dParams& p, const T* x, T* y);
+  // gx (N,C,H,W), overwritten; each window's gradient goes to the first
+  // maximal element in row-major window order (torch's tie rule).
+  void (*max_pool2d_backward)(const Pool2dParams& p, const T* gy, const T* x,
+                              T* gx);
+  void (*avg_pool2d_forward)(const Pool2dParams& p, const T* x, T* y);
+  void (*avg_pool2d_backward)(const Pool2dParams& p, const T* gy, T* gx);
+};
+
+#define FASTNN_DECLARE_ISA(ns)            \
+  namespace ns {                          \
+  void fill_table(KernelTable<float>& t);  \
+  void fill_table(KernelTable<double>& t); \
+  }
+FASTNN_DECLARE_ISA(isa_baseline)
+FASTNN_DECLARE_ISA(isa_avx2)
+FASTNN_DECLARE_ISA(isa_avx512)
+#undef FASTNN_DECLARE_ISA
+
+// The table chosen at import (see dispatch.cpp).
+const KernelTable<float>& table_f32();
+const KernelTable<double>& table_f64();
+// "avx512", "avx2" or "baseline".
+const char* active_isa();
+// Comma-separated list of ISAs this CPU can run, best first.
+const char* supported_isas();
+// Select an ISA by name; returns false if the CPU cannot run it.
+bool select_isa(const char* name);
+
+}  // namespace fastnn

@@ -1,0 +1,64 @@
+"""Runtime configuration: thread count, ISA, and ``show_config``."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+
+def _native():
+    try:
+        from fastnn import _C
+    except ImportError:
+        return None
+    return _C
+
+
+def get_num_threads() -> int:
+    """Threads the C++ kernels use (``OMP_NUM_THREADS`` or all cores by default)."""
+    c = _native()
+    return c.get_num_threads() if c is not None else 1
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of threads the C++ kernels use."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    c = _native()
+    if c is None:
+        raise RuntimeError("fastnn._C is not built; the CPU backend is unavailable")
+    c.set_num_threads(n)
+
+
+def config() -> dict:
+    """The facts ``show_config`` prints, as a dict."""
+    from fastnn import __version__
+    from fastnn.backends import available_backends
+
+    c = _native()
+    info: dict = {
+        "version": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "backends": available_backends(),
+        "isa": c.active_isa() if c is not None else None,
+        "supported_isas": c.supported_isas() if c is not None else None,
+        "threads": c.get_num_threads() if c is not None else None,
+        "FASTNN_ISA": os.environ.get("FASTNN_ISA"),
+    }
+    try:
+        from fastnn.backends import cuda
+
+        info.update(cuda.device_info())
+    except Exception as exc:  # noqa: BLE001 - report, never fail show_config
+        info["cuda"] = f"unavailable ({exc})"
+    return info
+
+
+def show_config() -> None:
+    """Print the version, backends, chosen ISA, threads and GPU details."""
+    for key, value in config().items():
+        print(f"{key:>16}: {value}")
