@@ -1,0 +1,176 @@
+"""A small, seeded DataLoader for image classification arrays (MNIST-sized).
+
+Images are kept as uint8 and converted per batch through a 256-entry lookup
+table, which normalises and casts to float32 in a single gather. For
+``device="cuda"`` the images and labels are copied to the GPU (CuPy) once, in
+the constructor, so batches never cross the bus.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+__all__ = ["MNIST_MEAN", "MNIST_STD", "DataLoader", "normalize"]
+
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+
+
+def _lut(mean: float, std: float) -> np.ndarray:
+    """float32 table: uint8 pixel -> ((pixel / 255) - mean) / std."""
+    return ((np.arange(256, dtype=np.float64) / 255.0 - mean) / std).astype(np.float32)
+
+
+def normalize(images: Any, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> Any:
+    """uint8 images (any shape) -> float32 ``((x / 255) - mean) / std`` (NumPy or CuPy)."""
+    lut = _lut(mean, std)
+    if type(images).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        lut = cupy.asarray(lut)
+    return lut[images]
+
+
+class DataLoader:
+    """Iterate over ``(x, y)`` batches: x float32 ``(B, 1, H, W)`` (NCHW), y int64 ``(B,)``.
+
+    Parameters
+    ----------
+    images : uint8 array ``(n, H, W)`` or ``(n, 1, H, W)``, raw pixels 0..255.
+    labels : integer array ``(n,)``.
+    batch_size : samples per batch (the last one may be smaller unless ``drop_last``).
+    shuffle : reshuffle every epoch with ``numpy.random.default_rng([seed, epoch])``,
+        so epoch ``e`` has the same order in every run, including a resumed one.
+    seed : non-negative int for the shuffle and augmentation generators.
+    augment_shift : if > 0, shift every image by a random whole number of pixels
+        in ``[-augment_shift, augment_shift]`` along each axis (zero fill, i.e.
+        background), drawn from the same per-epoch generator.
+    drop_last : drop the final incomplete batch.
+    device : ``"cpu"`` yields NumPy arrays, ``"cuda"`` CuPy arrays (needs cupy).
+    mean, std : normalisation applied after scaling pixels to [0, 1].
+
+    Iterating uses the current :attr:`epoch` and then advances it; call
+    :meth:`set_epoch` to jump (e.g. when resuming training).
+    """
+
+    def __init__(
+        self,
+        images: Any,
+        labels: Any,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        augment_shift: int = 0,
+        drop_last: bool = False,
+        *,
+        device: str = "cpu",
+        mean: float = MNIST_MEAN,
+        std: float = MNIST_STD,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if (
+            isinstance(augment_shift, bool)
+            or not isinstance(augment_shift, (int, np.integer))
+            or augment_shift < 0
+        ):
+            raise ValueError(f"augment_shift must be a non-negative int, got {augment_shift!r}")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        images = np.asarray(images) if not _is_cupy(images) else images
+        labels = np.asarray(labels) if not _is_cupy(labels) else labels
+        if images.dtype != np.uint8:
+            raise TypeError(f"images must be uint8 pixels, got dtype {images.dtype}")
+        if images.ndim == 4 and images.shape[1] == 1:
+            images = images.reshape(images.shape[0], *images.shape[2:])
+        if images.ndim != 3:
+            raise ValueError(f"images must be (n, H, W) or (n, 1, H, W), got {images.shape}")
+        if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"labels must be (n,) with n = {images.shape[0]} images, got {labels.shape}"
+            )
+        if labels.dtype.kind not in "iu":
+            raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
+
+        self.batch_size = batch_size
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.augment_shift = int(augment_shift)
+        self.drop_last = bool(drop_last)
+        self.device = device
+        self.epoch = 0
+
+        if device == "cuda":
+            import cupy
+
+            self._xp = cupy
+        else:
+            self._xp = np
+        xp = self._xp
+        # One transfer per dataset, not per batch.
+        self._images = xp.asarray(images)
+        self._labels = xp.asarray(labels).astype(np.int64, copy=False)
+        self._lut = xp.asarray(_lut(mean, std))
+
+    def __len__(self) -> int:
+        n = self.num_samples
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        """Images in the dataset (not counting any dropped last batch)."""
+        return int(self._images.shape[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration use ``epoch``'s shuffle and augmentation."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        self.epoch = int(epoch)
+
+    def _shift(self, batch: Any, shifts: np.ndarray) -> Any:
+        """Shift each image in ``batch`` (B, H, W) by ``shifts[i] = (dy, dx)``, zero fill."""
+        xp, s = self._xp, self.augment_shift
+        b, h, w = batch.shape
+        padded = xp.pad(batch, ((0, 0), (s, s), (s, s)))
+        # Output pixel (r, c) of image i reads padded (r + s - dy, c + s - dx).
+        off = xp.asarray(s - shifts)
+        rows = off[:, 0, None, None] + xp.arange(h)[None, :, None]
+        cols = off[:, 1, None, None] + xp.arange(w)[None, None, :]
+        return padded[xp.arange(b)[:, None, None], rows, cols]
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        epoch = self.epoch
+        self.epoch += 1
+        xp, n = self._xp, self.num_samples
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n) if self.shuffle else None
+        shifts = (
+            rng.integers(-self.augment_shift, self.augment_shift + 1, size=(n, 2))
+            if self.augment_shift
+            else None
+        )
+        order_dev = xp.asarray(order) if order is not None else None
+        stop = (n // self.batch_size) * self.batch_size if self.drop_last else n
+        for start in range(0, stop, self.batch_size):
+            end = min(start + self.batch_size, stop)
+            if order_dev is None:
+                images = self._images[start:end]
+                labels = self._labels[start:end]
+            else:
+                idx = order_dev[start:end]
+                images = self._images[idx]
+                labels = self._labels[idx]
+            if shifts is not None:
+                images = self._shift(images, shifts[start:end])
+            x = self._lut[images]
+            yield x.reshape(x.shape[0], 1, *x.shape[1:]), labels
+
+
+def _is_cupy(a: Any) -> bool:
+    return type(a).__module__.split(".")[0] == "cupy"
