@@ -1,0 +1,88 @@
+"""Shared fixtures: the backends present here, GPU skipping, MNIST location."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _native_available() -> bool:
+    try:
+        import fastnn._C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _gpu_available() -> bool:
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return False
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001 - no cupy, no driver, no device
+        return False
+
+
+NATIVE = _native_available()
+GPU = _gpu_available()
+
+# Backends that take NumPy arrays. CI sets FASTNN_REQUIRE_NATIVE=1 so that a
+# missing extension fails loudly instead of silently testing only the reference.
+HOST_BACKENDS = ["numpy"] + (["cpu"] if NATIVE else [])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("FASTNN_REQUIRE_NATIVE") == "1" and not NATIVE:
+        raise pytest.UsageError(
+            "FASTNN_REQUIRE_NATIVE=1 but fastnn._C does not import: the C++ extension "
+            "was not built/installed"
+        )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU with CuPy (none found)")
+    for item in items:
+        if "gpu" in item.keywords and not GPU:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(params=HOST_BACKENDS)
+def host_backend(request: pytest.FixtureRequest) -> str:
+    """Each backend that runs on NumPy arrays here ("numpy", and "cpu" when built)."""
+    return request.param
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+# --- MNIST location (data/CLI tests) -------------------------------------------------
+def find_mnist_dir() -> Path | None:
+    """FASTNN_DATA_DIR, else ../shared/data/mnist beside the repo; None if absent."""
+    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    candidates = []
+    if os.environ.get("FASTNN_DATA_DIR"):
+        candidates.append(Path(os.environ["FASTNN_DATA_DIR"]))
+    candidates.append(REPO.parent / "shared" / "data" / "mnist")
+    for d in candidates:
+        if all((d / n).exists() or (d / f"{n}.gz").exists() for n in names):
+            return d
+    return None
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    d = find_mnist_dir()
+    if d is None:
+        pytest.skip("MNIST files not found: set FASTNN_DATA_DIR or place them in ../shared/data/mnist")
+    return d
+# --- end MNIST location --------------------------------------------------------------
