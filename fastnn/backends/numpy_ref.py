@@ -1,0 +1,503 @@
+"""The NumPy reference backend: the oracle every other backend is tested against.
+
+Plain, vectorized NumPy with torch.nn.functional semantics. Clarity beats speed
+here, but the heavy ops go through BLAS (im2col + matmul) so the backend can
+also train MNIST (``--device numpy``) in reasonable time.
+
+The op contract (names, argument order, what ``fastnn.functional`` has already
+validated) is documented in :mod:`fastnn.backends`. In short: arrays are
+C-contiguous float32/float64, images NCHW, conv weights OIHW, geometry
+arguments are pairs of Python ints, padding is symmetric and N may be 0. Every
+op returns a new C-contiguous array of the input's dtype; the optimizer steps
+work in place and return None.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+Pair = tuple[int, int]
+
+__all__ = [
+    "adam_step",
+    "avg_pool2d",
+    "avg_pool2d_backward",
+    "conv2d",
+    "conv2d_backward_input",
+    "conv2d_backward_weight",
+    "is_available",
+    "matmul",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "relu",
+    "relu_backward",
+    "sgd_step",
+    "softmax_cross_entropy",
+]
+
+
+def is_available() -> bool:
+    """The reference backend runs wherever NumPy does."""
+    return True
+
+
+def _out(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``a`` as a C-contiguous array of ``dtype`` that shares memory with no input.
+
+    ``a`` must be computed by the op (never an argument passed through), so a
+    base-owning, contiguous array of the right dtype is already fresh and is
+    returned as is; views (slices, transposes) are copied.
+    """
+    if a.base is None and a.flags.c_contiguous and a.dtype == dtype:
+        return a
+    return np.array(a, dtype=dtype, order="C", copy=True)
+
+
+# --------------------------------------------------------------------------- #
+# Window helpers shared by conv and pooling
+# --------------------------------------------------------------------------- #
+
+
+def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    """Floor-mode output length of a sliding window (torch's formula)."""
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _tap(i: int, d: int, s: int, n_out: int) -> slice:
+    """Rows (or columns) of a padded input read by kernel tap ``i``.
+
+    Output position ``o`` reads padded row ``o*s + i*d``, so for all ``n_out``
+    outputs that is a strided slice starting at ``i*d``.
+    """
+    start = i * d
+    return slice(start, start + s * (n_out - 1) + 1, s)
+
+
+def _pad_hw(x: np.ndarray, pad_h: Pair, pad_w: Pair, value: float) -> np.ndarray:
+    """Pad the last two axes by ((top, bottom), (left, right)) with ``value``."""
+    widths = [(0, 0)] * (x.ndim - 2) + [pad_h, pad_w]
+    return np.pad(x, widths, mode="constant", constant_values=value)
+
+
+def _windows(
+    xp: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair
+) -> np.ndarray:
+    """Gather every window of the padded input ``xp`` (N, C, Hp, Wp).
+
+    Returns (KH*KW, N, C, OH, OW): entry k holds, for every window, its cell
+    at tap (i, j) = divmod(k, KW), i.e. cells in row-major window order, which
+    the max-pool tie rule and the im2col column order rely on. Taps lead so
+    that reducing over them is elementwise work on contiguous blocks. ``xp``
+    must be large enough for all ``out_hw`` windows.
+    """
+    (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, stride, dilation, out_hw
+    n, c = xp.shape[:2]
+    cols = np.empty((kh * kw, n, c, oh, ow), dtype=xp.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            cols[i * kw + j] = xp[:, :, _tap(i, dh, sh, oh), _tap(j, dw, sw, ow)]
+    return cols
+
+
+def _scatter_windows(
+    cols: np.ndarray, padded_hw: Pair, kernel: Pair, stride: Pair, dilation: Pair
+) -> np.ndarray:
+    """Adjoint of :func:`_windows`: sum (KH*KW, N, C, OH, OW) back into (N, C, Hp, Wp).
+
+    Overlapping windows accumulate, so this is col2im.
+    """
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    _, n, c, oh, ow = cols.shape
+    out = np.zeros((n, c) + tuple(padded_hw), dtype=cols.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            out[:, :, _tap(i, dh, sh, oh), _tap(j, dw, sw, ow)] += cols[i * kw + j]
+    return out
+
+
+def _pool_padding(size: int, k: int, s: int, p: int, d: int, n_out: int) -> Pair:
+    """(before, after) padding so that ``n_out`` windows fit.
+
+    With ceil_mode the last window may run past the symmetric padding; extra
+    cells are added after it (and are excluded from max / divisors by the
+    callers).
+    """
+    needed = (n_out - 1) * s + d * (k - 1) + 1
+    return p, max(p, needed - size - p)
+
+
+# --------------------------------------------------------------------------- #
+# conv2d
+# --------------------------------------------------------------------------- #
+
+
+def _conv_columns(
+    x: np.ndarray, kernel_hw: Pair, stride: Pair, padding: Pair, dilation: Pair,
+    groups: int, out_hw: Pair,
+) -> np.ndarray:
+    """im2col of x (N, C, H, W) -> (G, N*OH*OW, C/G*KH*KW).
+
+    Column order within a row is (c, kh, kw), matching a reshaped OIHW weight.
+    """
+    n, c = x.shape[:2]
+    (ph, pw), (oh, ow) = padding, out_hw
+    kh, kw = kernel_hw
+    xp = _pad_hw(x, (ph, ph), (pw, pw), 0)
+    cols = _windows(xp, kernel_hw, stride, dilation, out_hw)  # (KH*KW, N, C, OH, OW)
+    cg = c // groups
+    cols = cols.reshape(kh * kw, n, groups, cg, oh, ow)
+    cols = cols.transpose(2, 1, 4, 5, 3, 0)  # (G, N, OH, OW, Cg, KH*KW)
+    return cols.reshape(groups, n * oh * ow, cg * kh * kw)
+
+
+def _grad_rows(grad_out: np.ndarray, groups: int) -> np.ndarray:
+    """grad_out (N, O, OH, OW) -> (G, N*OH*OW, O/G), the layout of conv's GEMM output."""
+    n, o, oh, ow = grad_out.shape
+    g = grad_out.reshape(n, groups, o // groups, oh, ow).transpose(1, 0, 3, 4, 2)
+    return g.reshape(groups, n * oh * ow, o // groups)
+
+
+def conv2d(
+    x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
+    stride: Pair, padding: Pair, dilation: Pair, groups: int,
+) -> np.ndarray:
+    """2-D cross-correlation, like ``torch.nn.functional.conv2d``.
+
+    x (N, C, H, W), weight (O, C/groups, KH, KW), bias (O,) or None
+    -> y (N, O, OH, OW), OH = (H + 2*ph - dh*(KH-1) - 1) // sh + 1 (same for W).
+    """
+    n, _, h, w = x.shape
+    o, cg, kh, kw = weight.shape
+    oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
+    cols = _conv_columns(x, (kh, kw), stride, padding, dilation, groups, (oh, ow))
+    wmat = weight.reshape(groups, o // groups, cg * kh * kw)
+    y = cols @ wmat.transpose(0, 2, 1)  # (G, N*OH*OW, O/G)
+    y = y.reshape(groups, n, oh, ow, o // groups).transpose(1, 0, 4, 2, 3)
+    y = y.reshape(n, o, oh, ow)
+    if bias is not None:
+        # Cast so a float64 bias cannot promote a float32 result.
+        y = y + bias.astype(x.dtype, copy=False).reshape(1, o, 1, 1)
+    return _out(y, x.dtype)
+
+
+def conv2d_backward_input(
+    grad_out: np.ndarray, weight: np.ndarray, input_hw: Pair,
+    stride: Pair, padding: Pair, dilation: Pair, groups: int,
+) -> np.ndarray:
+    """Gradient of conv2d with respect to x.
+
+    grad_out (N, O, OH, OW), weight (O, C/groups, KH, KW) -> grad_x (N, C, H, W).
+    Input rows/columns that no window reaches (floor mode) get zero.
+    """
+    n, o, oh, ow = grad_out.shape
+    _, cg, kh, kw = weight.shape
+    h, w = input_hw
+    ph, pw = padding
+    wmat = weight.reshape(groups, o // groups, cg * kh * kw)
+    cols = _grad_rows(grad_out, groups) @ wmat  # (G, N*OH*OW, Cg*KH*KW)
+    cols = cols.reshape(groups, n, oh, ow, cg, kh * kw).transpose(5, 1, 0, 4, 2, 3)
+    cols = cols.reshape(kh * kw, n, groups * cg, oh, ow)
+    gxp = _scatter_windows(cols, (h + 2 * ph, w + 2 * pw), (kh, kw), stride, dilation)
+    return _out(gxp[:, :, ph:ph + h, pw:pw + w], grad_out.dtype)
+
+
+def conv2d_backward_weight(
+    grad_out: np.ndarray, x: np.ndarray, kernel_hw: Pair,
+    stride: Pair, padding: Pair, dilation: Pair, groups: int,
+) -> np.ndarray:
+    """Gradient of conv2d with respect to the weight.
+
+    grad_out (N, O, OH, OW), x (N, C, H, W) -> grad_w (O, C/groups, KH, KW).
+    (The bias gradient is grad_out.sum((0, 2, 3)); functional computes it.)
+    """
+    _, o, oh, ow = grad_out.shape
+    c = x.shape[1]
+    kh, kw = kernel_hw
+    cols = _conv_columns(x, kernel_hw, stride, padding, dilation, groups, (oh, ow))
+    gw = _grad_rows(grad_out, groups).transpose(0, 2, 1) @ cols  # (G, O/G, Cg*KH*KW)
+    return _out(gw.reshape(o, c // groups, kh, kw), x.dtype)
+
+
+# --------------------------------------------------------------------------- #
+# matmul
+# --------------------------------------------------------------------------- #
+
+
+def matmul(
+    a: np.ndarray, b: np.ndarray, transpose_a: bool = False, transpose_b: bool = False
+) -> np.ndarray:
+    """op(a) @ op(b) for 2-D (M,K)@(K,N) or batched 3-D (B,M,K)@(B,K,N).
+
+    With transpose_a, ``a`` is stored (K, M) (or (B, K, M)); with transpose_b,
+    ``b`` is stored (N, K) (or (B, N, K)). K = 0 gives zeros.
+    """
+    opa = a.swapaxes(-1, -2) if transpose_a else a
+    opb = b.swapaxes(-1, -2) if transpose_b else b
+    return _out(np.matmul(opa, opb), a.dtype)
+
+
+# --------------------------------------------------------------------------- #
+# max_pool2d
+# --------------------------------------------------------------------------- #
+
+
+def _max_windows(
+    x: np.ndarray, kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair,
+    out_hw: Pair,
+) -> tuple[np.ndarray, np.ndarray, Pair, Pair]:
+    """Max-pool windows of x and which of their cells are real input.
+
+    Returns (cols, valid, pad_h, pad_w): cols (KH*KW, N, C, OH, OW) with -inf
+    in padded cells, valid (KH*KW, 1, 1, OH, OW) bool (True for real input
+    cells), and the (before, after) padding used on each axis.
+    """
+    h, w = x.shape[2:]
+    pad_h = _pool_padding(h, kernel_size[0], stride[0], padding[0], dilation[0], out_hw[0])
+    pad_w = _pool_padding(w, kernel_size[1], stride[1], padding[1], dilation[1], out_hw[1])
+    xp = _pad_hw(x, pad_h, pad_w, -np.inf)
+    cols = _windows(xp, kernel_size, stride, dilation, out_hw)
+    # A -inf input and a -inf pad cell compare equal, so real-ness is tracked
+    # separately: padded cells must never win, even in an all -inf window.
+    real = _pad_hw(np.ones((1, 1, h, w), dtype=bool), pad_h, pad_w, False)
+    valid = _windows(real, kernel_size, stride, dilation, out_hw)
+    return cols, valid, pad_h, pad_w
+
+
+def max_pool2d(
+    x: np.ndarray, kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair,
+    out_hw: Pair,
+) -> np.ndarray:
+    """Max pooling, like ``torch.nn.functional.max_pool2d``.
+
+    x (N, C, H, W) -> y (N, C, OH, OW) with (OH, OW) = out_hw (ceil_mode already
+    applied). Padded cells and cells past the input never win; a window that
+    holds a NaN outputs NaN. A window with no real cell outputs -inf.
+    """
+    cols, _, _, _ = _max_windows(x, kernel_size, stride, padding, dilation, out_hw)
+    # np.max propagates NaN, which is torch's rule; padded cells are -inf.
+    return _out(cols.max(axis=0), x.dtype)
+
+
+def _first_max_mask(cols: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """One-hot (KH*KW, N, C, OH, OW) mask of each window's winning cell.
+
+    The winner is the first real cell, in row-major window order, equal to the
+    window max; if the window holds a NaN the first NaN wins. A window with no
+    real cell has no winner (all False).
+    """
+    m = cols.max(axis=0)
+    nan_max = np.isnan(m)
+    winner = np.empty(cols.shape, dtype=bool)
+    taken = np.zeros(m.shape, dtype=bool)
+    for k in range(cols.shape[0]):
+        is_max = np.where(nan_max, np.isnan(cols[k]), cols[k] == m) & valid[k]
+        winner[k] = is_max & ~taken
+        taken |= is_max
+    return winner
+
+
+def max_pool2d_backward(
+    grad_out: np.ndarray, x: np.ndarray, kernel_size: Pair, stride: Pair,
+    padding: Pair, dilation: Pair,
+) -> np.ndarray:
+    """Gradient of max_pool2d with respect to x.
+
+    grad_out (N, C, OH, OW), x (N, C, H, W) -> grad_x (N, C, H, W). The argmax
+    is recomputed from x; each window's gradient goes to its first maximum in
+    row-major window order (the first NaN if it holds one), and overlapping
+    windows accumulate.
+    """
+    h, w = x.shape[2:]
+    out_hw = grad_out.shape[2:]
+    cols, valid, pad_h, pad_w = _max_windows(x, kernel_size, stride, padding, dilation, out_hw)
+    winner = _first_max_mask(cols, valid)
+    gcols = np.where(winner, grad_out, grad_out.dtype.type(0))
+    padded_hw = (h + sum(pad_h), w + sum(pad_w))
+    gxp = _scatter_windows(gcols, padded_hw, kernel_size, stride, dilation)
+    return _out(gxp[:, :, pad_h[0]:pad_h[0] + h, pad_w[0]:pad_w[0] + w], x.dtype)
+
+
+# --------------------------------------------------------------------------- #
+# avg_pool2d
+# --------------------------------------------------------------------------- #
+
+
+def _avg_divisor(
+    input_hw: Pair, kernel_size: Pair, stride: Pair, padding: Pair, out_hw: Pair,
+    count_include_pad: bool, divisor_override: int | None,
+) -> np.ndarray:
+    """The divisor of every output cell, (OH, OW) float64, torch's rule.
+
+    For a window starting at h0 = oh*sh - ph: with count_include_pad the size
+    clipped to the padded input, (min(h0+kh, H+ph) - h0) * (same for w); without
+    it, the number of real input cells. divisor_override replaces both. A zero
+    count (a window with no real cell) is returned as 0; the caller outputs 0.
+    """
+
+    def spans(size: int, k: int, s: int, p: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+        start = np.arange(n_out) * s - p
+        end = np.minimum(start + k, size + p)
+        padded = end - start
+        real = np.minimum(end, size) - np.maximum(start, 0)
+        return padded, np.maximum(real, 0)
+
+    pad_h, real_h = spans(input_hw[0], kernel_size[0], stride[0], padding[0], out_hw[0])
+    pad_w, real_w = spans(input_hw[1], kernel_size[1], stride[1], padding[1], out_hw[1])
+    real = np.outer(real_h, real_w).astype(np.float64)
+    if divisor_override is not None:
+        div = np.full(real.shape, float(divisor_override))
+    elif count_include_pad:
+        div = np.outer(pad_h, pad_w).astype(np.float64)
+    else:
+        div = real
+    # torch writes 0 for a window that covers no input cell at all.
+    return np.where(real > 0, div, 0.0)
+
+
+def _avg_scale(divisor: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """1/divisor in ``dtype``, 0 where the divisor is 0 (no real cell)."""
+    with np.errstate(divide="ignore"):
+        scale = np.where(divisor > 0, 1.0 / divisor, 0.0)
+    return scale.astype(dtype)
+
+
+def avg_pool2d(
+    x: np.ndarray, kernel_size: Pair, stride: Pair, padding: Pair, out_hw: Pair,
+    count_include_pad: bool, divisor_override: int | None,
+) -> np.ndarray:
+    """Average pooling, like ``torch.nn.functional.avg_pool2d``.
+
+    x (N, C, H, W) -> y (N, C, OH, OW) with (OH, OW) = out_hw (ceil_mode already
+    applied). Each window's sum of real cells is divided by the divisor of
+    :func:`_avg_divisor`.
+    """
+    h, w = x.shape[2:]
+    pad_h = _pool_padding(h, kernel_size[0], stride[0], padding[0], 1, out_hw[0])
+    pad_w = _pool_padding(w, kernel_size[1], stride[1], padding[1], 1, out_hw[1])
+    cols = _windows(_pad_hw(x, pad_h, pad_w, 0), kernel_size, stride, (1, 1), out_hw)
+    divisor = _avg_divisor(
+        (h, w), kernel_size, stride, padding, out_hw, count_include_pad, divisor_override
+    )
+    # Divide (not multiply by 1/d) so the result is correctly rounded like torch's.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        y = cols.sum(axis=0) / divisor.astype(x.dtype)
+    y = np.where(divisor > 0, y, x.dtype.type(0))
+    return _out(y, x.dtype)
+
+
+def avg_pool2d_backward(
+    grad_out: np.ndarray, input_hw: Pair, kernel_size: Pair, stride: Pair, padding: Pair,
+    count_include_pad: bool, divisor_override: int | None,
+) -> np.ndarray:
+    """Gradient of avg_pool2d with respect to x.
+
+    grad_out (N, C, OH, OW) -> grad_x (N, C, H, W): each window spreads
+    grad/divisor over its real cells; overlapping windows accumulate.
+    """
+    h, w = input_hw
+    out_hw = grad_out.shape[2:]
+    pad_h = _pool_padding(h, kernel_size[0], stride[0], padding[0], 1, out_hw[0])
+    pad_w = _pool_padding(w, kernel_size[1], stride[1], padding[1], 1, out_hw[1])
+    divisor = _avg_divisor(
+        (h, w), kernel_size, stride, padding, out_hw, count_include_pad, divisor_override
+    )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = grad_out / divisor.astype(grad_out.dtype)
+    share = np.where(divisor > 0, share, grad_out.dtype.type(0))
+    kk = kernel_size[0] * kernel_size[1]
+    gcols = np.broadcast_to(share, (kk,) + share.shape)
+    padded_hw = (h + sum(pad_h), w + sum(pad_w))
+    gxp = _scatter_windows(gcols, padded_hw, kernel_size, stride, (1, 1))
+    return _out(gxp[:, :, pad_h[0]:pad_h[0] + h, pad_w[0]:pad_w[0] + w], grad_out.dtype)
+
+
+# --------------------------------------------------------------------------- #
+# Activations and loss
+# --------------------------------------------------------------------------- #
+
+
+def relu(x: np.ndarray) -> np.ndarray:
+    """max(x, 0) elementwise; NaN stays NaN (as torch.relu)."""
+    return _out(np.maximum(x, x.dtype.type(0)), x.dtype)
+
+
+def relu_backward(grad_out: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """grad_out where the relu output y > 0, else 0 (same shape as y)."""
+    return _out(np.where(y > 0, grad_out, grad_out.dtype.type(0)), grad_out.dtype)
+
+
+def softmax_cross_entropy(
+    logits: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean softmax cross-entropy and its gradient.
+
+    logits (N, K) float, labels (N,) int64 in [0, K) -> (loss, grad_logits):
+    loss is a 0-d array (the batch mean, NaN when N = 0, as torch's mean over
+    an empty batch), grad_logits (N, K) = (softmax(logits) - onehot) / N.
+    """
+    dtype = logits.dtype
+    n = logits.shape[0]
+    if n == 0:
+        return np.array(np.nan, dtype=dtype), np.zeros(logits.shape, dtype=dtype)
+    # log-sum-exp with the row max subtracted, so large logits cannot overflow.
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    rows = np.arange(n)
+    loss = -log_probs[rows, labels].mean()
+    grad = np.exp(log_probs)
+    grad[rows, labels] -= 1
+    grad /= dtype.type(n)
+    return np.array(loss, dtype=dtype), _out(grad, dtype)
+
+
+# --------------------------------------------------------------------------- #
+# Optimizer steps (in place)
+# --------------------------------------------------------------------------- #
+
+
+def sgd_step(
+    param: np.ndarray, grad: np.ndarray, momentum_buf: np.ndarray | None,
+    lr: float, momentum: float, weight_decay: float, nesterov: bool,
+) -> None:
+    """One torch.optim.SGD step (dampening 0), in place on param and momentum_buf.
+
+    g = grad + wd*param; buf = momentum*buf + g; g = g + momentum*buf if
+    nesterov else buf; param -= lr*g. momentum_buf may be None when momentum == 0.
+    """
+    # Python floats are "weak" scalars, so float32 arrays stay float32 below.
+    g = grad + weight_decay * param if weight_decay != 0 else grad
+    if momentum != 0:
+        if momentum_buf is None:
+            raise ValueError("momentum_buf must be an array when momentum != 0")
+        momentum_buf *= momentum
+        momentum_buf += g
+        g = g + momentum * momentum_buf if nesterov else momentum_buf
+    param -= lr * g
+
+
+def adam_step(
+    param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
+    step: int, lr: float, beta1: float, beta2: float, eps: float,
+    weight_decay: float, decoupled: bool,
+) -> None:
+    """One torch.optim.Adam (decoupled=False) / AdamW (decoupled=True) step, in place.
+
+    ``step`` is the 1-based count of this step (for the bias corrections).
+    Adam adds wd*param to the gradient; AdamW first scales param by 1 - lr*wd.
+    """
+    if weight_decay != 0:
+        if decoupled:
+            param *= 1 - lr * weight_decay
+        else:
+            grad = grad + weight_decay * param
+    exp_avg *= beta1
+    exp_avg += (1 - beta1) * grad
+    exp_avg_sq *= beta2
+    exp_avg_sq += (1 - beta2) * grad * grad
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    denom = np.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
+    param -= (lr / bias_correction1) * exp_avg / denom
