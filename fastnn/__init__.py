@@ -12,8 +12,40 @@ from fastnn.backends import available_backends, backend
 
 __version__ = "0.1.0"
 
+# Imported on first use, so `import fastnn` stays cheap and the kernels never
+# depend on the autograd layer.
+_LAZY = {
+    "Tensor": ("fastnn.autograd", "Tensor"),
+    "Function": ("fastnn.autograd", "Function"),
+    "no_grad": ("fastnn.autograd", "no_grad"),
+    "gradcheck": ("fastnn.gradcheck", "gradcheck"),
+    "functional": ("fastnn.functional", None),
+    "nn": ("fastnn.nn", None),
+    "optim": ("fastnn.optim", None),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module_name, attr = _LAZY[name]
+        module = importlib.import_module(module_name)
+        value = module if attr is None else getattr(module, attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fastnn' has no attribute {name!r}")
+
+
 __all__ = [
+    "Function",
+    "Tensor",
     "__version__",
+    "functional",
+    "gradcheck",
+    "nn",
+    "no_grad",
+    "optim",
     "available_backends",
     "backend",
     "get_num_threads",
