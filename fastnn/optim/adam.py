@@ -1,0 +1,72 @@
+"""Adam and AdamW (torch.optim.Adam / AdamW semantics, no amsgrad)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from fastnn import functional as F
+from fastnn.autograd import _xp
+from fastnn.optim.optimizer import Optimizer
+
+__all__ = ["Adam", "AdamW"]
+
+
+class Adam(Optimizer):
+    """Adam with L2 weight decay added to the gradient (``g += wd * p``).
+
+    State per parameter: ``step`` (int, from 1), ``exp_avg``, ``exp_avg_sq``.
+    """
+
+    _decoupled = False
+
+    def __init__(
+        self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8, weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps,
+                                  "weight_decay": weight_decay})
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        name = type(self).__name__
+        betas = group["betas"] = tuple(float(b) for b in group["betas"])
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"{name}: betas must be two numbers in [0, 1), got {betas!r}")
+        if group["eps"] < 0:
+            raise ValueError(f"{name}: eps must be >= 0, got {group['eps']!r}")
+        if group["weight_decay"] < 0:
+            raise ValueError(f"{name}: weight_decay must be >= 0, got {group['weight_decay']!r}")
+
+    def step(self) -> None:
+        """Update every parameter that has a gradient, in place."""
+        decoupled = self._decoupled
+        for g in self.param_groups:
+            lr, (b1, b2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]
+            for p in g["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                st = self.state.get(p)
+                if st is None:
+                    xp = _xp(p.data)
+                    st = self.state[p] = {
+                        "step": 0,
+                        "exp_avg": xp.zeros_like(p.data),
+                        "exp_avg_sq": xp.zeros_like(p.data),
+                    }
+                st["step"] += 1
+                F.adam_step(p.data, grad, st["exp_avg"], st["exp_avg_sq"], st["step"], lr,
+                            b1, b2, eps, wd, decoupled)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay: ``p *= 1 - lr * weight_decay`` each step."""
+
+    _decoupled = True
+
+    def __init__(
+        self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8, weight_decay: float = 1e-2,
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

@@ -1,0 +1,51 @@
+"""Stochastic gradient descent with momentum (torch.optim.SGD, dampening 0)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from fastnn import functional as F
+from fastnn.autograd import _xp
+from fastnn.optim.optimizer import Optimizer
+
+__all__ = ["SGD"]
+
+
+class SGD(Optimizer):
+    """``g = grad + weight_decay * p``; ``buf = momentum * buf + g``;
+    ``p -= lr * (g + momentum * buf if nesterov else buf)`` (plain ``g`` when
+    momentum is 0). State per parameter: ``momentum_buffer``."""
+
+    def __init__(
+        self, params: Iterable[Any], lr: float, momentum: float = 0.0,
+        nesterov: bool = False, weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum, "nesterov": nesterov,
+                                  "weight_decay": weight_decay})
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        if group["momentum"] < 0:
+            raise ValueError(f"SGD: momentum must be >= 0, got {group['momentum']!r}")
+        if group["weight_decay"] < 0:
+            raise ValueError(f"SGD: weight_decay must be >= 0, got {group['weight_decay']!r}")
+        if group["nesterov"] and group["momentum"] <= 0:
+            raise ValueError("SGD: nesterov requires momentum > 0")
+
+    def step(self) -> None:
+        """Update every parameter that has a gradient, in place."""
+        for g in self.param_groups:
+            lr, mom, wd, nest = g["lr"], g["momentum"], g["weight_decay"], g["nesterov"]
+            for p in g["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                buf = None
+                if mom != 0:
+                    st = self.state.setdefault(p, {})
+                    buf = st.get("momentum_buffer")
+                    if buf is None:
+                        # Zeros make the first step buf = g, which is torch's clone(g).
+                        buf = st["momentum_buffer"] = _xp(p.data).zeros_like(p.data)
+                F.sgd_step(p.data, grad, buf, lr, mom, wd, nest)
