@@ -1,0 +1,178 @@
+"""The machine a run happened on, and its two ceilings measured in the same run:
+NumPy's float32 GEMM rate (the "sgemm peak" compute-bound ops are compared
+against) and a large ``np.copyto``'s bandwidth (for memory-bound ops).
+
+NumPy is measured as installed. ``OPENBLAS_CORETYPE`` (and ``OPENBLAS_L2_SIZE``),
+which some machines set to work around old OpenBLAS bugs, force a slower kernel;
+:func:`openblas_note` says so, and ``benchmarks/bench_cpu_targets.py`` measures
+NumPy in a child process with both removed to get its true speed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def _best_of(fn: Any, repeats: int) -> float:
+    fn()  # warm-up: page faults, BLAS thread start, buffer allocation
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def sgemm_peak(n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of NumPy's float32 ``(n,n) @ (n,n)``, best of ``repeats`` (a peak, so
+    the best sample rather than the median)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    c = np.empty((n, n), np.float32)
+    return 2.0 * n**3 / _best_of(lambda: np.matmul(a, b, out=c), repeats) / 1e9
+
+
+def copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+    """GB/s of ``np.copyto`` between two float32 arrays of ``mib`` MiB each, counting
+    the bytes read plus the bytes written; best of ``repeats``."""
+    src = np.ones(mib * 2**20 // 4, np.float32)
+    dst = np.zeros_like(src)
+    return 2.0 * src.nbytes / _best_of(lambda: np.copyto(dst, src), repeats) / 1e9
+
+
+def measure_ceilings(quick: bool = False) -> dict[str, Any]:
+    """sgemm peak (2048^2, or 1024^2 when quick) and copy bandwidth: a large copy
+    (256 MiB, or 64 MiB when quick: both well past a 32 MiB L3) and an in-cache one
+    (4 MiB), measured now, in this process."""
+    n = 1024 if quick else 2048
+    big = 64 if quick else 256
+    return {
+        "sgemm_n": n,
+        "sgemm_gflops": round(sgemm_peak(n, 3 if quick else 5), 2),
+        "copy_mib": big,
+        "copy_gb_s": round(copy_bandwidth(big, 3 if quick else 5), 2),
+        "copy_cache_gb_s": round(copy_bandwidth(4, 20), 2),
+    }
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux /proc/cpuinfo, else platform.processor())."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def blas_info() -> list[dict[str, Any]]:
+    """NumPy's BLAS as threadpoolctl sees it (library, version, kernel, threads);
+    empty when threadpoolctl is not installed."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return []
+    keep = ("internal_api", "version", "architecture", "num_threads", "threading_layer")
+    return [{k: lib.get(k) for k in keep} for lib in threadpool_info()
+            if lib.get("user_api") == "blas"]
+
+
+def openblas_note() -> str | None:
+    """A warning when OPENBLAS_CORETYPE forces OpenBLAS's kernel (usually a slower one
+    than the CPU supports), naming the kernel threadpoolctl reports."""
+    forced = {v: os.environ[v] for v in OPENBLAS_VARS if os.environ.get(v)}
+    if not forced:
+        return None
+    kernels = [lib.get("architecture") for lib in blas_info() if lib.get("architecture")]
+    running = f"; OpenBLAS runs its {'/'.join(kernels)} kernel" if kernels else ""
+    setting = ", ".join(f"{k}={v}" for k, v in forced.items())
+    return (f"note: {setting} is set{running}: NumPy (and the numpy reference) may be "
+            "slower than this CPU allows. benchmarks/bench_cpu_targets.py measures NumPy "
+            "with both variables unset.")
+
+
+def backend_threads(backend: str) -> int | None:
+    """Threads a backend uses in this process: fastnn's pool, OpenBLAS, or torch's."""
+    try:
+        if backend == "cpu":
+            import fastnn
+
+            return fastnn.get_num_threads()
+        if backend == "numpy":
+            libs = blas_info()
+            return libs[0]["num_threads"] if libs else None
+        if backend == "torch":
+            import torch
+
+            return torch.get_num_threads()
+    except Exception:  # noqa: BLE001 - informational only
+        return None
+    return None
+
+
+def gpu_info() -> dict[str, Any] | None:
+    """Name, memory and compute capability of GPU 0 via CuPy, or None."""
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        name = props["name"]
+        return {"name": name.decode() if isinstance(name, bytes) else str(name),
+                "memory_gib": round(props["totalGlobalMem"] / 2**30, 1),
+                "compute_capability": f"{props['major']}.{props['minor']}",
+                "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion()}
+    except Exception:  # noqa: BLE001 - no cupy, driver or device
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """What a reader needs to interpret the numbers (no ceilings: see
+    :func:`measure_ceilings`)."""
+    import importlib.util
+
+    import fastnn
+
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "blas": blas_info(),
+        "openblas_env": {v: os.environ[v] for v in OPENBLAS_VARS if os.environ.get(v)},
+        "fastnn": fastnn.__version__,
+    }
+    try:
+        from fastnn import _C
+
+        info["fastnn_isa"] = _C.active_isa()
+        info["fastnn_threads"] = _C.get_num_threads()
+    except Exception:  # noqa: BLE001 - extension not built
+        info["fastnn_isa"] = None
+    if importlib.util.find_spec("torch") is not None:
+        # The version only; torch itself is imported in its own worker process.
+        try:
+            from importlib.metadata import version
+
+            info["torch"] = version("torch")
+        except Exception:  # noqa: BLE001
+            info["torch"] = "installed"
+    gpu = gpu_info()
+    if gpu:
+        info["gpu"] = gpu
+    return info
