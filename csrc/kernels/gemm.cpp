@@ -1,0 +1,583 @@
+// BLIS-style GEMM for one ISA build: C[M,N] (+)= op(A) @ op(B), row-major.
+//
+// Structure (per thread, on its own rectangle of C):
+//   for jc over N in NC blocks
+//     for pc over K in KC blocks
+//       pack op(B)[pc:pc+kc, jc:jc+nc] into KC x NR micro-panels   (stays in L2)
+//       for ic over M in MC blocks
+//         pack op(A)[ic:ic+mc, pc:pc+kc] into MR x KC micro-panels
+//         for ir over MR rows: for jr over NR columns:
+//           micro-kernel: an MR x NR tile of C held in registers, one rank-1
+//           update per k (NR/W vector loads of B, MR broadcasts of A).
+// The A micro-panel (MR x KC) stays in L1 while the inner jr loop streams the
+// packed B block from L2. Transposes (trans_a / trans_b) are absorbed by the
+// packing routines, so there is one micro-kernel per type.
+//
+// Small problems skip packing: the same micro-kernel reads A and (untransposed)
+// B in place through runtime strides; only ragged edges (fewer than MR rows or
+// NR columns) and a transposed B are copied into small zero-padded panels.
+//
+// Threads: C is cut into a tm x tn grid of rectangles (multiples of MR x NR),
+// one per thread, chosen to minimise the packing each thread repeats. Every
+// thread packs its own panels into thread-local buffers, so there is exactly one
+// fork/join per gemm and no barrier (a pool that runs our chunks serially, as
+// in a nested call, stays correct).
+#include "kernels/gemm.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "fastnn/parallel.h"
+
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+namespace fastnn {
+namespace FASTNN_ISA_NS {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Vector abstraction: R is one SIMD register of W elements.
+// ---------------------------------------------------------------------------
+#if defined(__AVX512F__)
+struct VF {
+  using T = float;
+  using R = __m512;
+  static constexpr int W = 16;
+  static R zero() { return _mm512_setzero_ps(); }
+  static R load(const T* p) { return _mm512_load_ps(p); }
+  static R loadu(const T* p) { return _mm512_loadu_ps(p); }
+  static void storeu(T* p, R v) { _mm512_storeu_ps(p, v); }
+  static R set1(T x) { return _mm512_set1_ps(x); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  static R load_n(const T* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+  static void store_n(T* p, R v, int n) { _mm512_mask_storeu_ps(p, mask(n), v); }
+};
+struct VD {
+  using T = double;
+  using R = __m512d;
+  static constexpr int W = 8;
+  static R zero() { return _mm512_setzero_pd(); }
+  static R load(const T* p) { return _mm512_load_pd(p); }
+  static R loadu(const T* p) { return _mm512_loadu_pd(p); }
+  static void storeu(T* p, R v) { _mm512_storeu_pd(p, v); }
+  static R set1(T x) { return _mm512_set1_pd(x); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
+  static R add(R a, R b) { return _mm512_add_pd(a, b); }
+  static __mmask8 mask(int n) { return static_cast<__mmask8>((1u << n) - 1u); }
+  static R load_n(const T* p, int n) { return _mm512_maskz_loadu_pd(mask(n), p); }
+  static void store_n(T* p, R v, int n) { _mm512_mask_storeu_pd(p, mask(n), v); }
+};
+// Register tiles: MR rows x NV vectors. fp32: 8 x 32 (16 accumulators).
+constexpr int kMRf = 8, kNVf = 2;
+constexpr int kMRd = 8, kNVd = 2;
+#elif defined(__AVX2__)
+struct VF {
+  using T = float;
+  using R = __m256;
+  static constexpr int W = 8;
+  static R zero() { return _mm256_setzero_ps(); }
+  static R load(const T* p) { return _mm256_load_ps(p); }
+  static R loadu(const T* p) { return _mm256_loadu_ps(p); }
+  static void storeu(T* p, R v) { _mm256_storeu_ps(p, v); }
+  static R set1(T x) { return _mm256_set1_ps(x); }
+#if defined(__FMA__)
+  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+#else
+  static R fma(R a, R b, R c) { return _mm256_add_ps(_mm256_mul_ps(a, b), c); }
+#endif
+  static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static __m256i mask(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static R load_n(const T* p, int n) { return _mm256_maskload_ps(p, mask(n)); }
+  static void store_n(T* p, R v, int n) { _mm256_maskstore_ps(p, mask(n), v); }
+};
+struct VD {
+  using T = double;
+  using R = __m256d;
+  static constexpr int W = 4;
+  static R zero() { return _mm256_setzero_pd(); }
+  static R load(const T* p) { return _mm256_load_pd(p); }
+  static R loadu(const T* p) { return _mm256_loadu_pd(p); }
+  static void storeu(T* p, R v) { _mm256_storeu_pd(p, v); }
+  static R set1(T x) { return _mm256_set1_pd(x); }
+#if defined(__FMA__)
+  static R fma(R a, R b, R c) { return _mm256_fmadd_pd(a, b, c); }
+#else
+  static R fma(R a, R b, R c) { return _mm256_add_pd(_mm256_mul_pd(a, b), c); }
+#endif
+  static R add(R a, R b) { return _mm256_add_pd(a, b); }
+  static __m256i mask(int n) {
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+  }
+  static R load_n(const T* p, int n) { return _mm256_maskload_pd(p, mask(n)); }
+  static void store_n(T* p, R v, int n) { _mm256_maskstore_pd(p, mask(n), v); }
+};
+// 16 ymm registers: 6 x 2 accumulators + 2 B vectors + 1 broadcast.
+constexpr int kMRf = 6, kNVf = 2;
+constexpr int kMRd = 6, kNVd = 2;
+#else
+// Portable fallback on GCC/Clang vector extensions (SSE2 on x86-64 baseline,
+// NEON on aarch64, scalar code elsewhere).
+template <typename T_, int W_>
+struct VGeneric {
+  using T = T_;
+  static constexpr int W = W_;
+  typedef T R __attribute__((vector_size(sizeof(T) * W)));
+  static R zero() { return R{}; }
+  static R load(const T* p) {
+    R v;
+    std::memcpy(&v, p, sizeof(R));
+    return v;
+  }
+  static R loadu(const T* p) { return load(p); }
+  static void storeu(T* p, R v) { std::memcpy(p, &v, sizeof(R)); }
+  static R set1(T x) { return R{} + x; }
+  static R fma(R a, R b, R c) { return a * b + c; }
+  static R add(R a, R b) { return a + b; }
+  static R load_n(const T* p, int n) {
+    R v{};
+    for (int i = 0; i < n; ++i) v[i] = p[i];
+    return v;
+  }
+  static void store_n(T* p, R v, int n) {
+    for (int i = 0; i < n; ++i) p[i] = v[i];
+  }
+};
+using VF = VGeneric<float, 4>;
+using VD = VGeneric<double, 2>;
+constexpr int kMRf = 4, kNVf = 2;
+constexpr int kMRd = 4, kNVd = 2;
+#endif
+
+// Cache blocking (elements). KC x NC of packed B stays in L2 (1 MB on the
+// target); the MR x KC A micro-panel stays in L1.
+template <typename T>
+struct Blocking;
+template <>
+struct Blocking<float> {
+  static constexpr int MR = kMRf, NV = kNVf, NR = kNVf * VF::W;
+  static constexpr int64_t KC = 256, NC = 512, MC = 256;
+};
+template <>
+struct Blocking<double> {
+  static constexpr int MR = kMRd, NV = kNVd, NR = kNVd * VD::W;
+  static constexpr int64_t KC = 256, NC = 256, MC = 128;
+};
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  using type = VF;
+};
+template <>
+struct VecOf<double> {
+  using type = VD;
+};
+
+#define FASTNN_UNROLL _Pragma("GCC unroll 32")
+
+// ---------------------------------------------------------------------------
+// Micro-kernel: C[0:m, 0:n] (+)= sum_k a(:,k) b(k,:) for an MR x NR tile.
+// a(i,k) = a[i*rsa + k*csa], b(k, j) = b[k*rsb + j] (j < NR, all readable).
+// PackedA means rsa = 1, csa = MR; PackedB means rsb = NR (constants, so the
+// compiler can use immediate offsets). m <= MR, n <= NR limit the C update;
+// the unused rows/columns of a and b must still be readable (they are zero
+// padding in packed panels).
+// ---------------------------------------------------------------------------
+template <class V, int MR, int NV, bool PackedA, bool PackedB>
+inline void micro(int64_t kc, const typename V::T* __restrict a, int64_t rsa, int64_t csa,
+                  const typename V::T* __restrict b, int64_t rsb, typename V::T* __restrict c,
+                  int64_t ldc, int m, int n, bool beta1) {
+  using R = typename V::R;
+  constexpr int W = V::W;
+  constexpr int NR = NV * W;
+  if (PackedA) {
+    rsa = 1;
+    csa = MR;
+  }
+  if (PackedB) rsb = NR;
+  R acc[MR][NV];
+  FASTNN_UNROLL for (int i = 0; i < MR; ++i) {
+    FASTNN_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = V::zero();
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    R bv[NV];
+    FASTNN_UNROLL for (int v = 0; v < NV; ++v) {
+      bv[v] = PackedB ? V::load(b + v * W) : V::loadu(b + v * W);
+    }
+    FASTNN_UNROLL for (int i = 0; i < MR; ++i) {
+      R ai = V::set1(a[i * rsa]);
+      FASTNN_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = V::fma(ai, bv[v], acc[i][v]);
+    }
+    a += csa;
+    b += rsb;
+  }
+  if (m == MR && n == NR) {
+    FASTNN_UNROLL for (int i = 0; i < MR; ++i) {
+      FASTNN_UNROLL for (int v = 0; v < NV; ++v) {
+        typename V::T* p = c + i * ldc + v * W;
+        V::storeu(p, beta1 ? V::add(V::loadu(p), acc[i][v]) : acc[i][v]);
+      }
+    }
+    return;
+  }
+  FASTNN_UNROLL for (int i = 0; i < MR; ++i) {
+    if (i >= m) break;
+    FASTNN_UNROLL for (int v = 0; v < NV; ++v) {
+      int cols = n - v * W;
+      if (cols <= 0) break;
+      typename V::T* p = c + i * ldc + v * W;
+      if (cols >= W) {
+        V::storeu(p, beta1 ? V::add(V::loadu(p), acc[i][v]) : acc[i][v]);
+      } else {
+        V::store_n(p, beta1 ? V::add(V::load_n(p, cols), acc[i][v]) : acc[i][v], cols);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Packing into micro-panels: dst[k*R + r] for k < kc, r < R, zero-padded for
+// r >= rv.
+// ---------------------------------------------------------------------------
+
+// dst[k*R + r] = src[k*ld + r]   (rows of the panel are contiguous in src)
+template <typename T, int R>
+inline void pack_copy(const T* __restrict src, int64_t ld, int rv, int64_t kc,
+                      T* __restrict dst) {
+  if (rv == R) {
+    for (int64_t k = 0; k < kc; ++k) std::memcpy(dst + k * R, src + k * ld, sizeof(T) * R);
+    return;
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    T* d = dst + k * R;
+    const T* s = src + k * ld;
+    int r = 0;
+    for (; r < rv; ++r) d[r] = s[r];
+    for (; r < R; ++r) d[r] = T(0);
+  }
+}
+
+#if defined(__AVX__)
+// dst[(k)*R + r] = src[r*ld + k] for an 8 x 8 block of floats.
+inline void transpose8x8(const float* src, int64_t ld, float* dst, int64_t R) {
+  __m256 r0 = _mm256_loadu_ps(src + 0 * ld), r1 = _mm256_loadu_ps(src + 1 * ld);
+  __m256 r2 = _mm256_loadu_ps(src + 2 * ld), r3 = _mm256_loadu_ps(src + 3 * ld);
+  __m256 r4 = _mm256_loadu_ps(src + 4 * ld), r5 = _mm256_loadu_ps(src + 5 * ld);
+  __m256 r6 = _mm256_loadu_ps(src + 6 * ld), r7 = _mm256_loadu_ps(src + 7 * ld);
+  __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  _mm256_storeu_ps(dst + 0 * R, _mm256_permute2f128_ps(s0, s4, 0x20));
+  _mm256_storeu_ps(dst + 1 * R, _mm256_permute2f128_ps(s1, s5, 0x20));
+  _mm256_storeu_ps(dst + 2 * R, _mm256_permute2f128_ps(s2, s6, 0x20));
+  _mm256_storeu_ps(dst + 3 * R, _mm256_permute2f128_ps(s3, s7, 0x20));
+  _mm256_storeu_ps(dst + 4 * R, _mm256_permute2f128_ps(s0, s4, 0x31));
+  _mm256_storeu_ps(dst + 5 * R, _mm256_permute2f128_ps(s1, s5, 0x31));
+  _mm256_storeu_ps(dst + 6 * R, _mm256_permute2f128_ps(s2, s6, 0x31));
+  _mm256_storeu_ps(dst + 7 * R, _mm256_permute2f128_ps(s3, s7, 0x31));
+}
+// Same for a 4 x 4 block of doubles.
+inline void transpose4x4(const double* src, int64_t ld, double* dst, int64_t R) {
+  __m256d r0 = _mm256_loadu_pd(src + 0 * ld), r1 = _mm256_loadu_pd(src + 1 * ld);
+  __m256d r2 = _mm256_loadu_pd(src + 2 * ld), r3 = _mm256_loadu_pd(src + 3 * ld);
+  __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
+  __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
+  _mm256_storeu_pd(dst + 0 * R, _mm256_permute2f128_pd(t0, t2, 0x20));
+  _mm256_storeu_pd(dst + 1 * R, _mm256_permute2f128_pd(t1, t3, 0x20));
+  _mm256_storeu_pd(dst + 2 * R, _mm256_permute2f128_pd(t0, t2, 0x31));
+  _mm256_storeu_pd(dst + 3 * R, _mm256_permute2f128_pd(t1, t3, 0x31));
+}
+template <typename T>
+struct Transposer;
+template <>
+struct Transposer<float> {
+  static constexpr int G = 8;
+  static void block(const float* s, int64_t ld, float* d, int64_t R) { transpose8x8(s, ld, d, R); }
+};
+template <>
+struct Transposer<double> {
+  static constexpr int G = 4;
+  static void block(const double* s, int64_t ld, double* d, int64_t R) {
+    transpose4x4(s, ld, d, R);
+  }
+};
+#endif
+
+// dst[k*R + r] = src[r*ld + k]   (each panel row is a row of src)
+template <typename T, int R>
+inline void pack_transpose(const T* __restrict src, int64_t ld, int rv, int64_t kc,
+                           T* __restrict dst) {
+  int r0 = 0;
+#if defined(__AVX__)
+  constexpr int G = Transposer<T>::G;
+  const int64_t kc_blocked = kc - kc % G;
+  for (; r0 + G <= rv; r0 += G) {
+    const T* s = src + r0 * ld;
+    T* d = dst + r0;
+    for (int64_t k = 0; k < kc_blocked; k += G) Transposer<T>::block(s + k, ld, d + k * R, R);
+    for (int64_t k = kc_blocked; k < kc; ++k) {
+      for (int r = 0; r < G; ++r) d[k * R + r] = s[r * ld + k];
+    }
+  }
+#endif
+  for (int r = r0; r < rv; ++r) {
+    const T* s = src + r * ld;
+    for (int64_t k = 0; k < kc; ++k) dst[k * R + r] = s[k];
+  }
+  if (rv < R) {
+    for (int64_t k = 0; k < kc; ++k) {
+      for (int r = rv; r < R; ++r) dst[k * R + r] = T(0);
+    }
+  }
+}
+
+// Packs rows [i0, i0 + rv) of op(A) (M x K view), columns [k0, k0 + kc), as
+// one MR x kc micro-panel.
+template <typename T, int R>
+inline void pack_a_panel(bool trans, const T* A, int64_t lda, int64_t i0, int64_t k0, int rv,
+                         int64_t kc, T* dst) {
+  if (trans) {
+    pack_copy<T, R>(A + k0 * lda + i0, lda, rv, kc, dst);
+  } else {
+    pack_transpose<T, R>(A + i0 * lda + k0, lda, rv, kc, dst);
+  }
+}
+// Packs columns [j0, j0 + rv) of op(B) (K x N view), rows [k0, k0 + kc), as
+// one kc x NR micro-panel.
+template <typename T, int R>
+inline void pack_b_panel(bool trans, const T* B, int64_t ldb, int64_t j0, int64_t k0, int rv,
+                         int64_t kc, T* dst) {
+  if (trans) {
+    pack_transpose<T, R>(B + j0 * ldb + k0, ldb, rv, kc, dst);
+  } else {
+    pack_copy<T, R>(B + k0 * ldb + j0, ldb, rv, kc, dst);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Thread-local, 64-byte aligned scratch, grown on demand and kept for reuse.
+// ---------------------------------------------------------------------------
+struct Scratch {
+  void* p = nullptr;
+  size_t bytes = 0;
+  ~Scratch() { std::free(p); }
+  template <typename T>
+  T* get(size_t n) {
+    size_t want = n * sizeof(T);
+    if (want > bytes) {
+      std::free(p);
+      p = nullptr;
+      bytes = 0;
+      size_t rounded = (want + 4095) & ~size_t(4095);
+      if (posix_memalign(&p, 4096, rounded) != 0) throw std::bad_alloc();
+      bytes = rounded;
+    }
+    return static_cast<T*>(p);
+  }
+};
+thread_local Scratch t_scratch_a, t_scratch_b;
+
+struct Problem {
+  bool ta, tb;
+  int64_t M, N, K;
+  int64_t lda, ldb, ldc;
+  bool accumulate;
+};
+
+// ---------------------------------------------------------------------------
+// Packed (large) path on the rectangle rows [m0, m1) x cols [n0, n1) of C.
+// ---------------------------------------------------------------------------
+template <typename T>
+void packed_rect(const Problem& p, const T* A, const T* B, T* C, int64_t m0, int64_t m1,
+                 int64_t n0, int64_t n1) {
+  using Bk = Blocking<T>;
+  using V = typename VecOf<T>::type;
+  constexpr int MR = Bk::MR, NR = Bk::NR, NV = Bk::NV;
+  const int64_t KC = Bk::KC;
+  const int64_t NC = std::min<int64_t>(Bk::NC, (n1 - n0 + NR - 1) / NR * NR);
+  const int64_t MC = std::min<int64_t>(Bk::MC, (m1 - m0 + MR - 1) / MR * MR);
+  const int64_t kcmax = std::min<int64_t>(KC, p.K);
+  T* bufB = t_scratch_b.get<T>(size_t(NC * kcmax));
+  T* bufA = t_scratch_a.get<T>(size_t(MC * kcmax));
+
+  for (int64_t jc = n0; jc < n1; jc += NC) {
+    const int64_t nc = std::min(NC, n1 - jc);
+    for (int64_t pc = 0; pc < p.K; pc += KC) {
+      const int64_t kc = std::min(KC, p.K - pc);
+      const bool beta1 = p.accumulate || pc > 0;
+      for (int64_t jr = 0; jr < nc; jr += NR) {
+        int rv = int(std::min<int64_t>(NR, nc - jr));
+        pack_b_panel<T, NR>(p.tb, B, p.ldb, jc + jr, pc, rv, kc, bufB + jr * kc);
+      }
+      for (int64_t ic = m0; ic < m1; ic += MC) {
+        const int64_t mc = std::min(MC, m1 - ic);
+        for (int64_t ir = 0; ir < mc; ir += MR) {
+          int rv = int(std::min<int64_t>(MR, mc - ir));
+          pack_a_panel<T, MR>(p.ta, A, p.lda, ic + ir, pc, rv, kc, bufA + ir * kc);
+        }
+        for (int64_t ir = 0; ir < mc; ir += MR) {
+          const int m = int(std::min<int64_t>(MR, mc - ir));
+          const T* ap = bufA + ir * kc;
+          T* crow = C + (ic + ir) * p.ldc + jc;
+          for (int64_t jr = 0; jr < nc; jr += NR) {
+            const int n = int(std::min<int64_t>(NR, nc - jr));
+            micro<V, MR, NV, true, true>(kc, ap, 1, MR, bufB + jr * kc, NR, crow + jr, p.ldc, m,
+                                         n, beta1);
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Unpacked (small) path on rows [m0, m1) x cols [n0, n1): no K blocking; A is
+// read in place; B in place unless transposed. Ragged edges go through small
+// zero-padded panels.
+// ---------------------------------------------------------------------------
+template <typename T>
+void direct_rect(const Problem& p, const T* A, const T* B, T* C, int64_t m0, int64_t m1,
+                 int64_t n0, int64_t n1) {
+  using Bk = Blocking<T>;
+  using V = typename VecOf<T>::type;
+  constexpr int MR = Bk::MR, NR = Bk::NR, NV = Bk::NV;
+  const int64_t K = p.K;
+  const int64_t nfull = n0 + (n1 - n0) / NR * NR;  // columns coverable in place
+  const int64_t mfull = m0 + (m1 - m0) / MR * MR;
+  // op(A)(i, k) = A[i*rsa + k*csa]
+  const int64_t rsa = p.ta ? 1 : p.lda, csa = p.ta ? p.lda : 1;
+  const bool b_in_place = !p.tb;
+  // Packed B: every column panel when transposed, else just the ragged one.
+  const int64_t bcols = b_in_place ? (n1 > nfull ? NR : 0) : (n1 - n0 + NR - 1) / NR * NR;
+  T* bufB = bcols ? t_scratch_b.get<T>(size_t(bcols * K)) : nullptr;
+  const int64_t bpanel0 = b_in_place ? nfull : n0;  // first column held in bufB
+  for (int64_t j = bpanel0; j < n1; j += NR) {
+    int rv = int(std::min<int64_t>(NR, n1 - j));
+    pack_b_panel<T, NR>(p.tb, B, p.ldb, j, 0, rv, K, bufB + (j - bpanel0) * K);
+  }
+  T* bufA = nullptr;
+  if (m1 > mfull) {
+    bufA = t_scratch_a.get<T>(size_t(MR * K));
+    pack_a_panel<T, MR>(p.ta, A, p.lda, mfull, 0, int(m1 - mfull), K, bufA);
+  }
+  const bool beta1 = p.accumulate;
+  for (int64_t i = m0; i < m1; i += MR) {
+    const int m = int(std::min<int64_t>(MR, m1 - i));
+    const bool a_packed = i >= mfull;
+    const T* ap = a_packed ? bufA : A + i * rsa;
+    T* crow = C + i * p.ldc;
+    for (int64_t j = n0; j < n1; j += NR) {
+      const int n = int(std::min<int64_t>(NR, n1 - j));
+      const bool b_packed = j >= bpanel0;
+      const T* bp = b_packed ? bufB + (j - bpanel0) * K : B + j;
+      if (a_packed) {
+        if (b_packed) {
+          micro<V, MR, NV, true, true>(K, ap, 1, MR, bp, NR, crow + j, p.ldc, m, n, beta1);
+        } else {
+          micro<V, MR, NV, true, false>(K, ap, 1, MR, bp, p.ldb, crow + j, p.ldc, m, n, beta1);
+        }
+      } else {
+        if (b_packed) {
+          micro<V, MR, NV, false, true>(K, ap, rsa, csa, bp, NR, crow + j, p.ldc, m, n, beta1);
+        } else {
+          micro<V, MR, NV, false, false>(K, ap, rsa, csa, bp, p.ldb, crow + j, p.ldc, m, n,
+                                         beta1);
+        }
+      }
+    }
+  }
+}
+
+// Cuts C into a grid of rectangles (multiples of MR x NR) and runs `rect` on
+// each, one per thread, in a single parallel_for.
+template <typename T, typename Rect>
+void run_grid(const Problem& p, int64_t max_threads, int64_t work_per_packed_elem, Rect rect) {
+  using Bk = Blocking<T>;
+  constexpr int MR = Bk::MR, NR = Bk::NR;
+  const int64_t mpanels = (p.M + MR - 1) / MR, npanels = (p.N + NR - 1) / NR;
+  int64_t nt = std::min<int64_t>(max_threads, mpanels * npanels);
+  int64_t best_tm = 1, best_tn = 1;
+  double best_cost = -1;
+  // Choose tm x tn = t <= nt maximising t, then minimising repeated packing:
+  // each thread packs (M/tm + N/tn) * K elements.
+  for (int64_t t = nt; t >= 1 && best_cost < 0; --t) {
+    for (int64_t tm = 1; tm <= t; ++tm) {
+      if (t % tm) continue;
+      int64_t tn = t / tm;
+      if (tm > mpanels || tn > npanels) continue;
+      double cost = double(p.M) / tm + double(p.N) / tn;
+      if (best_cost < 0 || cost < best_cost) {
+        best_cost = cost;
+        best_tm = tm;
+        best_tn = tn;
+      }
+    }
+  }
+  (void)work_per_packed_elem;
+  const int64_t tm = best_tm, tn = best_tn;
+  auto body = [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t ti = t / tn, tj = t % tn;
+      const int64_t m0 = std::min(p.M, mpanels * ti / tm * MR);
+      const int64_t m1 = std::min(p.M, mpanels * (ti + 1) / tm * MR);
+      const int64_t n0 = std::min(p.N, npanels * tj / tn * NR);
+      const int64_t n1 = std::min(p.N, npanels * (tj + 1) / tn * NR);
+      if (m0 < m1 && n0 < n1) rect(m0, m1, n0, n1);
+    }
+  };
+  if (tm * tn == 1) {
+    body(0, 1);
+  } else {
+    parallel_for(tm * tn, 1, body);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
+          const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (!accumulate) {
+      for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, sizeof(T) * size_t(N));
+    }
+    return;
+  }
+  const Problem p{trans_a, trans_b, M, N, K, lda, ldb, ldc, accumulate};
+  const double work = double(M) * double(N) * double(K);
+  // Threads pay off once each gets more than a few microseconds of work.
+  const int64_t max_threads =
+      std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), int64_t(work / (32.0 * 32 * 32))));
+  const bool small = K <= 512 && work <= 96.0 * 96 * 96;
+  if (small) {
+    run_grid<T>(p, max_threads, 0, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+      direct_rect<T>(p, A, B, C, m0, m1, n0, n1);
+    });
+  } else {
+    run_grid<T>(p, max_threads, 0, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+      packed_rect<T>(p, A, B, C, m0, m1, n0, n1);
+    });
+  }
+}
+
+template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, const float*, int64_t,
+                          const float*, int64_t, float*, int64_t, bool);
+template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, const double*, int64_t,
+                           const double*, int64_t, double*, int64_t, bool);
+
+}  // namespace FASTNN_ISA_NS
+}  // namespace fastnn
