@@ -1,0 +1,17 @@
+"""Numba-CUDA kernels behind :mod:`fastnn.backends.cuda`.
+
+Every module here imports Numba at import time, so only import them after
+:func:`fastnn.backends._cuda.launch.runtime` has confirmed that a GPU (or
+Numba's CUDA simulator) is usable; :mod:`fastnn.backends.cuda` does that lazily.
+
+* ``launch``      -- runtime detection, CuPy stream hand-off, kernel launching.
+* ``gemm``        -- tiled, register-blocked GEMM (batched, split-K, fused bias).
+* ``conv``        -- im2col / col2im and a direct kernel for small-channel convs.
+* ``pool``        -- max and average pooling, forward and backward.
+* ``elementwise`` -- relu, softmax cross-entropy, SGD and Adam steps.
+
+Kernels are generated per dtype and per compile-time configuration by small
+factory functions (``functools.lru_cache``-d), so every literal inside a kernel
+is of the array's dtype (``T(0)``) and a float32 kernel never promotes to
+float64.
+"""
