@@ -1,0 +1,222 @@
+"""The ``fastnn`` command line (also ``python -m fastnn``).
+
+Subcommands: ``train``, ``evaluate``, ``config`` (print ``fastnn.show_config()``)
+and ``bench`` (delegates to :mod:`fastnn.bench.cli`). Expected failures (missing
+or corrupt data or checkpoint, unusable device, bad option values) print one
+``fastnn: error: ...`` line to stderr and exit 1; set ``FASTNN_DEBUG=1`` for the
+traceback. Ctrl-C exits 130; the last checkpoint written stays intact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+# Train options whose default lives in TrainConfig; the parser leaves them None so
+# that --resume can tell an explicitly given value from a default.
+_TRAIN_DEFAULTS_FROM_CONFIG = (
+    "model",
+    "device",
+    "epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "weight_decay",
+    "momentum",
+    "schedule",
+    "seed",
+    "augment",
+    "limit_train",
+    "limit_test",
+)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fastnn.models import MODELS
+    from fastnn.train import DEVICES, OPTIMIZERS, SCHEDULES, TrainConfig
+
+    d = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="fastnn", description="fastnn: fast CPU/GPU kernels with a thin autograd (MNIST)."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    t = sub.add_parser("train", help="train a model on MNIST", description="Train on MNIST.")
+    t.add_argument("--model", choices=sorted(MODELS), help=f"model preset (default {d.model})")
+    t.add_argument("--device", choices=DEVICES, help=f"where to run (default {d.device})")
+    t.add_argument("--epochs", type=_positive_int, help=f"total epochs (default {d.epochs})")
+    t.add_argument("--batch-size", type=_positive_int, help=f"default {d.batch_size}")
+    t.add_argument("--lr", type=_non_negative_float, help=f"learning rate (default {d.lr})")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default {d.optimizer}")
+    t.add_argument("--weight-decay", type=_non_negative_float, help=f"default {d.weight_decay}")
+    t.add_argument("--momentum", type=_non_negative_float, help=f"SGD only (default {d.momentum})")
+    t.add_argument("--schedule", choices=SCHEDULES, help=f"lr schedule (default {d.schedule})")
+    t.add_argument("--seed", type=_non_negative_int, help=f"init/shuffle seed (default {d.seed})")
+    t.add_argument(
+        "--augment",
+        type=_non_negative_int,
+        nargs="?",
+        const=2,
+        metavar="PIXELS",
+        help="random-shift augmentation up to PIXELS (2 if no value; default off)",
+    )
+    t.add_argument(
+        "--data-dir", help="directory with the MNIST files (else $FASTNN_DATA_DIR, cache)"
+    )
+    t.add_argument("--checkpoint", metavar="PATH", help="save an .npz checkpoint every epoch")
+    t.add_argument(
+        "--resume", action="store_true", help="continue from --checkpoint (its hyperparameters)"
+    )
+    t.add_argument("--metrics-json", metavar="PATH", help="write per-epoch metrics as JSON")
+    t.add_argument("--limit-train", type=_positive_int, metavar="N", help="use the first N images")
+    t.add_argument("--limit-test", type=_positive_int, metavar="N", help="test on the first N")
+    t.add_argument("--threads", type=_positive_int, help="threads for the C++ kernels")
+    bar = t.add_mutually_exclusive_group()
+    bar.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="force the progress bar on",
+    )
+    bar.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (default: only on a terminal)",
+    )
+
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint on the MNIST test set")
+    e.add_argument("--checkpoint", metavar="PATH", required=True)
+    e.add_argument("--data-dir")
+    e.add_argument("--device", choices=DEVICES, default="cpu")
+    e.add_argument("--limit-test", type=_positive_int, metavar="N")
+    e.add_argument("--batch-size", type=_positive_int, default=1000)
+    e.add_argument("--threads", type=_positive_int)
+
+    sub.add_parser("config", help="show version, backends, ISA, threads and GPU")
+    sub.add_parser(
+        "bench", help="benchmark the kernels (see `fastnn bench --help`)", add_help=False
+    )
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from fastnn.train import TrainConfig, train
+
+    given = {
+        k: getattr(args, k) for k in _TRAIN_DEFAULTS_FROM_CONFIG if getattr(args, k) is not None
+    }
+    config = TrainConfig(data_dir=args.data_dir, **given)
+    if args.resume and not args.checkpoint:
+        raise ValueError("--resume needs --checkpoint PATH")
+    train(
+        config,
+        checkpoint=args.checkpoint,
+        resume=args.resume,
+        metrics_json=args.metrics_json,
+        progress=args.progress,
+        explicit=set(given),
+    )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from fastnn.train import evaluate_checkpoint
+
+    evaluate_checkpoint(
+        args.checkpoint,
+        data_dir=args.data_dir,
+        device=args.device,
+        limit_test=args.limit_test,
+        batch_size=args.batch_size,
+    )
+    return 0
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from fastnn.checkpoint import CheckpointError
+    from fastnn.data import MNISTError
+    from fastnn.train import DeviceError
+
+    # ValueError/TypeError cover bad option values (the validators name the option);
+    # OSError covers unwritable checkpoint/metrics paths.
+    return (
+        CheckpointError,
+        MNISTError,
+        DeviceError,
+        ValueError,
+        TypeError,
+        OSError,
+        FloatingPointError,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] == "bench":
+        # Imported lazily: the benchmark suite is optional and heavier.
+        from fastnn.bench.cli import main as bench_main
+
+        return int(bench_main(args_list[1:]) or 0)
+
+    args = build_parser().parse_args(args_list)
+    if args.command == "config":
+        import fastnn
+
+        fastnn.show_config()
+        return 0
+
+    handlers: dict[str, Any] = {"train": _train, "evaluate": _evaluate}
+    try:
+        if getattr(args, "threads", None):
+            import fastnn
+
+            fastnn.set_num_threads(args.threads)
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print("fastnn: interrupted (the last saved checkpoint is intact)", file=sys.stderr)
+        return 130
+    except _expected_errors() as exc:
+        if os.environ.get("FASTNN_DEBUG") == "1":
+            raise
+        msg = str(exc) or type(exc).__name__
+        print(f"fastnn: error: {msg}", file=sys.stderr)
+        return 1
