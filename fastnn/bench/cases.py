@@ -577,3 +577,19 @@ def _prepare_train(case: Case, mod: Any, put: Callable, timer: str, dtype: str) 
 
     return Prepared(lambda: run(steps), timer, note=source, single_shot=True,
                     warmup_fn=lambda: run(3))
+
+
+def output_arrays(out: Any) -> list[np.ndarray]:
+    """A case's return value as host NumPy arrays, for checking peers agree: tuples
+    are flattened and ``None`` dropped; CuPy and torch arrays are copied to NumPy."""
+    items = list(out) if isinstance(out, (tuple, list)) else [out]
+    arrays = []
+    for a in items:
+        if a is None:
+            continue
+        if hasattr(a, "get") and type(a).__module__.startswith("cupy"):
+            a = a.get()
+        elif type(a).__module__.startswith("torch"):
+            a = a.detach().cpu().numpy()
+        arrays.append(np.asarray(a))
+    return arrays

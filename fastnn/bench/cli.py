@@ -124,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = MODES[mode]
     rounds = args.rounds or cfg["rounds"]
     info = machine_mod.machine_info()
-    note = machine_mod.openblas_note()
-    if note:
-        print(note, file=sys.stderr)
+    notes = [n for n in (machine_mod.openblas_note(), machine_mod.busy_note()) if n]
+    for n in notes:
+        print(n, file=sys.stderr)
     print("measuring this machine's ceilings (NumPy sgemm, copy bandwidth) ...", file=sys.stderr)
-    info.update(machine_mod.measure_ceilings(quick=mode != "full"))
+    info.update(machine_mod.measure_ceilings(mode))
 
     runners = make_runners(backends, args.isolate)
     try:
@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = report.result_rows(results, info)
     print(report.format_machine(info))
-    if note:
-        print(note)
+    for n in notes:
+        print(n)
     print(report.format_table(rows, markdown=args.markdown))
     doc = report.to_json(info, rows, {"mode": mode, "dtype": args.dtype, "rounds": rounds,
                                       "backends": backends, "argv": list(argv or sys.argv[1:])})

@@ -50,19 +50,45 @@ def copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
     return 2.0 * src.nbytes / _best_of(lambda: np.copyto(dst, src), repeats) / 1e9
 
 
-def measure_ceilings(quick: bool = False) -> dict[str, Any]:
-    """sgemm peak (2048^2, or 1024^2 when quick) and copy bandwidth: a large copy
-    (256 MiB, or 64 MiB when quick: both well past a 32 MiB L3) and an in-cache one
-    (4 MiB), measured now, in this process."""
-    n = 1024 if quick else 2048
-    big = 64 if quick else 256
+#: per run mode: sgemm size, large-copy MiB, repeats.
+CEILING_SIZES = {"full": (2048, 256, 5), "quick": (1024, 64, 3), "tiny": (256, 8, 2)}
+
+
+def measure_ceilings(mode: str = "full") -> dict[str, Any]:
+    """sgemm peak (2048^2 full, 1024^2 quick) and copy bandwidth: a large copy
+    (256 MiB full, 64 MiB quick: both well past a 32 MiB L3) and an in-cache one
+    (4 MiB), measured now, in this process. ``tiny`` (tests) uses small sizes
+    whose numbers mean little."""
+    if mode not in CEILING_SIZES:
+        raise ValueError(f"mode must be one of {sorted(CEILING_SIZES)}, got {mode!r}")
+    n, big, repeats = CEILING_SIZES[mode]
     return {
         "sgemm_n": n,
-        "sgemm_gflops": round(sgemm_peak(n, 3 if quick else 5), 2),
+        "sgemm_gflops": round(sgemm_peak(n, repeats), 2),
         "copy_mib": big,
-        "copy_gb_s": round(copy_bandwidth(big, 3 if quick else 5), 2),
-        "copy_cache_gb_s": round(copy_bandwidth(4, 20), 2),
+        "copy_gb_s": round(copy_bandwidth(big, repeats), 2),
+        "copy_cache_gb_s": round(copy_bandwidth(4, 4 * repeats), 2),
     }
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, or None where the OS has none."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_note(cores: int | None = None) -> str | None:
+    """A warning when other processes are using the CPU: a multi-threaded kernel then
+    waits at every barrier for a scheduler tick, and timings inflate by milliseconds."""
+    load = load_average()
+    cores = cores or os.cpu_count() or 1
+    if load is None or load < 0.5:
+        return None
+    return (f"note: load average {load} on {cores} cores: other processes are running, "
+            "so multi-threaded timings (fastnn cpu, OpenBLAS, torch) may be inflated. "
+            "Benchmark on an idle machine.")
 
 
 def cpu_model() -> str:
@@ -89,10 +115,12 @@ def blas_info() -> list[dict[str, Any]]:
             if lib.get("user_api") == "blas"]
 
 
-def openblas_note() -> str | None:
+def openblas_note(environ: dict[str, str] | None = None) -> str | None:
     """A warning when OPENBLAS_CORETYPE forces OpenBLAS's kernel (usually a slower one
-    than the CPU supports), naming the kernel threadpoolctl reports."""
-    forced = {v: os.environ[v] for v in OPENBLAS_VARS if os.environ.get(v)}
+    than the CPU supports), naming the kernel threadpoolctl reports. ``environ``
+    defaults to ``os.environ``."""
+    env = os.environ if environ is None else environ
+    forced = {v: env[v] for v in OPENBLAS_VARS if env.get(v)}
     if not forced:
         return None
     kernels = [lib.get("architecture") for lib in blas_info() if lib.get("architecture")]
@@ -150,6 +178,7 @@ def machine_info() -> dict[str, Any]:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
+        "load_average": load_average(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "numpy": np.__version__,

@@ -86,8 +86,11 @@ class InProcessRunner:
                 "openblas_env": {v: os.environ[v] for v in machine.OPENBLAS_VARS
                                  if os.environ.get(v)}}
 
-    def ceilings(self, quick: bool = False) -> dict[str, Any]:
-        return machine.measure_ceilings(quick)
+    def ceilings(self, mode: str = "full") -> dict[str, Any]:
+        return machine.measure_ceilings(mode)
+
+    def env(self, names: Iterable[str]) -> dict[str, str | None]:
+        return {n: os.environ.get(n) for n in names}
 
     def release(self) -> None:
         self._prepared = self._key = None
@@ -149,8 +152,12 @@ class WorkerRunner:
     def info(self) -> dict[str, Any]:
         return self._call({"cmd": "info"})["info"]
 
-    def ceilings(self, quick: bool = False) -> dict[str, Any]:
-        return self._call({"cmd": "ceilings", "quick": quick})["ceilings"]
+    def ceilings(self, mode: str = "full") -> dict[str, Any]:
+        return self._call({"cmd": "ceilings", "mode": mode})["ceilings"]
+
+    def env(self, names: Iterable[str]) -> dict[str, str | None]:
+        """The child's values of these environment variables."""
+        return self._call({"cmd": "env", "names": list(names)})["env"]
 
     def release(self) -> None:
         self._call({"cmd": "release"})

@@ -5,8 +5,9 @@ Reads one JSON request per line on stdin and answers one JSON line each:
 * ``{"cmd": "measure", "case": {...}, "dtype": "float32", "opts": {...}}`` ->
   ``{"samples": [...], "inner": k, "note": ""}``
 * ``{"cmd": "info"}`` -> ``{"info": {"threads": ..., ...}}``
-* ``{"cmd": "ceilings", "quick": false}`` -> ``{"ceilings": {...}}`` (sgemm peak and
+* ``{"cmd": "ceilings", "mode": "full"}`` -> ``{"ceilings": {...}}`` (sgemm peak and
   copy bandwidth measured in this process's environment)
+* ``{"cmd": "env", "names": [...]}`` -> ``{"env": {name: value or null}}``
 * ``{"cmd": "release"}`` (drop cached inputs), ``{"cmd": "quit"}``
 
 Failures answer ``{"error": "...", "unsupported": bool}``. Replies go to a private
@@ -54,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
             elif cmd == "info":
                 reply = {"info": runner.info()}
             elif cmd == "ceilings":
-                reply = {"ceilings": runner.ceilings(bool(msg.get("quick", False)))}
+                reply = {"ceilings": runner.ceilings(msg.get("mode", "full"))}
+            elif cmd == "env":
+                reply = {"env": runner.env(msg.get("names", []))}
             elif cmd == "release":
                 runner.release()
                 reply = {"ok": True}

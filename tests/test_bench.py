@@ -1,0 +1,356 @@
+"""Fast tests of the benchmark machinery (fastnn.bench): case sets, FLOP/byte
+counts, timing structure, alternation, report rows, JSON schema, --compare,
+--plot and the worker process. No timing assertions: only structure and the
+arithmetic that turns timings into numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastnn.bench import cli, machine, report
+from fastnn.bench.cases import (
+    Case,
+    Prepared,
+    Unsupported,
+    conv_case,
+    matmul_case,
+    output_arrays,
+    pool_case,
+    prepare,
+    select_cases,
+    standard_cases,
+    sweep_cases,
+    tiny_cases,
+)
+from fastnn.bench.runners import InProcessRunner, Result, WorkerError, WorkerRunner, run_cases
+from fastnn.bench.timing import Timing, measure
+
+REPO = Path(__file__).resolve().parents[1]
+OP_PREFIXES = ("conv2d", "matmul", "max_pool2d", "avg_pool2d", "relu", "softmax", "sgd",
+               "adam", "train")
+
+
+# --------------------------------------------------------------------------- #
+# Cases
+# --------------------------------------------------------------------------- #
+
+
+def test_case_keys_unique_and_counts_positive() -> None:
+    for cases in (standard_cases() + sweep_cases(), tiny_cases()):
+        keys = [c.key for c in cases]
+        assert len(keys) == len(set(keys))
+        for c in cases:
+            assert c.op.startswith(OP_PREFIXES)
+            assert c.metric in ("gflops", "gb_s", "images_s")
+            assert c.flops > 0
+            assert c.bytes > 0 or c.metric == "images_s"
+
+
+def test_issue_shapes_are_in_the_standard_set() -> None:
+    shapes = {(c.op, c.shape) for c in standard_cases()}
+    for op in ("conv2d_fwd", "conv2d_bwd_input", "conv2d_bwd_weight"):
+        assert (op, "N32 1->32 3x3 28x28") in shapes
+        assert (op, "N128 1->32 3x3 28x28") in shapes
+        assert (op, "N128 32->64 3x3 13x13 p1") in shapes
+    for op in ("max_pool2d_fwd", "max_pool2d_bwd", "avg_pool2d_fwd", "avg_pool2d_bwd"):
+        assert (op, "N128 C32 26x26 k2 s2") in shapes
+    for s in (256, 512, 1024, 2048):
+        assert ("matmul", f"{s}x{s}x{s}") in shapes
+    assert ("matmul_linear_fwd", "128x5408x128 B^T") in shapes
+    assert ("matmul_linear_bwd_input", "128x128x5408") in shapes
+    assert ("matmul_linear_bwd_weight", "128x128x5408 A^T") in shapes
+    assert ("train_step", "seed N128") in shapes
+
+
+def test_conv_flops_match_direct_count() -> None:
+    c = conv_case("conv2d_fwd", 2, 3, 9, 5, 3, 2, 1)
+    oh = (9 + 2 - 3) // 2 + 1
+    assert c.flops == 2 * 2 * 5 * oh * oh * 3 * 9
+    y = prepare(c, "numpy").fn()
+    assert y.shape == (2, 5, oh, oh)
+
+
+def test_matmul_and_pool_counts() -> None:
+    m = matmul_case(4, 6, 5, ta=True)
+    assert m.flops == 2 * 4 * 6 * 5 and m.bytes == (24 + 30 + 20) * 4
+    assert prepare(m, "numpy").fn().shape == (4, 5)
+    p = pool_case("avg_pool2d_fwd", 2, 3, 8)
+    assert p.bytes == (2 * 3 * 64 + 2 * 3 * 16) * 4
+    assert prepare(p, "numpy").fn().shape == (2, 3, 4, 4)
+
+
+def test_select_cases_filters() -> None:
+    quick = select_cases("quick")
+    assert quick and all("quick" in c.tags for c in quick)
+    assert len(select_cases("full")) > len(select_cases("standard")) > len(quick)
+    conv = select_cases("full", ["conv2d"])
+    assert conv and all(c.op.startswith("conv2d") for c in conv)
+    fwd = select_cases("full", ["conv2d_fwd", "max_pool2d"])
+    assert {c.op for c in fwd} == {"conv2d_fwd", "max_pool2d_fwd", "max_pool2d_bwd"}
+    mm = select_cases("standard", ["matmul"])
+    assert {"matmul", "matmul_small", "matmul_linear_fwd"} <= {c.op for c in mm}
+    with pytest.raises(ValueError, match="mode"):
+        select_cases("nope")
+
+
+def test_case_json_round_trip() -> None:
+    for c in tiny_cases():
+        back = Case.from_dict(json.loads(json.dumps(c.to_dict())))
+        assert back == c
+
+
+@pytest.mark.parametrize("case", tiny_cases(), ids=lambda c: c.op)
+def test_every_tiny_case_runs_on_numpy(case: Case) -> None:
+    prepared = prepare(case, "numpy")
+    out = prepared.fn()
+    if case.family not in ("train",) and case.op not in ("sgd_step", "adam_step"):
+        arrays = output_arrays(out)
+        assert arrays and all(np.isfinite(a).all() for a in arrays)
+
+
+def test_cpu_backend_matches_numpy_on_tiny_cases() -> None:
+    pytest.importorskip("fastnn._C", reason="fastnn._C not built")
+    for case in tiny_cases():
+        if case.family == "train" or case.op in ("sgd_step", "adam_step"):
+            continue
+        ref = output_arrays(prepare(case, "numpy").fn())
+        got = output_arrays(prepare(case, "cpu").fn())
+        for r, g in zip(ref, got):
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4, err_msg=case.op)
+
+
+def test_unknown_backend_and_dtype() -> None:
+    c = tiny_cases()[0]
+    with pytest.raises(ValueError, match="backend"):
+        prepare(c, "tpu")
+    with pytest.raises(ValueError, match="dtype"):
+        prepare(c, "numpy", "int8")
+
+
+# --------------------------------------------------------------------------- #
+# Timing and alternation
+# --------------------------------------------------------------------------- #
+
+
+def test_measure_structure() -> None:
+    calls = []
+    t = measure(Prepared(lambda: calls.append(1)), warmup=2, warmup_s=0.0, target_s=0.01,
+                min_repeats=3, max_repeats=5, min_sample_s=1e-4)
+    assert 3 <= len(t.samples) <= 5
+    assert t.inner >= 1 and len(calls) >= 3 + 2
+    assert all(s > 0 for s in t.samples) and t.best <= t.median
+
+
+def test_measure_single_shot_runs_warmup_then_once() -> None:
+    log: list[str] = []
+    p = Prepared(lambda: log.append("run"), single_shot=True,
+                 warmup_fn=lambda: log.append("warm"))
+    t = measure(p)
+    assert log == ["warm", "run"] and len(t.samples) == 1
+
+
+class _FakeRunner:
+    def __init__(self, name: str, log: list[str], fail: bool = False) -> None:
+        self.name, self.log, self.fail = name, log, fail
+
+    def measure(self, case: Case, dtype: str = "float32", **opts: object) -> tuple[Timing, str]:
+        self.log.append(self.name)
+        if self.fail:
+            raise Unsupported("not here")
+        return Timing([1.0 if self.name == "numpy" else 0.25], 1), ""
+
+    def release(self) -> None:
+        pass
+
+
+def test_run_cases_alternates_and_records_errors() -> None:
+    log: list[str] = []
+    runners = {"numpy": _FakeRunner("numpy", log), "cpu": _FakeRunner("cpu", log),
+               "torch": _FakeRunner("torch", log, fail=True)}
+    case = conv_case("conv2d_fwd", 1, 1, 5, 1)
+    results = run_cases([case], runners, rounds=3)
+    # The order rotates each round; the failing backend is tried once only.
+    assert log == ["numpy", "cpu", "torch", "cpu", "numpy", "numpy", "cpu"]
+    by = {r.backend: r for r in results}
+    assert len(by["numpy"].timing.samples) == 3 and by["torch"].error.startswith("unsupported")
+    heavy = conv_case("conv2d_fwd", 1, 1, 5, 1, tags=("heavy",))
+    assert {r.backend for r in run_cases([heavy], runners, rounds=1)} == {"cpu", "torch"}
+
+
+# --------------------------------------------------------------------------- #
+# Rows, tables, compare, plot
+# --------------------------------------------------------------------------- #
+
+
+def _results() -> list[Result]:
+    conv = conv_case("conv2d_fwd", 2, 3, 8, 4)
+    pool = pool_case("max_pool2d_fwd", 2, 3, 8)
+    out = []
+    for case in (conv, pool):
+        out.append(Result(case, "numpy", "float32", Timing([2e-3, 4e-3, 3e-3])))
+        out.append(Result(case, "cpu", "float32", Timing([1e-3, 1e-3, 1e-3])))
+        out.append(Result(case, "torch", "float32", Timing([2e-3])))
+    out.append(Result(conv, "cuda", "float32", error="unsupported: no GPU"))
+    return out
+
+
+def test_result_rows_arithmetic() -> None:
+    ceilings = {"sgemm_gflops": 100.0, "copy_gb_s": 20.0}
+    rows = report.result_rows(_results(), ceilings)
+    cpu_conv = next(r for r in rows if r["op"] == "conv2d_fwd" and r["backend"] == "cpu")
+    flops = cpu_conv["flops"]
+    assert cpu_conv["median_s"] == 1e-3
+    assert math.isclose(cpu_conv["gflops"], flops / 1e-3 / 1e9)
+    assert math.isclose(cpu_conv["pct_peak"], 100 * cpu_conv["gflops"] / 100.0)
+    assert math.isclose(cpu_conv["speedup_vs_numpy"], 3.0)
+    assert math.isclose(cpu_conv["speedup_vs_torch"], 2.0)
+    cpu_pool = next(r for r in rows if r["op"] == "max_pool2d_fwd" and r["backend"] == "cpu")
+    assert "gb_s" in cpu_pool and "gflops" not in cpu_pool
+    assert math.isclose(cpu_pool["pct_peak"], 100 * cpu_pool["gb_s"] / 20.0)
+    err = next(r for r in rows if r["backend"] == "cuda")
+    assert "error" in err and "median_s" not in err
+    table = report.format_table(rows)
+    assert "vs torch" in table and "error" in table and "3.00x" in table
+    assert report.format_table(rows, markdown=True).startswith("| op |")
+
+
+def test_compare_statuses() -> None:
+    new = report.result_rows(_results())
+    old = [dict(r) for r in new if "median_s" in r]
+    for r in old:
+        r["median_s"] *= {"numpy": 2.0, "cpu": 0.5, "torch": 1.02}[r["backend"]]
+    old.append({"op": "matmul", "shape": "1x1x1", "backend": "cpu", "median_s": 1.0})
+    cmp = report.compare(old, new, tolerance=0.1)
+    status = {(r["op"], r["backend"]): r["status"] for r in cmp["rows"]}
+    assert status[("conv2d_fwd", "numpy")] == "faster"
+    assert status[("conv2d_fwd", "cpu")] == "slower"
+    assert status[("conv2d_fwd", "torch")] == "same"
+    assert cmp["only_old"] == [("matmul", "1x1x1", "cpu", "float32")]
+    text = report.format_compare(cmp)
+    assert "2 faster, 2 slower (regressed), 2 within 10%" in text
+
+
+def test_plot_writes_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "bench.png"
+    report.plot(report.result_rows(_results()), path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_load_json_rejects_other_files(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"foo": 1}')
+    with pytest.raises(ValueError, match="results"):
+        report.load_json(bad)
+
+
+def test_openblas_note_reads_the_given_environment() -> None:
+    assert machine.openblas_note({}) is None
+    note = machine.openblas_note({"OPENBLAS_CORETYPE": "Haswell"})
+    assert note is not None and "OPENBLAS_CORETYPE=Haswell" in note
+
+
+# --------------------------------------------------------------------------- #
+# CLI and worker (tiny runs: seconds)
+# --------------------------------------------------------------------------- #
+
+
+def _tiny(tmp_path: Path, *extra: str) -> tuple[int, dict]:
+    out = tmp_path / "run.json"
+    code = cli.main(["--tiny", "--backends", "numpy", "--ops", "conv2d,matmul,max_pool2d",
+                     "--no-progress", "--json", str(out), *extra])
+    return code, json.loads(out.read_text()) if out.exists() else {}
+
+
+def test_cli_tiny_json_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, doc = _tiny(tmp_path)
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "conv2d_fwd" in printed and "GFLOP/s" in printed and "GB/s" in printed
+    m = doc["machine"]
+    for key in ("cpu", "cores", "numpy", "sgemm_gflops", "copy_gb_s", "date"):
+        assert key in m
+    assert doc["results"]
+    for r in doc["results"]:
+        assert r["op"].startswith(("conv2d", "matmul", "max_pool2d"))
+        assert r["backend"] == "numpy"
+        assert r["median_s"] > 0 and r["samples"] >= 1
+        assert ("gflops" in r) != ("gb_s" in r)
+        assert math.isclose(r["speedup_vs_numpy"], 1.0)
+
+
+def test_cli_compare_reports_faster(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, doc = _tiny(tmp_path)
+    assert code == 0
+    for r in doc["results"]:
+        r["median_s"] *= 1000.0  # an old run a thousand times slower
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(doc))
+    capsys.readouterr()
+    code, _ = _tiny(tmp_path, "--compare", str(old))
+    assert code == 0
+    n = len(doc["results"])
+    assert f"{n} faster, 0 slower" in capsys.readouterr().out
+
+
+def test_cli_plot(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "p.png"
+    code, _ = _tiny(tmp_path, "--plot", str(png))
+    assert code == 0 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_rejects_bad_arguments(tmp_path: Path) -> None:
+    assert cli.main(["--tiny", "--ops", "convolution"]) == 2
+    assert cli.main(["--tiny", "--backends", "tpu"]) == 2
+    (tmp_path / "x.json").write_text("[]")
+    assert cli.main(["--tiny", "--backends", "numpy", "--compare", str(tmp_path / "x.json")]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["--quick", "--full"])
+
+
+def test_in_process_runner_caches_inputs() -> None:
+    runner = InProcessRunner("numpy")
+    case = tiny_cases()[0]
+    runner.measure(case, warmup_s=0.0, target_s=0.001)
+    first = runner._prepared
+    runner.measure(case, warmup_s=0.0, target_s=0.001)
+    assert runner._prepared is first
+    runner.release()
+    assert runner._prepared is None
+
+
+def test_worker_process_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASTNN_BENCH_TEST_DROP", "1")
+    monkeypatch.setenv("FASTNN_BENCH_TEST_KEEP", "2")
+    w = WorkerRunner("numpy", drop_env=["FASTNN_BENCH_TEST_DROP"])
+    try:
+        assert w.env(["FASTNN_BENCH_TEST_DROP", "FASTNN_BENCH_TEST_KEEP"]) == {
+            "FASTNN_BENCH_TEST_DROP": None, "FASTNN_BENCH_TEST_KEEP": "2"}
+        timing, _ = w.measure(tiny_cases()[0], warmup_s=0.0, target_s=0.001)
+        assert timing.samples and timing.inner >= 1
+        assert w.info()["pid"] != os.getpid()
+    finally:
+        w.close()
+    bad = WorkerRunner("tpu")
+    try:
+        with pytest.raises(WorkerError, match="backend must be one of"):
+            bad.measure(tiny_cases()[0])
+    finally:
+        bad.close()
+
+
+def test_python_m_fastnn_bench_lists_cases() -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "fastnn.bench", "--quick", "--list"],
+                          capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "conv2d_bwd_weight" in proc.stdout and "train_step" in proc.stdout
