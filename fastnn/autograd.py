@@ -172,8 +172,9 @@ class Tensor:
     # fastnn.functional recognises Tensors by this flag (it never imports us).
     _fastnn_tensor = True
     # NumPy defers `ndarray + Tensor` to Tensor.__radd__ instead of broadcasting
-    # over an object array.
+    # over an object array; the priority does the same for CuPy's operators.
     __array_ufunc__ = None
+    __array_priority__ = 1000
 
     def __init__(self, data: Any, requires_grad: bool = False, dtype: Any = None) -> None:
         if isinstance(data, Tensor):
@@ -799,7 +800,12 @@ class GetItem(Function):
         xp = _xp(g)
         gx = xp.zeros(ctx.in_shape, dtype=ctx.dtype)
         # add.at sums repeated fancy indices instead of keeping only the last one.
-        xp.add.at(gx, ctx.index, g)
+        if xp is np or hasattr(xp.add, "at"):
+            xp.add.at(gx, ctx.index, g)
+        else:  # CuPy before ufunc.at
+            import cupyx
+
+            cupyx.scatter_add(gx, ctx.index, g)
         return gx
 
 
@@ -1044,7 +1050,9 @@ class Dropout(Function):
             keep = (rng or np.random.default_rng()).random(x.shape) >= p
         else:
             keep = xp.random.random(x.shape) >= p
-        scale = keep * x.dtype.type(1.0 / (1.0 - p))
+        # Same values as functional's keep * dtype(1/(1-p)), kept in x's dtype on CuPy too.
+        scale = keep.astype(x.dtype)
+        scale *= x.dtype.type(1.0 / (1.0 - p))
         ctx.scale = scale
         return x * scale
 

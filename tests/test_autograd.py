@@ -556,3 +556,58 @@ def test_argmax_and_repr():
     np.testing.assert_array_equal(t.argmax(1).data, [1, 0])
     assert "requires_grad=True" in repr(t)
     assert "grad_fn=Mul" in repr(t * 2.0)
+
+
+# --------------------------------------------------------------------------
+# CuPy arrays (real GPU only)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_graph_matches_host(rng):
+    cp = pytest.importorskip("cupy")
+    x = rng.standard_normal((4, 2, 8, 8)).astype(np.float32)
+    ws = [rng.standard_normal(s).astype(np.float32) * 0.3
+          for s in [(3, 2, 3, 3), (3,), (5, 27), (5,)]]
+    labels = rng.integers(0, 5, 4)
+
+    def run(xp, arrays):
+        params = [Tensor(xp.asarray(a), requires_grad=True) for a in arrays]
+        w1, b1, w2, b2 = params
+        h = F.max_pool2d(F.relu(F.conv2d(Tensor(xp.asarray(x)), w1, b1)), 2)
+        h = (h * 2.0 - 0.5).sigmoid() + h.tanh()
+        out = F.linear(h.flatten(1), w2, b2)
+        loss = F.cross_entropy(out, xp.asarray(labels)) + F.mse_loss(out, out.detach() * 0.5)
+        loss = loss + out[xp.asarray([0, 0, 1])].sum() * 0.01 + (out ** 2).mean(axis=0).sum()
+        loss.backward()
+        host = [p.grad if xp is np else p.grad.get() for p in params]
+        return float(loss.item()), host
+
+    loss_h, grads_h = run(np, ws)
+    with fastnn.backend("cuda"):
+        loss_d, grads_d = run(cp, ws)
+    assert loss_d == pytest.approx(loss_h, rel=1e-4)
+    for gh, gd in zip(grads_h, grads_d):
+        np.testing.assert_allclose(gd, gh, rtol=2e-3, atol=2e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_gradcheck_float64(rng):
+    cp = pytest.importorskip("cupy")
+    x = Tensor(cp.asarray(rng.standard_normal((2, 2, 5, 5))), requires_grad=True)
+    w = Tensor(cp.asarray(rng.standard_normal((3, 2, 3, 3))), requires_grad=True)
+    with fastnn.backend("cuda"):
+        assert gradcheck(lambda x, w: F.avg_pool2d(F.conv2d(x, w, padding=1).relu(), 2), [x, w])
+        assert gradcheck(lambda x: ag.batch_norm2d(x, None, None, training=True), [x])
+
+
+@pytest.mark.gpu
+def test_gpu_dropout_grad_uses_the_forward_mask(rng):
+    cp = pytest.importorskip("cupy")
+    x = Tensor(cp.asarray(rng.uniform(1, 2, (64, 64)).astype(np.float32)), requires_grad=True)
+    with fastnn.backend("cuda"):
+        y = F.dropout(x, 0.5, True)
+        y.sum().backward()
+    assert y.dtype == np.float32 and x.grad.dtype == np.float32
+    np.testing.assert_allclose((x.grad * x.data).get(), y.data.get(), rtol=1e-6)
+    assert 0.4 < float((y.data == 0).mean()) < 0.6

@@ -384,3 +384,47 @@ def test_seed_model_learns_a_small_batch(backend):
     assert all(b < a for a, b in zip(losses, losses[1:]))
     assert losses[-1] < 0.7 * losses[0]
     assert all(p.grad.dtype == np.float32 for p in params)
+
+
+# --------------------------------------------------------------------------
+# CuPy (real GPU only)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_module_to_state_dict_and_training_step(rng):
+    cp = pytest.importorskip("cupy")
+    from fastnn import optim
+
+    host = Block(np.random.default_rng(3))
+    dev = Block(np.random.default_rng(3)).to("cuda")
+    assert isinstance(dev.conv.weight.data, cp.ndarray)
+    assert isinstance(dev.bn.running_mean, cp.ndarray)
+    x = rng.standard_normal((4, 2, 4, 4)).astype(np.float32)
+    y = rng.integers(0, 5, 4)
+    opt_h = optim.Adam(host.parameters(), lr=1e-2)
+    opt_d = optim.Adam(dev.parameters(), lr=1e-2)
+    for model, opt, xp, be in ((host, opt_h, np, "numpy"), (dev, opt_d, cp, "cuda")):
+        with fastnn.backend(be):
+            for _ in range(2):
+                opt.zero_grad()
+                F.cross_entropy(model(xp.asarray(x)), xp.asarray(y)).backward()
+                opt.step()
+    sd_h, sd_d = host.state_dict(), dev.state_dict()
+    for k in sd_h:
+        np.testing.assert_allclose(cp.asnumpy(sd_d[k]), sd_h[k], rtol=1e-3, atol=1e-4)
+    back = Block(np.random.default_rng(9))
+    back.load_state_dict(sd_d)  # CuPy arrays into a host model
+    np.testing.assert_allclose(back.conv.weight.data, cp.asnumpy(sd_d["conv.weight"]))
+    osd = opt_d.state_dict()
+    assert all(isinstance(v, np.ndarray) for k, v in osd.items() if k.endswith("exp_avg"))
+
+
+@pytest.mark.gpu
+def test_gpu_init_matches_host_draws():
+    cp = pytest.importorskip("cupy")
+    a = cp.empty((8, 4), dtype=cp.float32)
+    init.kaiming_uniform_(a, rng=np.random.default_rng(0))
+    b = np.empty((8, 4), np.float32)
+    init.kaiming_uniform_(b, rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(a.get(), b)
