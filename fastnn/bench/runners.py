@@ -83,6 +83,7 @@ class InProcessRunner:
 
     def info(self) -> dict[str, Any]:
         return {"threads": machine.backend_threads(self.backend), "pid": os.getpid(),
+                "blas": machine.blas_info(),
                 "openblas_env": {v: os.environ[v] for v in machine.OPENBLAS_VARS
                                  if os.environ.get(v)}}
 
