@@ -1080,32 +1080,39 @@ class BatchNorm2dTrain(Function):
         mean: Array, var: Array, eps: float,
     ) -> Array:
         c = x.shape[1]
-        invstd = 1.0 / _xp(x).sqrt(var + eps)
-        xhat = (x - mean.reshape(1, c, 1, 1)) * invstd.reshape(1, c, 1, 1)
-        ctx.save_for_backward(xhat, invstd, weight)
-        y = xhat if weight is None else xhat * weight.reshape(1, c, 1, 1)
-        if bias is not None:
-            y = y + bias.reshape(1, c, 1, 1)
-        return y.astype(x.dtype, copy=False)
+        invstd = (1.0 / _xp(x).sqrt(var + eps)).astype(x.dtype, copy=False)
+        mean = mean.astype(x.dtype, copy=False)
+        # y = x * a + shift per channel: two passes over x instead of four; backward
+        # rebuilds xhat from x rather than keeping a second activation-sized array.
+        a = invstd if weight is None else invstd * weight
+        shift = -mean * a if bias is None else bias - mean * a
+        y = x * a.reshape(1, c, 1, 1)
+        y += shift.reshape(1, c, 1, 1)
+        ctx.save_for_backward(x, mean, invstd, weight)
+        return y
 
     @staticmethod
     def backward(ctx: Context, g: Array) -> tuple:
-        xhat, invstd, w = ctx.saved_tensors
+        x, mean, invstd, w = ctx.saved_tensors
         nx, nw, nb = ctx.needs_input_grad[:3]
         c = g.shape[1]
         axes = (0, 2, 3)
-        gb = g.sum(axis=axes) if nb or nx else None
-        gw = (g * xhat).sum(axis=axes) if nw or nx else None
+        xhat = x - mean.reshape(1, c, 1, 1)
+        xhat *= invstd.reshape(1, c, 1, 1)
+        gb = g.sum(axis=axes)
+        gw = (g * xhat).sum(axis=axes)
         gx = None
         if nx:
             m = g.size // max(c, 1)
             # With dxhat = g * w: sum(dxhat) = w * gb and sum(dxhat * xhat) = w * gw, so
             # gx = invstd / m * (m * dxhat - sum(dxhat) - xhat * sum(dxhat * xhat))
-            # factors w out of every term.
+            # = (w * invstd / m) * (m * g - gb - xhat * gw), built in place.
             k = invstd / m if w is None else invstd * w / m
-            gx = k.reshape(1, c, 1, 1) * (
-                m * g - gb.reshape(1, c, 1, 1) - xhat * gw.reshape(1, c, 1, 1)
-            )
+            gx = g * m
+            gx -= gb.reshape(1, c, 1, 1)
+            xhat *= gw.reshape(1, c, 1, 1)
+            gx -= xhat
+            gx *= k.reshape(1, c, 1, 1)
         return gx, gw if nw else None, gb if nb else None, None, None, None
 
 
