@@ -86,7 +86,11 @@ def _encode(value: Any, path: str, arrays: dict[str, np.ndarray]) -> Any:
         key = path or "array"
         if key in arrays or key in (_META, _TREE):
             key = f"{key}#{len(arrays)}"
-        arrays[key] = np.asarray(_to_host(value), order="C")  # keeps 0-d arrays 0-d
+        arr = np.asarray(_to_host(value), order="C")  # keeps 0-d arrays 0-d
+        if arr.dtype.hasobject:
+            # np.savez would pickle these, and load() refuses pickles.
+            raise TypeError(f"cannot store an object array at {path!r} in a checkpoint")
+        arrays[key] = arr
         return {"__array__": key}
     if isinstance(value, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in value):

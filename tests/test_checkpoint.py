@@ -1,0 +1,269 @@
+"""Checkpoints: round trip, no pickle, atomic saves, corrupt files, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastnn
+from fastnn import checkpoint as ckpt
+from fastnn import functional as F
+from fastnn import optim
+from fastnn.autograd import Tensor
+from fastnn.models import build_model
+
+DEVICE = "cpu" if "cpu" in fastnn.available_backends() else "numpy"
+
+
+def _trained_strong(steps: int = 2):
+    """A strong model plus an Adam optimizer and a scheduler after a few steps."""
+    model = build_model("strong", seed=1)
+    opt = optim.Adam(model.parameters(), lr=1e-3)
+    sched = optim.CosineAnnealingLR(opt, T_max=5)
+    rng = np.random.default_rng(0)
+    with fastnn.backend("numpy"):
+        for _ in range(steps):
+            x = rng.standard_normal((4, 1, 28, 28)).astype(np.float32)
+            loss = F.cross_entropy(model(Tensor(x)), rng.integers(0, 10, 4))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    return model, opt, sched
+
+
+def test_round_trip_model_optimizer_scheduler(tmp_path: Path) -> None:
+    model, opt, sched = _trained_strong()
+    path = tmp_path / "run.npz"
+    states = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+    }
+    meta = {
+        "model": "strong",
+        "epoch": 3,
+        "optimizer": {"name": "adam", "lr": 1e-3},
+        "metrics": {"epochs": [{"epoch": 1, "test_accuracy": 0.5}]},
+    }
+    ckpt.save(path, states, meta)
+    loaded = ckpt.load(path)
+    assert loaded.metadata == meta
+
+    model2, opt2, sched2 = build_model("strong", seed=2), None, None
+    opt2 = optim.Adam(model2.parameters(), lr=0.5)
+    sched2 = optim.CosineAnnealingLR(opt2, T_max=5)
+    model2.load_state_dict(loaded.model_state)
+    opt2.load_state_dict(loaded.optimizer_state)
+    sched2.load_state_dict(loaded.states["scheduler"])
+    for (k, a), (k2, b) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert k == k2 and a.dtype == b.dtype and a.shape == b.shape
+        assert np.array_equal(a, b), k
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert sched2.last_epoch == sched.last_epoch
+
+    # The restored optimizer continues exactly like the original one.
+    x = np.random.default_rng(5).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    y = np.arange(4)
+    for m, o in ((model, opt), (model2, opt2)):
+        m.eval()  # no dropout randomness, BN running stats
+        with fastnn.backend("numpy"):
+            loss = F.cross_entropy(m(Tensor(x)), y)
+            o.zero_grad()
+            loss.backward()
+            o.step()
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert np.array_equal(a.data, b.data)
+
+
+def test_tree_types_survive(tmp_path: Path) -> None:
+    tree = {
+        "a": {
+            "zero_d": np.array(7, np.int64),
+            "f32": np.ones((2, 3), np.float32),
+            "flag": np.array([True, False]),
+        },
+        "opt": {
+            "state": {0: {"step": 3, "buf": np.arange(3.0)}, 5: None},
+            "betas": (0.9, 0.999),
+            "names": ["x", "y"],
+            "lr": 0.1,
+            "nan": float("nan"),
+        },
+    }
+    ckpt.save(tmp_path / "t.npz", tree)
+    back = ckpt.load(tmp_path / "t.npz").states
+    assert back["a"]["zero_d"].shape == () and back["a"]["zero_d"].dtype == np.int64
+    assert back["a"]["f32"].dtype == np.float32 and back["a"]["flag"].dtype == np.bool_
+    assert back["opt"]["state"][0]["step"] == 3 and back["opt"]["state"][5] is None
+    assert np.array_equal(back["opt"]["state"][0]["buf"], np.arange(3.0))
+    assert back["opt"]["betas"] == (0.9, 0.999) and isinstance(back["opt"]["betas"], tuple)
+    assert back["opt"]["names"] == ["x", "y"] and np.isnan(back["opt"]["nan"])
+
+
+def test_file_is_plain_npz_without_pickles(tmp_path: Path) -> None:
+    path = tmp_path / "c.npz"
+    ckpt.save(path, {"model": {"w": np.zeros(2, np.float32)}}, {"model": "seed", "epoch": 1})
+    with np.load(path, allow_pickle=False) as npz:
+        assert set(npz.files) == {"__meta__", "__tree__", "model/w"}
+        meta = json.loads(str(npz["__meta__"][0]))
+        assert npz["__meta__"].dtype.kind == "U"
+    assert meta["model"] == "seed" and meta["format"] == ckpt.FORMAT
+    with pytest.raises(TypeError, match="object array"):
+        ckpt.save(path, {"x": np.array([{}, 1], dtype=object)})
+    with pytest.raises(TypeError, match="cannot store set"):
+        ckpt.save(path, {"x": {1, 2}})
+    with pytest.raises(TypeError, match="JSON"):
+        ckpt.save(path, {}, {"bad": object()})
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "c.npz"
+    ckpt.save(path, {"model": {"w": np.ones(3)}}, {"epoch": 1})
+    before = path.read_bytes()
+
+    real_savez = np.savez
+
+    def crash_midway(f, **arrays):
+        real_savez(f, **arrays)
+        f.truncate(100)  # half-written file ...
+        raise KeyboardInterrupt  # ... then the user hits Ctrl-C
+
+    monkeypatch.setattr(ckpt.np, "savez", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(path, {"model": {"w": np.zeros(3)}}, {"epoch": 2})
+    assert path.read_bytes() == before
+    assert ckpt.load(path).metadata["epoch"] == 1
+    assert os.listdir(tmp_path) == ["c.npz"], "no temporary files left behind"
+
+
+def test_save_replaces_atomically(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "c.npz"
+    ckpt.save(path, {"model": {"w": np.ones(3)}}, {"epoch": 1})
+    seen = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        # At rename time the new file is complete and the old one still in place.
+        seen.append((ckpt.load(src).metadata["epoch"], ckpt.load(dst).metadata["epoch"]))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", spy)
+    ckpt.save(path, {"model": {"w": np.ones(3)}}, {"epoch": 2})
+    assert seen == [(2, 1)] and ckpt.load(path).metadata["epoch"] == 2
+
+
+def _good(tmp_path: Path) -> Path:
+    path = tmp_path / "good.npz"
+    model = build_model("seed", 0)
+    ckpt.save(path, {"model": model.state_dict()}, {"model": "seed", "epoch": 1})
+    return path
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path, damage: str) -> None:
+    data = _good(tmp_path).read_bytes()
+    bad = tmp_path / "bad.npz"
+    if damage == "truncate":
+        bad.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        mid = bytearray(data)
+        for i in range(len(data) // 3, len(data) // 3 + 64):
+            mid[i] ^= 0xFF  # inside the weights: the CRC check catches it
+        bad.write_bytes(bytes(mid))
+    elif damage == "garbage":
+        bad.write_bytes(b"not a checkpoint at all" * 10)
+    else:
+        bad.write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.load(bad)
+    msg = str(info.value)
+    assert str(bad) in msg and "\n" not in msg
+
+
+def test_foreign_npz_and_missing_file(tmp_path: Path) -> None:
+    np.savez(tmp_path / "other.npz", a=np.ones(2))
+    with pytest.raises(ckpt.CheckpointError, match="not a fastnn checkpoint"):
+        ckpt.load(tmp_path / "other.npz")
+    with pytest.raises(ckpt.CheckpointError, match="not found"):
+        ckpt.load(tmp_path / "nope.npz")
+    # A newer format version is refused rather than misread.
+    path = _good(tmp_path)
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    with np.load(path) as npz:
+        meta = json.loads(str(npz["__meta__"][0]))
+    meta["format_version"] = 99
+    np.savez(
+        tmp_path / "v99.npz",
+        __meta__=np.array([json.dumps(meta)]),
+        __tree__=np.array(['{"model": {}}']),
+    )
+    assert members  # sanity: the original archive had members
+    with pytest.raises(ckpt.CheckpointError, match="version 99"):
+        ckpt.load(tmp_path / "v99.npz")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(n_epochs: int):
+    def hook(record: dict) -> None:
+        if record["epoch"] >= n_epochs:
+            raise _Stop  # an interruption right after the epoch's checkpoint was written
+
+    return hook
+
+
+@pytest.mark.mnist
+def test_resume_matches_uninterrupted_run(mnist_dir: Path, tmp_path: Path) -> None:
+    """2 epochs straight == 1 epoch, interrupt, resume for the 2nd (strong model: BN +
+    dropout, shuffling, augmentation and a cosine schedule all carry state over)."""
+    from fastnn.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        model="strong",
+        device=DEVICE,
+        epochs=2,
+        batch_size=16,
+        limit_train=32,
+        limit_test=16,
+        augment=2,
+        schedule="cosine",
+        data_dir=str(mnist_dir),
+        seed=3,
+    )
+    with open(os.devnull, "w") as quiet:
+        full = train(cfg, checkpoint=tmp_path / "full.npz", progress=False, out=quiet)
+        with pytest.raises(_Stop):
+            train(
+                cfg,
+                checkpoint=tmp_path / "part.npz",
+                progress=False,
+                out=quiet,
+                on_epoch_end=_stop_after(1),
+            )
+        assert ckpt.load(tmp_path / "part.npz").metadata["epoch"] == 1
+        resumed = train(
+            cfg, checkpoint=tmp_path / "part.npz", resume=True, progress=False, out=quiet
+        )
+    a, b = ckpt.load(tmp_path / "full.npz"), ckpt.load(tmp_path / "part.npz")
+    assert a.metadata["epoch"] == b.metadata["epoch"] == 2
+    assert a.model_state.keys() == b.model_state.keys()
+    for k in a.model_state:
+        np.testing.assert_allclose(
+            a.model_state[k], b.model_state[k], rtol=1e-5, atol=1e-6, err_msg=k
+        )
+    assert [e["epoch"] for e in resumed.epochs] == [1, 2]
+    assert resumed.epochs[0] == full.epochs[0] or resumed.epochs[0]["train_loss"] == (
+        pytest.approx(full.epochs[0]["train_loss"], 1e-6)
+    )
+    assert resumed.epochs[1]["train_loss"] == pytest.approx(full.epochs[1]["train_loss"], 1e-5)
+    assert resumed.epochs[1]["lr"] == full.epochs[1]["lr"] < full.epochs[0]["lr"]
+    assert resumed.test_accuracy == full.test_accuracy
