@@ -325,3 +325,15 @@ def test_loader_rejects_bad_arguments(kwargs: dict, exc: type, match: str) -> No
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         DataLoader(**args)
+
+
+def test_load_is_cached_until_files_change(tmp_path: Path) -> None:
+    sums = write_split_files(tmp_path)
+    a = load_mnist(tmp_path, download=False, checksums=sums)
+    assert load_mnist(tmp_path, download=False, checksums=sums) is a
+    assert not a.train_images.flags.writeable, "shared cached arrays must be read-only"
+    # Rewrite one file (different content and size): the cache must not serve stale data.
+    victim = tmp_path / f"{FILES['test_labels']}.gz"
+    victim.write_bytes(gzip.compress(idx_labels(np.arange(7) % 10)))
+    with pytest.raises(MNISTError, match="5 images but 7 labels"):
+        load_mnist(tmp_path, download=False, checksums={**sums, FILES["test_labels"]: None})

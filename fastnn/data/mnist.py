@@ -229,6 +229,9 @@ def load_mnist(
     ``checksums`` maps file name (without ``.gz``) to the expected SHA-256 of
     its decompressed content, or None to skip the check; it defaults to the
     official :data:`RAW_SHA256`. Images and label counts must agree per split.
+
+    The returned arrays are read-only and cached for this process while the
+    files are unchanged; copy them before modifying.
     """
     sums: Mapping[str, str | None] = RAW_SHA256 if checksums is None else checksums
     dirs = candidate_dirs(data_dir)
@@ -242,13 +245,23 @@ def load_mnist(
             default_cache_dir(), mirrors=mirrors, checksums=sums, timeout=timeout
         )
 
-    arrays: dict[str, np.ndarray] = {}
+    paths: dict[str, Path] = {}
     for key, name in FILES.items():
         path = find_file(directory, name)
         if path is None:  # removed between the search and now
             raise MNISTError(_missing_message(dirs))
+        paths[key] = path
+    cache_key = _cache_key(paths, sums)
+    cached = _CACHE.get(cache_key)
+    if cached is not None:
+        return cached
+
+    arrays: dict[str, np.ndarray] = {}
+    for key, path in paths.items():
         magic = IMAGES_MAGIC if key.endswith("images") else LABELS_MAGIC
-        arrays[key] = read_idx(path, sums.get(name), magic)
+        arrays[key] = read_idx(path, sums.get(FILES[key]), magic)
+        # Shared by every later load_mnist call in this process: keep it immutable.
+        arrays[key].flags.writeable = False
 
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
@@ -261,4 +274,21 @@ def load_mnist(
             raise MNISTError(
                 f"{directory}: {split} labels contain {int(labels.max())}, expected 0..9"
             )
-    return MNIST(directory=directory, **arrays)
+    result = MNIST(directory=directory, **arrays)
+    _CACHE.clear()  # hold one dataset at most (~55 MB)
+    _CACHE[cache_key] = result
+    return result
+
+
+# Decompressing and hashing the four files takes ~1 s; repeated loads in one
+# process (evaluate after train, tests) reuse the arrays while the files are
+# unchanged (same path, size and mtime).
+_CACHE: dict[tuple, MNIST] = {}
+
+
+def _cache_key(paths: Mapping[str, Path], sums: Mapping[str, str | None]) -> tuple:
+    stats = []
+    for key in sorted(paths):
+        st = paths[key].stat()
+        stats.append((str(paths[key].resolve()), st.st_size, st.st_mtime_ns))
+    return (tuple(stats), tuple(sorted(sums.items())))
