@@ -57,6 +57,7 @@ from fastnn.bench.cases import (  # noqa: E402
     small_matmul_cases,
     train_step_case,
 )
+from fastnn.bench.cli import Progress  # noqa: E402
 from fastnn.bench.runners import (  # noqa: E402
     WorkerRunner,
     backend_status,
@@ -249,16 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         ceilings = runners["numpy"].ceilings("full")
         tgts = targets()
         cases = list({c.key: c for t in tgts for c in t.cases}.values())
-        done = [0]
-        total = len(cases) * len(runners) * args.rounds
-
-        def progress(desc: str) -> None:
-            done[0] += 1
-            print(f"\r[{done[0]}/{total}] {desc:40s}", end="", file=sys.stderr, flush=True)
-
-        results = run_cases(cases, runners, rounds=args.rounds, target_s=args.seconds,
-                            warmup_s=0.15, numpy_heavy=True, progress=progress)
-        print(file=sys.stderr)
+        bar = Progress(len(cases) * len(runners) * args.rounds, enabled=True)
+        try:
+            results = run_cases(cases, runners, rounds=args.rounds, target_s=args.seconds,
+                                warmup_s=0.15, numpy_heavy=True, progress=bar.step)
+        finally:
+            bar.close()
     finally:
         close_all(runners)
     for r in results:

@@ -30,7 +30,14 @@ from fastnn.bench.cases import (
     sweep_cases,
     tiny_cases,
 )
-from fastnn.bench.runners import InProcessRunner, Result, WorkerError, WorkerRunner, run_cases
+from fastnn.bench.runners import (
+    InProcessRunner,
+    Result,
+    WorkerError,
+    WorkerRunner,
+    backend_status,
+    run_cases,
+)
 from fastnn.bench.timing import Timing, measure
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,7 +124,9 @@ def test_every_tiny_case_runs_on_numpy(case: Case) -> None:
 
 
 def test_cpu_backend_matches_numpy_on_tiny_cases() -> None:
-    pytest.importorskip("fastnn._C", reason="fastnn._C not built")
+    ok, why = backend_status("cpu")
+    if not ok:
+        pytest.skip(why)
     for case in tiny_cases():
         if case.family == "train" or case.op in ("sgd_step", "adam_step"):
             continue

@@ -162,15 +162,21 @@ def seed_flops(n: int) -> float:
     return 2 * conv + 3 * fc1 + 3 * fc2
 
 
-def train_step_case(n: int = 128, tags: tuple[str, ...] = ()) -> Case:
-    """One seed-model SGD step (fwd + bwd + update) on a fixed batch of ``n`` images."""
-    return Case("train_step", f"seed N{n}", {"N": n}, "images_s", seed_flops(n), 0.0,
-                tags, images=n)
+def train_step_case(n: int = 128, tags: tuple[str, ...] = (), kernels: bool = False) -> Case:
+    """One seed-model SGD step (forward, backward, update) on a fixed batch of ``n``
+    images, through fastnn's Tensor/nn/optim stack (torch: nn.Module + autograd +
+    optim). ``kernels``: ``train_step_kernels``, the same step written directly
+    against the backend's ops (fastnn backends only) -- what the stack adds is the
+    difference."""
+    op = "train_step_kernels" if kernels else "train_step"
+    return Case(op, f"seed N{n}", {"N": n}, "images_s", seed_flops(n), 0.0, tags, images=n)
 
 
 def train_mnist_case(n: int = 128, steps: int = 200, tags: tuple[str, ...] = ()) -> Case:
     """``steps`` consecutive seed-model SGD steps over shuffled MNIST batches (real data
-    when found, else random data of MNIST's shape), including batching."""
+    when found, else random data of MNIST's shape) through fastnn's DataLoader and
+    Tensor/nn/optim stack, as ``fastnn train`` runs them; ``epoch_s`` in the report
+    scales it to 60,000 images."""
     return Case("train_mnist", f"seed N{n} {steps} steps", {"N": n, "steps": steps},
                 "images_s", seed_flops(n) * steps, 0.0, tags, images=n * steps)
 
@@ -229,6 +235,7 @@ def standard_cases() -> list[Case]:
     out += [pool_case(op, *MNIST_POOL, tags=("mnist", "quick")) for op in POOL_PASSES]
     out += elementwise_cases(("elementwise", "quick"))
     out.append(train_step_case(128, ("train", "quick")))
+    out.append(train_step_case(128, ("train",), kernels=True))
     out.append(train_mnist_case(128, 200, ("train",)))
     return out
 
@@ -261,7 +268,8 @@ def tiny_cases() -> list[Case]:
     out += [pool_case(op, 2, 3, 8, tags=("tiny",)) for op in POOL_PASSES]
     out += [elementwise_case(op, (4, 10) if op == "softmax_xent" else (2, 3, 8, 8), ("tiny",))
             for op in ("relu_fwd", "relu_bwd", "softmax_xent", "sgd_step", "adam_step")]
-    out += [train_step_case(4, ("tiny",)), train_mnist_case(8, 3, ("tiny",))]
+    out += [train_step_case(4, ("tiny",)), train_step_case(4, ("tiny",), kernels=True),
+            train_mnist_case(8, 3, ("tiny",))]
     return out
 
 
@@ -335,8 +343,10 @@ def prepare(case: Case, backend: str, dtype: str = "float32") -> Prepared:
     if backend not in ("numpy", "cpu", "cuda"):
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     mod, put, timer = _fastnn_backend(backend)
+    if case.op == "train_step_kernels":
+        return _prepare_kernel_step(case, mod, put, timer, dtype)
     if case.family == "train":
-        return _prepare_train(case, mod, put, timer, dtype)
+        return _prepare_train(case, backend, dtype)
     builders = {"conv2d": _conv, "matmul": _matmul, "max_pool2d": _pool, "avg_pool2d": _pool,
                 "elementwise": _elementwise}
     if case.family == "matmul" and backend == "numpy":
@@ -547,35 +557,76 @@ def normalize_images(images: np.ndarray) -> np.ndarray:
     return (x - 0.1307) / 0.3081
 
 
-def _prepare_train(case: Case, mod: Any, put: Callable, timer: str, dtype: str) -> Prepared:
+def _prepare_kernel_step(case: Case, mod: Any, put: Callable, timer: str,
+                         dtype: str) -> Prepared:
     n = case.params["N"]
     trainer = KernelSeedTrainer(mod, put, dtype)
+    x = put(_rand((n, 1, 28, 28), dtype, 14))
+    y = put(np.random.default_rng(15).integers(0, 10, n).astype(np.int64))
+    return Prepared(lambda: trainer.step(x, y), timer)
+
+
+def _prepare_train(case: Case, backend: str, dtype: str) -> Prepared:
+    """The seed model through fastnn's own stack: ``models.build_model("seed")``,
+    ``Tensor``, ``F.cross_entropy``, ``optim.SGD`` (momentum 0.9), under
+    ``fastnn.backend(backend)``; train_mnist also uses ``DataLoader``."""
+    try:
+        import fastnn
+        from fastnn import functional as F
+        from fastnn import optim
+        from fastnn.autograd import Tensor
+        from fastnn.data.loader import DataLoader
+        from fastnn.models import build_model
+    except ImportError as exc:
+        raise Unsupported(f"fastnn's training stack does not import: {exc}") from exc
+    if dtype != "float32":
+        raise Unsupported("the seed model trains in float32")
+    arrays = "cuda" if backend == "cuda" else "cpu"
+    model = build_model("seed", 0).to(arrays)
+    model.train()
+    opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    timer = "cupy" if backend == "cuda" else "wall"
+    n = case.params["N"]
+
+    def step(x: Any, y: Any) -> Any:
+        logits = model(Tensor(x))
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss
+
     if case.op == "train_step":
-        x = put(_rand((n, 1, 28, 28), dtype, 14))
-        y = put(np.random.default_rng(15).integers(0, 10, n).astype(np.int64))
-        return Prepared(lambda: trainer.step(x, y), timer)
-    steps = case.params["steps"]
+        x = _rand((n, 1, 28, 28), dtype, 14)
+        y = np.random.default_rng(15).integers(0, 10, n).astype(np.int64)
+        if arrays == "cuda":
+            import cupy
+
+            x, y = cupy.asarray(x), cupy.asarray(y)
+
+        def one_step() -> Any:
+            with fastnn.backend(backend):
+                return step(x, y)
+
+        return Prepared(one_step, timer)
+
     images, labels, source = mnist_train_arrays()
-    # Keep the dataset on the device (one upload, as a real GPU loader does) and
-    # gather + normalise each batch there, so batching is inside the timed loop.
-    images_d, labels_d = put(images), put(labels)
-    mean, std = np.float32(0.1307 * 255), np.float32(0.3081 * 255)
-    order = np.random.default_rng(16).permutation(images.shape[0])
-    cursor = [0]
+    loader = DataLoader(images, labels, n, shuffle=True, seed=0, drop_last=True, device=arrays)
+    batches: list[Any] = [iter(loader)]
 
     def run(n_steps: int) -> Any:
         loss = None
-        for _ in range(n_steps):
-            i = cursor[0]
-            if i + n > order.size:
-                i = 0
-            idx = put(order[i:i + n])
-            cursor[0] = i + n
-            xb = ((images_d[idx].astype(dtype) - mean) / std).reshape(n, 1, 28, 28)
-            loss = trainer.step(xb, labels_d[idx])
+        with fastnn.backend(backend):
+            for _ in range(n_steps):
+                try:
+                    xb, yb = next(batches[0])
+                except StopIteration:  # next epoch
+                    batches[0] = iter(loader)
+                    xb, yb = next(batches[0])
+                loss = step(xb, yb)
         return loss
 
-    return Prepared(lambda: run(steps), timer, note=source, single_shot=True,
+    return Prepared(lambda: run(case.params["steps"]), timer, note=source, single_shot=True,
                     warmup_fn=lambda: run(3))
 
 

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 info.setdefault("threads", {})[b] = f"error: {exc}"
         numpy_heavy = bool(requested and "numpy" in requested)
         total = sum(len(participants(c, backends, numpy_heavy)) for c in cases) * rounds
-        bar = _progress(total, not args.no_progress)
+        bar = Progress(total, not args.no_progress)
         try:
             results = run_cases(cases, runners, dtype=args.dtype, rounds=rounds,
                                 target_s=cfg["target_s"], warmup_s=cfg["warmup_s"],
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class _progress:
+class Progress:
     """A tqdm bar on stderr when it is a terminal; otherwise nothing."""
 
     def __init__(self, total: int, enabled: bool) -> None:

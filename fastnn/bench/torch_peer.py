@@ -50,6 +50,8 @@ def prepare(case: Case, dtype: str = "float32") -> Prepared:
         "conv2d": _conv, "matmul": _matmul, "max_pool2d": _pool, "avg_pool2d": _pool,
         "elementwise": _elementwise,
     }
+    if case.op == "train_step_kernels":
+        raise Unsupported("train_step_kernels is fastnn-only (torch's step is train_step)")
     if case.family == "train":
         return _train(torch, case, dtype)
     return Prepared(builders[case.family](torch, case, dtype), "wall")
