@@ -1,6 +1,7 @@
-"""One seed-model SGD training step at batch 128 (group train_step): conv, relu, maxpool, two
-linears, softmax cross-entropy, backward and update. fastnn backends run it on their kernels
-directly; torch runs its nn.Module + autograd + optim.
+"""One seed-model training step at batch 128 with Adam (lr 1e-3): conv, relu, maxpool, two
+linears, cross-entropy, backward and update. Group train_step runs fastnn's Tensor/nn/optim
+stack (torch: nn.Module + autograd + optim); group train_step_kernels runs the same step
+written directly against the backend's ops (fastnn backends only).
 
 Run: pytest benchmarks/test_bench_train.py --benchmark-only
 """

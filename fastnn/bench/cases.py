@@ -163,7 +163,7 @@ def seed_flops(n: int) -> float:
 
 
 def train_step_case(n: int = 128, tags: tuple[str, ...] = (), kernels: bool = False) -> Case:
-    """One seed-model SGD step (forward, backward, update) on a fixed batch of ``n``
+    """One seed-model Adam step (forward, backward, update) on a fixed batch of ``n``
     images, through fastnn's Tensor/nn/optim stack (torch: nn.Module + autograd +
     optim). ``kernels``: ``train_step_kernels``, the same step written directly
     against the backend's ops (fastnn backends only) -- what the stack adds is the
@@ -173,7 +173,7 @@ def train_step_case(n: int = 128, tags: tuple[str, ...] = (), kernels: bool = Fa
 
 
 def train_mnist_case(n: int = 128, steps: int = 200, tags: tuple[str, ...] = ()) -> Case:
-    """``steps`` consecutive seed-model SGD steps over shuffled MNIST batches (real data
+    """``steps`` consecutive seed-model Adam steps over shuffled MNIST batches (real data
     when found, else random data of MNIST's shape) through fastnn's DataLoader and
     Tensor/nn/optim stack, as ``fastnn train`` runs them; ``epoch_s`` in the report
     scales it to 60,000 images."""
@@ -481,18 +481,20 @@ def seed_params(dtype: str) -> dict[str, np.ndarray]:
 
 
 class KernelSeedTrainer:
-    """The seed model's SGD step written directly against one backend's ops.
+    """The seed model's Adam step written directly against one backend's ops.
 
     This is the kernel-level cost of a step (what a perfect autograd would add
     nothing to): conv -> relu -> maxpool -> linear -> relu -> linear -> softmax
     cross-entropy, the backward passes the step needs (no input gradient for
-    the first conv), and SGD with momentum 0.9 on every parameter.
+    the first conv), and Adam (lr 1e-3, ``fastnn train``'s default) on every
+    parameter.
     """
 
-    def __init__(self, mod: Any, put: Callable, dtype: str, lr: float = 0.01) -> None:
-        self.mod, self.lr = mod, lr
+    def __init__(self, mod: Any, put: Callable, dtype: str, lr: float = 1e-3) -> None:
+        self.mod, self.lr, self.t = mod, lr, 0
         self.p = {k: put(v) for k, v in seed_params(dtype).items()}
-        self.buf = {k: put(np.zeros_like(v)) for k, v in seed_params(dtype).items()}
+        self.m = {k: put(np.zeros_like(v)) for k, v in seed_params(dtype).items()}
+        self.v = {k: put(np.zeros_like(v)) for k, v in seed_params(dtype).items()}
 
     def step(self, x: Any, labels: Any) -> Any:
         mod, p = self.mod, self.p
@@ -511,8 +513,10 @@ class KernelSeedTrainer:
         ga1 = mod.relu_backward(mod.max_pool2d_backward(gp1, a1, (2, 2), (2, 2), zero, one), a1)
         grads["w1"] = mod.conv2d_backward_weight(ga1, x, (3, 3), one, zero, one, 1)
         grads["b1"] = ga1.sum((0, 2, 3))
+        self.t += 1
         for name, g in grads.items():
-            mod.sgd_step(p[name], g, self.buf[name], self.lr, 0.9, 0.0, False)
+            mod.adam_step(p[name], g, self.m[name], self.v[name], self.t, self.lr,
+                          0.9, 0.999, 1e-8, 0.0, False)
         return loss
 
 
@@ -568,7 +572,7 @@ def _prepare_kernel_step(case: Case, mod: Any, put: Callable, timer: str,
 
 def _prepare_train(case: Case, backend: str, dtype: str) -> Prepared:
     """The seed model through fastnn's own stack: ``models.build_model("seed")``,
-    ``Tensor``, ``F.cross_entropy``, ``optim.SGD`` (momentum 0.9), under
+    ``Tensor``, ``F.cross_entropy``, ``optim.Adam`` (lr 1e-3, as ``fastnn train``), under
     ``fastnn.backend(backend)``; train_mnist also uses ``DataLoader``."""
     try:
         import fastnn
@@ -584,7 +588,7 @@ def _prepare_train(case: Case, backend: str, dtype: str) -> Prepared:
     arrays = "cuda" if backend == "cuda" else "cpu"
     model = build_model("seed", 0).to(arrays)
     model.train()
-    opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt = optim.Adam(model.parameters(), lr=1e-3)
     timer = "cupy" if backend == "cuda" else "wall"
     n = case.params["N"]
 

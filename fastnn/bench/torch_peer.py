@@ -145,7 +145,7 @@ def seed_model(torch: Any, dtype: str) -> Any:
 def _train(torch: Any, case: Case, dtype: str) -> Prepared:
     n = case.params["N"]
     model = seed_model(torch, dtype)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     xent = torch.nn.functional.cross_entropy
 
     def step(x: Any, y: Any) -> Any:
