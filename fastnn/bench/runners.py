@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -108,11 +109,12 @@ class WorkerRunner:
     """Runs cases for one backend in a child process (``python -m fastnn.bench.worker``).
 
     ``drop_env`` names environment variables removed from the child's environment
-    (only there).
+    (only there). A call that gets no answer within ``timeout_s`` kills the worker.
     """
 
-    def __init__(self, backend: str, drop_env: Iterable[str] = ()) -> None:
-        self.backend = backend
+    def __init__(self, backend: str, drop_env: Iterable[str] = (),
+                 timeout_s: float = 900.0) -> None:
+        self.backend, self.timeout_s = backend, timeout_s
         env = {k: v for k, v in os.environ.items() if k not in set(drop_env)}
         # The child must import this same fastnn source tree.
         root = _package_root()
@@ -131,6 +133,12 @@ class WorkerRunner:
             assert proc.stdin is not None and proc.stdout is not None
             proc.stdin.write(json.dumps(msg) + "\n")
             proc.stdin.flush()
+            # One request, one reply line: nothing is left buffered between calls,
+            # so waiting on the pipe's fd is reliable.
+            ready, _, _ = select.select([proc.stdout], [], [], self.timeout_s)
+            if not ready:
+                proc.kill()
+                raise WorkerError(f"{self.backend} worker gave no answer in {self.timeout_s} s")
             line = proc.stdout.readline()
         except (BrokenPipeError, OSError):
             line = ""
