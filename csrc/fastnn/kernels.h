@@ -58,6 +58,26 @@ struct KernelTable {
                               T* gx);
   void (*avg_pool2d_forward)(const Pool2dParams& p, const T* x, T* y);
   void (*avg_pool2d_backward)(const Pool2dParams& p, const T* gy, T* gx);
+
+  // Elementwise ops of the training loop (csrc/kernels/elementwise.cpp).
+  // y = max(x, 0), NaN stays NaN.
+  void (*relu)(const T* x, T* y, int64_t n);
+  // gx = gy where y > 0, else 0.
+  void (*relu_backward)(const T* gy, const T* y, T* gx, int64_t n);
+  // In place: y[o, c, i] += b[c] for y viewed as (outer, C, inner).
+  void (*bias_add)(T* y, const T* b, int64_t outer, int64_t C, int64_t inner);
+  // logits (N,K), labels (N,) in [0, K) (checked by the caller) -> *loss =
+  // batch mean (NaN for N = 0), grad (N,K) = (softmax - onehot) / N.
+  void (*softmax_cross_entropy)(const T* logits, const int64_t* labels, int64_t N,
+                                int64_t K, T* loss, T* grad);
+  // In place, torch.optim.SGD (dampening 0); buf may be null when momentum == 0.
+  void (*sgd_step)(T* param, const T* grad, T* buf, int64_t n, double lr,
+                   double momentum, double weight_decay, bool nesterov);
+  // In place, torch.optim.Adam (decoupled = false) / AdamW (decoupled = true);
+  // step is 1-based.
+  void (*adam_step)(T* param, const T* grad, T* exp_avg, T* exp_avg_sq, int64_t n,
+                    int64_t step, double lr, double beta1, double beta2, double eps,
+                    double weight_decay, bool decoupled);
 };
 
 #define FASTNN_DECLARE_ISA(ns)            \
@@ -77,7 +97,8 @@ const KernelTable<double>& table_f64();
 const char* active_isa();
 // Comma-separated list of ISAs this CPU can run, best first.
 const char* supported_isas();
-// Select an ISA by name; returns false if the CPU cannot run it.
+// Select an ISA by name ("best" = the best supported); returns false if the
+// name is unknown or the CPU/OS cannot run it (the selection is then unchanged).
 bool select_isa(const char* name);
 
 }  // namespace fastnn

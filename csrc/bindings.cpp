@@ -1,0 +1,834 @@
+// Python bindings of the C++ kernels: module fastnn._C.
+//
+// The only file that includes pybind11. Every function takes NumPy arrays and
+// checks them strictly before touching memory: ndarray type, ndim, shape,
+// dtype (float32/float64, one dtype per call; labels int64), C-contiguity and,
+// for in-place ops, writeability and non-overlap. Nothing is converted, copied
+// or downcast silently: a wrong argument raises TypeError/ValueError naming the
+// function and the argument. Outputs are freshly allocated C-contiguous arrays
+// (never aliases of inputs). The GIL is released while a kernel runs.
+//
+// ISA choice: the best ISA the CPU supports is active at import. The
+// environment variable FASTNN_ISA=baseline|avx2|avx512 forces one; an unknown
+// name or an ISA this CPU/OS cannot run falls back to the best available and
+// leaves the reason in _C._isa_warning (a str, else None), which
+// fastnn.backends.cpu turns into a RuntimeWarning. select_isa() switches at
+// run time (tests use it to cover every ISA).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "fastnn/kernels.h"
+#include "fastnn/parallel.h"
+
+#ifndef FASTNN_VERSION
+#define FASTNN_VERSION "0.0.0+dev"
+#endif
+
+namespace py = pybind11;
+using fastnn::Conv2dParams;
+using fastnn::KernelTable;
+using fastnn::Pool2dParams;
+using Pair = std::array<int64_t, 2>;
+
+namespace {
+
+// --- argument checking ---------------------------------------------------------
+
+enum class DType { f32, f64 };
+
+std::string shape_str(const py::array& a) {
+  std::ostringstream s;
+  s << "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+    if (i) s << ", ";
+    s << a.shape(i);
+  }
+  if (a.ndim() == 1) s << ",";
+  s << ")";
+  return s.str();
+}
+
+std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+bool native_order(const py::dtype& dt) {
+  const char b = dt.byteorder();
+  return b == '=' || b == '|' ||
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+         b == '<';
+#else
+         b == '>';
+#endif
+}
+
+// The argument as an ndarray, or TypeError. No conversion of lists etc.
+py::array as_array(const char* op, const char* name, const py::handle& obj) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw py::type_error(std::string(op) + ": " + name + " must be a numpy.ndarray, got " +
+                         py::str(py::type::of(obj).attr("__name__")).cast<std::string>());
+  }
+  return py::reinterpret_borrow<py::array>(obj);
+}
+
+void check_contiguous(const char* op, const char* name, const py::array& a) {
+  if (!(a.flags() & py::array::c_style)) {
+    throw py::value_error(std::string(op) + ": " + name +
+                          " must be C-contiguous (use numpy.ascontiguousarray)");
+  }
+}
+
+DType float_dtype(const char* op, const char* name, const py::array& a) {
+  const py::dtype dt = a.dtype();
+  if (dt.kind() == 'f' && native_order(dt)) {
+    if (dt.itemsize() == 4) return DType::f32;
+    if (dt.itemsize() == 8) return DType::f64;
+  }
+  throw py::type_error(std::string(op) + ": " + name + " must be float32 or float64, got " +
+                       dtype_str(a));
+}
+
+// A C-contiguous float array with `ndim` dims (ndim < 0: any).
+py::array float_arg(const char* op, const char* name, const py::handle& obj, int ndim,
+                    const char* layout) {
+  py::array a = as_array(op, name, obj);
+  float_dtype(op, name, a);
+  if (ndim >= 0 && a.ndim() != ndim) {
+    throw py::value_error(std::string(op) + ": " + name + " must be " + std::to_string(ndim) +
+                          "-D " + layout + ", got shape " + shape_str(a));
+  }
+  check_contiguous(op, name, a);
+  return a;
+}
+
+void same_dtype(const char* op, const py::array& ref, const char* ref_name, const py::array& a,
+                const char* name) {
+  if (float_dtype(op, name, a) != float_dtype(op, ref_name, ref)) {
+    throw py::type_error(std::string(op) + ": " + name + " has dtype " + dtype_str(a) +
+                         " but " + ref_name + " has dtype " + dtype_str(ref) +
+                         " (all arrays must share one dtype)");
+  }
+}
+
+void same_shape(const char* op, const py::array& ref, const char* ref_name, const py::array& a,
+                const char* name) {
+  bool same = a.ndim() == ref.ndim();
+  for (py::ssize_t i = 0; same && i < a.ndim(); ++i) same = a.shape(i) == ref.shape(i);
+  if (!same) {
+    throw py::value_error(std::string(op) + ": " + name + " must have the shape of " +
+                          ref_name + " " + shape_str(ref) + ", got " + shape_str(a));
+  }
+}
+
+void check_writeable(const char* op, const char* name, const py::array& a) {
+  if (!a.writeable()) {
+    throw py::value_error(std::string(op) + ": " + name + " must be writeable (updated in place)");
+  }
+}
+
+bool overlaps(const py::array& a, const py::array& b) {
+  const auto* pa = static_cast<const char*>(a.data());
+  const auto* pb = static_cast<const char*>(b.data());
+  return a.nbytes() > 0 && b.nbytes() > 0 && pa < pb + b.nbytes() && pb < pa + a.nbytes();
+}
+
+void no_overlap(const char* op, const py::array& a, const char* an, const py::array& b,
+                const char* bn) {
+  if (overlaps(a, b)) {
+    throw py::value_error(std::string(op) + ": " + an + " and " + bn + " must not share memory");
+  }
+}
+
+void check_pair(const char* op, const char* name, const Pair& v, int64_t min) {
+  if (v[0] < min || v[1] < min) {
+    throw py::value_error(std::string(op) + ": " + name + " must be >= " + std::to_string(min) +
+                          ", got (" + std::to_string(v[0]) + ", " + std::to_string(v[1]) + ")");
+  }
+}
+
+std::string pair_str(int64_t a, int64_t b) {
+  return "(" + std::to_string(a) + ", " + std::to_string(b) + ")";
+}
+
+template <typename T>
+const KernelTable<T>& table();
+template <>
+const KernelTable<float>& table<float>() { return fastnn::table_f32(); }
+template <>
+const KernelTable<double>& table<double>() { return fastnn::table_f64(); }
+
+// Calls f(T{}) with T the C++ type of the dtype.
+template <typename F>
+auto with_dtype(DType dt, F&& f) {
+  if (dt == DType::f32) return f(float{});
+  return f(double{});
+}
+
+template <typename T>
+T* ptr(py::array& a) {
+  return static_cast<T*>(a.mutable_data());
+}
+template <typename T>
+const T* cptr(const py::array& a) {
+  return static_cast<const T*>(a.data());
+}
+
+template <typename T>
+py::array new_array(const std::vector<py::ssize_t>& shape) {
+  return py::array_t<T, py::array::c_style>(shape);
+}
+
+// --- conv2d ----------------------------------------------------------------------
+
+int64_t conv_out(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d) {
+  const int64_t span = size + 2 * p - d * (k - 1) - 1;
+  return span < 0 ? 0 : span / s + 1;
+}
+
+void check_conv_geometry(const char* op, const Pair& stride, const Pair& padding,
+                         const Pair& dilation, int64_t groups) {
+  check_pair(op, "stride", stride, 1);
+  check_pair(op, "padding", padding, 0);
+  check_pair(op, "dilation", dilation, 1);
+  if (groups < 1) {
+    throw py::value_error(std::string(op) + ": groups must be >= 1, got " +
+                          std::to_string(groups));
+  }
+}
+
+Conv2dParams conv_params(const char* op, int64_t N, int64_t C, int64_t H, int64_t W, int64_t O,
+                         int64_t Cg, int64_t KH, int64_t KW, const Pair& stride,
+                         const Pair& padding, const Pair& dilation, int64_t groups) {
+  if (C % groups != 0 || O % groups != 0) {
+    throw py::value_error(std::string(op) + ": groups=" + std::to_string(groups) +
+                          " must divide the input channels (" + std::to_string(C) +
+                          ") and the output channels (" + std::to_string(O) + ")");
+  }
+  if (Cg != C / groups) {
+    throw py::value_error(std::string(op) + ": weight must have C/groups = " +
+                          std::to_string(C / groups) + " input channels, got " +
+                          std::to_string(Cg));
+  }
+  if (KH < 1 || KW < 1) {
+    throw py::value_error(std::string(op) + ": kernel size must be >= 1, got " +
+                          pair_str(KH, KW));
+  }
+  Conv2dParams p{};
+  p.N = N, p.C = C, p.H = H, p.W = W, p.O = O, p.KH = KH, p.KW = KW;
+  p.sh = stride[0], p.sw = stride[1], p.ph = padding[0], p.pw = padding[1];
+  p.dh = dilation[0], p.dw = dilation[1], p.groups = groups;
+  p.OH = conv_out(H, KH, p.sh, p.ph, p.dh);
+  p.OW = conv_out(W, KW, p.sw, p.pw, p.dw);
+  if (p.OH < 1 || p.OW < 1) {
+    throw py::value_error(std::string(op) + ": input " + pair_str(H, W) + " with padding " +
+                          pair_str(p.ph, p.pw) + " is smaller than the dilated kernel " +
+                          pair_str(p.dh * (KH - 1) + 1, p.dw * (KW - 1) + 1));
+  }
+  return p;
+}
+
+py::array conv2d(const py::handle& x_obj, const py::handle& w_obj, const py::handle& b_obj,
+                 const Pair& stride, const Pair& padding, const Pair& dilation, int64_t groups) {
+  const char* op = "conv2d";
+  py::array x = float_arg(op, "x", x_obj, 4, "(N, C, H, W)");
+  py::array w = float_arg(op, "weight", w_obj, 4, "(O, C/groups, KH, KW)");
+  same_dtype(op, x, "x", w, "weight");
+  std::optional<py::array> b;
+  if (!b_obj.is_none()) {
+    b = float_arg(op, "bias", b_obj, 1, "(O,)");
+    same_dtype(op, x, "x", *b, "bias");
+    if (b->shape(0) != w.shape(0)) {
+      throw py::value_error(std::string(op) + ": bias must have shape (" +
+                            std::to_string(w.shape(0)) + ",), got " + shape_str(*b));
+    }
+  }
+  check_conv_geometry(op, stride, padding, dilation, groups);
+  const Conv2dParams p = conv_params(op, x.shape(0), x.shape(1), x.shape(2), x.shape(3),
+                                     w.shape(0), w.shape(1), w.shape(2), w.shape(3), stride,
+                                     padding, dilation, groups);
+  return with_dtype(float_dtype(op, "x", x), [&](auto tag) {
+    using T = decltype(tag);
+    py::array y = new_array<T>({p.N, p.O, p.OH, p.OW});
+    const T* bp = b ? cptr<T>(*b) : nullptr;
+    T* yp = ptr<T>(y);
+    {
+      py::gil_scoped_release release;
+      table<T>().conv2d_forward(p, cptr<T>(x), cptr<T>(w), bp, yp);
+    }
+    return y;
+  });
+}
+
+void check_grad_hw(const char* op, const py::array& gy, const Conv2dParams& p) {
+  if (gy.shape(2) != p.OH || gy.shape(3) != p.OW) {
+    throw py::value_error(std::string(op) + ": grad_out must have spatial size " +
+                          pair_str(p.OH, p.OW) + " for this geometry, got " + shape_str(gy));
+  }
+}
+
+py::array conv2d_backward_input(const py::handle& gy_obj, const py::handle& w_obj,
+                                const Pair& input_hw, const Pair& stride, const Pair& padding,
+                                const Pair& dilation, int64_t groups) {
+  const char* op = "conv2d_backward_input";
+  py::array gy = float_arg(op, "grad_out", gy_obj, 4, "(N, O, OH, OW)");
+  py::array w = float_arg(op, "weight", w_obj, 4, "(O, C/groups, KH, KW)");
+  same_dtype(op, gy, "grad_out", w, "weight");
+  check_conv_geometry(op, stride, padding, dilation, groups);
+  check_pair(op, "input_hw", input_hw, 1);
+  if (gy.shape(1) != w.shape(0)) {
+    throw py::value_error(std::string(op) + ": grad_out has " + std::to_string(gy.shape(1)) +
+                          " channels but weight has " + std::to_string(w.shape(0)) +
+                          " output channels");
+  }
+  const int64_t C = w.shape(1) * groups;
+  const Conv2dParams p = conv_params(op, gy.shape(0), C, input_hw[0], input_hw[1], w.shape(0),
+                                     w.shape(1), w.shape(2), w.shape(3), stride, padding,
+                                     dilation, groups);
+  check_grad_hw(op, gy, p);
+  return with_dtype(float_dtype(op, "grad_out", gy), [&](auto tag) {
+    using T = decltype(tag);
+    py::array gx = new_array<T>({p.N, p.C, p.H, p.W});
+    T* gxp = ptr<T>(gx);
+    {
+      py::gil_scoped_release release;
+      table<T>().conv2d_backward_input(p, cptr<T>(gy), cptr<T>(w), gxp);
+    }
+    return gx;
+  });
+}
+
+py::array conv2d_backward_weight(const py::handle& gy_obj, const py::handle& x_obj,
+                                 const Pair& kernel_hw, const Pair& stride, const Pair& padding,
+                                 const Pair& dilation, int64_t groups) {
+  const char* op = "conv2d_backward_weight";
+  py::array gy = float_arg(op, "grad_out", gy_obj, 4, "(N, O, OH, OW)");
+  py::array x = float_arg(op, "x", x_obj, 4, "(N, C, H, W)");
+  same_dtype(op, gy, "grad_out", x, "x");
+  check_conv_geometry(op, stride, padding, dilation, groups);
+  check_pair(op, "kernel_hw", kernel_hw, 1);
+  if (gy.shape(0) != x.shape(0)) {
+    throw py::value_error(std::string(op) + ": grad_out has batch " +
+                          std::to_string(gy.shape(0)) + " but x has batch " +
+                          std::to_string(x.shape(0)));
+  }
+  const int64_t O = gy.shape(1);
+  if (x.shape(1) % groups != 0) {
+    throw py::value_error(std::string(op) + ": groups=" + std::to_string(groups) +
+                          " must divide the input channels (" + std::to_string(x.shape(1)) +
+                          ")");
+  }
+  const Conv2dParams p = conv_params(op, x.shape(0), x.shape(1), x.shape(2), x.shape(3), O,
+                                     x.shape(1) / groups, kernel_hw[0], kernel_hw[1], stride,
+                                     padding, dilation, groups);
+  check_grad_hw(op, gy, p);
+  return with_dtype(float_dtype(op, "x", x), [&](auto tag) {
+    using T = decltype(tag);
+    py::array gw = new_array<T>({p.O, p.C / p.groups, p.KH, p.KW});
+    T* gwp = ptr<T>(gw);
+    {
+      py::gil_scoped_release release;
+      table<T>().conv2d_backward_weight(p, cptr<T>(gy), cptr<T>(x), gwp);
+    }
+    return gw;
+  });
+}
+
+// --- matmul ----------------------------------------------------------------------
+
+py::array matmul(const py::handle& a_obj, const py::handle& b_obj, bool trans_a, bool trans_b) {
+  const char* op = "matmul";
+  py::array a = float_arg(op, "a", a_obj, -1, "");
+  py::array b = float_arg(op, "b", b_obj, -1, "");
+  same_dtype(op, a, "a", b, "b");
+  if ((a.ndim() != 2 && a.ndim() != 3) || b.ndim() != a.ndim()) {
+    throw py::value_error(std::string(op) +
+                          ": a and b must both be 2-D (M, K) @ (K, N) or both 3-D (B, M, K) "
+                          "@ (B, K, N), got shapes " + shape_str(a) + " and " + shape_str(b));
+  }
+  const bool batched = a.ndim() == 3;
+  const int r = batched ? 1 : 0;
+  const int64_t B = batched ? a.shape(0) : 1;
+  if (batched && b.shape(0) != B) {
+    throw py::value_error(std::string(op) + ": batch sizes differ: a " + shape_str(a) +
+                          ", b " + shape_str(b));
+  }
+  const int64_t M = trans_a ? a.shape(r + 1) : a.shape(r);
+  const int64_t K = trans_a ? a.shape(r) : a.shape(r + 1);
+  const int64_t Kb = trans_b ? b.shape(r + 1) : b.shape(r);
+  const int64_t N = trans_b ? b.shape(r) : b.shape(r + 1);
+  if (K != Kb) {
+    throw py::value_error(std::string(op) + ": inner dimensions differ: op(a) is " +
+                          pair_str(M, K) + ", op(b) is " + pair_str(Kb, N));
+  }
+  return with_dtype(float_dtype(op, "a", a), [&](auto tag) {
+    using T = decltype(tag);
+    py::array c = batched ? new_array<T>({B, M, N}) : new_array<T>({M, N});
+    const T* ap = cptr<T>(a);
+    const T* bp = cptr<T>(b);
+    T* cp = ptr<T>(c);
+    const int64_t lda = a.shape(r + 1), ldb = b.shape(r + 1);
+    const int64_t sa = M * K, sb = K * N, sc = M * N;
+    {
+      py::gil_scoped_release release;
+      auto gemm = table<T>().gemm;
+      auto one = [&](int64_t i) {
+        gemm(trans_a, trans_b, M, N, K, ap + i * sa, lda, bp + i * sb, ldb, cp + i * sc, N,
+             false);
+      };
+      // Many small products: one per thread (gemm then runs serially inside);
+      // few large ones: one at a time, each using the whole pool.
+      if (B >= fastnn::get_num_threads() && B > 1 && M * N * K < (int64_t(1) << 21)) {
+        fastnn::parallel_for(B, 1, [&](int64_t b0, int64_t b1) {
+          for (int64_t i = b0; i < b1; ++i) one(i);
+        });
+      } else {
+        for (int64_t i = 0; i < B; ++i) one(i);
+      }
+    }
+    return c;
+  });
+}
+
+// --- pooling ---------------------------------------------------------------------
+
+// torch's output length with and without ceil_mode (the last window must start
+// inside the input or the left padding).
+void pool_out_range(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d, int64_t& lo,
+                    int64_t& hi) {
+  const int64_t span = size + 2 * p - d * (k - 1) - 1;
+  lo = span / s + 1;
+  hi = (span + s - 1) / s + 1;
+  if ((hi - 1) * s >= size + p) --hi;
+}
+
+Pool2dParams pool_params(const char* op, const py::array& x_like, int64_t H, int64_t W,
+                         const Pair& kernel, const Pair& stride, const Pair& padding,
+                         const Pair& dilation) {
+  check_pair(op, "kernel_size", kernel, 1);
+  check_pair(op, "stride", stride, 1);
+  check_pair(op, "padding", padding, 0);
+  check_pair(op, "dilation", dilation, 1);
+  for (int i = 0; i < 2; ++i) {
+    const int64_t eff = dilation[i] * (kernel[i] - 1) + 1;
+    if (2 * padding[i] > eff) {
+      throw py::value_error(std::string(op) + ": padding " + pair_str(padding[0], padding[1]) +
+                            " must be at most half of the (dilated) kernel size");
+    }
+    const int64_t size = i == 0 ? H : W;
+    if (eff > size + 2 * padding[i]) {
+      throw py::value_error(std::string(op) + ": the (dilated) kernel is larger than the "
+                            "padded input " + pair_str(H + 2 * padding[0], W + 2 * padding[1]));
+    }
+  }
+  Pool2dParams p{};
+  p.N = x_like.shape(0), p.C = x_like.shape(1), p.H = H, p.W = W;
+  p.kh = kernel[0], p.kw = kernel[1], p.sh = stride[0], p.sw = stride[1];
+  p.ph = padding[0], p.pw = padding[1], p.dh = dilation[0], p.dw = dilation[1];
+  p.count_include_pad = true;
+  p.divisor_override = 0;
+  return p;
+}
+
+void set_pool_out(const char* op, Pool2dParams& p, const Pair& out_hw) {
+  int64_t lo, hi;
+  for (int i = 0; i < 2; ++i) {
+    if (i == 0) {
+      pool_out_range(p.H, p.kh, p.sh, p.ph, p.dh, lo, hi);
+    } else {
+      pool_out_range(p.W, p.kw, p.sw, p.pw, p.dw, lo, hi);
+    }
+    if (out_hw[i] != lo && out_hw[i] != hi) {
+      throw py::value_error(std::string(op) + ": out_hw " + pair_str(out_hw[0], out_hw[1]) +
+                            " does not fit the input; axis " + std::to_string(i) +
+                            " must be " + std::to_string(lo) + " (floor) or " +
+                            std::to_string(hi) + " (ceil_mode)");
+    }
+  }
+  p.OH = out_hw[0];
+  p.OW = out_hw[1];
+}
+
+void set_divisor(const char* op, Pool2dParams& p, bool count_include_pad,
+                 const std::optional<int64_t>& divisor_override) {
+  p.count_include_pad = count_include_pad;
+  if (divisor_override) {
+    if (*divisor_override == 0) {
+      throw py::value_error(std::string(op) + ": divisor_override must be non-zero");
+    }
+    p.divisor_override = *divisor_override;
+  }
+}
+
+py::array max_pool2d(const py::handle& x_obj, const Pair& kernel, const Pair& stride,
+                     const Pair& padding, const Pair& dilation, const Pair& out_hw) {
+  const char* op = "max_pool2d";
+  py::array x = float_arg(op, "x", x_obj, 4, "(N, C, H, W)");
+  Pool2dParams p = pool_params(op, x, x.shape(2), x.shape(3), kernel, stride, padding, dilation);
+  set_pool_out(op, p, out_hw);
+  return with_dtype(float_dtype(op, "x", x), [&](auto tag) {
+    using T = decltype(tag);
+    py::array y = new_array<T>({p.N, p.C, p.OH, p.OW});
+    T* yp = ptr<T>(y);
+    {
+      py::gil_scoped_release release;
+      table<T>().max_pool2d_forward(p, cptr<T>(x), yp);
+    }
+    return y;
+  });
+}
+
+void check_pool_grad(const char* op, const py::array& gy, const Pool2dParams& p) {
+  if (gy.shape(0) != p.N || gy.shape(1) != p.C) {
+    throw py::value_error(std::string(op) + ": grad_out must have batch and channels " +
+                          pair_str(p.N, p.C) + ", got shape " + shape_str(gy));
+  }
+}
+
+py::array max_pool2d_backward(const py::handle& gy_obj, const py::handle& x_obj,
+                              const Pair& kernel, const Pair& stride, const Pair& padding,
+                              const Pair& dilation) {
+  const char* op = "max_pool2d_backward";
+  py::array gy = float_arg(op, "grad_out", gy_obj, 4, "(N, C, OH, OW)");
+  py::array x = float_arg(op, "x", x_obj, 4, "(N, C, H, W)");
+  same_dtype(op, x, "x", gy, "grad_out");
+  Pool2dParams p = pool_params(op, x, x.shape(2), x.shape(3), kernel, stride, padding, dilation);
+  check_pool_grad(op, gy, p);
+  set_pool_out(op, p, {gy.shape(2), gy.shape(3)});
+  return with_dtype(float_dtype(op, "x", x), [&](auto tag) {
+    using T = decltype(tag);
+    py::array gx = new_array<T>({p.N, p.C, p.H, p.W});
+    T* gxp = ptr<T>(gx);
+    {
+      py::gil_scoped_release release;
+      table<T>().max_pool2d_backward(p, cptr<T>(gy), cptr<T>(x), gxp);
+    }
+    return gx;
+  });
+}
+
+py::array avg_pool2d(const py::handle& x_obj, const Pair& kernel, const Pair& stride,
+                     const Pair& padding, const Pair& out_hw, bool count_include_pad,
+                     std::optional<int64_t> divisor_override) {
+  const char* op = "avg_pool2d";
+  py::array x = float_arg(op, "x", x_obj, 4, "(N, C, H, W)");
+  Pool2dParams p = pool_params(op, x, x.shape(2), x.shape(3), kernel, stride, padding, {1, 1});
+  set_pool_out(op, p, out_hw);
+  set_divisor(op, p, count_include_pad, divisor_override);
+  return with_dtype(float_dtype(op, "x", x), [&](auto tag) {
+    using T = decltype(tag);
+    py::array y = new_array<T>({p.N, p.C, p.OH, p.OW});
+    T* yp = ptr<T>(y);
+    {
+      py::gil_scoped_release release;
+      table<T>().avg_pool2d_forward(p, cptr<T>(x), yp);
+    }
+    return y;
+  });
+}
+
+py::array avg_pool2d_backward(const py::handle& gy_obj, const Pair& input_hw, const Pair& kernel,
+                              const Pair& stride, const Pair& padding, bool count_include_pad,
+                              std::optional<int64_t> divisor_override) {
+  const char* op = "avg_pool2d_backward";
+  py::array gy = float_arg(op, "grad_out", gy_obj, 4, "(N, C, OH, OW)");
+  check_pair(op, "input_hw", input_hw, 1);
+  Pool2dParams p = pool_params(op, gy, input_hw[0], input_hw[1], kernel, stride, padding, {1, 1});
+  set_pool_out(op, p, {gy.shape(2), gy.shape(3)});
+  set_divisor(op, p, count_include_pad, divisor_override);
+  return with_dtype(float_dtype(op, "grad_out", gy), [&](auto tag) {
+    using T = decltype(tag);
+    py::array gx = new_array<T>({p.N, p.C, p.H, p.W});
+    T* gxp = ptr<T>(gx);
+    {
+      py::gil_scoped_release release;
+      table<T>().avg_pool2d_backward(p, cptr<T>(gy), gxp);
+    }
+    return gx;
+  });
+}
+
+// --- elementwise -----------------------------------------------------------------
+
+std::vector<py::ssize_t> shape_of(const py::array& a) {
+  return std::vector<py::ssize_t>(a.shape(), a.shape() + a.ndim());
+}
+
+py::array relu(const py::handle& x_obj) {
+  const char* op = "relu";
+  py::array x = float_arg(op, "x", x_obj, -1, "");
+  return with_dtype(float_dtype(op, "x", x), [&](auto tag) {
+    using T = decltype(tag);
+    py::array y = new_array<T>(shape_of(x));
+    T* yp = ptr<T>(y);
+    const int64_t n = x.size();
+    {
+      py::gil_scoped_release release;
+      table<T>().relu(cptr<T>(x), yp, n);
+    }
+    return y;
+  });
+}
+
+py::array relu_backward(const py::handle& gy_obj, const py::handle& y_obj) {
+  const char* op = "relu_backward";
+  py::array gy = float_arg(op, "grad_out", gy_obj, -1, "");
+  py::array y = float_arg(op, "y", y_obj, -1, "");
+  same_dtype(op, y, "y", gy, "grad_out");
+  same_shape(op, y, "y", gy, "grad_out");
+  return with_dtype(float_dtype(op, "y", y), [&](auto tag) {
+    using T = decltype(tag);
+    py::array gx = new_array<T>(shape_of(y));
+    T* gxp = ptr<T>(gx);
+    const int64_t n = y.size();
+    {
+      py::gil_scoped_release release;
+      table<T>().relu_backward(cptr<T>(gy), cptr<T>(y), gxp, n);
+    }
+    return gx;
+  });
+}
+
+void bias_add_(const py::handle& y_obj, const py::handle& b_obj) {
+  const char* op = "bias_add_";
+  py::array y = float_arg(op, "y", y_obj, -1, "");
+  py::array b = float_arg(op, "bias", b_obj, 1, "(C,)");
+  same_dtype(op, y, "y", b, "bias");
+  check_writeable(op, "y", y);
+  no_overlap(op, y, "y", b, "bias");
+  if (y.ndim() < 2 || y.shape(1) != b.shape(0)) {
+    throw py::value_error(std::string(op) + ": y must be (N, C, ...) with C = bias size " +
+                          std::to_string(b.shape(0)) + ", got shape " + shape_str(y));
+  }
+  const int64_t outer = y.shape(0), C = y.shape(1);
+  const int64_t inner = C == 0 || outer == 0 ? 0 : y.size() / (outer * C);
+  with_dtype(float_dtype(op, "y", y), [&](auto tag) {
+    using T = decltype(tag);
+    T* yp = ptr<T>(y);
+    py::gil_scoped_release release;
+    table<T>().bias_add(yp, cptr<T>(b), outer, C, inner);
+    return 0;
+  });
+}
+
+py::tuple softmax_cross_entropy(const py::handle& logits_obj, const py::handle& labels_obj) {
+  const char* op = "softmax_cross_entropy";
+  py::array z = float_arg(op, "logits", logits_obj, 2, "(N, K)");
+  py::array labels = as_array(op, "labels", labels_obj);
+  const py::dtype ldt = labels.dtype();
+  if (!(ldt.kind() == 'i' && ldt.itemsize() == 8 && native_order(ldt))) {
+    throw py::type_error(std::string(op) + ": labels must be int64, got " + dtype_str(labels));
+  }
+  if (labels.ndim() != 1 || labels.shape(0) != z.shape(0)) {
+    throw py::value_error(std::string(op) + ": labels must have shape (" +
+                          std::to_string(z.shape(0)) + ",), got " + shape_str(labels));
+  }
+  check_contiguous(op, "labels", labels);
+  const int64_t N = z.shape(0), K = z.shape(1);
+  if (N > 0 && K == 0) {
+    throw py::value_error(std::string(op) + ": logits must have at least one class");
+  }
+  const auto* lp = static_cast<const int64_t*>(labels.data());
+  for (int64_t i = 0; i < N; ++i) {
+    if (lp[i] < 0 || lp[i] >= K) {
+      throw py::value_error(std::string(op) + ": labels must be in [0, " + std::to_string(K) +
+                            "), got " + std::to_string(lp[i]) + " at index " +
+                            std::to_string(i));
+    }
+  }
+  return with_dtype(float_dtype(op, "logits", z), [&](auto tag) {
+    using T = decltype(tag);
+    py::array loss = new_array<T>({});
+    py::array grad = new_array<T>({N, K});
+    T* lossp = ptr<T>(loss);
+    T* gp = ptr<T>(grad);
+    {
+      py::gil_scoped_release release;
+      table<T>().softmax_cross_entropy(cptr<T>(z), lp, N, K, lossp, gp);
+    }
+    return py::make_tuple(loss, grad);
+  });
+}
+
+// --- optimizer steps ---------------------------------------------------------------
+
+py::array state_arg(const char* op, const char* name, const py::handle& obj,
+                    const py::array& param) {
+  py::array a = float_arg(op, name, obj, -1, "");
+  same_dtype(op, param, "param", a, name);
+  same_shape(op, param, "param", a, name);
+  return a;
+}
+
+void sgd_step(const py::handle& param_obj, const py::handle& grad_obj, const py::handle& buf_obj,
+              double lr, double momentum, double weight_decay, bool nesterov) {
+  const char* op = "sgd_step";
+  py::array param = float_arg(op, "param", param_obj, -1, "");
+  check_writeable(op, "param", param);
+  py::array grad = state_arg(op, "grad", grad_obj, param);
+  no_overlap(op, param, "param", grad, "grad");
+  std::optional<py::array> buf;
+  if (!buf_obj.is_none()) {
+    buf = state_arg(op, "momentum_buf", buf_obj, param);
+    check_writeable(op, "momentum_buf", *buf);
+    no_overlap(op, param, "param", *buf, "momentum_buf");
+    no_overlap(op, grad, "grad", *buf, "momentum_buf");
+  } else if (momentum != 0) {
+    throw py::value_error(std::string(op) + ": momentum_buf must be an array when momentum != 0");
+  }
+  with_dtype(float_dtype(op, "param", param), [&](auto tag) {
+    using T = decltype(tag);
+    T* pp = ptr<T>(param);
+    T* bp = buf ? ptr<T>(*buf) : nullptr;
+    const int64_t n = param.size();
+    py::gil_scoped_release release;
+    table<T>().sgd_step(pp, cptr<T>(grad), bp, n, lr, momentum, weight_decay, nesterov);
+    return 0;
+  });
+}
+
+void adam_step(const py::handle& param_obj, const py::handle& grad_obj, const py::handle& m_obj,
+               const py::handle& v_obj, int64_t step, double lr, double beta1, double beta2,
+               double eps, double weight_decay, bool decoupled) {
+  const char* op = "adam_step";
+  if (step < 1) {
+    throw py::value_error(std::string(op) + ": step must be >= 1 (1-based), got " +
+                          std::to_string(step));
+  }
+  py::array param = float_arg(op, "param", param_obj, -1, "");
+  check_writeable(op, "param", param);
+  py::array grad = state_arg(op, "grad", grad_obj, param);
+  py::array m = state_arg(op, "exp_avg", m_obj, param);
+  py::array v = state_arg(op, "exp_avg_sq", v_obj, param);
+  check_writeable(op, "exp_avg", m);
+  check_writeable(op, "exp_avg_sq", v);
+  no_overlap(op, param, "param", grad, "grad");
+  no_overlap(op, param, "param", m, "exp_avg");
+  no_overlap(op, param, "param", v, "exp_avg_sq");
+  no_overlap(op, grad, "grad", m, "exp_avg");
+  no_overlap(op, grad, "grad", v, "exp_avg_sq");
+  no_overlap(op, m, "exp_avg", v, "exp_avg_sq");
+  with_dtype(float_dtype(op, "param", param), [&](auto tag) {
+    using T = decltype(tag);
+    T* pp = ptr<T>(param);
+    T* mp = ptr<T>(m);
+    T* vp = ptr<T>(v);
+    const int64_t n = param.size();
+    py::gil_scoped_release release;
+    table<T>().adam_step(pp, cptr<T>(grad), mp, vp, n, step, lr, beta1, beta2, eps,
+                         weight_decay, decoupled);
+    return 0;
+  });
+}
+
+// --- ISA selection -------------------------------------------------------------------
+
+bool py_select_isa(const std::string& name) {
+  if (name != "baseline" && name != "avx2" && name != "avx512" && name != "best") {
+    throw py::value_error("select_isa: name must be 'baseline', 'avx2', 'avx512' or 'best', got '" +
+                          name + "'");
+  }
+  return fastnn::select_isa(name.c_str());
+}
+
+// Applies FASTNN_ISA; returns a warning message when it could not be honoured.
+std::optional<std::string> apply_env_isa() {
+  const char* env = std::getenv("FASTNN_ISA");
+  if (env == nullptr || env[0] == '\0') return std::nullopt;
+  const std::string name(env);
+  const bool known = name == "baseline" || name == "avx2" || name == "avx512" || name == "best";
+  if (known && fastnn::select_isa(env)) return std::nullopt;
+  fastnn::select_isa("best");
+  std::string why = known ? "is not supported by this CPU/OS (supported: " +
+                                std::string(fastnn::supported_isas()) + ")"
+                          : "is not one of baseline, avx2, avx512";
+  return "FASTNN_ISA=" + name + " " + why + "; using " + fastnn::active_isa();
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() =
+      "fastnn's C++ CPU kernels (float32/float64, NCHW/OIHW, C-contiguous NumPy arrays). "
+      "Use fastnn.functional; this module does strict checks but no conversion.";
+  m.attr("__version__") = FASTNN_VERSION;
+  const auto warn = apply_env_isa();
+  m.attr("_isa_warning") = warn ? py::object(py::str(*warn)) : py::object(py::none());
+
+  m.def("get_num_threads", &fastnn::get_num_threads, "Threads the kernels use.");
+  m.def(
+      "set_num_threads",
+      [](int n) {
+        if (n < 1) throw py::value_error("set_num_threads: n must be >= 1, got " + std::to_string(n));
+        fastnn::set_num_threads(n);
+      },
+      py::arg("n"), "Set the number of threads the kernels use.");
+  m.def("active_isa", [] { return std::string(fastnn::active_isa()); },
+        "The ISA whose kernels run now: 'avx512', 'avx2' or 'baseline'.");
+  m.def(
+      "supported_isas",
+      [] {
+        std::vector<std::string> out;
+        std::string s = fastnn::supported_isas();
+        size_t start = 0;
+        while (start <= s.size()) {
+          const size_t end = s.find(',', start);
+          out.push_back(s.substr(start, end == std::string::npos ? std::string::npos : end - start));
+          if (end == std::string::npos) break;
+          start = end + 1;
+        }
+        return out;
+      },
+      "ISAs this CPU and OS can run, best first.");
+  m.def("select_isa", &py_select_isa, py::arg("name"),
+        "Switch the active ISA ('baseline', 'avx2', 'avx512' or 'best'); returns False, "
+        "leaving the selection unchanged, if this CPU/OS cannot run it.");
+
+  m.def("conv2d", &conv2d, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("stride"),
+        py::arg("padding"), py::arg("dilation"), py::arg("groups"),
+        "x (N,C,H,W), weight (O,C/groups,KH,KW), bias (O,) or None -> y (N,O,OH,OW).");
+  m.def("conv2d_backward_input", &conv2d_backward_input, py::arg("grad_out"), py::arg("weight"),
+        py::arg("input_hw"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("groups"), "grad_out (N,O,OH,OW), weight -> grad_x (N,C,H,W).");
+  m.def("conv2d_backward_weight", &conv2d_backward_weight, py::arg("grad_out"), py::arg("x"),
+        py::arg("kernel_hw"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("groups"), "grad_out (N,O,OH,OW), x (N,C,H,W) -> grad_w (O,C/groups,KH,KW).");
+  m.def("matmul", &matmul, py::arg("a"), py::arg("b"), py::arg("transpose_a") = false,
+        py::arg("transpose_b") = false,
+        "op(a) @ op(b), 2-D or batched 3-D; transpose_a: a stored (K,M); transpose_b: b "
+        "stored (N,K).");
+  m.def("max_pool2d", &max_pool2d, py::arg("x"), py::arg("kernel_size"), py::arg("stride"),
+        py::arg("padding"), py::arg("dilation"), py::arg("out_hw"),
+        "x (N,C,H,W) -> y (N,C,OH,OW); out_hw applies ceil_mode. NaN propagates.");
+  m.def("max_pool2d_backward", &max_pool2d_backward, py::arg("grad_out"), py::arg("x"),
+        py::arg("kernel_size"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        "grad_out (N,C,OH,OW), x -> grad_x (N,C,H,W); first maximum (first NaN) wins.");
+  m.def("avg_pool2d", &avg_pool2d, py::arg("x"), py::arg("kernel_size"), py::arg("stride"),
+        py::arg("padding"), py::arg("out_hw"), py::arg("count_include_pad"),
+        py::arg("divisor_override"), "x (N,C,H,W) -> y (N,C,OH,OW), torch's divisor rules.");
+  m.def("avg_pool2d_backward", &avg_pool2d_backward, py::arg("grad_out"), py::arg("input_hw"),
+        py::arg("kernel_size"), py::arg("stride"), py::arg("padding"),
+        py::arg("count_include_pad"), py::arg("divisor_override"),
+        "grad_out (N,C,OH,OW) -> grad_x (N,C,H,W).");
+  m.def("relu", &relu, py::arg("x"), "max(x, 0); NaN stays NaN.");
+  m.def("relu_backward", &relu_backward, py::arg("grad_out"), py::arg("y"),
+        "grad_out where y > 0, else 0.");
+  m.def("bias_add_", &bias_add_, py::arg("y"), py::arg("bias"),
+        "In place: y (N, C, ...) += bias (C,) along axis 1.");
+  m.def("softmax_cross_entropy", &softmax_cross_entropy, py::arg("logits"), py::arg("labels"),
+        "logits (N,K), labels int64 (N,) -> (mean loss as a 0-d array, (softmax - onehot)/N).");
+  m.def("sgd_step", &sgd_step, py::arg("param"), py::arg("grad"), py::arg("momentum_buf"),
+        py::arg("lr"), py::arg("momentum"), py::arg("weight_decay"), py::arg("nesterov"),
+        "In-place torch.optim.SGD step (dampening 0).");
+  m.def("adam_step", &adam_step, py::arg("param"), py::arg("grad"), py::arg("exp_avg"),
+        py::arg("exp_avg_sq"), py::arg("step"), py::arg("lr"), py::arg("beta1"),
+        py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled"),
+        "In-place torch.optim.Adam (decoupled=False) / AdamW (decoupled=True) step.");
+}

@@ -1,0 +1,479 @@
+// conv2d forward, backward-input and backward-weight for one ISA build.
+//
+// Two strategies, chosen per shape:
+//
+// * small-K direct kernels, when K = C/groups * KH * KW <= 9 (e.g. the MNIST
+//   first layer, 1 -> 32 channels, 3x3): the K im2col rows of a block of output
+//   pixels sit in vector registers and every output channel is a short chain of
+//   FMAs on them (bias fused). A generic GEMM would spend most of its time
+//   packing such skinny operands.
+// * im2col + gemm otherwise (deeper layers, e.g. 32 -> 64, 3x3): per image and
+//   group, a block of output rows is unfolded into a (K, rows*OW) column matrix
+//   small enough to stay in L2, and the ISA's gemm does the work. 1x1 stride-1
+//   unpadded convs use the input directly as the column matrix.
+//
+// Work is split over (image, group, row block) for forward and backward-input,
+// and over contiguous image ranges with private weight-gradient partials
+// (summed in a fixed order, so results do not depend on timing) for
+// backward-weight. When there are fewer tasks than threads the loop runs on
+// the caller and gemm parallelizes inside instead.
+#include <algorithm>
+
+#include "fastnn/parallel.h"
+#include "kernels/ops.h"
+#include "kernels/simd.h"
+
+namespace fastnn {
+namespace FASTNN_ISA_NS {
+
+namespace {
+
+using simd::Vec;
+
+#if defined(__AVX512F__)
+constexpr int kVecRegs = 32;
+#else
+constexpr int kVecRegs = 16;
+#endif
+
+// Largest K handled by the register-resident small-K kernels.
+constexpr int64_t kSmallK = 9;
+// Elements of one im2col block for the gemm path (~1 MiB of float32 -> L2).
+constexpr int64_t kColBlock = int64_t(1) << 18;
+
+struct Geom {
+  int64_t G, Cg, Og, K, P;  // groups, channels/outputs per group, K = Cg*KH*KW, OH*OW
+  bool direct;              // 1x1, stride 1, no padding: x is its own im2col
+  bool small;               // small-K direct kernels
+};
+
+Geom geom(const Conv2dParams& p) {
+  Geom g;
+  g.G = p.groups;
+  g.Cg = p.C / p.groups;
+  g.Og = p.O / p.groups;
+  g.K = g.Cg * p.KH * p.KW;
+  g.P = p.OH * p.OW;
+  g.direct = p.KH == 1 && p.KW == 1 && p.sh == 1 && p.sw == 1 && p.ph == 0 && p.pw == 0 &&
+             p.OH == p.H && p.OW == p.W;
+  g.small = g.K <= kSmallK;
+  return g;
+}
+
+// Output rows per block: the gemm path keeps a block's columns near L2 size;
+// the small-K path takes whole images unless there are too few to keep every
+// thread busy.
+int64_t rows_per_block(const Conv2dParams& p, const Geom& g, int64_t images) {
+  if (g.direct) return p.OH;
+  const int64_t cap = std::max<int64_t>(1, kColBlock / std::max<int64_t>(1, g.K * p.OW));
+  int64_t rows = std::min(p.OH, cap);
+  const int64_t want = 4 * get_num_threads();  // tasks for decent load balance
+  const int64_t have = images * g.G;
+  if (have < want && p.OH > 1) {
+    const int64_t split = std::min(p.OH, (want + have - 1) / have);
+    rows = std::min(rows, (p.OH + split - 1) / split);
+  }
+  return std::max<int64_t>(1, rows);
+}
+
+// Runs body(t0, t1) over [0, tasks): through the pool when there is one task
+// per thread at least, else on the caller (so a gemm inside can use the pool).
+template <typename F>
+void run_tasks(int64_t tasks, const F& body) {
+  if (tasks <= 0) return;
+  if (tasks >= get_num_threads() && get_num_threads() > 1) {
+    parallel_for(tasks, 1, [&](int64_t b, int64_t e) { body(b, e); });
+  } else {
+    body(0, tasks);
+  }
+}
+
+// --- row helpers --------------------------------------------------------------
+
+template <typename T>
+inline void copy_row(T* __restrict dst, const T* __restrict src, int64_t n) {
+  using V = Vec<T>;
+  int64_t i = 0;
+  for (; i + V::L <= n; i += V::L) V::storeu(dst + i, V::loadu(src + i));
+  if (i < n) V::storep(dst + i, V::loadp(src + i, n - i), n - i);
+}
+
+template <typename T>
+inline void zero_row(T* dst, int64_t n) {
+  using V = Vec<T>;
+  int64_t i = 0;
+  for (; i + V::L <= n; i += V::L) V::storeu(dst + i, V::zero());
+  if (i < n) V::storep(dst + i, V::zero(), n - i);
+}
+
+template <typename T>
+inline void add_row(T* __restrict dst, const T* __restrict src, int64_t n) {
+  using V = Vec<T>;
+  int64_t i = 0;
+  for (; i + V::L <= n; i += V::L) V::storeu(dst + i, V::add(V::loadu(dst + i), V::loadu(src + i)));
+  if (i < n) V::storep(dst + i, V::add(V::loadp(dst + i, n - i), V::loadp(src + i, n - i)), n - i);
+}
+
+// Unfolds output rows [oh0, oh1) of one image/group xg (Cg, H, W) into
+// col (K, (oh1-oh0)*OW); row (c*KH + kh)*KW + kw, matching OIHW weights.
+template <typename T>
+void im2col(const Conv2dParams& p, int64_t Cg, const T* __restrict xg, int64_t oh0, int64_t oh1,
+            T* __restrict col) {
+  const int64_t OW = p.OW, ld = (oh1 - oh0) * OW;
+  for (int64_t c = 0; c < Cg; ++c) {
+    const T* plane = xg + c * p.H * p.W;
+    for (int64_t kh = 0; kh < p.KH; ++kh) {
+      for (int64_t kw = 0; kw < p.KW; ++kw) {
+        T* dst = col + ((c * p.KH + kh) * p.KW + kw) * ld;
+        const int64_t off = kw * p.dw - p.pw;  // input column = ow*sw + off
+        int64_t lo, hi;
+        valid_range(p.W, p.sw, off, OW, lo, hi);
+        for (int64_t oh = oh0; oh < oh1; ++oh, dst += OW) {
+          const int64_t ih = oh * p.sh - p.ph + kh * p.dh;
+          if (ih < 0 || ih >= p.H || lo >= hi) {
+            zero_row(dst, OW);
+            continue;
+          }
+          const T* src = plane + ih * p.W;
+          for (int64_t o = 0; o < lo; ++o) dst[o] = T(0);
+          if (p.sw == 1) {
+            copy_row(dst + lo, src + lo + off, hi - lo);
+          } else {
+            for (int64_t o = lo; o < hi; ++o) dst[o] = src[o * p.sw + off];
+          }
+          for (int64_t o = hi; o < OW; ++o) dst[o] = T(0);
+        }
+      }
+    }
+  }
+}
+
+// Adjoint of im2col: adds col (K, (oh1-oh0)*OW) into gxg (Cg, H, W).
+template <typename T>
+void col2im_add(const Conv2dParams& p, int64_t Cg, const T* __restrict col, int64_t oh0,
+                int64_t oh1, T* __restrict gxg) {
+  const int64_t OW = p.OW, ld = (oh1 - oh0) * OW;
+  for (int64_t c = 0; c < Cg; ++c) {
+    T* plane = gxg + c * p.H * p.W;
+    for (int64_t kh = 0; kh < p.KH; ++kh) {
+      for (int64_t kw = 0; kw < p.KW; ++kw) {
+        const T* src = col + ((c * p.KH + kh) * p.KW + kw) * ld;
+        const int64_t off = kw * p.dw - p.pw;
+        int64_t lo, hi;
+        valid_range(p.W, p.sw, off, OW, lo, hi);
+        if (lo >= hi) continue;
+        for (int64_t oh = oh0; oh < oh1; ++oh, src += OW) {
+          const int64_t ih = oh * p.sh - p.ph + kh * p.dh;
+          if (ih < 0 || ih >= p.H) continue;
+          T* dst = plane + ih * p.W;
+          if (p.sw == 1) {
+            add_row(dst + lo + off, src + lo, hi - lo);
+          } else {
+            for (int64_t o = lo; o < hi; ++o) dst[o * p.sw + off] += src[o];
+          }
+        }
+      }
+    }
+  }
+}
+
+// --- small-K kernels ----------------------------------------------------------
+
+// Vectors per column block: as many as registers allow (K*NV + NV + 1 live).
+template <int K>
+constexpr int small_nv() {
+  return std::max(1, std::min(2, (kVecRegs - 2) / (K + 1)));
+}
+
+// y (Og, n) [ld ldy] = w (Og, K) @ col (K, n) [ld ldc] (+ bias per row).
+template <typename T, int K>
+void small_fwd(const T* __restrict w, const T* __restrict bias, const T* __restrict col,
+               int64_t ldc, int64_t Og, int64_t n, T* __restrict y, int64_t ldy) {
+  using V = Vec<T>;
+  using R = typename V::reg;
+  constexpr int NV = small_nv<K>();
+  constexpr int64_t step = NV * V::L;
+  int64_t p0 = 0;
+  for (; p0 + step <= n; p0 += step) {
+    R c[K][NV];
+    for (int k = 0; k < K; ++k)
+      for (int v = 0; v < NV; ++v) c[k][v] = V::loadu(col + k * ldc + p0 + v * V::L);
+    for (int64_t o = 0; o < Og; ++o) {
+      const T* wo = w + o * K;
+      R acc[NV];
+      const R b0 = bias ? V::set1(bias[o]) : V::zero();
+      for (int v = 0; v < NV; ++v) acc[v] = b0;
+      for (int k = 0; k < K; ++k) {
+        const R wk = V::set1(wo[k]);
+        for (int v = 0; v < NV; ++v) acc[v] = V::fma(wk, c[k][v], acc[v]);
+      }
+      for (int v = 0; v < NV; ++v) V::storeu(y + o * ldy + p0 + v * V::L, acc[v]);
+    }
+  }
+  for (; p0 < n; p0 += V::L) {  // tail, one (partial) vector at a time
+    const int64_t m = std::min<int64_t>(V::L, n - p0);
+    R c[K];
+    for (int k = 0; k < K; ++k) c[k] = V::loadp(col + k * ldc + p0, m);
+    for (int64_t o = 0; o < Og; ++o) {
+      R acc = bias ? V::set1(bias[o]) : V::zero();
+      for (int k = 0; k < K; ++k) acc = V::fma(V::set1(w[o * K + k]), c[k], acc);
+      V::storep(y + o * ldy + p0, acc, m);
+    }
+  }
+}
+
+// dcol (K, n) [ld ldd] = w^T (K, Og) @ gy (Og, n) [ld ldg].
+template <typename T, int K>
+void small_bwd_in(const T* __restrict w, const T* __restrict gy, int64_t ldg, int64_t Og,
+                  int64_t n, T* __restrict dcol, int64_t ldd) {
+  using V = Vec<T>;
+  using R = typename V::reg;
+  constexpr int NV = small_nv<K>();
+  constexpr int64_t step = NV * V::L;
+  int64_t p0 = 0;
+  for (; p0 + step <= n; p0 += step) {
+    R acc[K][NV];
+    for (int k = 0; k < K; ++k)
+      for (int v = 0; v < NV; ++v) acc[k][v] = V::zero();
+    for (int64_t o = 0; o < Og; ++o) {
+      R g[NV];
+      for (int v = 0; v < NV; ++v) g[v] = V::loadu(gy + o * ldg + p0 + v * V::L);
+      for (int k = 0; k < K; ++k) {
+        const R wk = V::set1(w[o * K + k]);
+        for (int v = 0; v < NV; ++v) acc[k][v] = V::fma(wk, g[v], acc[k][v]);
+      }
+    }
+    for (int k = 0; k < K; ++k)
+      for (int v = 0; v < NV; ++v) V::storeu(dcol + k * ldd + p0 + v * V::L, acc[k][v]);
+  }
+  for (; p0 < n; p0 += V::L) {
+    const int64_t m = std::min<int64_t>(V::L, n - p0);
+    R acc[K];
+    for (int k = 0; k < K; ++k) acc[k] = V::zero();
+    for (int64_t o = 0; o < Og; ++o) {
+      const R g = V::loadp(gy + o * ldg + p0, m);
+      for (int k = 0; k < K; ++k) acc[k] = V::fma(V::set1(w[o * K + k]), g, acc[k]);
+    }
+    for (int k = 0; k < K; ++k) V::storep(dcol + k * ldd + p0, acc[k], m);
+  }
+}
+
+// gw (RB rows starting at gy's row, K) += gy (RB, n) [ld ldg] @ col^T (n, K).
+template <typename T, int K, int RB>
+void small_bwd_w_rows(const T* __restrict gy, int64_t ldg, const T* __restrict col, int64_t ldc,
+                      int64_t n, T* __restrict gw) {
+  using V = Vec<T>;
+  using R = typename V::reg;
+  R acc[RB][K];
+  for (int r = 0; r < RB; ++r)
+    for (int k = 0; k < K; ++k) acc[r][k] = V::zero();
+  int64_t p0 = 0;
+  for (; p0 + V::L <= n; p0 += V::L) {
+    R g[RB];
+    for (int r = 0; r < RB; ++r) g[r] = V::loadu(gy + r * ldg + p0);
+    for (int k = 0; k < K; ++k) {
+      const R c = V::loadu(col + k * ldc + p0);
+      for (int r = 0; r < RB; ++r) acc[r][k] = V::fma(g[r], c, acc[r][k]);
+    }
+  }
+  if (p0 < n) {  // zero-filled partial vectors add nothing
+    const int64_t m = n - p0;
+    R g[RB];
+    for (int r = 0; r < RB; ++r) g[r] = V::loadp(gy + r * ldg + p0, m);
+    for (int k = 0; k < K; ++k) {
+      const R c = V::loadp(col + k * ldc + p0, m);
+      for (int r = 0; r < RB; ++r) acc[r][k] = V::fma(g[r], c, acc[r][k]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int k = 0; k < K; ++k) gw[r * K + k] += V::hsum(acc[r][k]);
+}
+
+template <typename T, int K>
+void small_bwd_w(const T* gy, int64_t ldg, const T* col, int64_t ldc, int64_t Og, int64_t n,
+                 T* gw) {
+  // Rows per pass: RB*K accumulators + RB gy vectors + 1 col vector in registers.
+  constexpr int RB = std::max(1, std::min(4, (kVecRegs - 2) / (K + 1)));
+  int64_t o = 0;
+  for (; o + RB <= Og; o += RB) small_bwd_w_rows<T, K, RB>(gy + o * ldg, ldg, col, ldc, n, gw + o * K);
+  for (; o < Og; ++o) small_bwd_w_rows<T, K, 1>(gy + o * ldg, ldg, col, ldc, n, gw + o * K);
+}
+
+// Run-time K -> template K.
+#define FASTNN_SMALLK_SWITCH(K, CALL) \
+  switch (K) {                        \
+    case 1: CALL(1); break;           \
+    case 2: CALL(2); break;           \
+    case 3: CALL(3); break;           \
+    case 4: CALL(4); break;           \
+    case 5: CALL(5); break;           \
+    case 6: CALL(6); break;           \
+    case 7: CALL(7); break;           \
+    case 8: CALL(8); break;           \
+    case 9: CALL(9); break;           \
+    default: break;                   \
+  }
+
+template <typename T>
+void fill_bias_rows(T* y, int64_t ld, const T* bias, int64_t rows, int64_t n) {
+  using V = Vec<T>;
+  for (int64_t o = 0; o < rows; ++o) {
+    const typename V::reg b = V::set1(bias ? bias[o] : T(0));
+    T* row = y + o * ld;
+    int64_t i = 0;
+    for (; i + V::L <= n; i += V::L) V::storeu(row + i, b);
+    if (i < n) V::storep(row + i, b, n - i);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void conv2d_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
+  const Geom g = geom(p);
+  if (p.N == 0 || p.O == 0 || g.P == 0) return;
+  if (g.K == 0) {  // no input channels: the output is just the bias
+    run_tasks(p.N, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) fill_bias_rows(y + n * p.O * g.P, g.P, b, p.O, g.P);
+    });
+    return;
+  }
+  const int64_t rows = rows_per_block(p, g, p.N);
+  const int64_t nblk = (p.OH + rows - 1) / rows;
+  const int64_t col_elems = g.direct ? 0 : g.K * rows * p.OW;
+  run_tasks(p.N * g.G * nblk, [&](int64_t t0, int64_t t1) {
+    Buffer<T> col(col_elems);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t blk = t % nblk, ng = t / nblk, gi = ng % g.G, n = ng / g.G;
+      const int64_t oh0 = blk * rows, oh1 = std::min(p.OH, oh0 + rows);
+      const int64_t npix = (oh1 - oh0) * p.OW;
+      const T* xg = x + (n * p.C + gi * g.Cg) * p.H * p.W;
+      T* yg = y + (n * p.O + gi * g.Og) * g.P + oh0 * p.OW;
+      const T* wg = w + gi * g.Og * g.K;
+      const T* bg = b ? b + gi * g.Og : nullptr;
+      const T* cols = xg + oh0 * p.OW;
+      int64_t ldc = g.P;
+      if (!g.direct) {
+        im2col(p, g.Cg, xg, oh0, oh1, col.get());
+        cols = col.get();
+        ldc = npix;
+      }
+      if (g.small) {
+#define FASTNN_CALL(KK) small_fwd<T, KK>(wg, bg, cols, ldc, g.Og, npix, yg, g.P)
+        FASTNN_SMALLK_SWITCH(g.K, FASTNN_CALL)
+#undef FASTNN_CALL
+      } else {
+        if (bg) fill_bias_rows(yg, g.P, bg, g.Og, npix);
+        gemm<T>(false, false, g.Og, npix, g.K, wg, g.K, cols, ldc, yg, g.P, bg != nullptr);
+      }
+    }
+  });
+}
+
+template <typename T>
+void conv2d_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx) {
+  const Geom g = geom(p);
+  if (p.N == 0 || p.C == 0) return;
+  const int64_t plane = p.H * p.W;
+  if (p.O == 0 || g.P == 0) {
+    run_tasks(p.N, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) zero_row(gx + n * p.C * plane, p.C * plane);
+    });
+    return;
+  }
+  // Row blocks of one (image, group) overlap in gx, so they stay in one task.
+  const int64_t rows = g.direct ? p.OH : std::min(p.OH, std::max<int64_t>(
+                                             1, kColBlock / std::max<int64_t>(1, g.K * p.OW)));
+  const int64_t dcol_elems = g.direct ? 0 : g.K * rows * p.OW;
+  run_tasks(p.N * g.G, [&](int64_t t0, int64_t t1) {
+    Buffer<T> dcol(dcol_elems);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t gi = t % g.G, n = t / g.G;
+      T* gxg = gx + (n * p.C + gi * g.Cg) * plane;
+      const T* gyg = gy + (n * p.O + gi * g.Og) * g.P;
+      const T* wg = w + gi * g.Og * g.K;
+      if (g.direct) {  // gx_g (Cg, HW) = w_g^T (Cg, Og) @ gy_g (Og, HW)
+        gemm<T>(true, false, g.Cg, g.P, g.Og, wg, g.K, gyg, g.P, gxg, g.P, false);
+        continue;
+      }
+      zero_row(gxg, g.Cg * plane);  // cells no window reaches get 0
+      for (int64_t oh0 = 0; oh0 < p.OH; oh0 += rows) {
+        const int64_t oh1 = std::min(p.OH, oh0 + rows), npix = (oh1 - oh0) * p.OW;
+        const T* gyb = gyg + oh0 * p.OW;
+        if (g.small) {
+#define FASTNN_CALL(KK) small_bwd_in<T, KK>(wg, gyb, g.P, g.Og, npix, dcol.get(), npix)
+          FASTNN_SMALLK_SWITCH(g.K, FASTNN_CALL)
+#undef FASTNN_CALL
+        } else {
+          gemm<T>(true, false, g.K, npix, g.Og, wg, g.K, gyb, g.P, dcol.get(), npix, false);
+        }
+        col2im_add(p, g.Cg, dcol.get(), oh0, oh1, gxg);
+      }
+    }
+  });
+}
+
+template <typename T>
+void conv2d_backward_weight(const Conv2dParams& p, const T* gy, const T* x, T* gw) {
+  const Geom g = geom(p);
+  const int64_t wsize = p.O * g.K;
+  if (wsize == 0) return;
+  zero_row(gw, wsize);
+  if (p.N == 0 || g.P == 0) return;
+  const int64_t rows = rows_per_block(p, g, p.N);
+  const int64_t col_elems = g.direct ? 0 : g.K * rows * p.OW;
+  // Contiguous image ranges, each summed into its own partial gradient; the
+  // first partial is gw itself. Partials are added in chunk order.
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(p.N, get_num_threads()));
+  Buffer<T> partial((chunks - 1) * wsize);
+  auto body = [&](int64_t c0, int64_t c1) {
+    Buffer<T> col(col_elems);
+    for (int64_t c = c0; c < c1; ++c) {
+      T* acc = c == 0 ? gw : partial.get() + (c - 1) * wsize;
+      if (c != 0) zero_row(acc, wsize);
+      const int64_t n0 = p.N * c / chunks, n1 = p.N * (c + 1) / chunks;
+      for (int64_t n = n0; n < n1; ++n) {
+        for (int64_t gi = 0; gi < g.G; ++gi) {
+          const T* xg = x + (n * p.C + gi * g.Cg) * p.H * p.W;
+          const T* gyg = gy + (n * p.O + gi * g.Og) * g.P;
+          T* gwg = acc + gi * g.Og * g.K;
+          for (int64_t oh0 = 0; oh0 < p.OH; oh0 += rows) {
+            const int64_t oh1 = std::min(p.OH, oh0 + rows), npix = (oh1 - oh0) * p.OW;
+            const T* cols = xg + oh0 * p.OW;
+            int64_t ldc = g.P;
+            if (!g.direct) {
+              im2col(p, g.Cg, xg, oh0, oh1, col.get());
+              cols = col.get();
+              ldc = npix;
+            }
+            const T* gyb = gyg + oh0 * p.OW;
+            if (g.small) {
+#define FASTNN_CALL(KK) small_bwd_w<T, KK>(gyb, g.P, cols, ldc, g.Og, npix, gwg)
+              FASTNN_SMALLK_SWITCH(g.K, FASTNN_CALL)
+#undef FASTNN_CALL
+            } else {
+              gemm<T>(false, true, g.Og, g.K, npix, gyb, g.P, cols, ldc, gwg, g.K, true);
+            }
+          }
+        }
+      }
+    }
+  };
+  if (chunks > 1) {
+    parallel_for(chunks, 1, body);
+    for (int64_t c = 1; c < chunks; ++c) add_row(gw, partial.get() + (c - 1) * wsize, wsize);
+  } else {
+    body(0, 1);
+  }
+}
+
+#define FASTNN_INSTANTIATE(T)                                                                \
+  template void conv2d_forward<T>(const Conv2dParams&, const T*, const T*, const T*, T*);    \
+  template void conv2d_backward_input<T>(const Conv2dParams&, const T*, const T*, T*);       \
+  template void conv2d_backward_weight<T>(const Conv2dParams&, const T*, const T*, T*);
+FASTNN_INSTANTIATE(float)
+FASTNN_INSTANTIATE(double)
+#undef FASTNN_INSTANTIATE
+
+}  // namespace FASTNN_ISA_NS
+}  // namespace fastnn

@@ -1,0 +1,31 @@
+// Fills this ISA build's KernelTable (compiled once per ISA, see CMakeLists.txt).
+#include "kernels/ops.h"
+
+namespace fastnn {
+namespace FASTNN_ISA_NS {
+
+namespace {
+template <typename T>
+void fill(KernelTable<T>& t) {
+  t.gemm = &gemm<T>;
+  t.conv2d_forward = &conv2d_forward<T>;
+  t.conv2d_backward_input = &conv2d_backward_input<T>;
+  t.conv2d_backward_weight = &conv2d_backward_weight<T>;
+  t.max_pool2d_forward = &max_pool2d_forward<T>;
+  t.max_pool2d_backward = &max_pool2d_backward<T>;
+  t.avg_pool2d_forward = &avg_pool2d_forward<T>;
+  t.avg_pool2d_backward = &avg_pool2d_backward<T>;
+  t.relu = &relu<T>;
+  t.relu_backward = &relu_backward<T>;
+  t.bias_add = &bias_add<T>;
+  t.softmax_cross_entropy = &softmax_cross_entropy<T>;
+  t.sgd_step = &sgd_step<T>;
+  t.adam_step = &adam_step<T>;
+}
+}  // namespace
+
+void fill_table(KernelTable<float>& t) { fill(t); }
+void fill_table(KernelTable<double>& t) { fill(t); }
+
+}  // namespace FASTNN_ISA_NS
+}  // namespace fastnn
