@@ -1,0 +1,84 @@
+"""Type stub of fastnn._C, the C++ CPU kernels (csrc/bindings.cpp).
+
+All arrays are C-contiguous NumPy arrays of one float dtype (float32 or
+float64; labels int64), images NCHW, conv weights OIHW. Nothing is converted:
+a wrong ndim/shape/dtype/layout raises ValueError or TypeError naming the
+argument. Outputs are new arrays; ``*_step`` and ``bias_add_`` work in place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+Pair = tuple[int, int]
+
+__version__: str
+# Why FASTNN_ISA could not be honoured at import (then the best ISA is used), else None.
+_isa_warning: str | None
+
+def get_num_threads() -> int: ...
+def set_num_threads(n: int) -> None: ...
+def active_isa() -> str:
+    """'avx512', 'avx2' or 'baseline'."""
+def supported_isas() -> list[str]:
+    """ISAs this CPU and OS can run, best first."""
+def select_isa(name: str) -> bool:
+    """Switch to 'baseline', 'avx2', 'avx512' or 'best'; False (unchanged) if unsupported."""
+
+def conv2d(
+    x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
+    stride: Pair, padding: Pair, dilation: Pair, groups: int,
+) -> np.ndarray:
+    """x (N,C,H,W), weight (O,C/groups,KH,KW), bias (O,) or None -> y (N,O,OH,OW)."""
+def conv2d_backward_input(
+    grad_out: np.ndarray, weight: np.ndarray, input_hw: Pair,
+    stride: Pair, padding: Pair, dilation: Pair, groups: int,
+) -> np.ndarray:
+    """grad_out (N,O,OH,OW), weight (O,C/groups,KH,KW) -> grad_x (N,C,H,W)."""
+def conv2d_backward_weight(
+    grad_out: np.ndarray, x: np.ndarray, kernel_hw: Pair,
+    stride: Pair, padding: Pair, dilation: Pair, groups: int,
+) -> np.ndarray:
+    """grad_out (N,O,OH,OW), x (N,C,H,W) -> grad_w (O,C/groups,KH,KW)."""
+def matmul(
+    a: np.ndarray, b: np.ndarray, transpose_a: bool = False, transpose_b: bool = False
+) -> np.ndarray:
+    """op(a) @ op(b); 2-D (M,K)@(K,N) or 3-D (B,M,K)@(B,K,N); a stored (K,M) with
+    transpose_a, b stored (N,K) with transpose_b."""
+def max_pool2d(
+    x: np.ndarray, kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair,
+    out_hw: Pair,
+) -> np.ndarray:
+    """x (N,C,H,W) -> y (N,C,OH,OW); out_hw is torch's floor or ceil_mode size."""
+def max_pool2d_backward(
+    grad_out: np.ndarray, x: np.ndarray, kernel_size: Pair, stride: Pair,
+    padding: Pair, dilation: Pair,
+) -> np.ndarray:
+    """grad_out (N,C,OH,OW), x (N,C,H,W) -> grad_x (N,C,H,W)."""
+def avg_pool2d(
+    x: np.ndarray, kernel_size: Pair, stride: Pair, padding: Pair, out_hw: Pair,
+    count_include_pad: bool, divisor_override: int | None,
+) -> np.ndarray:
+    """x (N,C,H,W) -> y (N,C,OH,OW)."""
+def avg_pool2d_backward(
+    grad_out: np.ndarray, input_hw: Pair, kernel_size: Pair, stride: Pair, padding: Pair,
+    count_include_pad: bool, divisor_override: int | None,
+) -> np.ndarray:
+    """grad_out (N,C,OH,OW) -> grad_x (N,C,H,W)."""
+def relu(x: np.ndarray) -> np.ndarray: ...
+def relu_backward(grad_out: np.ndarray, y: np.ndarray) -> np.ndarray: ...
+def bias_add_(y: np.ndarray, bias: np.ndarray) -> None:
+    """In place: y (N, C, ...) += bias (C,) along axis 1."""
+def softmax_cross_entropy(
+    logits: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """logits (N,K), labels int64 (N,) -> (0-d mean loss, grad (N,K))."""
+def sgd_step(
+    param: np.ndarray, grad: np.ndarray, momentum_buf: np.ndarray | None,
+    lr: float, momentum: float, weight_decay: float, nesterov: bool,
+) -> None: ...
+def adam_step(
+    param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
+    step: int, lr: float, beta1: float, beta2: float, eps: float,
+    weight_decay: float, decoupled: bool,
+) -> None: ...
