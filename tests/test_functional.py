@@ -130,8 +130,9 @@ def test_conv2d_same_and_valid_padding(backend, k, d, rng):
     np.testing.assert_allclose(gx, gxp[:, :, lo : lo + 9, lo : lo + 8], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(gw, gwp, rtol=1e-9)
     np.testing.assert_allclose(gb, gbp, rtol=1e-9)
-    valid = on(backend, F.conv2d, x, w, padding="valid", dilation=d)
-    np.testing.assert_allclose(valid, on("numpy", F.conv2d, x, w, dilation=d), rtol=1e-10)
+    if d * (k - 1) < 8:
+        valid = on(backend, F.conv2d, x, w, padding="valid", dilation=d)
+        np.testing.assert_allclose(valid, on("numpy", F.conv2d, x, w, dilation=d), rtol=1e-10)
 
 
 @pytest.mark.parametrize("backend", ["numpy", *FAST_BACKENDS])
