@@ -360,7 +360,7 @@ def _avg_divisor(
 def _avg_scale(divisor: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """1/divisor in ``dtype``, 0 where the divisor is 0 (no real cell)."""
     with np.errstate(divide="ignore"):
-        scale = np.where(divisor > 0, 1.0 / divisor, 0.0)
+        scale = np.where(divisor != 0, 1.0 / divisor, 0.0)
     return scale.astype(dtype)
 
 
@@ -384,7 +384,7 @@ def avg_pool2d(
     # Divide (not multiply by 1/d) so the result is correctly rounded like torch's.
     with np.errstate(invalid="ignore", divide="ignore"):
         y = cols.sum(axis=0) / divisor.astype(x.dtype)
-    y = np.where(divisor > 0, y, x.dtype.type(0))
+    y = np.where(divisor != 0, y, x.dtype.type(0))
     return _out(y, x.dtype)
 
 
@@ -406,7 +406,7 @@ def avg_pool2d_backward(
     )
     with np.errstate(invalid="ignore", divide="ignore"):
         share = grad_out / divisor.astype(grad_out.dtype)
-    share = np.where(divisor > 0, share, grad_out.dtype.type(0))
+    share = np.where(divisor != 0, share, grad_out.dtype.type(0))
     kk = kernel_size[0] * kernel_size[1]
     gcols = np.broadcast_to(share, (kk,) + share.shape)
     padded_hw = (h + sum(pad_h), w + sum(pad_w))
