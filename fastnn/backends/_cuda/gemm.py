@@ -111,7 +111,9 @@ def _gemm_kernel(
         total = R * KT
         per = (total + S - 1) // S
         t_begin = s * per
-        t_end = min(total, t_begin + per)
+        t_end = t_begin + per
+        if t_end > total:  # (builtin min/max are avoided in kernels: see launch.py)
+            t_end = total
 
         As = cuda.shared.array((2, BK, PA), T)
         Bs = cuda.shared.array((2, BK, PB), T)

@@ -11,6 +11,15 @@ Two runtimes share the same kernels:
   source, shared memory and barriers included, which is what the simulator
   tests rely on.
 
+Kernel-writing rules for this package (each one fixes a real failure mode):
+
+* no builtin ``min``/``max`` inside kernels: Numba 0.68 types them through a
+  ``*args`` overload that its CUDA target fails to compile; use ternaries;
+* literals are ``T(...)`` of the array's dtype, never bare floats, so float32
+  kernels do not promote to float64;
+* never pass the same output array twice to one launch: the simulator copies
+  every argument back after the launch and the stale copy would win.
+
 Arrays cross into Numba through ``__cuda_array_interface__`` with
 ``sync=False``: by default Numba would synchronize the producer's stream on the
 host for every kernel argument, which would stall the CPU on every launch.

@@ -36,6 +36,18 @@ def _grid1d(n: int, rt: Runtime) -> int:
     return max(1, min(ceil_div(n, _THREADS), 32 * rt.num_sms))
 
 
+# Builtin min/max are avoided inside kernels: Numba 0.68 types them through a
+# *args overload that its CUDA target cannot compile (see launch.py).
+@cuda.jit(device=True)
+def _imin(a, b):
+    return a if a < b else b
+
+
+@cuda.jit(device=True)
+def _imax(a, b):
+    return a if a > b else b
+
+
 @functools.cache
 def _max_fwd_kernel(T: Any) -> Any:
     neg_inf = T(-math.inf)
@@ -123,12 +135,12 @@ def _avg_fwd_kernel(T: Any) -> Any:
             nc = t // OH
             h0 = oh * sh - ph
             w0 = ow * sw - pw
-            h1 = min(h0 + KH, H + ph)
-            w1 = min(w0 + KW, W + pw)
-            hs = max(h0, 0)
-            ws = max(w0, 0)
-            he = min(h1, H)
-            we = min(w1, W)
+            h1 = _imin(h0 + KH, H + ph)
+            w1 = _imin(w0 + KW, W + pw)
+            hs = _imax(h0, 0)
+            ws = _imax(w0, 0)
+            he = _imin(h1, H)
+            we = _imin(w1, W)
             out = zero
             if he > hs and we > ws:
                 acc = zero
@@ -164,15 +176,15 @@ def _avg_bwd_kernel(T: Any) -> Any:
                 if th >= 0 and th % sh == 0 and th // sh < OH:
                     oh = th // sh
                     h0 = oh * sh - ph
-                    h1 = min(h0 + KH, H + ph)
-                    nh = min(h1, H) - max(h0, 0)
+                    h1 = _imin(h0 + KH, H + ph)
+                    nh = _imin(h1, H) - _imax(h0, 0)
                     for j in range(KW):
                         tw = w + pw - j
                         if tw >= 0 and tw % sw == 0 and tw // sw < OW:
                             ow = tw // sw
                             w0 = ow * sw - pw
-                            w1 = min(w0 + KW, W + pw)
-                            nw = min(w1, W) - max(w0, 0)
+                            w1 = _imin(w0 + KW, W + pw)
+                            nw = _imin(w1, W) - _imax(w0, 0)
                             if override > 0:
                                 div = override
                             elif include_pad:
