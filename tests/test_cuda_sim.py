@@ -163,8 +163,8 @@ for T in (numba.float32, numba.float64):
     check("direct", conv._direct_kernel(T, 1, 3, 3, True), (A(T),) * 4 + (i64,) * 14, T)
     check("max_fwd", pool._max_fwd_kernel(T), (A(T), A(T)) + (i64,) * 13, T)
     check("max_bwd", pool._max_bwd_kernel(T), (A(T),) * 3 + (i64,) * 13, T)
-    check("avg_fwd", pool._avg_fwd_kernel(T), (A(T), A(T)) + (i64,) * 11 + (b1, i64), T)
-    check("avg_bwd", pool._avg_bwd_kernel(T), (A(T), A(T)) + (i64,) * 11 + (b1, i64), T)
+    check("avg_fwd", pool._avg_fwd_kernel(T), (A(T), A(T)) + (i64,) * 11 + (b1, b1, i64), T)
+    check("avg_bwd", pool._avg_bwd_kernel(T), (A(T), A(T)) + (i64,) * 11 + (b1, b1, i64), T)
     check("relu", ew._relu_kernel(T), (A(T), A(T), i64), T)
     check("relu_bwd", ew._relu_bwd_kernel(T), (A(T),) * 3 + (i64,), T)
     rows, mean = ew._softmax_ce_kernels(T)
@@ -500,6 +500,7 @@ _AVG_CASES = [
     ((3, 3), (2, 2), (1, 1), True, False, None),
     ((3, 2), (2, 3), (1, 1), False, True, 5),
     ((2, 3), (3, 1), (1, 0), True, False, None),
+    ((2, 2), (1, 1), (1, 1), True, False, -3),
 ]
 
 

@@ -8,7 +8,8 @@ Semantics match :mod:`fastnn.backends.numpy_ref` (torch's):
   outputs -inf; the backward pass recomputes each window's winner -- the first
   maximum in row-major window order, or the first NaN -- and routes the
   window's gradient there;
-* avg: the divisor is ``divisor_override`` if given, else the window size
+* avg: the divisor is ``divisor_override`` if given (any nonzero int,
+  negative included, as torch allows), else the window size
   clipped to the padded input (count_include_pad) or the number of real cells;
   a window with no real cell outputs 0.
 
@@ -127,7 +128,8 @@ def _avg_fwd_kernel(T: Any) -> Any:
     zero = T(0)
 
     @cuda.jit(cache=True)
-    def kernel(x, y, total, H, W, OH, OW, KH, KW, sh, sw, ph, pw, include_pad, override):
+    def kernel(x, y, total, H, W, OH, OW, KH, KW, sh, sw, ph, pw, include_pad, has_override,
+               override):
         for idx in range(cuda.grid(1), total, cuda.gridsize(1)):
             ow = idx % OW
             t = idx // OW
@@ -147,13 +149,14 @@ def _avg_fwd_kernel(T: Any) -> Any:
                 for h in range(hs, he):
                     for w in range(ws, we):
                         acc += x[(nc * H + h) * W + w]
-                if override > 0:
+                if has_override:
                     div = override
                 elif include_pad:
                     div = (h1 - h0) * (w1 - w0)
                 else:
                     div = (he - hs) * (we - ws)
-                out = acc / T(div)
+                if div != 0:  # only a zero divisor_override can make it 0
+                    out = acc / T(div)
             y[idx] = out
 
     return kernel
@@ -164,7 +167,8 @@ def _avg_bwd_kernel(T: Any) -> Any:
     zero = T(0)
 
     @cuda.jit(cache=True)
-    def kernel(gy, gx, total, H, W, OH, OW, KH, KW, sh, sw, ph, pw, include_pad, override):
+    def kernel(gy, gx, total, H, W, OH, OW, KH, KW, sh, sw, ph, pw, include_pad, has_override,
+               override):
         for idx in range(cuda.grid(1), total, cuda.gridsize(1)):
             w = idx % W
             t = idx // W
@@ -185,13 +189,14 @@ def _avg_bwd_kernel(T: Any) -> Any:
                             w0 = ow * sw - pw
                             w1 = _imin(w0 + KW, W + pw)
                             nw = _imin(w1, W) - _imax(w0, 0)
-                            if override > 0:
+                            if has_override:
                                 div = override
                             elif include_pad:
                                 div = (h1 - h0) * (w1 - w0)
                             else:
                                 div = nh * nw
-                            acc += gy[(nc * OH + oh) * OW + ow] / T(div)
+                            if div != 0:
+                                acc += gy[(nc * OH + oh) * OW + ow] / T(div)
             gx[idx] = acc
 
     return kernel
@@ -242,7 +247,8 @@ def avg_pool2d(
     if total:
         rt.launch(_avg_fwd_kernel(numba_type(x.dtype)), (_grid1d(total, rt),), _THREADS,
                   x.reshape(-1), y.reshape(-1), total, h, w, *out_hw, *kernel_size,
-                  *stride, *padding, bool(count_include_pad), int(divisor_override or 0))
+                  *stride, *padding, bool(count_include_pad), divisor_override is not None,
+                  int(divisor_override or 0))
     return y
 
 
@@ -262,5 +268,5 @@ def avg_pool2d_backward(
         rt.launch(_avg_bwd_kernel(numba_type(grad_out.dtype)), (_grid1d(total, rt),),
                   _THREADS, grad_out.reshape(-1), gx.reshape(-1), total, h, w, oh, ow,
                   *kernel_size, *stride, *padding, bool(count_include_pad),
-                  int(divisor_override or 0))
+                  divisor_override is not None, int(divisor_override or 0))
     return gx
