@@ -407,8 +407,9 @@ void packed_rect(const Problem& p, const T* A, const T* B, T* C, int64_t m0, int
   using V = typename VecOf<T>::type;
   constexpr int MR = Bk::MR, NR = Bk::NR, NV = Bk::NV;
   const int64_t KC = Bk::KC;
-  const int64_t NC = std::min<int64_t>(Bk::NC, (n1 - n0 + NR - 1) / NR * NR);
-  const int64_t MC = std::min<int64_t>(Bk::MC, (m1 - m0 + MR - 1) / MR * MR);
+  // Block sizes rounded to whole micro-panels (MR need not divide Bk::MC).
+  const int64_t NC = std::min<int64_t>(Bk::NC / NR * NR, (n1 - n0 + NR - 1) / NR * NR);
+  const int64_t MC = std::min<int64_t>(Bk::MC / MR * MR, (m1 - m0 + MR - 1) / MR * MR);
   const int64_t kcmax = std::min<int64_t>(KC, p.K);
   T* bufB = t_scratch_b.get<T>(size_t(NC * kcmax));
   T* bufA = t_scratch_a.get<T>(size_t(MC * kcmax));
