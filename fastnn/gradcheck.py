@@ -10,6 +10,8 @@ entry shows up with probability 1.
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -146,3 +148,15 @@ def gradcheck(
                 raise_exception,
             )
     return True
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this submodule rebinds ``fastnn.gradcheck`` from the function (which
+    ``fastnn/__init__`` exports) to the module; making the module callable keeps
+    ``fastnn.gradcheck(fn, inputs)`` working either way."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> bool:
+        return gradcheck(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

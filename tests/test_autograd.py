@@ -294,6 +294,12 @@ def test_gradcheck_rejects_float32_and_no_inputs(rng):
         gradcheck(lambda x: x * 2, [Tensor(np.ones(3))])
 
 
+def test_fastnn_gradcheck_is_callable_even_after_importing_the_submodule():
+    import fastnn.gradcheck  # noqa: F401 - rebinds the package attribute to the module
+
+    assert fastnn.gradcheck(lambda x: x * x, [Tensor(np.ones(2), requires_grad=True)])
+
+
 def test_gradcheck_restores_inputs_and_grads(rng):
     x = leaf(rng, 3)
     before = x.data.copy()
