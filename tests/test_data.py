@@ -337,3 +337,17 @@ def test_load_is_cached_until_files_change(tmp_path: Path) -> None:
     victim.write_bytes(gzip.compress(idx_labels(np.arange(7) % 10)))
     with pytest.raises(MNISTError, match="5 images but 7 labels"):
         load_mnist(tmp_path, download=False, checksums={**sums, FILES["test_labels"]: None})
+
+
+@pytest.mark.gpu
+def test_loader_cuda_matches_host() -> None:
+    import cupy
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (20, 8, 8)).astype(np.uint8), np.arange(20)
+    host = DataLoader(images, labels, 6, shuffle=True, seed=2, augment_shift=1)
+    dev = DataLoader(images, labels, 6, shuffle=True, seed=2, augment_shift=1, device="cuda")
+    for (xh, yh), (xd, yd) in zip(host, dev):
+        assert isinstance(xd, cupy.ndarray) and xd.dtype == np.float32 and yd.dtype == np.int64
+        np.testing.assert_array_equal(xh, xd.get())
+        np.testing.assert_array_equal(yh, yd.get())

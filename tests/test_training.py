@@ -184,3 +184,10 @@ def test_numpy_backend_learns(mnist_dir: Path) -> None:
         mnist_dir, model="seed", device="numpy", limit_train=1000, limit_test=300, batch_size=32
     )
     assert acc > 0.7  # chance is 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.mnist
+def test_cuda_learns(mnist_dir: Path) -> None:
+    acc = _run(mnist_dir, model="seed", device="cuda", limit_train=6000, limit_test=1000)
+    assert acc > 0.85
