@@ -341,8 +341,8 @@ def test_matmul_split_k_forced(knobs, rng, split_counter, splits) -> None:
 
 @sim
 def test_matmul_random_shapes(rng) -> None:
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
+    hypothesis = pytest.importorskip("hypothesis")
+    given, settings, st = hypothesis.given, hypothesis.settings, hypothesis.strategies
 
     @settings(max_examples=8, deadline=None, derandomize=True)
     @given(m=st.integers(1, 40), n=st.integers(1, 40), k=st.integers(0, 40),
