@@ -68,11 +68,19 @@ _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
+_loaded: dict[str, ModuleType] = {}
+
+
 def get_backend(name: str) -> ModuleType:
     """Import and return the backend module called ``name``."""
+    module = _loaded.get(name)
+    if module is not None:
+        return module
     if name not in _MODULES:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    return importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    _loaded[name] = module
+    return module
 
 
 def forced_backend() -> str | None:
