@@ -280,13 +280,17 @@ def _gemm_kernel(
         for i in range(TM):
             gm = m0 + ty + i * TY
             if gm < M:
-                bv = zero
                 if HAS_BIAS:
                     bv = bias[bi * sbias + gm]
-                for j in range(TN):
-                    gn = n0 + tx + j * TX
-                    if gn < N:
-                        C[coff + gm * N + gn] = acc[i, j] + bv
+                    for j in range(TN):
+                        gn = n0 + tx + j * TX
+                        if gn < N:
+                            C[coff + gm * N + gn] = acc[i, j] + bv
+                else:  # (acc + 0 is not folded away: -0.0 + 0 is +0.0)
+                    for j in range(TN):
+                        gn = n0 + tx + j * TX
+                        if gn < N:
+                            C[coff + gm * N + gn] = acc[i, j]
 
     return kernel
 
