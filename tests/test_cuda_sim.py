@@ -176,6 +176,49 @@ for T in (numba.float32, numba.float64):
 print("variants", count)
 assert not failures, "\\n".join(failures)
 assert not promoted, f"float32 kernels with float64 arithmetic: {promoted}"
+
+# Register blocking, checked on PTX from LLVM's own NVPTX backend (an
+# approximation of NVVM, which is not installed here): the 64x64/32x32 GEMM
+# tiles and the direct conv must keep their per-thread arrays in registers
+# (no local memory) and issue TM*TN FMAs per k step from shared memory.
+import llvmlite.binding as llvm
+llvm.initialize_all_targets()
+llvm.initialize_all_asmprinters()
+try:
+    target = llvm.Target.from_triple("nvptx64-nvidia-cuda")
+except RuntimeError:
+    target = None
+if target is not None:
+    tm = target.create_target_machine(cpu="sm_90", features="+ptx80", opt=3)
+    def ptx(kernel, sig):
+        cres = compile_cuda(kernel.py_func, types.void, sig, cc=(9, 0))
+        lib, _ = cres.target_context.prepare_cuda_kernel(
+            cres.library, cres.fndesc, False, False, {"opt": 3}, "k.py", 1)
+        mod = None
+        for m in lib.modules:
+            parsed = llvm.parse_assembly(str(m))
+            if mod is None:
+                mod = parsed
+            else:
+                mod.link_in(parsed)
+        mod.triple = "nvptx64-nvidia-cuda"
+        mod.data_layout = str(tm.target_data)
+        pb = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(speed_level=3))
+        pb.getModulePassManager().run(mod, pb)
+        return tm.emit_assembly(mod)
+    T = numba.float32
+    Cx = types.complex64
+    for cfg in ("medium", "small"):
+        for wide in (False, True):
+            k = gemm._gemm_kernel(T, gemm.CONFIGS[cfg], False, True, wide, wide, False)
+            sig = (A(Cx) if wide else A(T),) * 2 + (A(T), A(T)) + (i64,) * 16
+            code = ptx(k, sig)
+            tmn = gemm.CONFIGS[cfg][3] * gemm.CONFIGS[cfg][4]
+            assert "ld.local" not in code and "st.local" not in code, f"{cfg}: local memory"
+            assert code.count("fma.rn.f32") >= tmn and "ld.shared" in code, cfg
+    code = ptx(conv._direct_kernel(T, 1, 3, 3, True), (A(T),) * 4 + (i64,) * 14)
+    assert "ld.local" not in code and code.count("fma.rn.f32") >= 9, "direct conv"
+    print("ptx checks done")
 print("ok")
 """
 
@@ -200,6 +243,7 @@ def test_kernels_type_and_lower_for_real_cuda_target() -> None:
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
         proc.stdout[-2000:] + proc.stderr[-4000:]
     )
+    print(proc.stdout.strip().replace("\n", "; "))
 
 
 # --------------------------------------------------------------------------- #
