@@ -23,10 +23,15 @@ Each kernel is compiled by Numba on first use for its dtype and compile-time
 configuration (GEMM tile and transposes, filter size of the direct conv, ...)
 and cached on disk (``cache=True``, under ``__pycache__`` or
 ``NUMBA_CACHE_DIR``), so only the first call in the first process pays the
-compile: typically a few hundred ms to ~2 s per kernel variant on a GPU, a few
-tens of ms when loaded from the cache. ``benchmarks/bench_gpu.py`` measures
-the first-call latency on the real device; under the simulator there is no
-compilation at all, so timings there mean nothing.
+compile (NVVM + ptxas: expect on the order of a second per kernel variant; a
+training step uses about a dozen variants), and later processes load the
+cached binaries. These numbers have not been measured on a GPU yet:
+``benchmarks/bench_gpu.py`` measures first-call latency with an empty and with
+a warm cache on the real device. Under the simulator nothing is compiled, so
+timings there mean nothing.
+
+Limitations: one GPU (the CuPy device current at first use); float32 and
+float64 only; labels are not range-checked (see ``softmax_cross_entropy``).
 """
 
 from __future__ import annotations
