@@ -12,8 +12,9 @@ writes under ``"results"``::
 sgemm rate measured in the same run), ``gb_s`` (memory-bound ops; ``pct_peak``
 is against the large-copy bandwidth) or ``images_s`` (training; ``gflops`` is
 given too, and ``train_mnist`` adds ``epoch_s`` for 60,000 images). Speedups
-are ``median(peer) / median(this)``: above 1 means this backend is faster. A
-failed case has ``error`` instead of timings.
+are ``median(peer) / median(this)``: above 1 means this backend is faster
+(``cuda`` rows get no torch ratio: the torch peer runs on the CPU). A failed case
+has ``error`` instead of timings.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def result_rows(results: Sequence[Result], ceilings: dict[str, Any] | None = Non
             if c.op == "train_mnist":
                 row["epoch_s"] = MNIST_TRAIN_IMAGES / row["images_s"]
         for peer in ("numpy", "torch"):
+            if peer == "torch" and r.backend == "cuda":
+                continue  # the torch peer runs on the CPU: no like-for-like ratio
             base = medians.get((c.op, c.shape, r.dtype, peer))
             if base is not None:
                 row[f"speedup_vs_{peer}"] = base / t
@@ -107,7 +110,7 @@ def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     body = []
     for r in rows:
         if "error" in r and "median_s" not in r:
-            line = [r["op"], r["shape"], r["backend"], "error", r["error"][:60], "", ""]
+            line = [r["op"], r["shape"], r["backend"], "error", r["error"][:40], "", ""]
             body.append(line[: len(head)] + [""] * (len(head) - len(line)))
             continue
         line = [r["op"], r["shape"], r["backend"], fmt_time(r.get("median_s")),
