@@ -184,53 +184,53 @@ struct VecOf<double> {
 #define FASTNN_UNROLL _Pragma("GCC unroll 32")
 
 // ---------------------------------------------------------------------------
-// Micro-kernel: C[0:m, 0:n] (+)= sum_k a(:,k) b(k,:) for an MR x NR tile.
-// a(i,k) = a[i*rsa + k*csa], b(k, j) = b[k*rsb + j] (j < NR, all readable).
-// PackedA means rsa = 1, csa = MR; PackedB means rsb = NR (constants, so the
-// compiler can use immediate offsets). m <= MR, n <= NR limit the C update;
-// the unused rows/columns of a and b must still be readable (they are zero
-// padding in packed panels).
+// Micro-kernel: C[0:m, 0:n] (+)= sum_k a(:,k) b(k,:) for an MRK x (NVK*W) tile.
+// a(i,k) = a[i*rsa + k*csa], b(k,j) = b[k*rsb + j]; rows i < MRK and columns
+// j < NVK*W must be readable (zero padding in packed panels). PackedA means
+// a is a packed panel (rsa = 1, csa = MRP); PackedB means rsb = NRP. Constant
+// strides let the compiler use immediate offsets. m <= MRK and n <= NVK*W bound
+// the C update (masked on the last vector). beta1 adds to C, else C is only
+// written.
 // ---------------------------------------------------------------------------
-template <class V, int MR, int NV, bool PackedA, bool PackedB>
+template <class V, int MRK, int NVK, bool PackedA, bool PackedB, int MRP, int NRP>
 inline void micro(int64_t kc, const typename V::T* __restrict a, int64_t rsa, int64_t csa,
                   const typename V::T* __restrict b, int64_t rsb, typename V::T* __restrict c,
                   int64_t ldc, int m, int n, bool beta1) {
   using R = typename V::R;
   constexpr int W = V::W;
-  constexpr int NR = NV * W;
   if (PackedA) {
     rsa = 1;
-    csa = MR;
+    csa = MRP;
   }
-  if (PackedB) rsb = NR;
-  R acc[MR][NV];
-  FASTNN_UNROLL for (int i = 0; i < MR; ++i) {
-    FASTNN_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = V::zero();
+  if (PackedB) rsb = NRP;
+  R acc[MRK][NVK];
+  FASTNN_UNROLL for (int i = 0; i < MRK; ++i) {
+    FASTNN_UNROLL for (int v = 0; v < NVK; ++v) acc[i][v] = V::zero();
   }
   for (int64_t k = 0; k < kc; ++k) {
-    R bv[NV];
-    FASTNN_UNROLL for (int v = 0; v < NV; ++v) {
+    R bv[NVK];
+    FASTNN_UNROLL for (int v = 0; v < NVK; ++v) {
       bv[v] = PackedB ? V::load(b + v * W) : V::loadu(b + v * W);
     }
-    FASTNN_UNROLL for (int i = 0; i < MR; ++i) {
+    FASTNN_UNROLL for (int i = 0; i < MRK; ++i) {
       R ai = V::set1(a[i * rsa]);
-      FASTNN_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = V::fma(ai, bv[v], acc[i][v]);
+      FASTNN_UNROLL for (int v = 0; v < NVK; ++v) acc[i][v] = V::fma(ai, bv[v], acc[i][v]);
     }
     a += csa;
     b += rsb;
   }
-  if (m == MR && n == NR) {
-    FASTNN_UNROLL for (int i = 0; i < MR; ++i) {
-      FASTNN_UNROLL for (int v = 0; v < NV; ++v) {
+  if (m == MRK && n == NVK * W) {
+    FASTNN_UNROLL for (int i = 0; i < MRK; ++i) {
+      FASTNN_UNROLL for (int v = 0; v < NVK; ++v) {
         typename V::T* p = c + i * ldc + v * W;
         V::storeu(p, beta1 ? V::add(V::loadu(p), acc[i][v]) : acc[i][v]);
       }
     }
     return;
   }
-  FASTNN_UNROLL for (int i = 0; i < MR; ++i) {
+  FASTNN_UNROLL for (int i = 0; i < MRK; ++i) {
     if (i >= m) break;
-    FASTNN_UNROLL for (int v = 0; v < NV; ++v) {
+    FASTNN_UNROLL for (int v = 0; v < NVK; ++v) {
       int cols = n - v * W;
       if (cols <= 0) break;
       typename V::T* p = c + i * ldc + v * W;
@@ -240,6 +240,45 @@ inline void micro(int64_t kc, const typename V::T* __restrict a, int64_t rsa, in
         V::store_n(p, beta1 ? V::add(V::load_n(p, cols), acc[i][v]) : acc[i][v], cols);
       }
     }
+  }
+}
+
+// Picks the smallest register tile covering m rows x n columns, so ragged
+// edges (M = 10, N = 10, ...) do not pay for a full MR x NR tile.
+template <class V, bool PackedA, bool PackedB, int MRP, int NRP, int MRK, int NVK>
+struct Tile {
+  static inline void run(int64_t kc, const typename V::T* a, int64_t rsa, int64_t csa,
+                         const typename V::T* b, int64_t rsb, typename V::T* c, int64_t ldc,
+                         int m, int n, bool beta1) {
+    if constexpr (NVK > 1) {
+      if (n <= (NVK - 1) * V::W) {
+        Tile<V, PackedA, PackedB, MRP, NRP, MRK, NVK - 1>::run(kc, a, rsa, csa, b, rsb, c, ldc,
+                                                              m, n, beta1);
+        return;
+      }
+    }
+    if constexpr (MRK > 1) {
+      if (m < MRK) {
+        Tile<V, PackedA, PackedB, MRP, NRP, MRK - 1, NVK>::run(kc, a, rsa, csa, b, rsb, c, ldc,
+                                                              m, n, beta1);
+        return;
+      }
+    }
+    micro<V, MRK, NVK, PackedA, PackedB, MRP, NRP>(kc, a, rsa, csa, b, rsb, c, ldc, m, n,
+                                                    beta1);
+  }
+};
+
+template <class V, bool PackedA, bool PackedB, int MR, int NV>
+inline void tile(int64_t kc, const typename V::T* a, int64_t rsa, int64_t csa,
+                 const typename V::T* b, int64_t rsb, typename V::T* c, int64_t ldc, int m,
+                 int n, bool beta1) {
+  if (m == MR && n == NV * V::W) {
+    micro<V, MR, NV, PackedA, PackedB, MR, NV * V::W>(kc, a, rsa, csa, b, rsb, c, ldc, m, n,
+                                                      beta1);
+  } else {
+    Tile<V, PackedA, PackedB, MR, NV * V::W, MR, NV>::run(kc, a, rsa, csa, b, rsb, c, ldc, m, n,
+                                                          beta1);
   }
 }
 
@@ -388,43 +427,52 @@ struct Scratch {
     return static_cast<T*>(p);
   }
 };
-thread_local Scratch t_scratch_a, t_scratch_b;
+thread_local Scratch t_scratch_a, t_scratch_b, t_scratch_c;
 
 struct Problem {
   bool ta, tb;
   int64_t M, N, K;
-  int64_t lda, ldb, ldc;
+  int64_t lda, ldb;
+};
+
+// A piece of work: rows [m0, m1), columns [n0, n1) and depth [k0, k1) of the
+// product, added to (accumulate) or written into c, which points at the
+// destination of element (m0, n0) and has row stride ldc.
+template <typename T>
+struct Rect {
+  int64_t m0, m1, n0, n1, k0, k1;
+  T* c;
+  int64_t ldc;
   bool accumulate;
 };
 
 // ---------------------------------------------------------------------------
-// Packed (large) path on the rectangle rows [m0, m1) x cols [n0, n1) of C.
+// Packed (large) path.
 // ---------------------------------------------------------------------------
 template <typename T>
-void packed_rect(const Problem& p, const T* A, const T* B, T* C, int64_t m0, int64_t m1,
-                 int64_t n0, int64_t n1) {
+void packed_rect(const Problem& p, const T* A, const T* B, const Rect<T>& r) {
   using Bk = Blocking<T>;
   using V = typename VecOf<T>::type;
   constexpr int MR = Bk::MR, NR = Bk::NR, NV = Bk::NV;
   const int64_t KC = Bk::KC;
   // Block sizes rounded to whole micro-panels (MR need not divide Bk::MC).
-  const int64_t NC = std::min<int64_t>(Bk::NC / NR * NR, (n1 - n0 + NR - 1) / NR * NR);
-  const int64_t MC = std::min<int64_t>(Bk::MC / MR * MR, (m1 - m0 + MR - 1) / MR * MR);
-  const int64_t kcmax = std::min<int64_t>(KC, p.K);
+  const int64_t NC = std::min<int64_t>(Bk::NC / NR * NR, (r.n1 - r.n0 + NR - 1) / NR * NR);
+  const int64_t MC = std::min<int64_t>(Bk::MC / MR * MR, (r.m1 - r.m0 + MR - 1) / MR * MR);
+  const int64_t kcmax = std::min<int64_t>(KC, r.k1 - r.k0);
   T* bufB = t_scratch_b.get<T>(size_t(NC * kcmax));
   T* bufA = t_scratch_a.get<T>(size_t(MC * kcmax));
 
-  for (int64_t jc = n0; jc < n1; jc += NC) {
-    const int64_t nc = std::min(NC, n1 - jc);
-    for (int64_t pc = 0; pc < p.K; pc += KC) {
-      const int64_t kc = std::min(KC, p.K - pc);
-      const bool beta1 = p.accumulate || pc > 0;
+  for (int64_t jc = r.n0; jc < r.n1; jc += NC) {
+    const int64_t nc = std::min(NC, r.n1 - jc);
+    for (int64_t pc = r.k0; pc < r.k1; pc += KC) {
+      const int64_t kc = std::min(KC, r.k1 - pc);
+      const bool beta1 = r.accumulate || pc > r.k0;
       for (int64_t jr = 0; jr < nc; jr += NR) {
         int rv = int(std::min<int64_t>(NR, nc - jr));
         pack_b_panel<T, NR>(p.tb, B, p.ldb, jc + jr, pc, rv, kc, bufB + jr * kc);
       }
-      for (int64_t ic = m0; ic < m1; ic += MC) {
-        const int64_t mc = std::min(MC, m1 - ic);
+      for (int64_t ic = r.m0; ic < r.m1; ic += MC) {
+        const int64_t mc = std::min(MC, r.m1 - ic);
         for (int64_t ir = 0; ir < mc; ir += MR) {
           int rv = int(std::min<int64_t>(MR, mc - ir));
           pack_a_panel<T, MR>(p.ta, A, p.lda, ic + ir, pc, rv, kc, bufA + ir * kc);
@@ -432,11 +480,11 @@ void packed_rect(const Problem& p, const T* A, const T* B, T* C, int64_t m0, int
         for (int64_t ir = 0; ir < mc; ir += MR) {
           const int m = int(std::min<int64_t>(MR, mc - ir));
           const T* ap = bufA + ir * kc;
-          T* crow = C + (ic + ir) * p.ldc + jc;
+          T* crow = r.c + (ic - r.m0 + ir) * r.ldc + (jc - r.n0);
           for (int64_t jr = 0; jr < nc; jr += NR) {
             const int n = int(std::min<int64_t>(NR, nc - jr));
-            micro<V, MR, NV, true, true>(kc, ap, 1, MR, bufB + jr * kc, NR, crow + jr, p.ldc, m,
-                                         n, beta1);
+            tile<V, true, true, MR, NV>(kc, ap, 1, MR, bufB + jr * kc, NR, crow + jr, r.ldc, m, n,
+                                        beta1);
           }
         }
       }
@@ -445,104 +493,143 @@ void packed_rect(const Problem& p, const T* A, const T* B, T* C, int64_t m0, int
 }
 
 // ---------------------------------------------------------------------------
-// Unpacked (small) path on rows [m0, m1) x cols [n0, n1): no K blocking; A is
-// read in place; B in place unless transposed. Ragged edges go through small
-// zero-padded panels.
+// Unpacked (small) path, no K blocking: A is read in place (ragged rows use a
+// tile of exactly that many rows), B in place unless transposed; a transposed
+// B and the ragged last column panel are copied into zero-padded panels.
 // ---------------------------------------------------------------------------
 template <typename T>
-void direct_rect(const Problem& p, const T* A, const T* B, T* C, int64_t m0, int64_t m1,
-                 int64_t n0, int64_t n1) {
+void direct_rect(const Problem& p, const T* A, const T* B, const Rect<T>& r) {
   using Bk = Blocking<T>;
   using V = typename VecOf<T>::type;
   constexpr int MR = Bk::MR, NR = Bk::NR, NV = Bk::NV;
-  const int64_t K = p.K;
-  const int64_t nfull = n0 + (n1 - n0) / NR * NR;  // columns coverable in place
-  const int64_t mfull = m0 + (m1 - m0) / MR * MR;
+  const int64_t kc = r.k1 - r.k0;
   // op(A)(i, k) = A[i*rsa + k*csa]
   const int64_t rsa = p.ta ? 1 : p.lda, csa = p.ta ? p.lda : 1;
-  const bool b_in_place = !p.tb;
-  // Packed B: every column panel when transposed, else just the ragged one.
-  const int64_t bcols = b_in_place ? (n1 > nfull ? NR : 0) : (n1 - n0 + NR - 1) / NR * NR;
-  T* bufB = bcols ? t_scratch_b.get<T>(size_t(bcols * K)) : nullptr;
-  const int64_t bpanel0 = b_in_place ? nfull : n0;  // first column held in bufB
-  for (int64_t j = bpanel0; j < n1; j += NR) {
-    int rv = int(std::min<int64_t>(NR, n1 - j));
-    pack_b_panel<T, NR>(p.tb, B, p.ldb, j, 0, rv, K, bufB + (j - bpanel0) * K);
+  const int64_t nfull = r.n0 + (r.n1 - r.n0) / NR * NR;
+  const int64_t bpanel0 = p.tb ? r.n0 : nfull;  // first column held in bufB
+  T* bufB = nullptr;
+  if (bpanel0 < r.n1) {
+    const int64_t cols = (r.n1 - bpanel0 + NR - 1) / NR * NR;
+    bufB = t_scratch_b.get<T>(size_t(cols * kc));
+    for (int64_t j = bpanel0; j < r.n1; j += NR) {
+      int rv = int(std::min<int64_t>(NR, r.n1 - j));
+      pack_b_panel<T, NR>(p.tb, B, p.ldb, j, r.k0, rv, kc, bufB + (j - bpanel0) * kc);
+    }
   }
-  T* bufA = nullptr;
-  if (m1 > mfull) {
-    bufA = t_scratch_a.get<T>(size_t(MR * K));
-    pack_a_panel<T, MR>(p.ta, A, p.lda, mfull, 0, int(m1 - mfull), K, bufA);
-  }
-  const bool beta1 = p.accumulate;
-  for (int64_t i = m0; i < m1; i += MR) {
-    const int m = int(std::min<int64_t>(MR, m1 - i));
-    const bool a_packed = i >= mfull;
-    const T* ap = a_packed ? bufA : A + i * rsa;
-    T* crow = C + i * p.ldc;
-    for (int64_t j = n0; j < n1; j += NR) {
-      const int n = int(std::min<int64_t>(NR, n1 - j));
-      const bool b_packed = j >= bpanel0;
-      const T* bp = b_packed ? bufB + (j - bpanel0) * K : B + j;
-      if (a_packed) {
-        if (b_packed) {
-          micro<V, MR, NV, true, true>(K, ap, 1, MR, bp, NR, crow + j, p.ldc, m, n, beta1);
-        } else {
-          micro<V, MR, NV, true, false>(K, ap, 1, MR, bp, p.ldb, crow + j, p.ldc, m, n, beta1);
-        }
-      } else {
-        if (b_packed) {
-          micro<V, MR, NV, false, true>(K, ap, rsa, csa, bp, NR, crow + j, p.ldc, m, n, beta1);
-        } else {
-          micro<V, MR, NV, false, false>(K, ap, rsa, csa, bp, p.ldb, crow + j, p.ldc, m, n,
-                                         beta1);
-        }
-      }
+  for (int64_t i = r.m0; i < r.m1; i += MR) {
+    const int m = int(std::min<int64_t>(MR, r.m1 - i));
+    const T* ap = A + i * rsa + r.k0 * csa;
+    T* crow = r.c + (i - r.m0) * r.ldc - r.n0;
+    for (int64_t j = r.n0; j < bpanel0; j += NR) {
+      tile<V, false, false, MR, NV>(kc, ap, rsa, csa, B + r.k0 * p.ldb + j, p.ldb, crow + j,
+                                    r.ldc, m, NR, r.accumulate);
+    }
+    for (int64_t j = bpanel0; j < r.n1; j += NR) {
+      const int n = int(std::min<int64_t>(NR, r.n1 - j));
+      tile<V, false, true, MR, NV>(kc, ap, rsa, csa, bufB + (j - bpanel0) * kc, NR, crow + j,
+                                   r.ldc, m, n, r.accumulate);
     }
   }
 }
 
-// Cuts C into a grid of rectangles (multiples of MR x NR) and runs `rect` on
-// each, one per thread, in a single parallel_for.
-template <typename T, typename Rect>
-void run_grid(const Problem& p, int64_t max_threads, int64_t work_per_packed_elem, Rect rect) {
+// ---------------------------------------------------------------------------
+// Work split across threads.
+// ---------------------------------------------------------------------------
+struct Plan {
+  int64_t tm = 1, tn = 1, tk = 1;  // threads over M, N and K (tk > 1 only alone)
+  int64_t threads() const { return tm * tn * tk; }
+};
+
+// Each thread packs (M/tm + N/tn) * K elements on a tm x tn grid; splitting K
+// instead packs (M + N) * K / tk each but then sums tk partial M x N products.
+// Long-K, small-output problems (the MNIST linear forward, 128x128x5408) gain
+// most from the K split.
+template <typename T>
+Plan make_plan(const Problem& p, int64_t nt, bool allow_k_split) {
   using Bk = Blocking<T>;
-  constexpr int MR = Bk::MR, NR = Bk::NR;
-  const int64_t mpanels = (p.M + MR - 1) / MR, npanels = (p.N + NR - 1) / NR;
-  int64_t nt = std::min<int64_t>(max_threads, mpanels * npanels);
-  int64_t best_tm = 1, best_tn = 1;
+  const int64_t mpanels = (p.M + Bk::MR - 1) / Bk::MR, npanels = (p.N + Bk::NR - 1) / Bk::NR;
+  Plan best;
   double best_cost = -1;
-  // Choose tm x tn = t <= nt maximising t, then minimising repeated packing:
-  // each thread packs (M/tm + N/tn) * K elements.
-  for (int64_t t = nt; t >= 1 && best_cost < 0; --t) {
+  for (int64_t t = std::min(nt, mpanels * npanels); t >= 1 && best_cost < 0; --t) {
     for (int64_t tm = 1; tm <= t; ++tm) {
       if (t % tm) continue;
-      int64_t tn = t / tm;
+      const int64_t tn = t / tm;
       if (tm > mpanels || tn > npanels) continue;
-      double cost = double(p.M) / tm + double(p.N) / tn;
+      const double cost = (double(p.M) / tm + double(p.N) / tn) * double(p.K);
       if (best_cost < 0 || cost < best_cost) {
         best_cost = cost;
-        best_tm = tm;
-        best_tn = tn;
+        best.tm = tm;
+        best.tn = tn;
       }
     }
   }
-  (void)work_per_packed_elem;
-  const int64_t tm = best_tm, tn = best_tn;
-  auto body = [&](int64_t b, int64_t e) {
+  if (allow_k_split && nt > 1) {
+    const int64_t tk = std::min<int64_t>(nt, std::max<int64_t>(1, p.K / (2 * Blocking<T>::KC)));
+    if (tk > 1) {
+      // The reduction reads and writes every partial once.
+      const double cost = (double(p.M) + double(p.N)) * double(p.K) / double(tk) +
+                          2.0 * double(p.M) * double(p.N);
+      if (cost < 0.8 * best_cost || best.threads() < tk) {
+        best = Plan{};
+        best.tk = tk;
+      }
+    }
+  }
+  return best;
+}
+
+template <typename T, typename Body>
+void run_plan(const Problem& p, const Plan& plan, T* C, int64_t ldc, bool accumulate,
+              Body body) {
+  using Bk = Blocking<T>;
+  constexpr int MR = Bk::MR, NR = Bk::NR;
+  if (plan.tk > 1) {
+    // Thread 0 writes C; the others write partial products that the caller
+    // then adds in. Panels of K are multiples of KC so blocking is unchanged.
+    const int64_t tk = plan.tk, MN = p.M * p.N;
+    T* part = t_scratch_c.get<T>(size_t((tk - 1) * MN));
+    const int64_t kblocks = (p.K + Bk::KC - 1) / Bk::KC;
+    auto chunk = [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t k0 = std::min(p.K, kblocks * t / tk * Bk::KC);
+        const int64_t k1 = std::min(p.K, kblocks * (t + 1) / tk * Bk::KC);
+        if (t == 0) {
+          body(Rect<T>{0, p.M, 0, p.N, k0, k1, C, ldc, accumulate});
+        } else if (k0 < k1) {
+          body(Rect<T>{0, p.M, 0, p.N, k0, k1, part + (t - 1) * MN, p.N, false});
+        } else {
+          std::memset(part + (t - 1) * MN, 0, sizeof(T) * size_t(MN));
+        }
+      }
+    };
+    parallel_for(tk, 1, chunk);
+    for (int64_t i = 0; i < p.M; ++i) {
+      T* __restrict crow = C + i * ldc;
+      for (int64_t t = 1; t < tk; ++t) {
+        const T* __restrict prow = part + (t - 1) * MN + i * p.N;
+        for (int64_t j = 0; j < p.N; ++j) crow[j] += prow[j];
+      }
+    }
+    return;
+  }
+  const int64_t tm = plan.tm, tn = plan.tn;
+  const int64_t mpanels = (p.M + MR - 1) / MR, npanels = (p.N + NR - 1) / NR;
+  auto chunk = [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t ti = t / tn, tj = t % tn;
       const int64_t m0 = std::min(p.M, mpanels * ti / tm * MR);
       const int64_t m1 = std::min(p.M, mpanels * (ti + 1) / tm * MR);
       const int64_t n0 = std::min(p.N, npanels * tj / tn * NR);
       const int64_t n1 = std::min(p.N, npanels * (tj + 1) / tn * NR);
-      if (m0 < m1 && n0 < n1) rect(m0, m1, n0, n1);
+      if (m0 < m1 && n0 < n1) {
+        body(Rect<T>{m0, m1, n0, n1, 0, p.K, C + m0 * ldc + n0, ldc, accumulate});
+      }
     }
   };
   if (tm * tn == 1) {
-    body(0, 1);
+    chunk(0, 1);
   } else {
-    parallel_for(tm * tn, 1, body);
+    parallel_for(tm * tn, 1, chunk);
   }
 }
 
@@ -558,20 +645,18 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* 
     }
     return;
   }
-  const Problem p{trans_a, trans_b, M, N, K, lda, ldb, ldc, accumulate};
+  const Problem p{trans_a, trans_b, M, N, K, lda, ldb};
   const double work = double(M) * double(N) * double(K);
-  // Threads pay off once each gets more than a few microseconds of work.
-  const int64_t max_threads =
-      std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), int64_t(work / (32.0 * 32 * 32))));
+  // A thread pays off once it gets a few microseconds of work.
+  const int64_t nt = std::max<int64_t>(
+      1, std::min<int64_t>(get_num_threads(), int64_t(work / (48.0 * 48 * 48))));
   const bool small = K <= 512 && work <= 96.0 * 96 * 96;
   if (small) {
-    run_grid<T>(p, max_threads, 0, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-      direct_rect<T>(p, A, B, C, m0, m1, n0, n1);
-    });
+    run_plan<T>(p, make_plan<T>(p, nt, false), C, ldc, accumulate,
+                [&](const Rect<T>& r) { direct_rect<T>(p, A, B, r); });
   } else {
-    run_grid<T>(p, max_threads, 0, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-      packed_rect<T>(p, A, B, C, m0, m1, n0, n1);
-    });
+    run_plan<T>(p, make_plan<T>(p, nt, true), C, ldc, accumulate,
+                [&](const Rect<T>& r) { packed_rect<T>(p, A, B, r); });
   }
 }
 
