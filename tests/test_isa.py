@@ -82,12 +82,13 @@ def test_select_best():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_conv2d_every_isa(isa, rng, dtype):
-    # Small-K direct (C=1), im2col + gemm (C=5), 1x1, grouped/strided/dilated.
+    # Small-K direct (C=1), im2col + gemm (C=5), 1x1, grouped/strided/dilated, Winograd.
     cases = [
         (2, 1, 11, 19, 7, (3, 3), ONE, ZERO, ONE, 1),
         (2, 5, 9, 13, 6, (3, 3), ONE, ONE, ONE, 1),
         (2, 4, 5, 17, 8, (1, 1), ONE, ZERO, ONE, 2),
         (1, 6, 8, 23, 4, (2, 3), (2, 1), (1, 1), (1, 2), 2),
+        (3, 8, 13, 35, 9, (3, 3), ONE, ONE, ONE, 1),  # Winograd, several vectors per row
     ]
     for n, c, h, w, o, k, s, p, d, g in cases:
         x = rng.standard_normal((n, c, h, w)).astype(dtype)

@@ -257,6 +257,11 @@ CONV_CASES = [
     (1, 2, 5, 37, 3, (2, 2), (1, 3), (1, 1), (2, 1), 1),  # wide, stride 3
     (2, 3, 4, 4, 2, (4, 4), ONE, ZERO, ONE, 1),  # 1x1 output
     (1, 2, 3, 3, 5, (5, 5), ONE, (2, 2), ONE, 1),  # kernel larger than the input
+    # Winograd F(2x2, 3x3): stride 1, undilated 3x3, >= 8 channels in and out.
+    (2, 9, 13, 13, 10, (3, 3), ONE, ONE, ONE, 1),  # MNIST layer 2 (odd output)
+    (3, 16, 7, 10, 16, (3, 3), ONE, (2, 0), ONE, 2),  # groups, asymmetric padding
+    (1, 8, 5, 4, 8, (3, 3), ONE, ZERO, ONE, 1),  # 3x2 output: partial tiles
+    (1, 8, 6, 6, 8, (3, 3), ONE, (3, 3), ONE, 1),  # padding 3: im2col backward-input
 ]
 
 

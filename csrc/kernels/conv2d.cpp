@@ -22,6 +22,7 @@
 #include "fastnn/parallel.h"
 #include "kernels/ops.h"
 #include "kernels/simd.h"
+#include "kernels/winograd.h"
 
 namespace fastnn {
 namespace FASTNN_ISA_NS {
@@ -45,7 +46,11 @@ struct Geom {
   int64_t G, Cg, Og, K, P;  // groups, channels/outputs per group, K = Cg*KH*KW, OH*OW
   bool direct;              // 1x1, stride 1, no padding: x is its own im2col
   bool small;               // small-K direct kernels
+  bool wino;                // Winograd F(2x2, 3x3) (forward / backward-weight)
 };
+
+// Winograd pays off once both channel counts fill a gemm reasonably.
+constexpr int64_t kWinoMinChannels = 8;
 
 Geom geom(const Conv2dParams& p) {
   Geom g;
@@ -57,6 +62,8 @@ Geom geom(const Conv2dParams& p) {
   g.direct = p.KH == 1 && p.KW == 1 && p.sh == 1 && p.sw == 1 && p.ph == 0 && p.pw == 0 &&
              p.OH == p.H && p.OW == p.W;
   g.small = g.K <= kSmallK;
+  g.wino = p.KH == 3 && p.KW == 3 && p.sh == 1 && p.sw == 1 && p.dh == 1 && p.dw == 1 &&
+           g.Cg >= kWinoMinChannels && g.Og >= kWinoMinChannels && p.OH >= 2 && p.OW >= 2;
   return g;
 }
 
@@ -199,6 +206,11 @@ void small_fwd(const T* __restrict w, const T* __restrict bias, const T* __restr
     for (int k = 0; k < K; ++k)
       for (int v = 0; v < NV; ++v) c[k][v] = V::loadu(col + k * ldc + p0 + v * V::L);
     for (int64_t o = 0; o < Og; ++o) {
+      // Og output rows are written a few lines at a time; claim the lines of
+      // a later block early so the stores do not wait for them.
+      T* next = y + o * ldy + p0 + 2 * step;
+      __builtin_prefetch(next, 1);
+      if (step * sizeof(T) > 64) __builtin_prefetch(next + 64 / sizeof(T), 1);
       const T* wo = w + o * K;
       R acc[NV];
       const R b0 = bias ? V::set1(bias[o]) : V::zero();
@@ -236,6 +248,11 @@ void small_bwd_in(const T* __restrict w, const T* __restrict gy, int64_t ldg, in
     for (int k = 0; k < K; ++k)
       for (int v = 0; v < NV; ++v) acc[k][v] = V::zero();
     for (int64_t o = 0; o < Og; ++o) {
+      // Og rows are read a few lines at a time: too many streams for the
+      // hardware prefetcher, so fetch the next block's lines explicitly.
+      const T* next = gy + o * ldg + p0 + 2 * step;
+      __builtin_prefetch(next);
+      if (step * sizeof(T) > 64) __builtin_prefetch(next + 64 / sizeof(T));
       R g[NV];
       for (int v = 0; v < NV; ++v) g[v] = V::loadu(gy + o * ldg + p0 + v * V::L);
       for (int k = 0; k < K; ++k) {
@@ -269,6 +286,10 @@ void small_bwd_w_rows(const T* __restrict gy, int64_t ldg, const T* __restrict c
     for (int k = 0; k < K; ++k) acc[r][k] = V::zero();
   int64_t p0 = 0;
   for (; p0 + V::L <= n; p0 += V::L) {
+    // Rows are short, so the hardware prefetcher barely ramps up before a row
+    // ends: fetch the next row block at the same offset while this one runs
+    // (prefetches past the array end are harmless).
+    for (int r = 0; r < RB; ++r) __builtin_prefetch(gy + (r + RB) * ldg + p0);
     R g[RB];
     for (int r = 0; r < RB; ++r) g[r] = V::loadu(gy + r * ldg + p0);
     for (int k = 0; k < K; ++k) {
@@ -338,11 +359,22 @@ void conv2d_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T
     });
     return;
   }
+  if (g.wino) {
+    const winograd::Shape s = winograd::make_shape(g.Cg, g.Og, p.H, p.W, p.OH, p.OW, p.ph, p.pw);
+    Scratch<T> U(kSlotWeights, 16 * g.Og * g.Cg);
+    for (int64_t gi = 0; gi < g.G; ++gi) {
+      winograd::transform_weights(w + gi * g.Og * g.K, g.Og, g.Cg, g.K, int64_t(9), false,
+                                  U.get());
+      winograd::forward(s, p.N, x + gi * g.Cg * p.H * p.W, p.C * p.H * p.W, U.get(),
+                        b ? b + gi * g.Og : nullptr, y + gi * g.Og * g.P, p.O * g.P);
+    }
+    return;
+  }
   const int64_t rows = rows_per_block(p, g, p.N);
   const int64_t nblk = (p.OH + rows - 1) / rows;
   const int64_t col_elems = g.direct ? 0 : g.K * rows * p.OW;
   run_tasks(p.N * g.G * nblk, [&](int64_t t0, int64_t t1) {
-    Buffer<T> col(col_elems);
+    Scratch<T> col(kSlotCol, col_elems);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t blk = t % nblk, ng = t / nblk, gi = ng % g.G, n = ng / g.G;
       const int64_t oh0 = blk * rows, oh1 = std::min(p.OH, oh0 + rows);
@@ -381,12 +413,26 @@ void conv2d_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx
     });
     return;
   }
+  if (g.wino && p.ph <= 2 && p.pw <= 2) {
+    // The adjoint of a stride-1 3x3 conv is a 3x3 conv of grad_out with the
+    // filters rotated 180 degrees, in/out channels swapped, padding 2 - p.
+    const winograd::Shape s =
+        winograd::make_shape(g.Og, g.Cg, p.OH, p.OW, p.H, p.W, 2 - p.ph, 2 - p.pw);
+    Scratch<T> U(kSlotWeights, 16 * g.Og * g.Cg);
+    for (int64_t gi = 0; gi < g.G; ++gi) {
+      winograd::transform_weights(w + gi * g.Og * g.K, g.Cg, g.Og, int64_t(9), g.K, true,
+                                  U.get());
+      winograd::forward(s, p.N, gy + gi * g.Og * g.P, p.O * g.P, U.get(), static_cast<T*>(nullptr),
+                        gx + gi * g.Cg * plane, p.C * plane);
+    }
+    return;
+  }
   // Row blocks of one (image, group) overlap in gx, so they stay in one task.
   const int64_t rows = g.direct ? p.OH : std::min(p.OH, std::max<int64_t>(
                                              1, kColBlock / std::max<int64_t>(1, g.K * p.OW)));
   const int64_t dcol_elems = g.direct ? 0 : g.K * rows * p.OW;
   run_tasks(p.N * g.G, [&](int64_t t0, int64_t t1) {
-    Buffer<T> dcol(dcol_elems);
+    Scratch<T> dcol(kSlotCol, dcol_elems);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t gi = t % g.G, n = t / g.G;
       T* gxg = gx + (n * p.C + gi * g.Cg) * plane;
@@ -420,14 +466,42 @@ void conv2d_backward_weight(const Conv2dParams& p, const T* gy, const T* x, T* g
   if (wsize == 0) return;
   zero_row(gw, wsize);
   if (p.N == 0 || g.P == 0) return;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(p.N, get_num_threads()));
+  if (g.wino) {
+    // Per chunk of images: dU[g][pos][o][c] summed over tiles; then G^T dU G.
+    const winograd::Shape s = winograd::make_shape(g.Cg, g.Og, p.H, p.W, p.OH, p.OW, p.ph, p.pw);
+    const int64_t usize = 16 * g.Og * g.Cg;
+    Scratch<T> dU(kSlotPartial, chunks * g.G * usize);
+    dU.zero(chunks * g.G * usize);
+    auto body = [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t n0 = p.N * c / chunks, n1 = p.N * (c + 1) / chunks;
+        for (int64_t gi = 0; gi < g.G; ++gi) {
+          winograd::weight_grad_range(s, n0, n1, gy + gi * g.Og * g.P, p.O * g.P,
+                                      x + gi * g.Cg * p.H * p.W, p.C * p.H * p.W,
+                                      dU.get() + (c * g.G + gi) * usize);
+        }
+      }
+    };
+    if (chunks > 1) {
+      parallel_for(chunks, 1, body);
+      for (int64_t c = 1; c < chunks; ++c) add_row(dU.get(), dU.get() + c * g.G * usize, g.G * usize);
+    } else {
+      body(0, 1);
+    }
+    for (int64_t gi = 0; gi < g.G; ++gi) {
+      winograd::untransform_weight_grad(dU.get() + gi * usize, g.Og, g.Cg, g.K, int64_t(9),
+                                        gw + gi * g.Og * g.K);
+    }
+    return;
+  }
   const int64_t rows = rows_per_block(p, g, p.N);
   const int64_t col_elems = g.direct ? 0 : g.K * rows * p.OW;
   // Contiguous image ranges, each summed into its own partial gradient; the
   // first partial is gw itself. Partials are added in chunk order.
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(p.N, get_num_threads()));
-  Buffer<T> partial((chunks - 1) * wsize);
+  Scratch<T> partial(kSlotPartial, (chunks - 1) * wsize);
   auto body = [&](int64_t c0, int64_t c1) {
-    Buffer<T> col(col_elems);
+    Scratch<T> col(kSlotCol, col_elems);
     for (int64_t c = c0; c < c1; ++c) {
       T* acc = c == 0 ? gw : partial.get() + (c - 1) * wsize;
       if (c != 0) zero_row(acc, wsize);

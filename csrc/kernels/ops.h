@@ -41,6 +41,77 @@ class Buffer {
   T* ptr_ = nullptr;
 };
 
+// Per-thread scratch memory that is kept between calls, so steady-state kernels
+// neither call the allocator nor fault in fresh pages (a large aligned_alloc is
+// a new mmap whose pages the kernel must clear on first touch). Each purpose
+// uses its own slot, so buffers that are live at the same time never share
+// one; requests above kKeepBytes get a private allocation freed on scope exit.
+enum ScratchSlot : int {
+  kSlotCol = 0,        // im2col / col2im columns
+  kSlotWinoIn = 1,     // Winograd transformed input
+  kSlotWinoOut = 2,    // Winograd products / transformed grad_out
+  kSlotWinoGrid = 3,   // Winograd zero-padded plane
+  kSlotPartial = 4,    // per-chunk weight-gradient partials (caller thread)
+  kSlotWeights = 5,    // transformed weights (caller thread)
+  kNumSlots = 6,
+};
+
+class ThreadScratch {
+ public:
+  static constexpr size_t kKeepBytes = size_t(32) << 20;
+  static void* get(int slot, size_t bytes) {
+    static thread_local ThreadScratch t;
+    Slot& s = t.slots_[slot];
+    if (bytes > s.cap) {
+      std::free(s.ptr);
+      s.ptr = nullptr;
+      s.cap = 0;
+      const size_t cap = (bytes + 4095) & ~size_t(4095);
+      s.ptr = std::aligned_alloc(64, cap);
+      if (s.ptr == nullptr) throw std::bad_alloc();
+      s.cap = cap;
+    }
+    return s.ptr;
+  }
+  ~ThreadScratch() {
+    for (Slot& s : slots_) std::free(s.ptr);
+  }
+
+ private:
+  struct Slot {
+    void* ptr = nullptr;
+    size_t cap = 0;
+  };
+  Slot slots_[kNumSlots];
+};
+
+// An uninitialised, 64-byte aligned array of n T from the calling thread's
+// scratch slot (or, when large, a private allocation). Valid until the next
+// Scratch on the same slot and thread.
+template <typename T>
+class Scratch {
+ public:
+  Scratch(ScratchSlot slot, int64_t n) {
+    const size_t bytes = static_cast<size_t>(n > 0 ? n : 1) * sizeof(T);
+    if (bytes > ThreadScratch::kKeepBytes) {
+      owned_ = static_cast<T*>(std::aligned_alloc(64, (bytes + 63) & ~size_t(63)));
+      if (owned_ == nullptr) throw std::bad_alloc();
+      ptr_ = owned_;
+    } else {
+      ptr_ = static_cast<T*>(ThreadScratch::get(slot, bytes));
+    }
+  }
+  ~Scratch() { std::free(owned_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* get() const { return ptr_; }
+  void zero(int64_t n) { std::memset(ptr_, 0, static_cast<size_t>(n) * sizeof(T)); }
+
+ private:
+  T* ptr_ = nullptr;
+  T* owned_ = nullptr;
+};
+
 // First output index o >= 0 whose input o*s + off is >= 0, and one past the
 // last whose input is < size (clipped to [0, n_out]); off = tap*dilation - pad.
 inline void valid_range(int64_t size, int64_t s, int64_t off, int64_t n_out, int64_t& lo,
