@@ -23,13 +23,22 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Checkpoint", "CheckpointError", "load", "save"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "Checkpoint",
+    "CheckpointError",
+    "load",
+    "save",
+    "write_atomic",
+]
 
 FORMAT = "fastnn-checkpoint"
 FORMAT_VERSION = 1
@@ -144,6 +153,44 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _file_mode() -> int:
+    """0o666 minus the umask: what open() would give, unlike mkstemp's 0o600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Create ``path`` atomically: ``write(f)`` fills a temporary file in the same
+    directory, which is fsynced and renamed over ``path`` (:func:`os.replace`).
+
+    If anything fails (including KeyboardInterrupt) the temporary file is removed
+    and an existing ``path`` is left untouched.
+    """
+    path = Path(path)
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, _FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(directory)
+    return path
+
+
 def save(
     path: str | os.PathLike,
     states: dict[str, Any],
@@ -167,22 +214,7 @@ def save(
     arrays[_META] = np.array([meta_json])
     arrays[_TREE] = np.array([json.dumps(tree)])
 
-    directory = path.parent if str(path.parent) else Path(".")
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
+    write_atomic(path, lambda f: np.savez(f, **arrays))
     return path
 
 

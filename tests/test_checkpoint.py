@@ -267,3 +267,14 @@ def test_resume_matches_uninterrupted_run(mnist_dir: Path, tmp_path: Path) -> No
     assert resumed.epochs[1]["train_loss"] == pytest.approx(full.epochs[1]["train_loss"], 1e-5)
     assert resumed.epochs[1]["lr"] == full.epochs[1]["lr"] < full.epochs[0]["lr"]
     assert resumed.test_accuracy == full.test_accuracy
+
+
+def test_saved_files_get_normal_permissions(tmp_path: Path) -> None:
+    path = ckpt.save(tmp_path / "c.npz", {"model": {}})
+    ckpt.write_atomic(tmp_path / "m.json", lambda f: f.write(b"{}"))
+    mask = os.umask(0)
+    os.umask(mask)
+    # mkstemp creates 0o600; the result should look like any file open() creates.
+    for p in (path, tmp_path / "m.json"):
+        assert (p.stat().st_mode & 0o777) == 0o666 & ~mask
+    assert (tmp_path / "m.json").read_bytes() == b"{}"

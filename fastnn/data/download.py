@@ -48,6 +48,15 @@ ENV_MIRRORS = "FASTNN_MNIST_MIRRORS"
 _MAX_BYTES = 64 * 1024 * 1024
 
 
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
 class MNISTDownloadError(MNISTError):
     """No mirror delivered a verified copy of an MNIST file."""
 
@@ -90,6 +99,7 @@ def _write_atomic(directory: Path, filename: str, payload: bytes) -> Path:
     target = directory / filename
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{filename}.", suffix=".part")
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp's 0o600 would make the cache private
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
