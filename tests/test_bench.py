@@ -363,3 +363,35 @@ def test_python_m_fastnn_bench_lists_cases() -> None:
                           capture_output=True, text=True, env=env, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "conv2d_bwd_weight" in proc.stdout and "train_step" in proc.stdout
+
+
+def _targets_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_cpu_targets", REPO / "benchmarks" / "bench_cpu_targets.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while executing it
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cpu_targets_verdicts() -> None:
+    t = _targets_module()
+    conv = conv_case("conv2d_fwd", 2, 1, 8, 4)
+    fwd, bwd = pool_case("max_pool2d_fwd", 2, 3, 8), pool_case("max_pool2d_bwd", 2, 3, 8)
+    tgts = [t.Target("conv2d", "fwd", [conv], {"numpy": 10.0, "torch": 2.0}),
+            t.Target("pool", "fwd+bwd", [fwd, bwd], {"copy": 0.5, "torch": 3.0}),
+            t.Target("conv2d", "no torch", [conv], {"torch": 2.0})]
+    medians = {(conv.op, conv.shape, "cpu"): 1.0, (conv.op, conv.shape, "numpy"): 20.0,
+               (conv.op, conv.shape, "torch"): 1.5,
+               (fwd.op, fwd.shape, "cpu"): 1e-6, (bwd.op, bwd.shape, "cpu"): 1e-6,
+               (fwd.op, fwd.shape, "torch"): 1e-5, (bwd.op, bwd.shape, "torch"): 1e-5}
+    rows = t.evaluate(tgts, medians, {"sgemm_gflops": 100.0, "copy_gb_s": 1.0})
+    assert rows[0]["result"] == "FAIL (torch)" and math.isclose(rows[0]["vs_numpy"], 20.0)
+    # Summed fwd+bwd: 2 us for both passes against 20 us of torch, bytes over 2 us vs 1 GB/s.
+    assert math.isclose(rows[1]["cpu_s"], 2e-6) and math.isclose(rows[1]["vs_torch"], 10.0)
+    assert math.isclose(rows[1]["copy_frac"], (fwd.bytes + bwd.bytes) / 2e-6 / 1e9)
+    assert rows[1]["result"] == "PASS"
+    medians.pop((conv.op, conv.shape, "torch"))
+    assert t.evaluate(tgts[2:], medians, {})[0]["result"].startswith("n/a")
