@@ -255,6 +255,7 @@ CONV_CASES = [
     (1, 6, 7, 5, 6, (1, 1), (2, 2), ONE, ONE, 3),  # 1x1 strided and padded
     (2, 6, 6, 6, 6, (3, 3), ONE, ONE, ONE, 6),  # depthwise
     (1, 2, 5, 37, 3, (2, 2), (1, 3), (1, 1), (2, 1), 1),  # wide, stride 3
+    (2, 3, 11, 40, 4, (3, 3), (2, 2), ONE, ONE, 1),  # stride 2: even/odd split rows
     (2, 3, 4, 4, 2, (4, 4), ONE, ZERO, ONE, 1),  # 1x1 output
     (1, 2, 3, 3, 5, (5, 5), ONE, (2, 2), ONE, 1),  # kernel larger than the input
     # Winograd F(2x2, 3x3): stride 1, undilated 3x3, >= 8 channels in and out.

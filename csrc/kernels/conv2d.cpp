@@ -121,6 +121,35 @@ inline void add_row(T* __restrict dst, const T* __restrict src, int64_t n) {
   if (i < n) V::storep(dst + i, V::add(V::loadp(dst + i, n - i), V::loadp(src + i, n - i)), n - i);
 }
 
+// dst[i] = src[2*i] for i < n (stride-2 im2col rows). Reads only the 2n-1
+// elements it uses, so the last row of an array is safe.
+template <typename T>
+inline void copy_row_s2(T* __restrict dst, const T* __restrict src, int64_t n) {
+  using V = Vec<T>;
+  for (int64_t i = 0; i < n; i += V::L) {
+    const int64_t m = std::min<int64_t>(V::L, n - i), e = 2 * m - 1;
+    typename V::reg even, odd;
+    V::deinterleave(V::loadp(src + 2 * i, std::min<int64_t>(e, V::L)),
+                    V::loadp(src + 2 * i + V::L, std::max<int64_t>(0, e - V::L)), even, odd);
+    V::storep(dst + i, even, m);
+  }
+}
+
+// dst[2*i] += src[i] for i < n (stride-2 col2im rows); odd cells untouched.
+template <typename T>
+inline void add_row_s2(T* __restrict dst, const T* __restrict src, int64_t n) {
+  using V = Vec<T>;
+  for (int64_t i = 0; i < n; i += V::L) {
+    const int64_t m = std::min<int64_t>(V::L, n - i), e = 2 * m - 1;
+    const int64_t nlo = std::min<int64_t>(e, V::L), nhi = std::max<int64_t>(0, e - V::L);
+    typename V::reg even, odd, lo, hi;
+    V::deinterleave(V::loadp(dst + 2 * i, nlo), V::loadp(dst + 2 * i + V::L, nhi), even, odd);
+    V::interleave(V::add(even, V::loadp(src + i, m)), odd, lo, hi);
+    V::storep(dst + 2 * i, lo, nlo);
+    V::storep(dst + 2 * i + V::L, hi, nhi);
+  }
+}
+
 // Unfolds output rows [oh0, oh1) of one image/group xg (Cg, H, W) into
 // col (K, (oh1-oh0)*OW); row (c*KH + kh)*KW + kw, matching OIHW weights.
 template <typename T>
@@ -145,6 +174,8 @@ void im2col(const Conv2dParams& p, int64_t Cg, const T* __restrict xg, int64_t o
           for (int64_t o = 0; o < lo; ++o) dst[o] = T(0);
           if (p.sw == 1) {
             copy_row(dst + lo, src + lo + off, hi - lo);
+          } else if (p.sw == 2) {
+            copy_row_s2(dst + lo, src + 2 * lo + off, hi - lo);
           } else {
             for (int64_t o = lo; o < hi; ++o) dst[o] = src[o * p.sw + off];
           }
@@ -175,6 +206,8 @@ void col2im_add(const Conv2dParams& p, int64_t Cg, const T* __restrict col, int6
           T* dst = plane + ih * p.W;
           if (p.sw == 1) {
             add_row(dst + lo + off, src + lo, hi - lo);
+          } else if (p.sw == 2) {
+            add_row_s2(dst + 2 * lo + off, src + lo, hi - lo);
           } else {
             for (int64_t o = lo; o < hi; ++o) dst[o * p.sw + off] += src[o];
           }
@@ -314,7 +347,7 @@ template <typename T, int K>
 void small_bwd_w(const T* gy, int64_t ldg, const T* col, int64_t ldc, int64_t Og, int64_t n,
                  T* gw) {
   // Rows per pass: RB*K accumulators + RB gy vectors + 1 col vector in registers.
-  constexpr int RB = std::max(1, std::min(4, (kVecRegs - 2) / (K + 1)));
+  constexpr int RB = std::max(1, std::min(4, (kVecRegs - 4) / (K + 1)));
   int64_t o = 0;
   for (; o + RB <= Og; o += RB) small_bwd_w_rows<T, K, RB>(gy + o * ldg, ldg, col, ldc, n, gw + o * K);
   for (; o < Og; ++o) small_bwd_w_rows<T, K, 1>(gy + o * ldg, ldg, col, ldc, n, gw + o * K);
