@@ -12,6 +12,10 @@ zero-argument callable for one backend:
 * ``torch`` -- PyTorch on the CPU as a peer, calling the same ATen kernels its
   autograd runs in training.
 
+Training cases run the seed model through fastnn's own Tensor/nn/optim stack
+(``train_step``, ``train_mnist``) or directly on a backend's ops
+(``train_step_kernels``).
+
 Layouts: activations NCHW, conv weights OIHW, matrices row-major; all inputs are
 standard-normal of the chosen float dtype, drawn from a fixed seed.
 """
@@ -29,8 +33,6 @@ import numpy as np
 #: op families accepted by ``--ops`` (an op also matches its own full name).
 FAMILIES = ("conv2d", "matmul", "max_pool2d", "avg_pool2d", "elementwise", "train")
 BACKENDS = ("numpy", "cpu", "cuda", "torch")
-#: Timers: host wall clock, CuPy CUDA events, torch CUDA events.
-TIMERS = ("wall", "cupy", "torch_cuda")
 #: the MNIST seed model: conv 1->32 3x3, relu, maxpool 2, linear 5408->128, relu, linear 128->10.
 SEED_HIDDEN = 128
 SEED_FEATURES = 32 * 13 * 13
@@ -313,7 +315,8 @@ def known_op_names() -> set[str]:
 
 @dataclass
 class Prepared:
-    """A ready-to-time case: ``fn()`` runs it once; ``timer`` names how to time it."""
+    """A ready-to-time case: ``fn()`` runs it once; ``timer`` (``wall`` or ``cupy``)
+    names how to time it."""
 
     fn: Callable[[], Any]
     timer: str = "wall"

@@ -46,7 +46,8 @@ class Timing:
 
 
 def _clock(timer: str) -> Callable[[Callable[[], Any], int], float]:
-    """A function (fn, n) -> seconds per call for ``n`` back-to-back calls."""
+    """A function (fn, n) -> seconds per call for ``n`` back-to-back calls: ``wall``
+    (perf_counter) or ``cupy`` (CUDA events on the current stream)."""
     if timer == "wall":
 
         def wall(fn: Callable[[], Any], n: int) -> float:
@@ -70,22 +71,7 @@ def _clock(timer: str) -> Callable[[Callable[[], Any], int], float]:
             return cupy.cuda.get_elapsed_time(start, end) / 1e3 / n
 
         return cupy_events
-    if timer == "torch_cuda":
-        import torch
-
-        t_start = torch.cuda.Event(enable_timing=True)
-        t_end = torch.cuda.Event(enable_timing=True)
-
-        def torch_events(fn: Callable[[], Any], n: int) -> float:
-            t_start.record()
-            for _ in range(n):
-                fn()
-            t_end.record()
-            t_end.synchronize()
-            return t_start.elapsed_time(t_end) / 1e3 / n
-
-        return torch_events
-    raise ValueError(f"timer must be wall, cupy or torch_cuda, got {timer!r}")
+    raise ValueError(f"timer must be wall or cupy, got {timer!r}")
 
 
 def measure(
