@@ -163,7 +163,7 @@ struct Blocking;
 template <>
 struct Blocking<float> {
   static constexpr int MR = kMRf, NV = kNVf, NR = kNVf * VF::W;
-  static constexpr int64_t KC = 256, NC = 512, MC = 256;
+  static constexpr int64_t KC = 256, NC = 1024, MC = 256;
 };
 template <>
 struct Blocking<double> {
@@ -203,6 +203,12 @@ inline void micro(int64_t kc, const typename V::T* __restrict a, int64_t rsa, in
     csa = MRP;
   }
   if (PackedB) rsb = NRP;
+  // Pull the C tile towards L1 while the k loop runs (it is read at the end).
+  FASTNN_UNROLL for (int i = 0; i < MRK; ++i) {
+    FASTNN_UNROLL for (int v = 0; v < NVK; ++v) {
+      __builtin_prefetch(c + i * ldc + v * W, 1, 3);
+    }
+  }
   R acc[MRK][NVK];
   FASTNN_UNROLL for (int i = 0; i < MRK; ++i) {
     FASTNN_UNROLL for (int v = 0; v < NVK; ++v) acc[i][v] = V::zero();
