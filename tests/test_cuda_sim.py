@@ -298,12 +298,10 @@ def split_counter(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 @sim
 def test_available_under_simulator() -> None:
-    from fastnn.backends import get_backend
+    import fastnn
 
-    # (Not fastnn.available_backends(): that imports fastnn._C, and this child
-    # should not map a shared library that a concurrent dev build may rewrite.)
     assert cb.is_available()
-    assert get_backend("cuda").is_available()
+    assert "cuda" in fastnn.available_backends()
     assert "simulator" in cb.device_info()["cuda"]
 
 
