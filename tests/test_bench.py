@@ -395,3 +395,11 @@ def test_cpu_targets_verdicts() -> None:
     assert rows[1]["result"] == "PASS"
     medians.pop((conv.op, conv.shape, "torch"))
     assert t.evaluate(tgts[2:], medians, {})[0]["result"].startswith("n/a")
+
+
+def test_best_ceilings_takes_the_best_of_each() -> None:
+    a = {"sgemm_n": 256, "sgemm_gflops": 10.0, "copy_mib": 8, "copy_gb_s": 5.0,
+         "copy_cache_gb_s": 50.0}
+    b = dict(a, sgemm_gflops=20.0, copy_gb_s=4.0)
+    best = machine.best_ceilings(a, b)
+    assert (best["sgemm_gflops"], best["copy_gb_s"], best["copy_cache_gb_s"]) == (20.0, 5.0, 50.0)

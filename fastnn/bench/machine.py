@@ -71,6 +71,16 @@ def measure_ceilings(mode: str = "full") -> dict[str, Any]:
     }
 
 
+def best_ceilings(*measured: dict[str, Any]) -> dict[str, Any]:
+    """Ceilings measured several times in a run (at its start and end) merged into the
+    best of each: a peak is what the machine can do, and a busy moment only hides it."""
+    out = dict(measured[0])
+    for m in measured[1:]:
+        for key in ("sgemm_gflops", "copy_gb_s", "copy_cache_gb_s"):
+            out[key] = max(out[key], m[key])
+    return out
+
+
 def load_average() -> float | None:
     """The 1-minute load average, or None where the OS has none."""
     try:
