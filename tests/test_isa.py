@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import fastnn
 from fastnn.backends import numpy_ref as R
 
 _C = pytest.importorskip("fastnn._C", reason="fastnn._C is not built (run tools/dev_build.sh)")
 
-REPO = Path(__file__).resolve().parents[1]
+PKG_ROOT = Path(fastnn.__file__).resolve().parents[1]
 ALL_ISAS = ("avx512", "avx2", "baseline")
 SUPPORTED = _C.supported_isas()
 ONE, ZERO = (1, 1), (0, 0)
@@ -170,7 +171,8 @@ def _run_with_env(isa_value: str) -> subprocess.CompletedProcess:
         "print(_C.active_isa())\n"
         "print([str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)])\n"
     )
-    env = dict(os.environ, FASTNN_ISA=isa_value, PYTHONPATH=str(REPO))
+    # The child imports the same fastnn as this process (the tree, or a copy).
+    env = dict(os.environ, FASTNN_ISA=isa_value, PYTHONPATH=str(PKG_ROOT))
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120, check=True)
 

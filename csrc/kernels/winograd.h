@@ -131,12 +131,139 @@ struct Grid {
   }
 };
 
+// --- transform arithmetic on vectors of tiles --------------------------------
+
+// One input row of a tile, d0..d3 = columns 0..3 -> t = d B.
+template <typename R, typename Vt>
+inline void in_row(R d0, R d1, R d2, R d3, R* t) {
+  t[0] = Vt::sub(d0, d2);
+  t[1] = Vt::add(d1, d2);
+  t[2] = Vt::sub(d2, d1);
+  t[3] = Vt::sub(d1, d3);
+}
+
+// v[pos] = B^T (d B) from the four transformed rows t[r][j].
+template <typename R, typename Vt>
+inline void in_cols(const R (*t)[4], R* v) {
+  for (int j = 0; j < 4; ++j) {
+    v[0 * 4 + j] = Vt::sub(t[0][j], t[2][j]);
+    v[1 * 4 + j] = Vt::add(t[1][j], t[2][j]);
+    v[2 * 4 + j] = Vt::sub(t[2][j], t[1][j]);
+    v[3 * 4 + j] = Vt::sub(t[1][j], t[3][j]);
+  }
+}
+
+// The 2x2 outputs y[i][j] = (A^T M A)[i][j] + bias from q[pos].
+template <typename R, typename Vt>
+inline void out_math(const R* q, R bias, R* y) {
+  R r0[4], r1[4];  // A^T M
+  for (int j = 0; j < 4; ++j) {
+    r0[j] = Vt::add(Vt::add(q[0 * 4 + j], q[1 * 4 + j]), q[2 * 4 + j]);
+    r1[j] = Vt::sub(Vt::sub(q[1 * 4 + j], q[2 * 4 + j]), q[3 * 4 + j]);
+  }
+  y[0] = Vt::add(Vt::add(Vt::add(r0[0], r0[1]), r0[2]), bias);
+  y[1] = Vt::add(Vt::sub(Vt::sub(r0[1], r0[2]), r0[3]), bias);
+  y[2] = Vt::add(Vt::add(Vt::add(r1[0], r1[1]), r1[2]), bias);
+  y[3] = Vt::add(Vt::sub(Vt::sub(r1[1], r1[2]), r1[3]), bias);
+}
+
+// v[pos] = (A dY A^T)[pos] from the 2x2 grad_out cells a0 a1 / b0 b1.
+template <typename R, typename Vt>
+inline void grad_math(R a0, R a1, R b0, R b1, R* v) {
+  const R z = Vt::zero();
+  // r = A dY (4 x 2); rows of A: (1,0), (1,1), (1,-1), (0,-1).
+  const R r[4][2] = {{a0, a1},
+                     {Vt::add(a0, b0), Vt::add(a1, b1)},
+                     {Vt::sub(a0, b0), Vt::sub(a1, b1)},
+                     {Vt::sub(z, b0), Vt::sub(z, b1)}};
+  for (int i = 0; i < 4; ++i) {
+    v[i * 4 + 0] = r[i][0];
+    v[i * 4 + 1] = Vt::add(r[i][0], r[i][1]);
+    v[i * 4 + 2] = Vt::sub(r[i][0], r[i][1]);
+    v[i * 4 + 3] = Vt::sub(z, r[i][1]);
+  }
+}
+
+#if defined(__AVX512F__)
+// With AVX-512 a tile row of an MNIST-sized plane (TW <= L/2 tiles) fills
+// less than half a vector. Two tile rows then share one vector: rows th and
+// th+1 of the input grid are loaded as the (lo, hi) halves of one even/odd
+// split, which puts row th's tiles in lanes [0, L/2) and row th+1's in
+// [L/2, L). One permute moves them to/from the 2*TW consecutive tiles of the
+// transformed layout.
+template <typename T>
+struct Pack;
+template <>
+struct Pack<float> {
+  static constexpr int H = 8;
+  __m512i flat, rows;
+  explicit Pack(int64_t TW) {
+    alignas(64) int32_t f[16], r[16];
+    for (int l = 0; l < 16; ++l) {
+      f[l] = l < TW ? l : (l < 2 * TW ? static_cast<int32_t>(H + l - TW) : 0);
+      r[l] = l < H ? (l < TW ? l : 0) : (l - H < TW ? static_cast<int32_t>(TW + l - H) : 0);
+    }
+    flat = _mm512_load_si512(f);
+    rows = _mm512_load_si512(r);
+  }
+  __m512 to_flat(__m512 v) const { return _mm512_permutexvar_ps(flat, v); }
+  __m512 to_rows(__m512 v) const { return _mm512_permutexvar_ps(rows, v); }
+};
+template <>
+struct Pack<double> {
+  static constexpr int H = 4;
+  __m512i flat, rows;
+  explicit Pack(int64_t TW) {
+    alignas(64) int64_t f[8], r[8];
+    for (int l = 0; l < 8; ++l) {
+      f[l] = l < TW ? l : (l < 2 * TW ? H + l - TW : 0);
+      r[l] = l < H ? (l < TW ? l : 0) : (l - H < TW ? TW + l - H : 0);
+    }
+    flat = _mm512_load_si512(f);
+    rows = _mm512_load_si512(r);
+  }
+  __m512d to_flat(__m512d v) const { return _mm512_permutexvar_pd(flat, v); }
+  __m512d to_rows(__m512d v) const { return _mm512_permutexvar_pd(rows, v); }
+};
+template <typename T>
+inline bool packable(const Shape& s) {
+  return 2 * s.TW <= Vec<T>::L;
+}
+#else
+template <typename T>
+inline bool packable(const Shape&) {
+  return false;
+}
+#endif
+
 // V[pos][c][t0 + tile] = (B^T d B)[pos] for every tile of one plane (channel c).
 template <typename T>
 void input_transform(const Shape& s, const Grid<T>& g, T* V, int64_t plane_stride) {
   using Vt = Vec<T>;
   using R = typename Vt::reg;
-  for (int64_t th = 0; th < s.TH; ++th) {
+  int64_t th = 0;
+#if defined(__AVX512F__)
+  if (packable<T>(s)) {
+    const Pack<T> pk(s.TW);
+    const int64_t n = 2 * s.TW;
+    for (; th + 1 < s.TH; th += 2) {
+      R t[4][4];
+      for (int r = 0; r < 4; ++r) {
+        const T* a = g.buf.get() + (2 * th + r) * g.ld;  // grid row of tile row th
+        const T* b = a + 2 * g.ld;                       // ... of tile row th + 1
+        R d0, d1, d2, d3;
+        Vt::deinterleave(Vt::loadu(a), Vt::loadu(b), d0, d1);
+        Vt::deinterleave(Vt::loadu(a + 2), Vt::loadu(b + 2), d2, d3);
+        in_row<R, Vt>(d0, d1, d2, d3, t[r]);
+      }
+      R v[16];
+      in_cols<R, Vt>(t, v);
+      T* out = V + th * s.TW;
+      for (int p = 0; p < 16; ++p) Vt::storep(out + p * plane_stride, pk.to_flat(v[p]), n);
+    }
+  }
+#endif
+  for (; th < s.TH; ++th) {
     const T* rows[4];
     for (int r = 0; r < 4; ++r) rows[r] = g.buf.get() + (2 * th + r) * g.ld;
     T* out = V + th * s.TW;
@@ -148,21 +275,16 @@ void input_transform(const Shape& s, const Grid<T>& g, T* V, int64_t plane_strid
         Vt::deinterleave(Vt::loadu(rows[r] + 2 * tw), Vt::loadu(rows[r] + 2 * tw + Vt::L), d0, d1);
         Vt::deinterleave(Vt::loadu(rows[r] + 2 * tw + 2), Vt::loadu(rows[r] + 2 * tw + 2 + Vt::L),
                          d2, d3);
-        t[r][0] = Vt::sub(d0, d2);
-        t[r][1] = Vt::add(d1, d2);
-        t[r][2] = Vt::sub(d2, d1);
-        t[r][3] = Vt::sub(d1, d3);
+        in_row<R, Vt>(d0, d1, d2, d3, t[r]);
       }
-      for (int j = 0; j < 4; ++j) {  // B^T (d B)
-        const R v[4] = {Vt::sub(t[0][j], t[2][j]), Vt::add(t[1][j], t[2][j]),
-                        Vt::sub(t[2][j], t[1][j]), Vt::sub(t[1][j], t[3][j])};
-        for (int i = 0; i < 4; ++i) {
-          T* dst = out + (i * 4 + j) * plane_stride + tw;
-          if (m == Vt::L) {
-            Vt::storeu(dst, v[i]);
-          } else {
-            Vt::storep(dst, v[i], m);
-          }
+      R v[16];
+      in_cols<R, Vt>(t, v);
+      for (int p = 0; p < 16; ++p) {
+        T* dst = out + p * plane_stride + tw;
+        if (m == Vt::L) {
+          Vt::storeu(dst, v[p]);
+        } else {
+          Vt::storep(dst, v[p], m);
         }
       }
     }
@@ -175,35 +297,49 @@ void output_transform(const Shape& s, const T* Mo, int64_t pos_stride, T bias, T
   using Vt = Vec<T>;
   using R = typename Vt::reg;
   const R b = Vt::set1(bias);
-  for (int64_t th = 0; th < s.TH; ++th) {
+  int64_t th = 0;
+#if defined(__AVX512F__)
+  if (packable<T>(s)) {
+    const Pack<T> pk(s.TW);
+    const int64_t n = 2 * s.TW;
+    for (; th + 1 < s.TH; th += 2) {
+      const T* in = Mo + th * s.TW;
+      R q[16], yv[4], lo, hi;
+      for (int p = 0; p < 16; ++p) q[p] = pk.to_rows(Vt::loadp(in + p * pos_stride, n));
+      out_math<R, Vt>(q, b, yv);
+      // lo: output row 2*th (tile row th), hi: row 2*th + 2 (tile row th + 1).
+      T* y0 = y + 2 * th * s.OW;
+      Vt::interleave(yv[0], yv[1], lo, hi);
+      Vt::storep(y0, lo, s.OW);
+      Vt::storep(y0 + 2 * s.OW, hi, s.OW);
+      Vt::interleave(yv[2], yv[3], lo, hi);
+      Vt::storep(y0 + s.OW, lo, s.OW);
+      if (2 * th + 3 < s.OH) Vt::storep(y0 + 3 * s.OW, hi, s.OW);
+    }
+  }
+#endif
+  for (; th < s.TH; ++th) {
     const T* in = Mo + th * s.TW;
     T* y0 = y + 2 * th * s.OW;
     const bool second_row = 2 * th + 1 < s.OH;
     for (int64_t tw = 0; tw < s.TW; tw += Vt::L) {
       const int64_t m = std::min<int64_t>(Vt::L, s.TW - tw);
-      R q[4][4];
+      R q[16], yv[4];
       for (int p = 0; p < 16; ++p)
-        q[p / 4][p % 4] = m == Vt::L ? Vt::loadu(in + p * pos_stride + tw)
-                                     : Vt::loadp(in + p * pos_stride + tw, m);
-      R r0[4], r1[4];  // A^T M
-      for (int j = 0; j < 4; ++j) {
-        r0[j] = Vt::add(Vt::add(q[0][j], q[1][j]), q[2][j]);
-        r1[j] = Vt::sub(Vt::sub(q[1][j], q[2][j]), q[3][j]);
-      }
-      // (A^T M) A, plus bias; even/odd output columns interleaved back.
-      const R y00 = Vt::add(Vt::add(Vt::add(r0[0], r0[1]), r0[2]), b);
-      const R y01 = Vt::add(Vt::sub(Vt::sub(r0[1], r0[2]), r0[3]), b);
-      const R y10 = Vt::add(Vt::add(Vt::add(r1[0], r1[1]), r1[2]), b);
-      const R y11 = Vt::add(Vt::sub(Vt::sub(r1[1], r1[2]), r1[3]), b);
+        q[p] = m == Vt::L ? Vt::loadu(in + p * pos_stride + tw)
+                          : Vt::loadp(in + p * pos_stride + tw, m);
+      out_math<R, Vt>(q, b, yv);
+      // Even/odd output columns interleaved back.
       const int64_t n = std::min<int64_t>(2 * m, s.OW - 2 * tw);  // valid columns
+      const int64_t nlo = std::min<int64_t>(n, Vt::L), nhi = std::max<int64_t>(0, n - Vt::L);
       R lo, hi;
-      Vt::interleave(y00, y01, lo, hi);
-      Vt::storep(y0 + 2 * tw, lo, std::min<int64_t>(n, Vt::L));
-      Vt::storep(y0 + 2 * tw + Vt::L, hi, std::max<int64_t>(0, n - Vt::L));
+      Vt::interleave(yv[0], yv[1], lo, hi);
+      Vt::storep(y0 + 2 * tw, lo, nlo);
+      Vt::storep(y0 + 2 * tw + Vt::L, hi, nhi);
       if (second_row) {
-        Vt::interleave(y10, y11, lo, hi);
-        Vt::storep(y0 + s.OW + 2 * tw, lo, std::min<int64_t>(n, Vt::L));
-        Vt::storep(y0 + s.OW + 2 * tw + Vt::L, hi, std::max<int64_t>(0, n - Vt::L));
+        Vt::interleave(yv[2], yv[3], lo, hi);
+        Vt::storep(y0 + s.OW + 2 * tw, lo, nlo);
+        Vt::storep(y0 + s.OW + 2 * tw + Vt::L, hi, nhi);
       }
     }
   }
@@ -215,7 +351,24 @@ template <typename T>
 void grad_transform(const Shape& s, const T* gy, T* dMo, int64_t pos_stride) {
   using Vt = Vec<T>;
   using R = typename Vt::reg;
-  for (int64_t th = 0; th < s.TH; ++th) {
+  int64_t th = 0;
+#if defined(__AVX512F__)
+  if (packable<T>(s)) {
+    const Pack<T> pk(s.TW);
+    const int64_t n = 2 * s.TW;
+    for (; th + 1 < s.TH; th += 2) {
+      const T* g0 = gy + 2 * th * s.OW;  // rows 2th, 2th+1 | 2th+2, 2th+3
+      const int64_t last = 2 * th + 3 < s.OH ? s.OW : 0;
+      R a0, a1, b0, b1, v[16];
+      Vt::deinterleave(Vt::loadp(g0, s.OW), Vt::loadp(g0 + 2 * s.OW, s.OW), a0, a1);
+      Vt::deinterleave(Vt::loadp(g0 + s.OW, s.OW), Vt::loadp(g0 + 3 * s.OW, last), b0, b1);
+      grad_math<R, Vt>(a0, a1, b0, b1, v);
+      T* out = dMo + th * s.TW;
+      for (int p = 0; p < 16; ++p) Vt::storep(out + p * pos_stride, pk.to_flat(v[p]), n);
+    }
+  }
+#endif
+  for (; th < s.TH; ++th) {
     const T* g0 = gy + 2 * th * s.OW;
     const bool second_row = 2 * th + 1 < s.OH;
     T* out = dMo + th * s.TW;
@@ -223,22 +376,14 @@ void grad_transform(const Shape& s, const T* gy, T* dMo, int64_t pos_stride) {
       const int64_t m = std::min<int64_t>(Vt::L, s.TW - tw);
       const int64_t n = std::min<int64_t>(2 * m, s.OW - 2 * tw);
       const int64_t nlo = std::min<int64_t>(n, Vt::L), nhi = std::max<int64_t>(0, n - Vt::L);
-      R a0, a1, b0 = Vt::zero(), b1 = Vt::zero();
+      R a0, a1, b0 = Vt::zero(), b1 = Vt::zero(), v[16];
       Vt::deinterleave(Vt::loadp(g0 + 2 * tw, nlo), Vt::loadp(g0 + 2 * tw + Vt::L, nhi), a0, a1);
       if (second_row) {
         Vt::deinterleave(Vt::loadp(g0 + s.OW + 2 * tw, nlo),
                          Vt::loadp(g0 + s.OW + 2 * tw + Vt::L, nhi), b0, b1);
       }
-      // r = A dY (4 x 2), rows of A: (1,0), (1,1), (1,-1), (0,-1).
-      const R r[4][2] = {{a0, a1},
-                         {Vt::add(a0, b0), Vt::add(a1, b1)},
-                         {Vt::sub(a0, b0), Vt::sub(a1, b1)},
-                         {Vt::sub(Vt::zero(), b0), Vt::sub(Vt::zero(), b1)}};
-      for (int i = 0; i < 4; ++i) {
-        const R v[4] = {r[i][0], Vt::add(r[i][0], r[i][1]), Vt::sub(r[i][0], r[i][1]),
-                        Vt::sub(Vt::zero(), r[i][1])};
-        for (int j = 0; j < 4; ++j) Vt::storep(out + (i * 4 + j) * pos_stride + tw, v[j], m);
-      }
+      grad_math<R, Vt>(a0, a1, b0, b1, v);
+      for (int p = 0; p < 16; ++p) Vt::storep(out + p * pos_stride + tw, v[p], m);
     }
   }
 }
