@@ -21,7 +21,8 @@ data (ties for max-pooling), wrong ndim and bad stride/padding/dilation/groups.
 The inputs must also come back unmodified (only the optimizer steps write).
 
 Example counts: ``FASTNN_FUZZ_PROFILE`` (or ``HYPOTHESIS_PROFILE``) picks
-``default`` (~30 s on 2 cores), ``ci`` (derandomized, smaller), ``dev`` (tiny)
+``default`` (400 per op, ~30 s on 2 cores), ``ci`` (150 per op, derandomized:
+the same examples every run), ``dev`` (tiny)
 or ``thorough`` (slow, thousands per op); ``FASTNN_FUZZ_EXAMPLES=N`` overrides
 the count. The number of examples run, per op and outcome, is printed at the
 end of the module (and written to ``$FASTNN_FUZZ_REPORT`` when set).
@@ -64,8 +65,8 @@ TARGET = _target()
 # --------------------------------------------------------------------------
 
 _PROFILES: dict[str, dict[str, Any]] = {
-    "default": {"max_examples": 150},
-    "ci": {"max_examples": 80, "derandomize": True, "database": None},
+    "default": {"max_examples": 400},
+    "ci": {"max_examples": 150, "derandomize": True, "database": None},
     "dev": {"max_examples": 15},
     "thorough": {"max_examples": 3000},
 }
@@ -97,10 +98,12 @@ def _report_counts(request: pytest.FixtureRequest):
         detail = ", ".join(f"{k} {v}" for k, v in c.most_common())
         lines.append(f"  {op:<22} {sum(c.values()):>6}  ({detail})")
     reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line("")
-        for line in lines:
-            reporter.write_line(line)
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    if reporter is not None and capman is not None:
+        with capman.global_and_fixture_disabled():  # else a passing run swallows it
+            reporter.write_line("")
+            for line in lines:
+                reporter.write_line(line)
     else:
         print("\n".join(lines))
     out = os.environ.get("FASTNN_FUZZ_REPORT")
@@ -116,7 +119,7 @@ def _report_counts(request: pytest.FixtureRequest):
 
 FLOATS = ("float32", "float64")
 BAD_DTYPES = ("float16", "int32", "int64", "uint8", "bool", "complex64", "object")
-LAYOUTS = ("C", "C", "C", "F", "strided", "negative", "broadcast", "readonly", "list")
+LAYOUTS = ("C",) * 6 + ("F", "strided", "negative", "broadcast", "readonly", "list")
 VALUES = ("normal", "normal", "normal", "ints", "nan", "special", "huge", "tiny", "zeros")
 # Values that may overflow or produce inf*0: no bound/NaN-mask reasoning applies.
 NONFINITE_VALUES = ("special", "huge")
@@ -165,13 +168,14 @@ class ArraySpec:
     def _cast(self, v: np.ndarray) -> np.ndarray:
         if self.dtype in FLOATS:
             return v
+        # np.asarray: on 0-d input these numpy calls return scalars, not arrays.
         with np.errstate(all="ignore"):
             finite = np.nan_to_num(v.astype(np.float64), nan=0.0, posinf=7.0, neginf=-7.0)
             if self.dtype == "bool":
-                return finite > 0
+                return np.asarray(finite > 0)
             if self.dtype in ("int32", "int64", "uint8"):
-                return np.clip(np.round(finite), -100, 100).astype(self.dtype)
-            return v.astype(self.dtype)  # float16, complex64, object
+                return np.asarray(np.clip(np.round(finite), -100, 100).astype(self.dtype))
+            return np.asarray(v.astype(self.dtype))  # float16, complex64, object
 
     def make(self) -> Any:
         shape = self.shape
@@ -245,7 +249,7 @@ def materialize(v: Any) -> Any:
 def array_spec(draw, shape: tuple[int, ...], dtype: str, *, garbage: bool = True,
                layouts: tuple[str, ...] = LAYOUTS, values: tuple[str, ...] = VALUES):
     """A spec for an array of ``shape``; sometimes of a wrong/mixed dtype or garbage."""
-    r = draw(st.integers(0, 59))
+    r = draw(st.integers(0, 99))
     if garbage and r == 0:
         return Garbage(draw(st.sampled_from(Garbage.KINDS)))
     if r in (1, 2, 3):
@@ -384,7 +388,11 @@ def _check_array_out(got: Any, want: Any, inputs: list, op: str) -> None:
 
 
 def _floatify(a: Any) -> np.ndarray | None:
-    return None if a is None else np.array(np.asarray(a), order="C")
+    """An accepted argument as functional sees it (lists of ints become float32)."""
+    if a is None:
+        return None
+    arr = np.array(np.asarray(a), order="C")
+    return arr.astype(np.float32) if arr.dtype.kind in "iub" else arr
 
 
 def check_multilinear(op: str, fn: Callable, arrays: list, kwargs: dict, got: Any, want: Any,
@@ -863,12 +871,16 @@ def test_fuzz_softmax_cross_entropy(case):
     shifted = logits - logits.max(axis=1, keepdims=True)
     # Per-row error ~ eps * (K + |logit of the label - row max|), averaged over N.
     loss_tol = 8 * fi.eps * (k + 4 + np.abs(shifted[np.arange(n), labels]).mean())
-    assert abs(float(got_loss) - float(want_loss)) <= loss_tol, (
+    # float max - (-float max) overflows to inf: then both must say inf.
+    assert got_loss == want_loss or abs(float(got_loss) - float(want_loss)) <= loss_tol, (
         f"{op}: loss {float(got_loss)!r} vs reference {float(want_loss)!r}"
     )
     # exp(s) * eps * |s| <= eps/e, so gradient errors stay ~eps * K / N.
     gtol = 8 * (k + 4) * float(fi.eps) / n
-    err = np.abs(got_g.astype(np.float64) - want_g.astype(np.float64))
+    assert np.array_equal(np.isnan(got_g), np.isnan(want_g)), f"{op}: NaN pattern of grad"
+    with np.errstate(invalid="ignore"):
+        err = np.abs(got_g.astype(np.float64) - want_g.astype(np.float64))
+    err[np.isnan(want_g)] = 0
     assert (err <= gtol).all(), f"{op}: grad differs by {err.max():.3g} > {gtol:.3g}"
 
 
@@ -894,11 +906,14 @@ def hyper(draw, lo: float, hi: float):
 def state_specs(draw, names: tuple[str, ...], nonneg: tuple[str, ...] = ()):
     dtype = draw(st.sampled_from(FLOATS))
     shape = tuple(draw(st.lists(st.integers(0, 5), min_size=0, max_size=3)))
+    # State arrays must be C-contiguous and writeable: hostile layouts in 1 of 4
+    # cases only, or almost every example would be a ValueError.
+    layouts = OPT_LAYOUTS if draw(st.integers(0, 3)) == 0 else ("C",)
     out = {}
     for name in names:
         sh = shape if draw(st.integers(0, 29)) else (*shape, 2)
         values = ("normal", "zeros", "tiny") if name in nonneg else OPT_VALUES
-        spec = draw(array_spec(sh, dtype, layouts=OPT_LAYOUTS, values=values))
+        spec = draw(array_spec(sh, dtype, layouts=layouts, values=values))
         if name in nonneg and isinstance(spec, ArraySpec) and spec.values == "normal":
             spec = ArraySpec(spec.shape, spec.dtype, spec.layout, "abs", spec.seed)
         out[name] = spec
@@ -1033,3 +1048,34 @@ def test_fuzz_adam_step(case):
     before = {k: _make_state(v) for k, v in specs.items()}
     scale = _abs_scale(F.adam_step, before, scalars)
     _compare_states(op, want, got, scale)
+
+
+# --------------------------------------------------------------------------
+# Minimal reproductions of what the fuzzer found (kept as plain tests)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["numpy", TARGET])
+def test_found_relu_of_0d_array_returns_an_array(backend: str) -> None:
+    """numpy_ref._out passed NumPy scalars through (np.maximum on 0-d input)."""
+    with fastnn.backend(backend):
+        y = F.relu(np.array(-2.0))
+        g = F.relu_backward(np.array(1.0), np.array(3.0))
+    assert type(y) is np.ndarray and y.shape == () and y == 0.0
+    assert type(g) is np.ndarray and g.shape == () and g == 1.0
+
+
+@pytest.mark.parametrize("backend", ["numpy", TARGET])
+def test_found_read_only_optimizer_state_is_rejected_on_every_backend(backend: str) -> None:
+    """A read-only state array is an error everywhere, even when this step would not
+    write it (momentum 0): the C++ binding rejected it, the reference did not."""
+    p, g = np.ones(4), np.ones(4)
+    ro = np.zeros(4)
+    ro.flags.writeable = False
+    with fastnn.backend(backend):
+        with pytest.raises(ValueError, match="writeable|read-only"):
+            F.sgd_step(p, g, ro, 0.1, momentum=0.0)
+        with pytest.raises(ValueError, match="writeable|read-only"):
+            F.sgd_step(ro, g, None, 0.1)
+        with pytest.raises(ValueError, match="writeable|read-only"):
+            F.adam_step(p, g, ro, np.zeros(4), 1, 0.1)

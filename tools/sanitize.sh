@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Build fastnn._C with AddressSanitizer + UndefinedBehaviorSanitizer and run the
+# kernel-facing tests against it. Fails (exit != 0) on any sanitizer finding or
+# test failure.
+#
+# The sanitized extension is built in build/asan and loaded from a private copy
+# of the package in a temporary directory, so the in-tree dev build
+# (fastnn/_C*.so, build/dev) that everyone else uses is never touched.
+#
+# Usage: tools/sanitize.sh [extra pytest args]
+#   SANITIZE_TESTS   test files to run (default: functional, validation, fuzz,
+#                    concurrency, memory, autograd)
+#   SANITIZE_JOBS    parallel compile jobs (default 2)
+#   FASTNN_FUZZ_PROFILE  hypothesis profile for tests/test_fuzz.py (default ci)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+build=build/asan
+t0=$(date +%s)
+
+# --- build ---------------------------------------------------------------------
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFASTNN_SANITIZE=ON \
+  -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" \
+  -DPython_EXECUTABLE="$(command -v python3)" >/dev/null
+cmake --build "$build" -j"${SANITIZE_JOBS:-2}"
+so=$(ls "$build"/_C*.so)
+grep -q "FASTNN_SANITIZE:BOOL=ON" "$build/CMakeCache.txt" || {
+  echo "sanitize.sh: FASTNN_SANITIZE is not ON in $build (CMakeLists.txt changed?)" >&2; exit 2; }
+t_build=$(date +%s)
+
+# --- sanitizer runtimes --------------------------------------------------------
+# Python itself is not instrumented, so the ASan runtime must be loaded first.
+cxx=$(sed -n 's/^CMAKE_CXX_COMPILER:[A-Z]*=//p' "$build/CMakeCache.txt")
+runtime() { "${cxx:-c++}" -print-file-name="$1"; }
+asan=$(runtime libasan.so)
+ubsan=$(runtime libubsan.so)
+for lib in "$asan" "$ubsan"; do
+  [[ -f $lib ]] || { echo "sanitize.sh: sanitizer runtime $lib not found (gcc needed)" >&2; exit 2; }
+done
+ldd "$so" | grep -q libasan || { echo "sanitize.sh: $so is not linked with ASan" >&2; exit 2; }
+
+# --- private package copy --------------------------------------------------------
+work=$(mktemp -d "${TMPDIR:-/tmp}/fastnn-asan.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+cp -r fastnn tests pyproject.toml "$work"/
+rm -f "$work"/fastnn/_C*.so
+cp "$so" "$work"/fastnn/
+find "$work" -name __pycache__ -prune -exec rm -rf {} +
+
+# Reports go to files (one per process, fork children and subprocesses included):
+# pytest captures fd 2, and a sanitizer that halts the process would take a
+# report printed there down with it.
+reports="$repo/$build/reports"
+rm -rf "$reports" && mkdir -p "$reports"
+# Only the Python processes get the runtimes (not grep, ldd, ...).
+preload="$asan $ubsan"
+# Python "leaks" by design; huge allocations must return NULL (-> MemoryError)
+# rather than abort, because tests/test_memory.py asks for petabytes on purpose.
+export ASAN_OPTIONS="detect_leaks=0:allocator_may_return_null=1:halt_on_error=1:abort_on_error=1:detect_stack_use_after_return=0:log_path=$reports/asan"
+export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$reports/ubsan"
+export PYTHONMALLOC=malloc  # let ASan see Python's own allocations too
+export PYTHONPATH="$work"
+export FASTNN_SANITIZED=1 FASTNN_REQUIRE_NATIVE=1
+export FASTNN_FUZZ_PROFILE="${FASTNN_FUZZ_PROFILE:-ci}"
+export FASTNN_DATA_DIR="${FASTNN_DATA_DIR:-$repo/../shared/data/mnist}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+
+cd "$work"
+# The tests must load the sanitized copy, with the ASan runtime active.
+LD_PRELOAD=$preload python3 - <<'EOF'
+import ctypes, os, fastnn._C as c
+assert c.__file__.startswith(os.environ["PYTHONPATH"]), c.__file__
+assert hasattr(ctypes.CDLL(None), "__asan_init"), "ASan runtime not loaded"
+print(f"sanitize.sh: {c.__file__} (ISA {c.active_isa()}, threads {c.get_num_threads()})")
+EOF
+
+default_tests="tests/test_functional.py tests/test_validation.py tests/test_fuzz.py
+  tests/test_concurrency.py tests/test_memory.py tests/test_autograd.py"
+read -r -a tests <<<"$(echo ${SANITIZE_TESTS:-$default_tests})"
+existing=()
+for t in "${tests[@]}"; do [[ -f $t ]] && existing+=("$t"); done
+
+set +e
+# -v names the test that was running if a sanitizer halts the process.
+LD_PRELOAD=$preload python3 -m pytest "${existing[@]}" -v -p no:cacheprovider -W ignore::DeprecationWarning "$@" \
+  | grep -vE " (PASSED|SKIPPED|XFAIL)( |$)"
+status=${PIPESTATUS[0]}
+set -e
+t_end=$(date +%s)
+
+# Any report fails the run, even one from a subprocess that pytest did not see.
+# ("failed to allocate" warnings are expected: they are the MemoryError tests.)
+pattern="ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer|SUMMARY: [A-Za-z]*Sanitizer"
+findings=$(grep -lE "$pattern" "$reports"/* 2>/dev/null || true)
+if [[ -n $findings ]]; then
+  for f in $findings; do
+    echo "===== $f" >&2
+    head -n 40 "$f" >&2
+  done
+  echo "sanitize.sh: sanitizer findings (full reports in $reports)" >&2
+  status=1
+fi
+echo "sanitize.sh: build $((t_build - t0)) s, tests $((t_end - t_build)) s, exit $status"
+exit "$status"
