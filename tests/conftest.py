@@ -8,7 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import fastnn
+
 REPO = Path(__file__).resolve().parents[1]
+# Where the fastnn under test lives: the checkout in a development tree, or
+# site-packages after `pip install .`. Subprocesses get it on PYTHONPATH and run
+# from it, never from the checkout, whose fastnn/ has no built extension.
+PKG_ROOT = Path(fastnn.__file__).resolve().parents[1]
 
 
 def _native_available() -> bool:
@@ -83,6 +89,6 @@ def find_mnist_dir() -> Path | None:
 def mnist_dir() -> Path:
     d = find_mnist_dir()
     if d is None:
-        pytest.skip("MNIST files not found: set FASTNN_DATA_DIR or place them in ../shared/data/mnist")
+        pytest.skip("MNIST not found: set FASTNN_DATA_DIR or put it in ../shared/data/mnist")
     return d
 # --- end MNIST location --------------------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PKG_ROOT
 
 from fastnn.bench import cli, machine, report
 from fastnn.bench.cases import (
@@ -358,7 +359,7 @@ def test_worker_process_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_python_m_fastnn_bench_lists_cases() -> None:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(PKG_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "fastnn.bench", "--quick", "--list"],
                           capture_output=True, text=True, env=env, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr

@@ -14,6 +14,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import PKG_ROOT
 
 import fastnn
 from fastnn import checkpoint as ckpt
@@ -36,7 +37,7 @@ def _closed_port_url() -> str:
 def cli_env(mnist_dir: Path, tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        PYTHONPATH=str(PKG_ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
         FASTNN_DATA_DIR=str(mnist_dir),
         XDG_CACHE_HOME=str(tmp_path / "xdg"),
         # Belt and braces: if anything tried to download, it would hit a dead local port.
@@ -50,7 +51,7 @@ def run_cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess
     return subprocess.run(
         [sys.executable, "-m", "fastnn", *args],
         env=env,
-        cwd=REPO,
+        cwd=PKG_ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -140,7 +141,7 @@ def test_interrupted_run_resumes(cli_env: dict[str, str], tmp_path: Path) -> Non
     proc = subprocess.Popen(
         [sys.executable, "-m", "fastnn", "train", "--epochs", "50", *common],
         env=cli_env,
-        cwd=REPO,
+        cwd=PKG_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -196,7 +197,7 @@ def test_config_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_python_dash_m_runs(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(PKG_ROOT))
     r = subprocess.run(
         [sys.executable, "-m", "fastnn", "--help"],
         env=env,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import NATIVE
+from conftest import NATIVE, PKG_ROOT
 
 import fastnn
 import fastnn.functional as F
@@ -222,9 +222,9 @@ _FORK_PRELUDE = textwrap.dedent(
 def _run_script(body: str, timeout: float = 180) -> subprocess.CompletedProcess:
     code = _FORK_PRELUDE + textwrap.dedent(body)
     try:
-        r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+        r = subprocess.run([sys.executable, "-c", code], cwd=PKG_ROOT, capture_output=True,
                            text=True, timeout=timeout,
-                           env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+                           env={**__import__("os").environ, "PYTHONPATH": str(PKG_ROOT)})
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"fork test hung (>{timeout}s): {exc.stderr!r}")
     assert r.returncode == 0, f"stdout: {r.stdout}\nstderr: {r.stderr}"

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PKG_ROOT
 
 REPO = Path(__file__).resolve().parents[1]
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -50,7 +51,8 @@ def _numba_installed() -> bool:
 
 def _child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(PKG_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.update(extra)
     return env
 
@@ -67,7 +69,7 @@ def test_simulator_suite() -> None:
     start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider"],
-        cwd=REPO, env=_child_env(NUMBA_ENABLE_CUDASIM="1"),
+        cwd=PKG_ROOT, env=_child_env(NUMBA_ENABLE_CUDASIM="1"),
         capture_output=True, text=True, timeout=900,
     )
     elapsed = time.monotonic() - start
@@ -102,7 +104,7 @@ def test_imports_without_numba_and_cupy() -> None:
         print("ok")
         """
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_child_env(),
+    proc = subprocess.run([sys.executable, "-c", code], cwd=PKG_ROOT, env=_child_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
@@ -238,7 +240,7 @@ def test_kernels_type_and_lower_for_real_cuda_target() -> None:
         from numba.cuda.compiler import compile_cuda  # noqa: F401
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"numba.cuda internals not available: {exc}")
-    proc = subprocess.run([sys.executable, "-c", _LOWERING_SCRIPT], cwd=REPO, env=_child_env(),
+    proc = subprocess.run([sys.executable, "-c", _LOWERING_SCRIPT], cwd=PKG_ROOT, env=_child_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
         proc.stdout[-2000:] + proc.stderr[-4000:]

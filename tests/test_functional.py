@@ -267,7 +267,9 @@ def test_elementwise_and_loss_match_reference(backend, dtype, rng):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-@pytest.mark.parametrize("nesterov,wd,mom", [(False, 0.0, 0.0), (True, 0.01, 0.9), (False, 0.1, 0.5)])
+@pytest.mark.parametrize(
+    "nesterov,wd,mom", [(False, 0.0, 0.0), (True, 0.01, 0.9), (False, 0.1, 0.5)]
+)
 def test_sgd_step_matches_reference(backend, nesterov, wd, mom, rng):
     p0 = rng.standard_normal(1000).astype(np.float32)
     states = {}

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PKG_ROOT
 
 from fastnn import checkpoint as ckpt
 
@@ -63,7 +64,7 @@ def _closed_port_url() -> str:
 def env(mnist_dir: Path, tmp_path: Path) -> dict[str, str]:
     e = dict(os.environ)
     e.update(
-        PYTHONPATH=str(REPO) + os.pathsep + e.get("PYTHONPATH", ""),
+        PYTHONPATH=str(PKG_ROOT) + os.pathsep + e.get("PYTHONPATH", ""),
         FASTNN_DATA_DIR=str(mnist_dir),
         XDG_CACHE_HOME=str(tmp_path / "xdg"),  # never fall back to a user cache
         FASTNN_MNIST_MIRRORS=_closed_port_url(),  # and never download
@@ -76,14 +77,14 @@ def env(mnist_dir: Path, tmp_path: Path) -> dict[str, str]:
 def cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "fastnn", *args],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        env=env, cwd=PKG_ROOT, capture_output=True, text=True, timeout=timeout,
     )
 
 
 def start(env: dict[str, str], *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "fastnn", *args],
-        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, cwd=PKG_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 
@@ -188,7 +189,7 @@ def test_sigkill_storm_never_corrupts_checkpoint(env, tmp_path: Path) -> None:
 def good_checkpoint(tmp_path_factory, mnist_dir: Path) -> Path:
     """A real one-epoch checkpoint (module-scoped: trained once)."""
     d = tmp_path_factory.mktemp("good")
-    e = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    e = dict(os.environ, PYTHONPATH=str(PKG_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
              FASTNN_DATA_DIR=str(mnist_dir), XDG_CACHE_HOME=str(d / "xdg"),
              FASTNN_MNIST_MIRRORS=_closed_port_url(), OMP_NUM_THREADS="1")
     e.pop("FASTNN_DEBUG", None)

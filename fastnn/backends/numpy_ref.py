@@ -50,6 +50,7 @@ def _out(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
     base-owning, contiguous array of the right dtype is already fresh and is
     returned as is; views (slices, transposes) are copied.
     """
+    a = np.asarray(a)  # NumPy ufuncs return scalars, not arrays, for 0-d input
     if a.base is None and a.flags.c_contiguous and a.dtype == dtype:
         return a
     return np.array(a, dtype=dtype, order="C", copy=True)
