@@ -31,7 +31,7 @@
 
 #include "fastnn/parallel.h"
 
-#if defined(__AVX512F__) || defined(__AVX2__) || defined(__AVX__)
+#if defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
@@ -168,7 +168,7 @@ struct Blocking<float> {
 template <>
 struct Blocking<double> {
   static constexpr int MR = kMRd, NV = kNVd, NR = kNVd * VD::W;
-  static constexpr int64_t KC = 256, NC = 256, MC = 128;
+  static constexpr int64_t KC = 256, NC = 1024, MC = 128;
 };
 template <typename T>
 struct VecOf;
@@ -345,39 +345,86 @@ inline void transpose4x4(const double* src, int64_t ld, double* dst, int64_t R) 
   _mm256_storeu_pd(dst + 2 * R, _mm256_permute2f128_pd(t0, t2, 0x31));
   _mm256_storeu_pd(dst + 3 * R, _mm256_permute2f128_pd(t1, t3, 0x31));
 }
-template <typename T>
-struct Transposer;
+#endif  // __AVX__
+
+#if defined(__SSE2__)
+// 4 x 4 floats and 2 x 2 doubles (ragged row groups, e.g. MR = 6 on AVX2).
+inline void transpose4x4(const float* src, int64_t ld, float* dst, int64_t R) {
+  __m128 r0 = _mm_loadu_ps(src + 0 * ld), r1 = _mm_loadu_ps(src + 1 * ld);
+  __m128 r2 = _mm_loadu_ps(src + 2 * ld), r3 = _mm_loadu_ps(src + 3 * ld);
+  _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+  _mm_storeu_ps(dst + 0 * R, r0);
+  _mm_storeu_ps(dst + 1 * R, r1);
+  _mm_storeu_ps(dst + 2 * R, r2);
+  _mm_storeu_ps(dst + 3 * R, r3);
+}
+inline void transpose2x2(const double* src, int64_t ld, double* dst, int64_t R) {
+  __m128d r0 = _mm_loadu_pd(src), r1 = _mm_loadu_pd(src + ld);
+  _mm_storeu_pd(dst, _mm_unpacklo_pd(r0, r1));
+  _mm_storeu_pd(dst + R, _mm_unpackhi_pd(r0, r1));
+}
+#endif
+
+// TBlock<T, G>::run transposes a G x G block: dst[k*R + r] = src[r*ld + k].
+template <typename T, int G>
+struct TBlock {
+  static constexpr bool ok = false;
+  static void run(const T*, int64_t, T*, int64_t) {}
+};
+#if defined(__AVX__)
 template <>
-struct Transposer<float> {
-  static constexpr int G = 8;
-  static void block(const float* s, int64_t ld, float* d, int64_t R) { transpose8x8(s, ld, d, R); }
+struct TBlock<float, 8> {
+  static constexpr bool ok = true;
+  static void run(const float* s, int64_t ld, float* d, int64_t R) { transpose8x8(s, ld, d, R); }
 };
 template <>
-struct Transposer<double> {
-  static constexpr int G = 4;
-  static void block(const double* s, int64_t ld, double* d, int64_t R) {
+struct TBlock<double, 4> {
+  static constexpr bool ok = true;
+  static void run(const double* s, int64_t ld, double* d, int64_t R) {
     transpose4x4(s, ld, d, R);
   }
 };
 #endif
+#if defined(__SSE2__)
+template <>
+struct TBlock<float, 4> {
+  static constexpr bool ok = true;
+  static void run(const float* s, int64_t ld, float* d, int64_t R) { transpose4x4(s, ld, d, R); }
+};
+template <>
+struct TBlock<double, 2> {
+  static constexpr bool ok = true;
+  static void run(const double* s, int64_t ld, double* d, int64_t R) {
+    transpose2x2(s, ld, d, R);
+  }
+};
+#endif
+
+// Transposes whole groups of G rows starting at row r0; returns the next row.
+template <typename T, int R, int G>
+inline int transpose_groups(const T* __restrict src, int64_t ld, int rv, int64_t kc,
+                            T* __restrict dst, int r0) {
+  if constexpr (TBlock<T, G>::ok) {
+    const int64_t kc_blocked = kc - kc % G;
+    for (; r0 + G <= rv; r0 += G) {
+      const T* s = src + r0 * ld;
+      T* d = dst + r0;
+      for (int64_t k = 0; k < kc_blocked; k += G) TBlock<T, G>::run(s + k, ld, d + k * R, R);
+      for (int64_t k = kc_blocked; k < kc; ++k) {
+        for (int r = 0; r < G; ++r) d[k * R + r] = s[r * ld + k];
+      }
+    }
+  }
+  return r0;
+}
 
 // dst[k*R + r] = src[r*ld + k]   (each panel row is a row of src)
 template <typename T, int R>
 inline void pack_transpose(const T* __restrict src, int64_t ld, int rv, int64_t kc,
                            T* __restrict dst) {
-  int r0 = 0;
-#if defined(__AVX__)
-  constexpr int G = Transposer<T>::G;
-  const int64_t kc_blocked = kc - kc % G;
-  for (; r0 + G <= rv; r0 += G) {
-    const T* s = src + r0 * ld;
-    T* d = dst + r0;
-    for (int64_t k = 0; k < kc_blocked; k += G) Transposer<T>::block(s + k, ld, d + k * R, R);
-    for (int64_t k = kc_blocked; k < kc; ++k) {
-      for (int r = 0; r < G; ++r) d[k * R + r] = s[r * ld + k];
-    }
-  }
-#endif
+  int r0 = transpose_groups<T, R, 8>(src, ld, rv, kc, dst, 0);
+  r0 = transpose_groups<T, R, 4>(src, ld, rv, kc, dst, r0);
+  r0 = transpose_groups<T, R, 2>(src, ld, rv, kc, dst, r0);
   for (int r = r0; r < rv; ++r) {
     const T* s = src + r * ld;
     for (int64_t k = 0; k < kc; ++k) dst[k * R + r] = s[k];
