@@ -308,15 +308,18 @@ void small_bwd_in(const T* __restrict w, const T* __restrict gy, int64_t ldg, in
   }
 }
 
-// gw (RB rows starting at gy's row, K) += gy (RB, n) [ld ldg] @ col^T (n, K).
+// Vector partial sums acc (RB rows starting at gy's row, K, L lanes) +=
+// gy (RB, n) [ld ldg] (x) col (K, n) [ld ldc], lane-wise: the lanes are summed
+// only once at the end of all images (a horizontal sum per image and (o, k)
+// would cost as much as the products of a small image).
 template <typename T, int K, int RB>
 void small_bwd_w_rows(const T* __restrict gy, int64_t ldg, const T* __restrict col, int64_t ldc,
-                      int64_t n, T* __restrict gw) {
+                      int64_t n, T* __restrict accv) {
   using V = Vec<T>;
   using R = typename V::reg;
   R acc[RB][K];
   for (int r = 0; r < RB; ++r)
-    for (int k = 0; k < K; ++k) acc[r][k] = V::zero();
+    for (int k = 0; k < K; ++k) acc[r][k] = V::loadu(accv + (r * K + k) * V::L);
   int64_t p0 = 0;
   for (; p0 + V::L <= n; p0 += V::L) {
     // Rows are short, so the hardware prefetcher barely ramps up before a row
@@ -340,17 +343,20 @@ void small_bwd_w_rows(const T* __restrict gy, int64_t ldg, const T* __restrict c
     }
   }
   for (int r = 0; r < RB; ++r)
-    for (int k = 0; k < K; ++k) gw[r * K + k] += V::hsum(acc[r][k]);
+    for (int k = 0; k < K; ++k) V::storeu(accv + (r * K + k) * V::L, acc[r][k]);
 }
 
+// accv (Og, K, L lanes) += lane-wise gy (Og, n) (x) col (K, n).
 template <typename T, int K>
 void small_bwd_w(const T* gy, int64_t ldg, const T* col, int64_t ldc, int64_t Og, int64_t n,
-                 T* gw) {
-  // Rows per pass: RB*K accumulators + RB gy vectors + 1 col vector in registers.
+                 T* accv) {
+  constexpr int64_t L = Vec<T>::L;
+  // Rows per pass: RB*K accumulators + RB gy vectors + col in registers.
   constexpr int RB = std::max(1, std::min(4, (kVecRegs - 4) / (K + 1)));
   int64_t o = 0;
-  for (; o + RB <= Og; o += RB) small_bwd_w_rows<T, K, RB>(gy + o * ldg, ldg, col, ldc, n, gw + o * K);
-  for (; o < Og; ++o) small_bwd_w_rows<T, K, 1>(gy + o * ldg, ldg, col, ldc, n, gw + o * K);
+  for (; o + RB <= Og; o += RB)
+    small_bwd_w_rows<T, K, RB>(gy + o * ldg, ldg, col, ldc, n, accv + o * K * L);
+  for (; o < Og; ++o) small_bwd_w_rows<T, K, 1>(gy + o * ldg, ldg, col, ldc, n, accv + o * K * L);
 }
 
 // Run-time K -> template K.
@@ -533,11 +539,14 @@ void conv2d_backward_weight(const Conv2dParams& p, const T* gy, const T* x, T* g
   // Contiguous image ranges, each summed into its own partial gradient; the
   // first partial is gw itself. Partials are added in chunk order.
   Scratch<T> partial(kSlotPartial, (chunks - 1) * wsize);
+  constexpr int64_t L = Vec<T>::L;
   auto body = [&](int64_t c0, int64_t c1) {
     Scratch<T> col(kSlotCol, col_elems);
+    Scratch<T> lanes(kSlotLanes, g.small ? wsize * L : 0);
     for (int64_t c = c0; c < c1; ++c) {
       T* acc = c == 0 ? gw : partial.get() + (c - 1) * wsize;
       if (c != 0) zero_row(acc, wsize);
+      if (g.small) lanes.zero(wsize * L);
       const int64_t n0 = p.N * c / chunks, n1 = p.N * (c + 1) / chunks;
       for (int64_t n = n0; n < n1; ++n) {
         for (int64_t gi = 0; gi < g.G; ++gi) {
@@ -555,7 +564,8 @@ void conv2d_backward_weight(const Conv2dParams& p, const T* gy, const T* x, T* g
             }
             const T* gyb = gyg + oh0 * p.OW;
             if (g.small) {
-#define FASTNN_CALL(KK) small_bwd_w<T, KK>(gyb, g.P, cols, ldc, g.Og, npix, gwg)
+#define FASTNN_CALL(KK) \
+  small_bwd_w<T, KK>(gyb, g.P, cols, ldc, g.Og, npix, lanes.get() + gi * g.Og * g.K * L)
               FASTNN_SMALLK_SWITCH(g.K, FASTNN_CALL)
 #undef FASTNN_CALL
             } else {
@@ -563,6 +573,9 @@ void conv2d_backward_weight(const Conv2dParams& p, const T* gy, const T* x, T* g
             }
           }
         }
+      }
+      if (g.small) {
+        for (int64_t i = 0; i < wsize; ++i) acc[i] = Vec<T>::hsum(Vec<T>::loadu(lanes.get() + i * L));
       }
     }
   };

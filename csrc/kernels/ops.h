@@ -53,7 +53,8 @@ enum ScratchSlot : int {
   kSlotWinoGrid = 3,   // Winograd zero-padded plane
   kSlotPartial = 4,    // per-chunk weight-gradient partials (caller thread)
   kSlotWeights = 5,    // transformed weights (caller thread)
-  kNumSlots = 6,
+  kSlotLanes = 6,      // lane-wise weight-gradient sums (small-K conv)
+  kNumSlots = 7,
 };
 
 class ThreadScratch {
