@@ -49,8 +49,11 @@ struct Geom {
   bool wino;                // Winograd F(2x2, 3x3) (forward / backward-weight)
 };
 
-// Winograd pays off once both channel counts fill a gemm reasonably.
+// Winograd pays off once both channel counts fill a gemm reasonably. Its
+// transformed input and products for one image take 16 * (Cin + Cout) * tiles
+// elements; larger planes use the row-blocked im2col path instead.
 constexpr int64_t kWinoMinChannels = 8;
+constexpr int64_t kWinoMaxElems = int64_t(1) << 21;
 
 Geom geom(const Conv2dParams& p) {
   Geom g;
@@ -62,8 +65,10 @@ Geom geom(const Conv2dParams& p) {
   g.direct = p.KH == 1 && p.KW == 1 && p.sh == 1 && p.sw == 1 && p.ph == 0 && p.pw == 0 &&
              p.OH == p.H && p.OW == p.W;
   g.small = g.K <= kSmallK;
+  const int64_t tiles = std::max((p.OH + 1) / 2 * ((p.OW + 1) / 2), (p.H + 1) / 2 * ((p.W + 1) / 2));
   g.wino = p.KH == 3 && p.KW == 3 && p.sh == 1 && p.sw == 1 && p.dh == 1 && p.dw == 1 &&
-           g.Cg >= kWinoMinChannels && g.Og >= kWinoMinChannels && p.OH >= 2 && p.OW >= 2;
+           g.Cg >= kWinoMinChannels && g.Og >= kWinoMinChannels && p.OH >= 2 && p.OW >= 2 &&
+           16 * (g.Cg + g.Og) * tiles <= kWinoMaxElems;
   return g;
 }
 
