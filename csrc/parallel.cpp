@@ -11,9 +11,11 @@
 //   chunk, chunk count), so a worker that wakes late can never claim a chunk of a
 //   newer job, and the caller simply runs every chunk itself if the workers are
 //   slow to wake (an oversubscribed machine cannot stall it).
-// * Workers spin briefly after a job (back-to-back kernels, e.g. one gemm per
-//   layer, then see the next job within nanoseconds) and then sleep on a
-//   condition variable so an idle pool costs no CPU.
+// * Workers poll for ~2 ms after a job (back-to-back kernels, e.g. one gemm per
+//   layer, then see the next job within nanoseconds; see spin_time) and then
+//   sleep on a condition variable so an idle pool costs no CPU.
+// * Forking from inside a parallel_for body is not supported (the child would
+//   wait for chunks owned by threads it does not have).
 // * The caller owns the pool for the duration of a job through try_lock; a
 //   concurrent caller (another Python thread) or a nested call (a chunk that
 //   calls parallel_for) runs its loop serially instead of waiting.
@@ -47,10 +49,21 @@ namespace fastnn {
 namespace {
 
 constexpr int kMaxThreads = 1024;
-// How long an idle worker polls for the next job before it sleeps. Long enough
-// to bridge the gap between consecutive kernel calls from Python, short enough
-// not to steal a core from NumPy or other processes for long.
-constexpr auto kSpin = std::chrono::microseconds(200);
+// How long an idle worker polls for the next job before it sleeps. On a
+// virtual machine a sleeping worker can take milliseconds to wake (its vCPU is
+// halted), and the caller then runs every chunk itself, which leaves the
+// worker idle again: long enough polling keeps back-to-back kernels (a layer's
+// forward, its backward, the optimizer step) on all threads. OpenBLAS polls far
+// longer (~0.1 s). FASTNN_SPIN_US overrides it (0 = sleep at once).
+std::chrono::microseconds spin_time() {
+  long us = 2000;
+  if (const char* env = std::getenv("FASTNN_SPIN_US")) {
+    char* end = nullptr;
+    long v = std::strtol(env, &end, 10);
+    if (end != env && *end == '\0' && v >= 0) us = std::min<long>(v, 1000000);
+  }
+  return std::chrono::microseconds(us);
+}
 
 // Set on pool workers (always) and on a caller while it runs a job, so nested
 // parallel_for calls run serially (and never try_lock a mutex they own).
@@ -193,9 +206,10 @@ class State {
 
   void worker_loop(int index) {
     t_in_parallel = true;
+    const auto spin = spin_time();
     uint32_t seen = wake_gen_.load(std::memory_order_acquire);
     for (;;) {
-      auto until = std::chrono::steady_clock::now() + kSpin;
+      auto until = std::chrono::steady_clock::now() + spin;
       int polls = 0;
       while (wake_gen_.load(std::memory_order_acquire) == seen &&
              !stop_.load(std::memory_order_relaxed)) {
