@@ -813,10 +813,14 @@ def dropout(
 
 
 def _check_state(op: str, param: Array, **arrays: Any) -> None:
+    """Optimizer state is updated in place: same type, dtype, shape, contiguous, writeable."""
     if not (_is_cupy(param) or isinstance(param, np.ndarray)) or param.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{op}: param must be a float32/float64 NumPy or CuPy array")
     if not param.flags.c_contiguous:
         raise ValueError(f"{op}: param must be C-contiguous (it is updated in place)")
+    for name, a in {"param": param, **arrays}.items():
+        if name != "grad" and a is not None and not getattr(a.flags, "writeable", True):
+            raise ValueError(f"{op}: {name} is read-only but is updated in place")
     for name, a in arrays.items():
         if a is None:
             continue
