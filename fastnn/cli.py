@@ -36,6 +36,15 @@ _TRAIN_DEFAULTS_FROM_CONFIG = (
 )
 
 
+_TRAIN_EXAMPLES = """\
+examples:
+  fastnn train --model seed --epochs 5                  # baseline, ~98.5% test accuracy
+  fastnn train --model strong --epochs 15 --augment --schedule cosine   # aims at >= 99.4%
+  fastnn train --device numpy --limit-train 2000 --limit-test 500 --epochs 1   # smoke test
+  fastnn train --checkpoint run.npz --epochs 10 --resume   # continue an interrupted run
+"""
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -77,7 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    t = sub.add_parser("train", help="train a model on MNIST", description="Train on MNIST.")
+    t = sub.add_parser(
+        "train",
+        help="train a model on MNIST",
+        description="Train on MNIST; a checkpoint (if asked) is saved after every epoch.",
+        epilog=_TRAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     t.add_argument("--model", choices=sorted(MODELS), help=f"model preset (default {d.model})")
     t.add_argument("--device", choices=DEVICES, help=f"where to run (default {d.device})")
     t.add_argument("--epochs", type=_positive_int, help=f"total epochs (default {d.epochs})")
