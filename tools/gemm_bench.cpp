@@ -1,6 +1,6 @@
 // Standalone correctness test and benchmark for csrc/kernels/gemm.cpp and the
-// thread pool (csrc/parallel.cpp), compiled once per ISA. Build and run all
-// three ISAs with tools/gemm_bench.sh, or by hand, e.g. for AVX-512:
+// thread pool (csrc/parallel.cpp), compiled once per ISA (for baseline drop the
+// -m flags; for AVX2 use -mavx2 -mfma -mf16c), e.g. for AVX-512:
 //
 //   g++ -O3 -std=c++17 -pthread -Icsrc -DFASTNN_ISA_NS=isa_avx512
 //       -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512dq -mavx512vl
