@@ -311,6 +311,9 @@ struct Init {
 
 int get_num_threads() { return state().num_threads(); }
 
+// Not (yet) declared in fastnn/parallel.h; kernels declare it themselves.
+bool in_parallel_region() { return t_in_parallel; }
+
 void set_num_threads(int n) {
   if (n < 1) {
     throw std::invalid_argument("set_num_threads: n must be >= 1, got " + std::to_string(n));
