@@ -818,9 +818,6 @@ def _check_state(op: str, param: Array, **arrays: Any) -> None:
         raise TypeError(f"{op}: param must be a float32/float64 NumPy or CuPy array")
     if not param.flags.c_contiguous:
         raise ValueError(f"{op}: param must be C-contiguous (it is updated in place)")
-    for name, a in {"param": param, **arrays}.items():
-        if name != "grad" and a is not None and not getattr(a.flags, "writeable", True):
-            raise ValueError(f"{op}: {name} is read-only but is updated in place")
     for name, a in arrays.items():
         if a is None:
             continue
@@ -832,6 +829,9 @@ def _check_state(op: str, param: Array, **arrays: Any) -> None:
             )
         if not a.flags.c_contiguous:
             raise ValueError(f"{op}: {name} must be C-contiguous")
+    for name, a in {"param": param, **arrays}.items():
+        if name != "grad" and a is not None and not getattr(a.flags, "writeable", True):
+            raise ValueError(f"{op}: {name} is read-only but is updated in place")
 
 
 def _finite(op: str, **values: float) -> None:
