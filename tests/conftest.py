@@ -54,9 +54,17 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU with CuPy (none found)")
+    in_sim = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+    keep, dropped = [], []
     for item in items:
         if "gpu" in item.keywords and not GPU:
             item.add_marker(skip_gpu)
+        # Simulator tests need NUMBA_ENABLE_CUDASIM=1 before numba's import; in an
+        # ordinary run test_cuda_sim.py::test_simulator_suite runs them in a child.
+        (dropped if "sim_only" in item.keywords and not in_sim else keep).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 @pytest.fixture(params=HOST_BACKENDS)
