@@ -257,6 +257,9 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
     for ax, (metric, label) in zip(axes[:, 0], panels):
         cases = list(dict.fromkeys((r["op"], r["shape"]) for r in rows
                                    if r.get("metric") == metric))
+        # Keep each op's shapes together (sweeps come after the standard shapes).
+        first = {op: i for i, (op, _) in reversed(list(enumerate(cases)))}
+        cases.sort(key=lambda c: first[c[0]])
         for j, b in enumerate(backends):
             vals = {(r["op"], r["shape"]): r[metric] for r in rows
                     if r["backend"] == b and r.get("metric") == metric and metric in r}
