@@ -486,7 +486,8 @@ struct Scratch {
     return static_cast<T*>(p);
   }
 };
-thread_local Scratch t_scratch_a, t_scratch_b, t_scratch_c;
+// a: packed A, b: packed B, c: K-split partial products, t: transposed C.
+thread_local Scratch t_scratch_a, t_scratch_b, t_scratch_c, t_scratch_t;
 
 struct Problem {
   bool ta, tb;
@@ -715,13 +716,34 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* 
           : std::max<int64_t>(
                 1, std::min<int64_t>(get_num_threads(), int64_t(work / (48.0 * 48 * 48))));
   const bool small = K <= 512 && work <= 96.0 * 96 * 96;
-  if (small) {
-    run_plan<T>(p, make_plan<T>(p, nt, false), C, ldc, accumulate,
-                [&](const Rect<T>& r) { direct_rect<T>(p, A, B, r); });
-  } else {
-    run_plan<T>(p, make_plan<T>(p, nt, true), C, ldc, accumulate,
-                [&](const Rect<T>& r) { packed_rect<T>(p, A, B, r); });
+  auto run = [&](const Problem& q, const T* a, const T* b, T* c, int64_t ldc_, bool acc) {
+    if (small) {
+      run_plan<T>(q, make_plan<T>(q, nt, false), c, ldc_, acc,
+                  [&](const Rect<T>& r) { direct_rect<T>(q, a, b, r); });
+    } else {
+      run_plan<T>(q, make_plan<T>(q, nt, true), c, ldc_, acc,
+                  [&](const Rect<T>& r) { packed_rect<T>(q, a, b, r); });
+    }
+  };
+  // Narrow C (N well below a vector, e.g. a 10-class output layer): most
+  // vector lanes of every tile would be idle, so compute C^T = op(B)^T op(A)^T
+  // (N x M, M along the vectors, exact-height tiles for the N rows) into
+  // scratch and transpose it into C.
+  constexpr int64_t W = VecOf<T>::type::W;
+  const double lanes = double(M) * double((N + W - 1) / W);
+  const double lanes_t = double(N) * double((M + W - 1) / W);
+  if (N < W && 1.25 * lanes_t < lanes) {
+    T* ct = t_scratch_t.get<T>(size_t(N * M));
+    run(Problem{!trans_b, !trans_a, N, M, K, ldb, lda}, B, A, ct, M, false);
+    for (int64_t i = 0; i < M; ++i) {
+      T* __restrict crow = C + i * ldc;
+      for (int64_t j = 0; j < N; ++j) {
+        crow[j] = accumulate ? crow[j] + ct[j * M + i] : ct[j * M + i];
+      }
+    }
+    return;
   }
+  run(p, A, B, C, ldc, accumulate);
 }
 
 template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, const float*, int64_t,
