@@ -78,12 +78,15 @@ int default_num_threads() {
       return static_cast<int>(std::min<long>(v, kMaxThreads));
     }
   }
+#if defined(__linux__)
+  // The CPUs this process may run on (taskset, cgroup cpusets), not all of them.
   cpu_set_t set;
   CPU_ZERO(&set);
   if (sched_getaffinity(0, sizeof(set), &set) == 0) {
     int c = CPU_COUNT(&set);
     if (c >= 1) return std::min(c, kMaxThreads);
   }
+#endif
   unsigned hc = std::thread::hardware_concurrency();
   return hc >= 1 ? static_cast<int>(std::min<unsigned>(hc, kMaxThreads)) : 1;
 }
