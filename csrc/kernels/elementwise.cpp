@@ -33,7 +33,12 @@ void relu(const T* __restrict x, T* __restrict y, int64_t n) {
 template <typename T>
 void relu_backward(const T* __restrict gy, const T* __restrict y, T* __restrict gx, int64_t n) {
   parallel_for(n, kGrain, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) gx[i] = y[i] > T(0) ? gy[i] : T(0);
+    for (int64_t i = b; i < e; ++i) {
+      // Load gy unconditionally so the select vectorizes; `y > 0 ? gy[i] : 0`
+      // reads gy only on one side and compiles to a branch that mispredicts.
+      const T g = gy[i];
+      gx[i] = y[i] > T(0) ? g : T(0);
+    }
   });
 }
 
