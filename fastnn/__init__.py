@@ -25,6 +25,8 @@ _LAZY = {
     "functional": ("fastnn.functional", None),
     "nn": ("fastnn.nn", None),
     "optim": ("fastnn.optim", None),
+    "data": ("fastnn.data", None),
+    "models": ("fastnn.models", None),
 }
 
 
@@ -44,6 +46,8 @@ __all__ = [
     "Function",
     "Tensor",
     "__version__",
+    "data",
+    "models",
     "enable_grad",
     "is_grad_enabled",
     "manual_seed",
