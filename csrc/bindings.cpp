@@ -514,6 +514,108 @@ py::array max_pool2d_backward(const py::handle& gy_obj, const py::handle& x_obj,
   });
 }
 
+// --- fused conv2d + ReLU + max_pool2d ---------------------------------------------------
+
+struct FusedArgs {
+  py::array x, w;
+  std::optional<py::array> b;
+  Conv2dParams cp;
+  Pool2dParams pp;
+};
+
+// Checks the conv operands and both geometries; the pool's input is the conv output.
+// pool_out_hw is checked by the caller (set_pool_out).
+FusedArgs fused_args(const char* op, const py::handle& x_obj, const py::handle& w_obj,
+                     const py::handle& b_obj, const Pair& stride, const Pair& padding,
+                     const Pair& dilation, int64_t groups, const Pair& pool_kernel,
+                     const Pair& pool_stride, const Pair& pool_padding,
+                     const Pair& pool_dilation) {
+  FusedArgs a;
+  a.x = float_arg(op, "x", x_obj, 4, "(N, C, H, W)");
+  a.w = float_arg(op, "weight", w_obj, 4, "(O, C/groups, KH, KW)");
+  same_dtype(op, a.x, "x", a.w, "weight");
+  if (!b_obj.is_none()) {
+    a.b = float_arg(op, "bias", b_obj, 1, "(O,)");
+    same_dtype(op, a.x, "x", *a.b, "bias");
+    if (a.b->shape(0) != a.w.shape(0)) {
+      throw py::value_error(std::string(op) + ": bias must have shape (" +
+                            std::to_string(a.w.shape(0)) + ",), got " + shape_str(*a.b));
+    }
+  }
+  check_conv_geometry(op, stride, padding, dilation, groups);
+  a.cp = conv_params(op, a.x.shape(0), a.x.shape(1), a.x.shape(2), a.x.shape(3), a.w.shape(0),
+                     a.w.shape(1), a.w.shape(2), a.w.shape(3), stride, padding, dilation, groups);
+  a.pp = pool_params(op, a.x, a.cp.OH, a.cp.OW, pool_kernel, pool_stride, pool_padding,
+                     pool_dilation);
+  a.pp.C = a.cp.O;
+  return a;
+}
+
+py::array conv2d_relu_max_pool2d(const py::handle& x_obj, const py::handle& w_obj,
+                                 const py::handle& b_obj, const Pair& stride,
+                                 const Pair& padding, const Pair& dilation, int64_t groups,
+                                 const Pair& pool_kernel, const Pair& pool_stride,
+                                 const Pair& pool_padding, const Pair& pool_dilation,
+                                 const Pair& pool_out_hw) {
+  const char* op = "conv2d_relu_max_pool2d";
+  FusedArgs a = fused_args(op, x_obj, w_obj, b_obj, stride, padding, dilation, groups,
+                           pool_kernel, pool_stride, pool_padding, pool_dilation);
+  set_pool_out(op, a.pp, pool_out_hw);
+  return with_dtype(float_dtype(op, "x", a.x), [&](auto tag) {
+    using T = decltype(tag);
+    py::array y = new_array<T>({a.pp.N, a.pp.C, a.pp.OH, a.pp.OW});
+    const T* bp = a.b ? cptr<T>(*a.b) : nullptr;
+    T* yp = ptr<T>(y);
+    {
+      py::gil_scoped_release release;
+      table<T>().conv2d_relu_maxpool_forward(a.cp, a.pp, cptr<T>(a.x), cptr<T>(a.w), bp, yp);
+    }
+    return y;
+  });
+}
+
+py::tuple conv2d_relu_max_pool2d_backward(
+    const py::handle& gy_obj, const py::handle& x_obj, const py::handle& w_obj,
+    const py::handle& b_obj, const Pair& stride, const Pair& padding, const Pair& dilation,
+    int64_t groups, const Pair& pool_kernel, const Pair& pool_stride, const Pair& pool_padding,
+    const Pair& pool_dilation, bool need_x, bool need_w, bool need_b) {
+  const char* op = "conv2d_relu_max_pool2d_backward";
+  py::array gy = float_arg(op, "grad_out", gy_obj, 4, "(N, O, POH, POW)");
+  FusedArgs a = fused_args(op, x_obj, w_obj, b_obj, stride, padding, dilation, groups,
+                           pool_kernel, pool_stride, pool_padding, pool_dilation);
+  same_dtype(op, a.x, "x", gy, "grad_out");
+  check_pool_grad(op, gy, a.pp);
+  set_pool_out(op, a.pp, {gy.shape(2), gy.shape(3)});
+  return with_dtype(float_dtype(op, "x", a.x), [&](auto tag) {
+    using T = decltype(tag);
+    const Conv2dParams& p = a.cp;
+    py::object gx = py::none(), gw = py::none(), gb = py::none();
+    T *gxp = nullptr, *gwp = nullptr, *gbp = nullptr;
+    if (need_x) {
+      py::array t = new_array<T>({p.N, p.C, p.H, p.W});
+      gxp = ptr<T>(t);
+      gx = t;
+    }
+    if (need_w) {
+      py::array t = new_array<T>({p.O, p.C / p.groups, p.KH, p.KW});
+      gwp = ptr<T>(t);
+      gw = t;
+    }
+    if (need_b) {
+      py::array t = new_array<T>({p.O});
+      gbp = ptr<T>(t);
+      gb = t;
+    }
+    const T* bp = a.b ? cptr<T>(*a.b) : nullptr;
+    if (gxp || gwp || gbp) {
+      py::gil_scoped_release release;
+      table<T>().conv2d_relu_maxpool_backward(p, a.pp, cptr<T>(gy), cptr<T>(a.x), cptr<T>(a.w),
+                                              bp, gxp, gwp, gbp);
+    }
+    return py::make_tuple(gx, gw, gb);
+  });
+}
+
 py::array avg_pool2d(const py::handle& x_obj, const Pair& kernel, const Pair& stride,
                      const Pair& padding, const Pair& out_hw, bool count_include_pad,
                      std::optional<int64_t> divisor_override) {
@@ -817,6 +919,19 @@ PYBIND11_MODULE(_C, m) {
         py::arg("kernel_size"), py::arg("stride"), py::arg("padding"),
         py::arg("count_include_pad"), py::arg("divisor_override"),
         "grad_out (N,C,OH,OW) -> grad_x (N,C,H,W).");
+  m.def("conv2d_relu_max_pool2d", &conv2d_relu_max_pool2d, py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("groups"), py::arg("pool_kernel_size"), py::arg("pool_stride"),
+        py::arg("pool_padding"), py::arg("pool_dilation"), py::arg("pool_out_hw"),
+        "max_pool2d(relu(conv2d(x, weight, bias))) in one pass, bit-identical to the three "
+        "ops; the conv output is never materialised.");
+  m.def("conv2d_relu_max_pool2d_backward", &conv2d_relu_max_pool2d_backward,
+        py::arg("grad_out"), py::arg("x"), py::arg("weight"), py::arg("bias"),
+        py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("groups"),
+        py::arg("pool_kernel_size"), py::arg("pool_stride"), py::arg("pool_padding"),
+        py::arg("pool_dilation"), py::arg("need_x"), py::arg("need_w"), py::arg("need_b"),
+        "Gradients (grad_x, grad_w, grad_b) of conv2d_relu_max_pool2d (None where not "
+        "needed); recomputes the conv output image by image.");
   m.def("relu", &relu, py::arg("x"), "max(x, 0); NaN stays NaN.");
   m.def("relu_backward", &relu_backward, py::arg("grad_out"), py::arg("y"),
         "grad_out where y > 0, else 0.");

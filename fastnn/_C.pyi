@@ -55,6 +55,21 @@ def max_pool2d_backward(
     padding: Pair, dilation: Pair,
 ) -> np.ndarray:
     """grad_out (N,C,OH,OW), x (N,C,H,W) -> grad_x (N,C,H,W)."""
+def conv2d_relu_max_pool2d(
+    x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
+    stride: Pair, padding: Pair, dilation: Pair, groups: int,
+    pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
+    pool_out_hw: Pair,
+) -> np.ndarray:
+    """max_pool2d(relu(conv2d(x, weight, bias))) -> (N,O,POH,POW), bit-identical to the
+    three ops; the conv output is never materialised."""
+def conv2d_relu_max_pool2d_backward(
+    grad_out: np.ndarray, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
+    stride: Pair, padding: Pair, dilation: Pair, groups: int,
+    pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
+    need_x: bool, need_w: bool, need_b: bool,
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """(grad_x, grad_w, grad_b) of conv2d_relu_max_pool2d, None where not needed."""
 def avg_pool2d(
     x: np.ndarray, kernel_size: Pair, stride: Pair, padding: Pair, out_hw: Pair,
     count_include_pad: bool, divisor_override: int | None,

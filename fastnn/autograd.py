@@ -928,6 +928,29 @@ class MaxPool2d(Function):
         return F.max_pool2d_backward(g, ctx.saved_tensors[0], *ctx.args)
 
 
+class Conv2dReLUMaxPool2d(Function):
+    """max_pool2d(relu(conv2d(x))) as one node: nothing conv-output-sized is kept for
+    backward (only x, weight and bias; the backward recomputes the conv)."""
+
+    @staticmethod
+    def forward(
+        ctx: Context, x: Array, weight: Array, bias: Array | None, stride: Any = 1,
+        padding: Any = 0, dilation: Any = 1, groups: int = 1, pool_kernel_size: Any = 2,
+        pool_stride: Any = None, pool_padding: Any = 0, pool_dilation: Any = 1,
+        pool_ceil_mode: bool = False,
+    ) -> Array:
+        ctx.save_for_backward(x, weight, bias)
+        ctx.args = (stride, padding, dilation, groups, pool_kernel_size, pool_stride,
+                    pool_padding, pool_dilation, pool_ceil_mode)
+        return F.conv2d_relu_max_pool2d(x, weight, bias, *ctx.args)
+
+    @staticmethod
+    def backward(ctx: Context, g: Array) -> tuple:
+        x, w, b = ctx.saved_tensors
+        return F.conv2d_relu_max_pool2d_backward(g, x, w, b, *ctx.args,
+                                                 output_mask=ctx.needs_input_grad)
+
+
 class AvgPool2d(Function):
     @staticmethod
     def forward(
@@ -1189,6 +1212,16 @@ def _conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
                         groups=groups)
 
 
+def _conv2d_relu_max_pool2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
+                            pool_kernel_size=2, pool_stride=None, pool_padding=0,
+                            pool_dilation=1, pool_ceil_mode=False):
+    return Conv2dReLUMaxPool2d.apply(
+        x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        pool_kernel_size=pool_kernel_size, pool_stride=pool_stride, pool_padding=pool_padding,
+        pool_dilation=pool_dilation, pool_ceil_mode=pool_ceil_mode,
+    )
+
+
 def _linear(x, weight, bias=None):
     return Linear.apply(x, weight, bias)
 
@@ -1241,6 +1274,7 @@ def _dropout(x, p=0.5, training=True, rng=None):
 
 _HANDLERS: dict[str, Callable[..., Tensor]] = {
     "conv2d": _conv2d,
+    "conv2d_relu_max_pool2d": _conv2d_relu_max_pool2d,
     "linear": _linear,
     "matmul": _matmul,
     "max_pool2d": _max_pool2d,

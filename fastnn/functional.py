@@ -888,3 +888,133 @@ def adam_step(
         param, grad, exp_avg, exp_avg_sq, step, float(lr), float(beta1), float(beta2),
         float(eps), float(weight_decay), bool(decoupled),
     )
+
+
+# --------------------------------------------------------------------------
+# fused conv2d + ReLU + max_pool2d
+# --------------------------------------------------------------------------
+
+
+def _fused_pool_geometry(
+    op: str, conv_out_shape: tuple[int, ...], kernel_size: Any, stride: Any, padding: Any,
+    dilation: Any, ceil_mode: Any,
+) -> tuple[Pair, Pair, Pair, Pair, tuple[int, int, int, int]]:
+    """max_pool2d's checks (see ``_PoolArgs``) for a pool over the conv output."""
+    k = _pair(kernel_size, op, "pool_kernel_size", 1)
+    s = k if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) \
+        else _pair(stride, op, "pool_stride", 1)
+    p = _pair(padding, op, "pool_padding", 0)
+    d = _pair(dilation, op, "pool_dilation", 1)
+    if not isinstance(ceil_mode, (bool, np.bool_)):
+        raise TypeError(f"{op}: pool_ceil_mode must be a bool, got {type(ceil_mode).__name__}")
+    if p[0] > k[0] // 2 or p[1] > k[1] // 2:
+        raise ValueError(
+            f"{op}: pool_padding {p} must be at most half of pool_kernel_size {k} (torch's rule)"
+        )
+    n, c, h, w = conv_out_shape
+    eff = (d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1)
+    if eff[0] > h + 2 * p[0] or eff[1] > w + 2 * p[1]:
+        raise ValueError(
+            f"{op}: pool_kernel_size {eff[0]}x{eff[1]} (after dilation) is larger than the "
+            f"padded conv output {h + 2 * p[0]}x{w + 2 * p[1]}"
+        )
+    oh = _pool_out_size(h, k[0], s[0], p[0], d[0], bool(ceil_mode))
+    ow = _pool_out_size(w, k[1], s[1], p[1], d[1], bool(ceil_mode))
+    return k, s, p, d, (n, c, oh, ow)
+
+
+@_tensor_aware
+def conv2d_relu_max_pool2d(
+    x: Array,
+    weight: Array,
+    bias: Array | None = None,
+    stride: Pair = 1,
+    padding: Pair | str = 0,
+    dilation: Pair = 1,
+    groups: int = 1,
+    pool_kernel_size: Pair = 2,
+    pool_stride: Pair | None = None,
+    pool_padding: Pair = 0,
+    pool_dilation: Pair = 1,
+    pool_ceil_mode: bool = False,
+) -> Array:
+    """``max_pool2d(relu(conv2d(x, weight, bias, ...)), pool_kernel_size, ...)`` in one op.
+
+    x (N, C, H, W) or (C, H, W); weight (O, C/groups, KH, KW); bias (O,) or None.
+    Returns (N, O, POH, POW), bit-identical to the three separate ops. On the cpu
+    backend the (N, O, OH, OW) conv output is never materialised; the other
+    backends compose the separate ops.
+    """
+    op = "conv2d_relu_max_pool2d"
+    a = _ConvArgs(op, x, weight, stride, padding, dilation, groups)
+    b = _check_bias(op, bias, a.out_shape[1], a.x)
+    k, s, p, d, out_shape = _fused_pool_geometry(
+        op, a.out_shape, pool_kernel_size, pool_stride, pool_padding, pool_dilation,
+        pool_ceil_mode,
+    )
+    if 0 in out_shape or a.x.shape[1] == 0:
+        # Degenerate shapes: the separate ops already handle them.
+        y = conv2d(a.x, a.weight, b, a.stride, a.padding, a.dilation, a.groups)
+        return a.unbatch(max_pool2d(relu(y), k, s, p, d, bool(pool_ceil_mode)))
+    y = a.backend.conv2d_relu_max_pool2d(
+        a.x, a.weight, b, a.stride, a.padding, a.dilation, a.groups, k, s, p, d, out_shape[2:]
+    )
+    return a.unbatch(y)
+
+
+@_tensor_aware
+def conv2d_relu_max_pool2d_backward(
+    grad_out: Array,
+    x: Array,
+    weight: Array,
+    bias: Array | None = None,
+    stride: Pair = 1,
+    padding: Pair | str = 0,
+    dilation: Pair = 1,
+    groups: int = 1,
+    pool_kernel_size: Pair = 2,
+    pool_stride: Pair | None = None,
+    pool_padding: Pair = 0,
+    pool_dilation: Pair = 1,
+    pool_ceil_mode: bool = False,
+    *,
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Array | None, Array | None, Array | None]:
+    """Gradients ``(grad_x, grad_weight, grad_bias)`` of :func:`conv2d_relu_max_pool2d`.
+
+    grad_out has the fused output's shape (N, O, POH, POW). The forward is
+    recomputed (``bias`` is needed for that), so nothing but the inputs has to
+    be kept between forward and backward. An entry is None where
+    ``output_mask`` is False. Same values as backpropagating through the three
+    separate ops, up to the summation order of grad_weight/grad_bias.
+    """
+    op = "conv2d_relu_max_pool2d_backward"
+    grad_out = _as_float_array(grad_out, op, "grad_out")
+    a = _ConvArgs(op, x, weight, stride, padding, dilation, groups, extra_arrays=[grad_out])
+    _same_dtype(op, a.x, "x", grad_out, "grad_out")
+    b = _check_bias(op, bias, a.out_shape[1], a.x)
+    k, s, p, d, out_shape = _fused_pool_geometry(
+        op, a.out_shape, pool_kernel_size, pool_stride, pool_padding, pool_dilation,
+        pool_ceil_mode,
+    )
+    gy = grad_out[None] if a.unbatched and grad_out.ndim == 3 else grad_out
+    _check_grad_out(op, gy, out_shape)
+    gy = _contig(gy)
+    need_x, need_w, need_b = (bool(m) for m in output_mask)
+    if gy.size == 0 or a.x.size == 0 or a.weight.size == 0:
+        # Degenerate shapes: backpropagate through the separate ops.
+        r = relu(conv2d(a.x, a.weight, b, a.stride, a.padding, a.dilation, a.groups))
+        g = relu_backward(max_pool2d_backward(gy, r, k, s, p, d, bool(pool_ceil_mode)), r)
+        gx, gw, gb = conv2d_backward(g, a.x, a.weight, a.stride, a.padding, a.dilation,
+                                     a.groups, output_mask=(need_x, need_w, need_b))
+    else:
+        gx, gw, gb = a.backend.conv2d_relu_max_pool2d_backward(
+            gy, a.x, a.weight, b, a.stride, a.padding, a.dilation, a.groups, k, s, p, d,
+            need_x, need_w, need_b,
+        )
+    if gx is not None:
+        if a.extra != (0, 0):
+            hp, wp = a.x.shape[2:]
+            gx = _xp(a.x).ascontiguousarray(gx[:, :, : hp - a.extra[0], : wp - a.extra[1]])
+        gx = a.unbatch(gx)
+    return gx, gw, gb

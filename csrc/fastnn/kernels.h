@@ -78,6 +78,19 @@ struct KernelTable {
   void (*adam_step)(T* param, const T* grad, T* exp_avg, T* exp_avg_sq, int64_t n,
                     int64_t step, double lr, double beta1, double beta2, double eps,
                     double weight_decay, bool decoupled);
+
+  // Fused conv2d + bias + ReLU + max_pool2d (csrc/kernels/fused.cpp). The pool
+  // geometry takes the conv output as its input (pp.N = N, pp.C = O,
+  // pp.H = OH, pp.W = OW). y (N,O,POH,POW) = max_pool2d(relu(conv2d(x))) bit for
+  // bit, without materialising the conv output.
+  void (*conv2d_relu_maxpool_forward)(const Conv2dParams& cp, const Pool2dParams& pp,
+                                      const T* x, const T* w, const T* b, T* y);
+  // Gradients of the fused op from gy (N,O,POH,POW); recomputes the conv output
+  // image by image. gx (N,C,H,W), gw (O,C/g,KH,KW), gb (O,) may each be null
+  // (not wanted); the others are overwritten.
+  void (*conv2d_relu_maxpool_backward)(const Conv2dParams& cp, const Pool2dParams& pp,
+                                       const T* gy, const T* x, const T* w, const T* b,
+                                       T* gx, T* gw, T* gb);
 };
 
 #define FASTNN_DECLARE_ISA(ns)            \

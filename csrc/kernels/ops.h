@@ -54,7 +54,10 @@ enum ScratchSlot : int {
   kSlotPartial = 4,    // per-chunk weight-gradient partials (caller thread)
   kSlotWeights = 5,    // transformed weights (caller thread)
   kSlotLanes = 6,      // lane-wise weight-gradient sums (small-K conv)
-  kNumSlots = 7,
+  kSlotFusedMid = 7,   // fused conv+relu+pool: one image's conv output
+  kSlotFusedGrad = 8,  // fused conv+relu+pool: its gradient
+  kSlotFusedW = 9,     // fused conv+relu+pool: one image's weight gradient
+  kNumSlots = 10,
 };
 
 class ThreadScratch {
@@ -143,6 +146,14 @@ template <typename T>
 void avg_pool2d_forward(const Pool2dParams& p, const T* x, T* y);
 template <typename T>
 void avg_pool2d_backward(const Pool2dParams& p, const T* gy, T* gx);
+
+// --- fused.cpp ---------------------------------------------------------------
+template <typename T>
+void conv2d_relu_maxpool_forward(const Conv2dParams& cp, const Pool2dParams& pp, const T* x,
+                                 const T* w, const T* b, T* y);
+template <typename T>
+void conv2d_relu_maxpool_backward(const Conv2dParams& cp, const Pool2dParams& pp, const T* gy,
+                                  const T* x, const T* w, const T* b, T* gx, T* gw, T* gb);
 
 // --- elementwise.cpp ---------------------------------------------------------
 template <typename T>

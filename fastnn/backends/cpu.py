@@ -32,6 +32,8 @@ __all__ = [
     "conv2d",
     "conv2d_backward_input",
     "conv2d_backward_weight",
+    "conv2d_relu_max_pool2d",
+    "conv2d_relu_max_pool2d_backward",
     "is_available",
     "matmul",
     "max_pool2d",
@@ -160,3 +162,32 @@ def adam_step(
     _C.adam_step(
         param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, decoupled
     )
+
+
+def conv2d_relu_max_pool2d(
+    x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
+    stride: Pair, padding: Pair, dilation: Pair, groups: int,
+    pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
+    pool_out_hw: Pair,
+) -> np.ndarray:
+    """max_pool2d(relu(conv2d(x))) -> (N,O,POH,POW), bit-identical to the three ops; the
+    (N,O,OH,OW) conv output is never materialised (each thread keeps one image's in cache)."""
+    return _C.conv2d_relu_max_pool2d(
+        x, weight, bias, stride, padding, dilation, groups,
+        pool_kernel_size, pool_stride, pool_padding, pool_dilation, pool_out_hw,
+    )
+
+
+def conv2d_relu_max_pool2d_backward(
+    grad_out: np.ndarray, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
+    stride: Pair, padding: Pair, dilation: Pair, groups: int,
+    pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
+    need_x: bool, need_w: bool, need_b: bool,
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """(grad_x, grad_w, grad_b) of :func:`conv2d_relu_max_pool2d` from grad_out
+    (N,O,POH,POW); None where not needed. Recomputes the conv output image by image."""
+    return tuple(_C.conv2d_relu_max_pool2d_backward(
+        grad_out, x, weight, bias, stride, padding, dilation, groups,
+        pool_kernel_size, pool_stride, pool_padding, pool_dilation,
+        bool(need_x), bool(need_w), bool(need_b),
+    ))

@@ -27,6 +27,8 @@ __all__ = [
     "conv2d",
     "conv2d_backward_input",
     "conv2d_backward_weight",
+    "conv2d_relu_max_pool2d",
+    "conv2d_relu_max_pool2d_backward",
     "is_available",
     "matmul",
     "max_pool2d",
@@ -502,3 +504,46 @@ def adam_step(
     bias_correction2_sqrt = math.sqrt(1 - beta2**step)
     denom = np.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
     param -= (lr / bias_correction1) * exp_avg / denom
+
+
+# --------------------------------------------------------------------------
+# fused conv2d + ReLU + max_pool2d (composed from the ops above)
+# --------------------------------------------------------------------------
+
+
+def conv2d_relu_max_pool2d(
+    x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
+    stride: Pair, padding: Pair, dilation: Pair, groups: int,
+    pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
+    pool_out_hw: Pair,
+) -> np.ndarray:
+    """max_pool2d(relu(conv2d(x, weight, bias))): (N,C,H,W) -> (N,O,POH,POW)."""
+    r = relu(conv2d(x, weight, bias, stride, padding, dilation, groups))
+    return max_pool2d(r, pool_kernel_size, pool_stride, pool_padding, pool_dilation, pool_out_hw)
+
+
+def conv2d_relu_max_pool2d_backward(
+    grad_out: np.ndarray, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
+    stride: Pair, padding: Pair, dilation: Pair, groups: int,
+    pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
+    need_x: bool, need_w: bool, need_b: bool,
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """(grad_x, grad_w, grad_b) of :func:`conv2d_relu_max_pool2d` (None where not needed);
+    recomputes the relu'd conv output, then pool backward, relu backward, conv backward."""
+    r = relu(conv2d(x, weight, bias, stride, padding, dilation, groups))
+    g = relu_backward(
+        max_pool2d_backward(grad_out, r, pool_kernel_size, pool_stride, pool_padding,
+                            pool_dilation),
+        r,
+    )
+    del r
+    gx = gw = gb = None
+    if need_x:
+        gx = conv2d_backward_input(g, weight, tuple(x.shape[2:]), stride, padding, dilation,
+                                   groups)
+    if need_w:
+        gw = conv2d_backward_weight(g, x, tuple(weight.shape[2:]), stride, padding, dilation,
+                                    groups)
+    if need_b:
+        gb = g.sum(axis=(0, 2, 3), dtype=g.dtype)
+    return gx, gw, gb

@@ -139,6 +139,15 @@ class Conv2d(Module):
         return ag.Conv2d.apply(x, self.weight, self.bias, stride=self.stride,
                                padding=self.padding, dilation=self.dilation, groups=self.groups)
 
+    def _forward_relu_max_pool(self, x: Any, pool: MaxPool2d) -> Tensor:
+        """``pool(relu(self(x)))`` as one fused node (see ``F.conv2d_relu_max_pool2d``)."""
+        return ag.Conv2dReLUMaxPool2d.apply(
+            x, self.weight, self.bias, stride=self.stride, padding=self.padding,
+            dilation=self.dilation, groups=self.groups, pool_kernel_size=pool.kernel_size,
+            pool_stride=pool.stride, pool_padding=pool.padding, pool_dilation=pool.dilation,
+            pool_ceil_mode=pool.ceil_mode,
+        )
+
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
@@ -329,9 +338,26 @@ class Sequential(Module):
         d = self.__dict__
         return [d[n] for n in d["_module_names"] if d[n] is not None]
 
+    #: Run Conv2d -> ReLU -> MaxPool2d runs as one fused op (same forward values bit for
+    #: bit, gradients up to summation order); set False on an instance to run them apart.
+    fuse = True
+
     def forward(self, x: Any) -> Any:
-        for m in self._layers():
+        layers = self._layers()
+        n = len(layers)
+        i = 0
+        while i < n:
+            m = layers[i]
+            # Exact types only: a subclass may override forward and must then run as written.
+            if (
+                type(m) is Conv2d and i + 2 < n and type(layers[i + 1]) is ReLU
+                and type(layers[i + 2]) is MaxPool2d and self.fuse
+            ):
+                x = m._forward_relu_max_pool(x, layers[i + 2])
+                i += 3
+                continue
             x = m(x)
+            i += 1
         return x
 
     def __getitem__(self, i: int) -> Module:

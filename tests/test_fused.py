@@ -1,0 +1,237 @@
+"""Fused conv2d + ReLU + max_pool2d: the op, its autograd node and nn.Sequential's use of it.
+
+The fused forward must equal ``max_pool2d(relu(conv2d(x)))`` bit for bit on every
+backend; gradients must match backpropagation through the separate ops (up to the
+summation order of grad_weight / grad_bias) and finite differences.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastnn
+import fastnn.functional as F
+from fastnn import nn
+from fastnn.autograd import Tensor
+from fastnn.gradcheck import gradcheck
+
+# (N, C, H, W, O, conv kwargs, pool kwargs)
+CASES = [
+    (5, 1, 12, 12, 4, {}, {"pool_kernel_size": 2}),  # the MNIST block, small
+    (64, 1, 10, 10, 8, {}, {"pool_kernel_size": 2}),  # N >= 2 * threads: per-image path
+    (3, 4, 9, 11, 6, {"padding": 1}, {"pool_kernel_size": 3, "pool_stride": 2}),
+    (2, 4, 8, 8, 4, {"groups": 2, "stride": 2, "padding": 2},
+     {"pool_kernel_size": 2, "pool_padding": 1, "pool_ceil_mode": True}),
+    (3, 2, 9, 9, 3, {"padding": "same", "dilation": 2},
+     {"pool_kernel_size": 3, "pool_stride": 1, "pool_dilation": 2}),
+    (20, 8, 12, 12, 16, {"padding": 1}, {"pool_kernel_size": 2}),  # Winograd conv path
+]
+IDS = ["mnist-like", "per-image", "pad-k3s2", "groups-ceil", "same-dil", "winograd"]
+
+POOL_KEYS = ("pool_kernel_size", "pool_stride", "pool_padding", "pool_dilation",
+             "pool_ceil_mode")
+
+
+def _unfused_pool_kwargs(pk: dict) -> dict:
+    return {k[len("pool_"):]: v for k, v in pk.items()}
+
+
+def _data(rng, case, dtype):
+    n, c, h, w, o, ck, _ = case
+    g = ck.get("groups", 1)
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    wt = (rng.standard_normal((o, c // g, 3, 3)) * 0.4).astype(dtype)
+    b = (rng.standard_normal(o) * 0.2).astype(dtype)
+    return x, wt, b
+
+
+def _unfused(x, wt, b, ck, pk):
+    return F.max_pool2d(F.relu(F.conv2d(x, wt, b, **ck)), **_unfused_pool_kwargs(pk))
+
+
+def _unfused_grads(gy, x, wt, b, ck, pk):
+    r = F.relu(F.conv2d(x, wt, b, **ck))
+    g = F.relu_backward(F.max_pool2d_backward(gy, r, **_unfused_pool_kwargs(pk)), r)
+    return F.conv2d_backward(g, x, wt, **ck)
+
+
+def _close(got, want, dtype, name=""):
+    # Sums of many terms in another order: compare against the array's scale.
+    eps = 1e-5 if dtype == np.float32 else 1e-12
+    scale = max(float(np.abs(want).max(initial=0.0)), 1.0)
+    np.testing.assert_allclose(got, want, rtol=eps, atol=eps * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_forward_bit_identical(host_backend, rng, case, dtype):
+    x, wt, b = _data(rng, case, dtype)
+    ck, pk = case[5], case[6]
+    with fastnn.backend(host_backend):
+        want = _unfused(x, wt, b, ck, pk)
+        got = F.conv2d_relu_max_pool2d(x, wt, b, **ck, **pk)
+    assert got.dtype == dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_backward_matches_unfused(host_backend, rng, case, dtype):
+    x, wt, b = _data(rng, case, dtype)
+    ck, pk = case[5], case[6]
+    with fastnn.backend(host_backend):
+        y = F.conv2d_relu_max_pool2d(x, wt, b, **ck, **pk)
+        gy = rng.standard_normal(y.shape).astype(dtype)
+        want = _unfused_grads(gy, x, wt, b, ck, pk)
+        got = F.conv2d_relu_max_pool2d_backward(gy, x, wt, b, **ck, **pk)
+    for name, g, w in zip(("grad_x", "grad_w", "grad_b"), got, want):
+        assert g.shape == w.shape and g.dtype == dtype, name
+        _close(g, w, dtype, name)
+
+
+def test_backward_output_mask_and_no_bias(host_backend, rng):
+    case = CASES[0]
+    x, wt, _ = _data(rng, case, np.float64)
+    with fastnn.backend(host_backend):
+        y = F.conv2d_relu_max_pool2d(x, wt, None, pool_kernel_size=2)
+        gy = rng.standard_normal(y.shape)
+        gx, gw, gb = F.conv2d_relu_max_pool2d_backward(
+            gy, x, wt, None, pool_kernel_size=2, output_mask=(False, True, False))
+        want = _unfused_grads(gy, x, wt, None, {}, {"pool_kernel_size": 2})
+    assert gx is None and gb is None
+    np.testing.assert_allclose(gw, want[1], rtol=1e-12, atol=1e-12)
+
+
+def test_ties_and_dead_units(host_backend, rng):
+    """All-negative windows (relu ties at 0) and exact ties among positives: the
+    first maximum gets the gradient, and only where the pooled value is > 0."""
+    x = np.zeros((4, 1, 6, 6))
+    x[:, :, ::2, ::2] = 1.0  # ties inside each 2x2 window of the conv output below
+    x[1] = -1.0
+    wt = np.zeros((2, 1, 1, 1))
+    wt[0] = 1.0
+    wt[1] = -1.0
+    b = np.array([0.0, 0.0])
+    gy = rng.standard_normal((4, 2, 3, 3))
+    with fastnn.backend(host_backend):
+        np.testing.assert_array_equal(F.conv2d_relu_max_pool2d(x, wt, b, pool_kernel_size=2),
+                                      _unfused(x, wt, b, {}, {"pool_kernel_size": 2}))
+        got = F.conv2d_relu_max_pool2d_backward(gy, x, wt, b, pool_kernel_size=2)
+        want = _unfused_grads(gy, x, wt, b, {}, {"pool_kernel_size": 2})
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_nan_propagates_and_gets_no_gradient(host_backend):
+    x = np.ones((2, 1, 4, 4), dtype=np.float32)
+    x[0, 0, 1, 1] = np.nan
+    wt = np.ones((1, 1, 1, 1), dtype=np.float32)
+    with fastnn.backend(host_backend):
+        y = F.conv2d_relu_max_pool2d(x, wt, None, pool_kernel_size=2)
+        gx, _, _ = F.conv2d_relu_max_pool2d_backward(np.ones_like(y), x, wt, None,
+                                                     pool_kernel_size=2)
+        want = _unfused_grads(np.ones_like(y), x, wt, None, {}, {"pool_kernel_size": 2})[0]
+    assert np.isnan(y[0, 0, 0, 0]) and not np.isnan(y[1]).any()
+    np.testing.assert_array_equal(gx, want)
+
+
+def test_unbatched_and_empty(host_backend, rng):
+    x = rng.standard_normal((2, 7, 7))
+    wt = rng.standard_normal((3, 2, 3, 3))
+    with fastnn.backend(host_backend):
+        y = F.conv2d_relu_max_pool2d(x, wt, None, pool_kernel_size=2)
+        assert y.shape == (3, 2, 2)
+        np.testing.assert_array_equal(y, _unfused(x, wt, None, {}, {"pool_kernel_size": 2}))
+        gx, gw, gb = F.conv2d_relu_max_pool2d_backward(np.ones_like(y), x, wt, None,
+                                                       pool_kernel_size=2)
+        assert gx.shape == x.shape and gw.shape == wt.shape and gb.shape == (3,)
+        e = F.conv2d_relu_max_pool2d(np.zeros((0, 2, 7, 7)), wt, None, pool_kernel_size=2)
+        assert e.shape == (0, 3, 2, 2)
+        gx, gw, gb = F.conv2d_relu_max_pool2d_backward(
+            np.zeros((0, 3, 2, 2)), np.zeros((0, 2, 7, 7)), wt, None, pool_kernel_size=2)
+        assert gx.shape == (0, 2, 7, 7) and not gw.any() and not gb.any()
+
+
+def test_bad_arguments_name_them():
+    x = np.zeros((1, 1, 6, 6), dtype=np.float32)
+    wt = np.zeros((2, 1, 3, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="pool_kernel_size"):
+        F.conv2d_relu_max_pool2d(x, wt, pool_kernel_size=0)
+    with pytest.raises(ValueError, match="pool_padding"):
+        F.conv2d_relu_max_pool2d(x, wt, pool_kernel_size=2, pool_padding=2)
+    with pytest.raises(ValueError, match="pool_kernel_size"):
+        F.conv2d_relu_max_pool2d(x, wt, pool_kernel_size=5)
+    with pytest.raises(TypeError, match="pool_ceil_mode"):
+        F.conv2d_relu_max_pool2d(x, wt, pool_kernel_size=2, pool_ceil_mode=1)
+    with pytest.raises(ValueError, match="bias"):
+        F.conv2d_relu_max_pool2d(x, wt, np.zeros(3, np.float32), pool_kernel_size=2)
+    with pytest.raises(ValueError, match="grad_out"):
+        F.conv2d_relu_max_pool2d_backward(np.zeros((1, 2, 3, 3), np.float32), x, wt,
+                                          pool_kernel_size=2)
+    with pytest.raises(TypeError, match="grad_out"):
+        F.conv2d_relu_max_pool2d_backward(np.zeros((1, 2, 2, 2)), x, wt, pool_kernel_size=2)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3]], ids=[IDS[0], IDS[2], IDS[3]])
+def test_gradcheck_float64(host_backend, case):
+    rng = np.random.default_rng(7)
+    n, c, h, w, o, ck, pk = case
+    n = min(n, 2)
+    x, wt, b = _data(rng, (n, c, h, w, o, ck, pk), np.float64)
+    # Keep conv outputs away from 0 and from each other so finite differences do not
+    # cross a relu kink or swap a window's argmax.
+    inputs = [Tensor(x, requires_grad=True), Tensor(wt, requires_grad=True),
+              Tensor(b, requires_grad=True)]
+    with fastnn.backend(host_backend):
+        gradcheck(lambda a, bw, bb: F.conv2d_relu_max_pool2d(a, bw, bb, **ck, **pk), inputs,
+                  eps=1e-7, atol=1e-6, rtol=1e-4)
+
+
+def _seed_like(rng, fuse):
+    model = nn.Sequential(
+        nn.Conv2d(1, 6, 3, rng=rng, dtype=np.float64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(6 * 5 * 5, 7, rng=rng, dtype=np.float64), nn.ReLU(),
+        nn.Linear(7, 3, rng=rng, dtype=np.float64),
+    )
+    model.fuse = fuse
+    return model
+
+
+def test_sequential_fuses_and_matches_unfused(host_backend):
+    x = np.random.default_rng(3).standard_normal((6, 1, 12, 12))
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    outs, grads = [], []
+    for fuse in (True, False):
+        model = _seed_like(np.random.default_rng(0), fuse)
+        with fastnn.backend(host_backend):
+            out = model(Tensor(x))
+            node_names = set()
+            stack = [out.grad_fn]
+            while stack:
+                node = stack.pop()
+                node_names.add(node.fn.__name__)
+                stack.extend(p for p in node.parents if p is not None and hasattr(p, "fn"))
+            assert ("Conv2dReLUMaxPool2d" in node_names) == fuse
+            assert ("MaxPool2d" in node_names) == (not fuse)
+            F.cross_entropy(out, labels).backward()
+        outs.append(out.data)
+        grads.append([p.grad for p in model.parameters()])
+    np.testing.assert_array_equal(outs[0], outs[1])
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_sequential_does_not_fuse_subclasses(host_backend):
+    calls = []
+
+    class LoudReLU(nn.ReLU):
+        def forward(self, x):
+            calls.append(1)
+            return super().forward(x)
+
+    rng = np.random.default_rng(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, rng=rng), LoudReLU(), nn.MaxPool2d(2))
+    with fastnn.backend(host_backend):
+        out = model(Tensor(np.ones((1, 1, 6, 6), np.float32)))
+    assert calls == [1] and out.grad_fn.fn.__name__ == "MaxPool2d"
