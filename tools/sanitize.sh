@@ -47,17 +47,12 @@ rm -f "$work"/fastnn/_C*.so
 cp "$so" "$work"/fastnn/
 find "$work" -name __pycache__ -prune -exec rm -rf {} +
 
-# Reports go to files (one per process, fork children and subprocesses included):
-# pytest captures fd 2, and a sanitizer that halts the process would take a
-# report printed there down with it.
-reports="$repo/$build/reports"
-rm -rf "$reports" && mkdir -p "$reports"
 # Only the Python processes get the runtimes (not grep, ldd, ...).
 preload="$asan $ubsan"
 # Python "leaks" by design; huge allocations must return NULL (-> MemoryError)
 # rather than abort, because tests/test_memory.py asks for petabytes on purpose.
-export ASAN_OPTIONS="detect_leaks=0:allocator_may_return_null=1:halt_on_error=1:abort_on_error=1:detect_stack_use_after_return=0:log_path=$reports/asan"
-export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$reports/ubsan"
+export ASAN_OPTIONS="detect_leaks=0:allocator_may_return_null=1:halt_on_error=1:abort_on_error=1:detect_stack_use_after_return=0"
+export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 export PYTHONMALLOC=malloc  # let ASan see Python's own allocations too
 export PYTHONPATH="$work"
 export FASTNN_SANITIZED=1 FASTNN_REQUIRE_NATIVE=1
@@ -80,24 +75,31 @@ read -r -a tests <<<"$(echo ${SANITIZE_TESTS:-$default_tests})"
 existing=()
 for t in "${tests[@]}"; do [[ -f $t ]] && existing+=("$t"); done
 
-set +e
-# -v names the test that was running if a sanitizer halts the process.
-LD_PRELOAD=$preload python3 -m pytest "${existing[@]}" -v -p no:cacheprovider -W ignore::DeprecationWarning "$@" \
-  | grep -vE " (PASSED|SKIPPED|XFAIL)( |$)"
-status=${PIPESTATUS[0]}
-set -e
+# One pytest process per file, so a sanitizer that halts the process loses at
+# most that file's summary. --capture=sys leaves fd 2 alone: sanitizer reports
+# (written to fd 2 by the runtime) reach the log even when the process dies.
+log="$repo/$build/sanitize.log"
+: >"$log"
+status=0
+for t in "${existing[@]}"; do
+  set +e
+  LD_PRELOAD=$preload python3 -m pytest "$t" -v --capture=sys -p no:cacheprovider \
+    -W ignore::DeprecationWarning "$@" 2>&1 | tee -a "$log" | grep -vE " (PASSED|SKIPPED|XFAIL)( |$)"
+  s=${PIPESTATUS[0]}
+  set -e
+  if [[ $s -ne 0 ]]; then
+    echo "sanitize.sh: $t failed (exit $s)" | tee -a "$log" >&2
+    status=1
+  fi
+done
 t_end=$(date +%s)
 
-# Any report fails the run, even one from a subprocess that pytest did not see.
-# ("failed to allocate" warnings are expected: they are the MemoryError tests.)
+# Any report fails the run, even one from a subprocess or fork child that pytest
+# did not notice. ("failed to allocate" warnings are expected: MemoryError tests.)
 pattern="ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer|SUMMARY: [A-Za-z]*Sanitizer"
-findings=$(grep -lE "$pattern" "$reports"/* 2>/dev/null || true)
-if [[ -n $findings ]]; then
-  for f in $findings; do
-    echo "===== $f" >&2
-    head -n 40 "$f" >&2
-  done
-  echo "sanitize.sh: sanitizer findings (full reports in $reports)" >&2
+if grep -qE "$pattern" "$log"; then
+  grep -nE "$pattern" "$log" | head -n 20 >&2
+  echo "sanitize.sh: sanitizer findings (full log: $log)" >&2
   status=1
 fi
 echo "sanitize.sh: build $((t_build - t0)) s, tests $((t_end - t_build)) s, exit $status"
