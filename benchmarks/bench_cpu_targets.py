@@ -224,10 +224,18 @@ def markdown(rows: list[dict], info: dict, ceilings: dict, threads: dict, argv: 
         f"copy {ceilings['copy_mib']} MiB: {ceilings['copy_gb_s']:.1f} GB/s "
         f"(4 MiB in cache: {ceilings['copy_cache_gb_s']:.1f} GB/s); best of the start and "
         "the end of this run",
-        f"- load average at start: {info.get('load_average')}",
+        f"- load average at start / end: {info.get('load_average')} / "
+        f"{info.get('load_average_end')}",
         "",
-        "Each peer ran in its own process; peers alternated round by round on every case.",
+        f"Each peer ran in its own process; peers alternated round by round on every case; "
+        f"times are the {info.get('stat', 'median')} of all samples.",
     ]
+    loads = [v for v in (info.get("load_average"), info.get("load_average_end")) if v is not None]
+    if loads and max(loads) >= 0.5:
+        text.insert(2, f"**Warning:** other processes were running (load average "
+                       f"{' -> '.join(map(str, loads))} on {info['cores']} cores): on 2 cores "
+                       "every multi-threaded kernel then stalls at its barriers, so these ratios "
+                       "are noisy. Re-run on an idle machine.\n")
     return "\n".join(text) + "\n"
 
 
@@ -239,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds of samples per case and peer, over all rounds")
     p.add_argument("--json", metavar="PATH", help="also write the raw rows as JSON")
     p.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+    p.add_argument("--stat", choices=("median", "best"), default="median",
+                   help="per-case statistic the ratios use (best resists a busy machine)")
     args = p.parse_args(argv)
 
     ok, why = backend_status("cpu")
@@ -276,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         if r.error:
             print(f"warning: {r.case.op} {r.case.shape} on {r.backend}: {r.error}",
                   file=sys.stderr)
-    medians = {(r.case.op, r.case.shape, r.backend): r.timing.median
+    info["load_average_end"] = machine.load_average()
+    info["stat"] = args.stat
+    medians = {(r.case.op, r.case.shape, r.backend): getattr(r.timing, args.stat)
                for r in results if r.timing is not None and r.timing.samples}
     rows = evaluate(tgts, medians, ceilings)
     text = markdown(rows, info, ceilings, threads, list(argv or sys.argv[1:]), has_torch)
