@@ -1058,6 +1058,106 @@ def test_fuzz_adam_step(case):
 
 
 # --------------------------------------------------------------------------
+# fused conv2d + relu + max_pool2d
+# --------------------------------------------------------------------------
+
+HAVE_FUSED = hasattr(F, "conv2d_relu_max_pool2d")
+POOL_KEYS = ("pool_kernel_size", "pool_stride", "pool_padding", "pool_dilation",
+             "pool_ceil_mode")
+
+
+@st.composite
+def fused_case(draw, backward: bool):
+    (x, wt, bias), kwargs = draw(conv_case(backward=False))
+    pool = {"pool_kernel_size": draw(geometry(1, 3))}
+    if draw(st.booleans()):
+        pool["pool_stride"] = None if draw(st.integers(0, 4)) == 0 else draw(geometry(1, 3))
+    if draw(st.booleans()):
+        pool["pool_padding"] = draw(geometry(0, 1))
+    if draw(st.booleans()):
+        pool["pool_dilation"] = draw(geometry(1, 2))
+    if draw(st.booleans()):
+        pool["pool_ceil_mode"] = draw(st.booleans())
+    kwargs = {**kwargs, **pool}
+    if not backward:
+        return (x, wt, bias), kwargs
+    x_shape = x.shape if isinstance(x, ArraySpec) else (1, 1, 1, 1)
+    w_shape = wt.shape if isinstance(wt, ArraySpec) else (1, 1, 1, 1)
+    out_shape = _ref_out_shape(F.conv2d_relu_max_pool2d,
+                               (np.zeros(x_shape), np.zeros(w_shape)), kwargs)
+    if out_shape is None or draw(st.integers(0, 14)) == 0:
+        out_shape = tuple(draw(st.lists(st.integers(0, 4), min_size=3, max_size=4)))
+    gy = draw(array_spec(out_shape, x.dtype if isinstance(x, ArraySpec) else "float32"))
+    return (gy, x, wt, bias), kwargs
+
+
+def _split(kwargs: dict) -> tuple[dict, dict]:
+    conv = {k: v for k, v in kwargs.items() if k not in POOL_KEYS}
+    pool = {k[5:]: v for k, v in kwargs.items() if k in POOL_KEYS}
+    return conv, pool
+
+
+@pytest.mark.skipif(not HAVE_FUSED, reason="no fused conv2d_relu_max_pool2d")
+@FUZZ
+@given(case=fused_case(backward=False))
+def test_fuzz_conv2d_relu_max_pool2d(case):
+    """Same errors as the reference; bit-identical to the separate ops (its docstring)."""
+    args, kwargs = case
+    op = "conv2d_relu_max_pool2d"
+    r = run_both(op, F.conv2d_relu_max_pool2d, args, kwargs)
+    if r is None:
+        return
+    want, got, _, _, ta, tkw = r
+    conv, pool = _split(tkw)
+    ks = pool.pop("kernel_size")
+    with fastnn.backend(TARGET), np.errstate(all="ignore"):
+        sep = F.max_pool2d(F.relu(F.conv2d(*ta, **conv)), ks, **pool)
+    check_exact(op + " vs separate ops", got, sep, list(ta))
+    assert got.shape == want.shape and got.dtype == want.dtype
+
+
+@pytest.mark.skipif(not HAVE_FUSED, reason="no fused conv2d_relu_max_pool2d")
+@FUZZ
+@given(case=fused_case(backward=True))
+def test_fuzz_conv2d_relu_max_pool2d_backward(case):
+    """Same errors as the reference; the gradients of the separate ops' chain."""
+    args, kwargs = case
+    op = "conv2d_relu_max_pool2d_backward"
+    r = run_both(op, F.conv2d_relu_max_pool2d_backward, args, kwargs)
+    if r is None:
+        return
+    want, got, _, _, ta, tkw = r
+    gy, x, w, b = ta
+    conv, pool = _split(tkw)
+    ks = pool.pop("kernel_size")
+    with fastnn.backend(TARGET), np.errstate(all="ignore"):
+        y = F.relu(F.conv2d(x, w, b, **conv))
+        g_y = F.relu_backward(F.max_pool2d_backward(gy, y, ks, **pool), y)
+        sep = F.conv2d_backward(g_y, x, w, **conv)
+        bound = F.conv2d_backward(np.abs(g_y), np.abs(_floatify(x)), np.abs(_floatify(w)),
+                                  **conv)
+    mask = tkw.get("output_mask", (True, True, True))
+    k = max(np.size(a) for a in (gy, x, w, g_y))
+    for j, (g, s_, bnd) in enumerate(zip(got, sep, bound)):
+        if not mask[j]:
+            assert g is None, f"{op}[{j}] should be None"
+            continue
+        _check_array_out(g, s_, list(ta), f"{op}[{j}]")
+        fi = np.finfo(s_.dtype)
+        with np.errstate(invalid="ignore", over="ignore"):
+            err = np.abs(g.astype(np.float64) - s_.astype(np.float64))
+            tol = 4.0 * (k + 2) * float(fi.eps) * np.abs(bnd.astype(np.float64)) + float(fi.tiny)
+        ok = np.isfinite(tol) & np.isfinite(s_)
+        bad = ok & ~(err <= tol)
+        assert not bad.any(), (
+            f"{op}[{j}]: {int(bad.sum())} values differ from the separate ops' chain"
+        )
+        assert np.array_equal(np.isnan(g), np.isnan(s_)) or not all(_specs(*args)), (
+            f"{op}[{j}]: NaN pattern differs from the separate ops' chain"
+        )
+
+
+# --------------------------------------------------------------------------
 # Minimal reproductions of what the fuzzer found (kept as plain tests)
 # --------------------------------------------------------------------------
 
