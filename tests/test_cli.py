@@ -104,7 +104,8 @@ def test_train_then_evaluate(cli_env: dict[str, str], tmp_path: Path) -> None:
 
     meta = ckpt.load(ck).metadata
     assert meta["model"] == "seed" and meta["epoch"] == 1 and meta["seed"] == 0
-    assert meta["optimizer"]["name"] == "adam" and meta["optimizer"]["lr"] == 1e-3
+    assert meta["optimizer"]["name"] == "adam" and meta["config"]["lr"] == 1e-3
+    assert meta["config"]["schedule"] == "cosine"  # the default: decays to 0 over the run
     assert meta["fastnn_version"] == fastnn.__version__
     assert meta["metrics"]["epochs"][0]["test_accuracy"] == epoch["test_accuracy"]
 
