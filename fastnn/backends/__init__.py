@@ -37,6 +37,13 @@ avg_pool2d(x, kernel_size, stride, padding, out_hw, count_include_pad,
     padded cells but not cells past the padded input (torch's ceil_mode rule).
 avg_pool2d_backward(grad_out, input_hw, kernel_size, stride, padding,
                     count_include_pad, divisor_override) -> grad_x
+conv2d_relu_max_pool2d(x, weight, bias, stride, padding, dilation, groups,
+                       pool_kernel_size, pool_stride, pool_padding, pool_dilation,
+                       pool_out_hw) -> y
+    max_pool2d(relu(conv2d(...))) without materialising the conv output
+    (fused in C++; numpy_ref and cuda compose the separate ops).
+conv2d_relu_max_pool2d_backward(grad_out, x, weight, bias, <same conv/pool args>,
+                                need_x, need_w, need_b) -> (gx|None, gw|None, gb|None)
 relu(x) -> y
 relu_backward(grad_out, y) -> grad_x            (grad where y > 0, else 0)
 softmax_cross_entropy(logits, labels) -> (loss, grad_logits)
