@@ -210,7 +210,9 @@ def markdown(rows: list[dict], info: dict, ceilings: dict, threads: dict, argv: 
         "",
         "Ratios are peer time / fastnn time (above 1: fastnn is faster). `x floor` is fastnn's "
         "time over the floor: FLOPs at the sgemm peak or bytes at the copy bandwidth, "
-        "whichever is longer. fwd+bwd pooling rows sum both passes.",
+        "whichever is longer; below 1 means the kernel does less work than the nominal count "
+        "(e.g. Winograd conv) or the data stays in cache. fwd+bwd pooling rows sum both "
+        "passes.",
         "",
         "## Machine",
         "",
