@@ -3,25 +3,32 @@
 // Structure (per thread, on its own rectangle of C):
 //   for jc over N in NC blocks
 //     for pc over K in KC blocks
-//       pack op(B)[pc:pc+kc, jc:jc+nc] into KC x NR micro-panels   (stays in L2)
+//       pack op(B)[pc:pc+kc, jc:jc+nc] into kc x NR micro-panels
 //       for ic over M in MC blocks
-//         pack op(A)[ic:ic+mc, pc:pc+kc] into MR x KC micro-panels
+//         pack op(A)[ic:ic+mc, pc:pc+kc] into MR x kc micro-panels
 //         for ir over MR rows: for jr over NR columns:
 //           micro-kernel: an MR x NR tile of C held in registers, one rank-1
 //           update per k (NR/W vector loads of B, MR broadcasts of A).
-// The A micro-panel (MR x KC) stays in L1 while the inner jr loop streams the
-// packed B block from L2. Transposes (trans_a / trans_b) are absorbed by the
-// packing routines, so there is one micro-kernel per type.
+// The A micro-panel (MR x KC, 8 KB) stays in L1 while the inner jr loop streams
+// the packed B block (sequential, prefetch-friendly) from L2/L3; the C tile is
+// prefetched while the k loop runs. Transposes (trans_a / trans_b) are
+// absorbed by the packing routines, so there is one micro-kernel per type;
+// ragged edges use register tiles of exactly the remaining height/width.
 //
 // Small problems skip packing: the same micro-kernel reads A and (untransposed)
-// B in place through runtime strides; only ragged edges (fewer than MR rows or
-// NR columns) and a transposed B are copied into small zero-padded panels.
+// B in place through runtime strides; only a transposed B and the ragged last
+// column panel are copied into small zero-padded panels. A narrow C (N below
+// one vector, e.g. a 10-class output layer) is computed as C^T so that the
+// vector lanes run along M.
 //
 // Threads: C is cut into a tm x tn grid of rectangles (multiples of MR x NR),
-// one per thread, chosen to minimise the packing each thread repeats. Every
-// thread packs its own panels into thread-local buffers, so there is exactly one
-// fork/join per gemm and no barrier (a pool that runs our chunks serially, as
-// in a nested call, stays correct).
+// one per thread, chosen to minimise the packing each thread repeats; long-K
+// products with a small C (the MNIST linear forward, 128x128x5408) split K
+// instead and sum the partial products. Every thread packs into its own
+// thread-local buffers, so there is exactly one fork/join per gemm and no
+// barrier: a late worker cannot stall the others (the caller runs any chunk
+// nobody has claimed), and a pool that runs the chunks serially (nested call)
+// stays correct. Inside a parallel_for body gemm plans for one thread.
 #include "kernels/gemm.h"
 
 #include <algorithm>
