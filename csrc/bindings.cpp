@@ -147,7 +147,15 @@ void no_overlap(const char* op, const py::array& a, const char* an, const py::ar
   }
 }
 
+// Geometry beyond 2^31 is never meaningful, and bounding it keeps every derived
+// size (size + 2*p - d*(k-1)) far from int64 overflow.
+constexpr int64_t kMaxGeometry = (int64_t(1) << 31) - 1;
+
 void check_pair(const char* op, const char* name, const Pair& v, int64_t min) {
+  if (v[0] > kMaxGeometry || v[1] > kMaxGeometry) {
+    throw py::value_error(std::string(op) + ": " + name + " must be < 2**31, got (" +
+                          std::to_string(v[0]) + ", " + std::to_string(v[1]) + ")");
+  }
   if (v[0] < min || v[1] < min) {
     throw py::value_error(std::string(op) + ": " + name + " must be >= " + std::to_string(min) +
                           ", got (" + std::to_string(v[0]) + ", " + std::to_string(v[1]) + ")");
@@ -183,6 +191,12 @@ const T* cptr(const py::array& a) {
 
 template <typename T>
 py::array new_array(const std::vector<py::ssize_t>& shape) {
+  // An output whose byte count overflows cannot be allocated: MemoryError
+  // (pybind11 maps std::bad_alloc) rather than a wrapped-around size.
+  py::ssize_t bytes = sizeof(T);
+  for (py::ssize_t d : shape) {
+    if (d < 0 || __builtin_mul_overflow(bytes, d, &bytes)) throw std::bad_alloc();
+  }
   return py::array_t<T, py::array::c_style>(shape);
 }
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import sys
 import warnings
 from types import ModuleType
 from typing import Any, Callable
@@ -203,6 +204,12 @@ def _batched(x: Array, op: str, name: str = "x") -> tuple[Array, bool]:
     )
 
 
+def _check_alloc(op: str, shape: tuple[int, ...], dtype: Any) -> None:
+    """MemoryError, before any backend runs, for an output no machine can hold."""
+    if math.prod(shape) * np.dtype(dtype).itemsize > sys.maxsize:
+        raise MemoryError(f"{op}: the output of shape {tuple(shape)} cannot be allocated")
+
+
 def _check_grad_out(op: str, grad_out: Array, expected: tuple[int, ...]) -> None:
     if tuple(grad_out.shape) != tuple(expected):
         raise ValueError(
@@ -282,6 +289,7 @@ class _ConvArgs:
         self.stride, self.padding, self.dilation, self.groups = stride, pad, dilation, groups
         self.extra = extra
         self.out_shape = (n, o, oh, ow)
+        _check_alloc(op, self.out_shape, x.dtype)
         self.backend = _pick_backend(op, [x, weight, *extra_arrays])
 
     def unbatch(self, a: Array) -> Array:
@@ -563,6 +571,7 @@ class _PoolArgs:
         self.x = _contig(x)
         self.kernel, self.stride, self.padding, self.dilation = k, s, p, d
         self.out_shape = (n, c, oh, ow)
+        _check_alloc(op, self.out_shape, x.dtype)
         self.backend = _pick_backend(op, [x, *extra])
 
     def unbatch(self, a: Array) -> Array:

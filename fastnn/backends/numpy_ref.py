@@ -449,7 +449,8 @@ def softmax_cross_entropy(
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     rows = np.arange(n)
-    loss = -log_probs[rows, labels].mean()
+    # Accumulate in float64: a float32 sum of near-max losses would overflow.
+    loss = -log_probs[rows, labels].mean(dtype=np.float64)
     grad = np.exp(log_probs)
     grad[rows, labels] -= 1
     grad /= dtype.type(n)
