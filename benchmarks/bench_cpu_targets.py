@@ -178,6 +178,10 @@ def evaluate(tgts: list[Target], medians: dict[tuple, float], ceilings: dict) ->
     return rows
 
 
+def _pct(v: float | None) -> str:
+    return "unknown" if v is None else f"{v:.0%}"
+
+
 def markdown(rows: list[dict], info: dict, ceilings: dict, threads: dict, argv: list[str],
              has_torch: bool) -> str:
     def ratio(v: float | None) -> str:
@@ -226,18 +230,17 @@ def markdown(rows: list[dict], info: dict, ceilings: dict, threads: dict, argv: 
         f"copy {ceilings['copy_mib']} MiB: {ceilings['copy_gb_s']:.1f} GB/s "
         f"(4 MiB in cache: {ceilings['copy_cache_gb_s']:.1f} GB/s); best of the start and "
         "the end of this run",
-        f"- load average at start / end: {info.get('load_average')} / "
-        f"{info.get('load_average_end')}",
+        f"- load average at the start: {info.get('load_average')}; other processes' share "
+        f"of the CPU during the run: {_pct(info.get('foreign_cpu_share'))}",
         "",
         f"Each peer ran in its own process; peers alternated round by round on every case; "
         f"times are the {info.get('stat', 'median')} of all samples.",
     ]
-    loads = [v for v in (info.get("load_average"), info.get("load_average_end")) if v is not None]
-    if loads and max(loads) >= 0.5:
-        text.insert(2, f"**Warning:** other processes were running (load average "
-                       f"{' -> '.join(map(str, loads))} on {info['cores']} cores): on 2 cores "
-                       "every multi-threaded kernel then stalls at its barriers, so these ratios "
-                       "are noisy. Re-run on an idle machine.\n")
+    share = info.get("foreign_cpu_share")
+    if share is not None and share >= 0.05:
+        text.insert(2, f"**Warning:** other processes used {share:.0%} of the CPU during this "
+                       "run: on 2 cores every multi-threaded kernel then stalls at its barriers, "
+                       "so these ratios are noisy. Re-run on an idle machine.\n")
     return "\n".join(text) + "\n"
 
 
@@ -263,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     busy = machine.busy_note()
     if busy:
         print(busy, file=sys.stderr)
+    foreign = machine.ForeignCPU()
     runners = {"cpu": WorkerRunner("cpu"),
                "numpy": WorkerRunner("numpy", drop_env=machine.OPENBLAS_VARS)}
     if has_torch:
@@ -288,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         if r.error:
             print(f"warning: {r.case.op} {r.case.shape} on {r.backend}: {r.error}",
                   file=sys.stderr)
-    info["load_average_end"] = machine.load_average()
+    info["foreign_cpu_share"] = foreign.share()  # after close_all: workers reaped
     info["stat"] = args.stat
     medians = {(r.case.op, r.case.shape, r.backend): getattr(r.timing, args.stat)
                for r in results if r.timing is not None and r.timing.samples}

@@ -404,3 +404,18 @@ def test_best_ceilings_takes_the_best_of_each() -> None:
     b = dict(a, sgemm_gflops=20.0, copy_gb_s=4.0)
     best = machine.best_ceilings(a, b)
     assert (best["sgemm_gflops"], best["copy_gb_s"], best["copy_cache_gb_s"]) == (20.0, 5.0, 50.0)
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc/stat")
+def test_foreign_cpu_counts_other_processes_not_our_own() -> None:
+    import time
+
+    fc = machine.ForeignCPU()
+    # An unreaped busy child counts as foreign until it is waited for.
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import time\nt = time.time()\nwhile time.time() - t < 0.4: pass"])
+    time.sleep(0.3)
+    share = fc.share()
+    child.wait()
+    assert share is not None and 0.05 < share <= 1.0
+    assert machine.foreign_note(share) is not None and machine.foreign_note(0.0) is None

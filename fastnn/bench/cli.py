@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     print("measuring this machine's ceilings (NumPy sgemm, copy bandwidth) ...", file=sys.stderr)
     ceilings = machine_mod.measure_ceilings(mode)
 
+    foreign = machine_mod.ForeignCPU()
     runners = make_runners(backends, args.isolate)
     try:
         for b, r in runners.items():
@@ -149,8 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             bar.close()
     finally:
         close_all(runners)
+    info["foreign_cpu_share"] = foreign.share()
     # Again at the end: the best of both is the ceiling (a busy moment only hides it).
     info.update(machine_mod.best_ceilings(ceilings, machine_mod.measure_ceilings(mode)))
+    notes += [n for n in [machine_mod.foreign_note(info["foreign_cpu_share"])] if n]
 
     rows = report.result_rows(results, info)
     print(report.format_machine(info))

@@ -81,6 +81,56 @@ def best_ceilings(*measured: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes (and the hypervisor's steal) have used since boot,
+    from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    import resource
+
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        r = resource.getrusage(who)
+        total += r.ru_utime + r.ru_stime
+    return total
+
+
+class ForeignCPU:
+    """How much CPU other processes took while a run was going on: the machine's busy
+    time minus this process's and its reaped children's (the worker processes, once
+    closed). The load average cannot tell, as it counts the run's own threads."""
+
+    def __init__(self) -> None:
+        self._t0 = time.monotonic()
+        self._busy0 = _busy_cpu_seconds()
+        self._own0 = _own_cpu_seconds()
+
+    def share(self) -> float | None:
+        """Fraction of all cores' time used by others since construction (0..1)."""
+        busy = _busy_cpu_seconds()
+        if busy is None or self._busy0 is None:
+            return None
+        wall = (time.monotonic() - self._t0) * (os.cpu_count() or 1)
+        other = (busy - self._busy0) - (_own_cpu_seconds() - self._own0)
+        return min(1.0, max(0.0, other / wall)) if wall > 0 else None
+
+
+def foreign_note(share: float | None) -> str | None:
+    """A warning when other processes took a noticeable share of the CPU during a run."""
+    if share is None or share < 0.05:
+        return None
+    return (f"note: other processes used {share:.0%} of the CPU during this run; "
+            "multi-threaded timings are inflated by it. Re-run on an idle machine.")
+
+
 def load_average() -> float | None:
     """The 1-minute load average, or None where the OS has none."""
     try:
