@@ -732,14 +732,14 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* 
                   [&](const Rect<T>& r) { packed_rect<T>(q, a, b, r); });
     }
   };
-  // Narrow C (N well below a vector, e.g. a 10-class output layer): most
-  // vector lanes of every tile would be idle, so compute C^T = op(B)^T op(A)^T
+  // Narrow C (N a few vectors at most, e.g. a 10-class output layer) with a
+  // ragged last vector: many vector lanes would idle, so compute C^T = op(B)^T op(A)^T
   // (N x M, M along the vectors, exact-height tiles for the N rows) into
   // scratch and transpose it into C.
   constexpr int64_t W = VecOf<T>::type::W;
   const double lanes = double(M) * double((N + W - 1) / W);
   const double lanes_t = double(N) * double((M + W - 1) / W);
-  if (N < W && 1.25 * lanes_t < lanes) {
+  if (N < 4 * W && 1.25 * lanes_t < lanes) {
     T* ct = t_scratch_t.get<T>(size_t(N * M));
     run(Problem{!trans_b, !trans_a, N, M, K, ldb, lda}, B, A, ct, M, false);
     for (int64_t i = 0; i < M; ++i) {
