@@ -61,6 +61,9 @@ Pair = "int | tuple[int, int]"
 _TENSOR_HANDLERS: dict[str, Callable[..., Any]] = {}
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# Larger strides, paddings, dilations and kernels are never meaningful; the bound
+# keeps every backend's index arithmetic far from int64 overflow.
+_MAX_GEOMETRY = 2**31
 
 
 # --------------------------------------------------------------------------
@@ -190,6 +193,8 @@ def _pair(v: Any, op: str, name: str, minimum: int) -> tuple[int, int]:
     if min(out) < minimum:
         kind = "positive" if minimum == 1 else "non-negative"
         raise ValueError(f"{op}: {name} must be {kind}, got {v!r}")
+    if max(out) >= _MAX_GEOMETRY:
+        raise ValueError(f"{op}: {name} must be < 2**31, got {v!r}")
     return out
 
 

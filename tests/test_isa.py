@@ -173,8 +173,9 @@ def _run_with_env(isa_value: str) -> subprocess.CompletedProcess:
     )
     # The child imports the same fastnn as this process (the tree, or a copy).
     env = dict(os.environ, FASTNN_ISA=isa_value, PYTHONPATH=str(PKG_ROOT))
+    # cwd too: from a checkout's root, `-c` would import its unbuilt fastnn/.
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=120, check=True)
+                          timeout=120, check=True, cwd=PKG_ROOT)
 
 
 @pytest.mark.parametrize("name", SUPPORTED)

@@ -99,6 +99,13 @@ def test_non_positive_stride_or_dilation(mode, arg, bad):
         F.max_pool2d(X, 2, **{arg: bad})
 
 
+def test_absurd_geometry_is_rejected(mode):
+    with raises(ValueError, r"stride must be < 2\*\*31"):
+        F.conv2d(X, W, stride=2**62)
+    with raises(ValueError, r"padding must be < 2\*\*31"):
+        F.max_pool2d(X, 2, padding=(0, 2**31))
+
+
 def test_negative_padding(mode):
     with raises(ValueError, "padding must be non-negative"):
         F.conv2d(X, W, padding=-1)
