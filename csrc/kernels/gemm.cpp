@@ -714,14 +714,16 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* 
   }
   const Problem p{trans_a, trans_b, M, N, K, lda, ldb};
   const double work = double(M) * double(N) * double(K);
-  // A thread pays off once it gets a few microseconds of work. Inside a
-  // parallel_for body (e.g. a conv's per-image gemm) the pool is taken, so plan
-  // for one thread rather than split work that would then run serially.
+  // A thread pays off once it gets a few microseconds of work (a double FMA
+  // costs two float ones). Inside a parallel_for body (e.g. a conv's per-image
+  // gemm) the pool is taken, so plan for one thread rather than split work
+  // that would then run serially.
   const int64_t nt =
       in_parallel_region()
           ? 1
-          : std::max<int64_t>(
-                1, std::min<int64_t>(get_num_threads(), int64_t(work / (48.0 * 48 * 48))));
+          : std::max<int64_t>(1, std::min<int64_t>(get_num_threads(),
+                                                   int64_t(work * (sizeof(T) / 4.0) /
+                                                           (48.0 * 48 * 48))));
   const bool small = K <= 512 && work <= 96.0 * 96 * 96;
   auto run = [&](const Problem& q, const T* a, const T* b, T* c, int64_t ldc_, bool acc) {
     if (small) {
