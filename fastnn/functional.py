@@ -546,6 +546,42 @@ def _pool_out_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -
     return out
 
 
+def _pool_geometry(
+    op: str, shape: tuple[int, ...], kernel_size: Any, stride: Any, padding: Any,
+    dilation: Any, ceil_mode: Any, prefix: str = "", what: str = "input",
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int],
+           tuple[int, int, int, int]]:
+    """Validate pooling arguments over an (N, C, H, W) ``shape``; torch's rules.
+
+    Returns kernel, stride, padding, dilation and the output shape. ``prefix``
+    names the arguments (``pool_`` in the fused op), ``what`` the pooled array.
+    """
+    k = _pair(kernel_size, op, f"{prefix}kernel_size", 1)
+    s = k if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) \
+        else _pair(stride, op, f"{prefix}stride", 1)
+    p = _pair(padding, op, f"{prefix}padding", 0)
+    d = _pair(dilation, op, f"{prefix}dilation", 1)
+    if not isinstance(ceil_mode, (bool, np.bool_)):
+        raise TypeError(
+            f"{op}: {prefix}ceil_mode must be a bool, got {type(ceil_mode).__name__}"
+        )
+    if p[0] > k[0] // 2 or p[1] > k[1] // 2:
+        raise ValueError(
+            f"{op}: {prefix}padding {p} must be at most half of {prefix}kernel_size {k} "
+            "(torch's rule)"
+        )
+    n, c, h, w = shape
+    eff = (d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1)
+    if eff[0] > h + 2 * p[0] or eff[1] > w + 2 * p[1]:
+        raise ValueError(
+            f"{op}: {prefix}kernel_size {eff[0]}x{eff[1]} (after dilation) is larger than the "
+            f"padded {what} {h + 2 * p[0]}x{w + 2 * p[1]}"
+        )
+    oh = _pool_out_size(h, k[0], s[0], p[0], d[0], bool(ceil_mode))
+    ow = _pool_out_size(w, k[1], s[1], p[1], d[1], bool(ceil_mode))
+    return k, s, p, d, (n, c, oh, ow)
+
+
 class _PoolArgs:
     __slots__ = ("x", "unbatched", "kernel", "stride", "padding", "dilation", "out_shape",
                  "backend")
@@ -553,29 +589,12 @@ class _PoolArgs:
     def __init__(self, op, x, kernel_size, stride, padding, dilation, ceil_mode, extra=()):
         x = _as_float_array(x, op, "x")
         x, self.unbatched = _batched(x, op)
-        k = _pair(kernel_size, op, "kernel_size", 1)
-        s = k if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) \
-            else _pair(stride, op, "stride", 1)
-        p = _pair(padding, op, "padding", 0)
-        d = _pair(dilation, op, "dilation", 1)
-        if not isinstance(ceil_mode, (bool, np.bool_)):
-            raise TypeError(f"{op}: ceil_mode must be a bool, got {type(ceil_mode).__name__}")
-        if p[0] > k[0] // 2 or p[1] > k[1] // 2:
-            raise ValueError(
-                f"{op}: padding {p} must be at most half of kernel_size {k} (torch's rule)"
-            )
-        n, c, h, w = x.shape
-        eff = (d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1)
-        if eff[0] > h + 2 * p[0] or eff[1] > w + 2 * p[1]:
-            raise ValueError(
-                f"{op}: kernel_size {eff[0]}x{eff[1]} (after dilation) is larger than the "
-                f"padded input {h + 2 * p[0]}x{w + 2 * p[1]}"
-            )
-        oh = _pool_out_size(h, k[0], s[0], p[0], d[0], bool(ceil_mode))
-        ow = _pool_out_size(w, k[1], s[1], p[1], d[1], bool(ceil_mode))
+        k, s, p, d, out_shape = _pool_geometry(
+            op, x.shape, kernel_size, stride, padding, dilation, ceil_mode
+        )
         self.x = _contig(x)
         self.kernel, self.stride, self.padding, self.dilation = k, s, p, d
-        self.out_shape = (n, c, oh, ow)
+        self.out_shape = out_shape
         _check_alloc(op, self.out_shape, x.dtype)
         self.backend = _pick_backend(op, [x, *extra])
 
@@ -913,28 +932,9 @@ def _fused_pool_geometry(
     op: str, conv_out_shape: tuple[int, ...], kernel_size: Any, stride: Any, padding: Any,
     dilation: Any, ceil_mode: Any,
 ) -> tuple[Pair, Pair, Pair, Pair, tuple[int, int, int, int]]:
-    """max_pool2d's checks (see ``_PoolArgs``) for a pool over the conv output."""
-    k = _pair(kernel_size, op, "pool_kernel_size", 1)
-    s = k if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) \
-        else _pair(stride, op, "pool_stride", 1)
-    p = _pair(padding, op, "pool_padding", 0)
-    d = _pair(dilation, op, "pool_dilation", 1)
-    if not isinstance(ceil_mode, (bool, np.bool_)):
-        raise TypeError(f"{op}: pool_ceil_mode must be a bool, got {type(ceil_mode).__name__}")
-    if p[0] > k[0] // 2 or p[1] > k[1] // 2:
-        raise ValueError(
-            f"{op}: pool_padding {p} must be at most half of pool_kernel_size {k} (torch's rule)"
-        )
-    n, c, h, w = conv_out_shape
-    eff = (d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1)
-    if eff[0] > h + 2 * p[0] or eff[1] > w + 2 * p[1]:
-        raise ValueError(
-            f"{op}: pool_kernel_size {eff[0]}x{eff[1]} (after dilation) is larger than the "
-            f"padded conv output {h + 2 * p[0]}x{w + 2 * p[1]}"
-        )
-    oh = _pool_out_size(h, k[0], s[0], p[0], d[0], bool(ceil_mode))
-    ow = _pool_out_size(w, k[1], s[1], p[1], d[1], bool(ceil_mode))
-    return k, s, p, d, (n, c, oh, ow)
+    """max_pool2d's checks for a pool over the conv output (argument names prefixed)."""
+    return _pool_geometry(op, conv_out_shape, kernel_size, stride, padding, dilation,
+                          ceil_mode, prefix="pool_", what="conv output")
 
 
 @_tensor_aware

@@ -18,4 +18,8 @@ void set_num_threads(int n);
 void parallel_for(int64_t n, int64_t grain,
                   const std::function<void(int64_t, int64_t)>& fn);
 
+// True inside a parallel_for body or on a pool worker, where a nested
+// parallel_for would run its chunks serially anyway (kernels plan for 1 thread).
+bool in_parallel_region();
+
 }  // namespace fastnn

@@ -38,12 +38,6 @@
 
 #include "fastnn/parallel.h"
 
-namespace fastnn {
-// Defined in parallel.cpp: true inside a parallel_for body or on a pool
-// worker, where a nested parallel_for would run its chunks serially anyway.
-bool in_parallel_region();
-}  // namespace fastnn
-
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
