@@ -15,8 +15,11 @@ work in place and return None.
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
+
+from fastnn.backends import _composed
 
 Pair = tuple[int, int]
 
@@ -512,39 +515,7 @@ def adam_step(
 # --------------------------------------------------------------------------
 
 
-def conv2d_relu_max_pool2d(
-    x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
-    stride: Pair, padding: Pair, dilation: Pair, groups: int,
-    pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
-    pool_out_hw: Pair,
-) -> np.ndarray:
-    """max_pool2d(relu(conv2d(x, weight, bias))): (N,C,H,W) -> (N,O,POH,POW)."""
-    r = relu(conv2d(x, weight, bias, stride, padding, dilation, groups))
-    return max_pool2d(r, pool_kernel_size, pool_stride, pool_padding, pool_dilation, pool_out_hw)
-
-
-def conv2d_relu_max_pool2d_backward(
-    grad_out: np.ndarray, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
-    stride: Pair, padding: Pair, dilation: Pair, groups: int,
-    pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
-    need_x: bool, need_w: bool, need_b: bool,
-) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-    """(grad_x, grad_w, grad_b) of :func:`conv2d_relu_max_pool2d` (None where not needed);
-    recomputes the relu'd conv output, then pool backward, relu backward, conv backward."""
-    r = relu(conv2d(x, weight, bias, stride, padding, dilation, groups))
-    g = relu_backward(
-        max_pool2d_backward(grad_out, r, pool_kernel_size, pool_stride, pool_padding,
-                            pool_dilation),
-        r,
-    )
-    del r
-    gx = gw = gb = None
-    if need_x:
-        gx = conv2d_backward_input(g, weight, tuple(x.shape[2:]), stride, padding, dilation,
-                                   groups)
-    if need_w:
-        gw = conv2d_backward_weight(g, x, tuple(weight.shape[2:]), stride, padding, dilation,
-                                    groups)
-    if need_b:
-        gb = g.sum(axis=(0, 2, 3), dtype=g.dtype)
-    return gx, gw, gb
+# Composed from the ops above, as numpy_ref and cuda share it (see _composed).
+conv2d_relu_max_pool2d, conv2d_relu_max_pool2d_backward = _composed.fused_conv_relu_pool(
+    sys.modules[__name__]
+)

@@ -1,0 +1,56 @@
+"""Ops that a backend builds from its own primitives (numpy_ref and cuda).
+
+The cpu backend has a fused C++ kernel for conv2d + ReLU + max_pool2d; the
+other backends compose the separate ops, the same way, from this one place.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, Callable
+
+Pair = tuple[int, int]
+
+
+def fused_conv_relu_pool(ops: ModuleType) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``conv2d_relu_max_pool2d`` and its backward, built from ``ops``' primitives."""
+
+    def conv2d_relu_max_pool2d(
+        x: Any, weight: Any, bias: Any | None,
+        stride: Pair, padding: Pair, dilation: Pair, groups: int,
+        pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
+        pool_out_hw: Pair,
+    ) -> Any:
+        """max_pool2d(relu(conv2d(x, weight, bias))): (N,C,H,W) -> (N,O,POH,POW)."""
+        r = ops.relu(ops.conv2d(x, weight, bias, stride, padding, dilation, groups))
+        return ops.max_pool2d(
+            r, pool_kernel_size, pool_stride, pool_padding, pool_dilation, pool_out_hw
+        )
+
+    def conv2d_relu_max_pool2d_backward(
+        grad_out: Any, x: Any, weight: Any, bias: Any | None,
+        stride: Pair, padding: Pair, dilation: Pair, groups: int,
+        pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
+        need_x: bool, need_w: bool, need_b: bool,
+    ) -> tuple[Any | None, Any | None, Any | None]:
+        """(grad_x, grad_w, grad_b) of conv2d_relu_max_pool2d (None where not needed);
+        recomputes the relu'd conv output, then pool backward, relu backward, conv backward."""
+        r = ops.relu(ops.conv2d(x, weight, bias, stride, padding, dilation, groups))
+        g = ops.relu_backward(
+            ops.max_pool2d_backward(grad_out, r, pool_kernel_size, pool_stride, pool_padding,
+                                    pool_dilation),
+            r,
+        )
+        del r
+        gx = gw = gb = None
+        if need_x:
+            gx = ops.conv2d_backward_input(g, weight, tuple(x.shape[2:]), stride, padding,
+                                           dilation, groups)
+        if need_w:
+            gw = ops.conv2d_backward_weight(g, x, tuple(weight.shape[2:]), stride, padding,
+                                            dilation, groups)
+        if need_b:
+            gb = g.sum(axis=(0, 2, 3), dtype=g.dtype)
+        return gx, gw, gb
+
+    return conv2d_relu_max_pool2d, conv2d_relu_max_pool2d_backward
