@@ -115,6 +115,10 @@ def targets() -> list[Target]:
     return out
 
 
+def _describe(t: Target) -> str:
+    return f"{t.group} {t.label} {' + '.join(c.shape for c in t.cases)}"
+
+
 def _goal_text(goals: dict[str, float]) -> str:
     names = {"numpy": "NumPy", "torch": "torch"}
     parts = []
@@ -254,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
     p.add_argument("--stat", choices=("median", "best"), default="median",
                    help="per-case statistic the ratios use (best resists a busy machine)")
+    p.add_argument("--only", metavar="TEXT", action="append", default=[],
+                   help="keep only targets whose 'group label shape' contains TEXT "
+                        "(repeatable; e.g. --only conv2d --only 'pool max')")
     args = p.parse_args(argv)
 
     ok, why = backend_status("cpu")
@@ -276,7 +283,11 @@ def main(argv: list[str] | None = None) -> int:
         threads["numpy_blas"] = runners["numpy"].info().get("blas", [])
         print("measuring the sgemm peak and copy bandwidth (NumPy worker) ...", file=sys.stderr)
         ceilings = runners["numpy"].ceilings("full")
-        tgts = targets()
+        tgts = [t for t in targets()
+                if not args.only or any(o in _describe(t) for o in args.only)]
+        if not tgts:
+            print(f"bench_cpu_targets: no target matches {args.only}", file=sys.stderr)
+            return 2
         cases = list({c.key: c for t in tgts for c in t.cases}.values())
         bar = Progress(len(cases) * len(runners) * args.rounds, enabled=True)
         try:
