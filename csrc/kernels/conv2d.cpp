@@ -21,6 +21,7 @@
 
 #include "fastnn/parallel.h"
 #include "kernels/ops.h"
+#include "kernels/conv_small.h"
 #include "kernels/simd.h"
 #include "kernels/winograd.h"
 
@@ -391,6 +392,76 @@ void fill_bias_rows(T* y, int64_t ld, const T* bias, int64_t rows, int64_t n) {
   }
 }
 
+// --- one input channel, 3x3 (conv_small.h) ------------------------------------
+
+// Forward over (image, row block) tasks; row blocks as for the small-K path.
+template <typename T>
+void conv_small_forward(const Conv2dParams& p, const Geom& g, const T* x, const T* w, const T* b,
+                        T* y) {
+  const int64_t rows = rows_per_block(p, g, p.N);
+  const int64_t nblk = (p.OH + rows - 1) / rows;
+  run_tasks(p.N * nblk, [&](int64_t t0, int64_t t1) {
+    Scratch<T> xs(kSlotCol, 3 * (rows + 2) * p.OW);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t blk = t % nblk, n = t / nblk;
+      const int64_t oh0 = blk * rows, oh1 = std::min(p.OH, oh0 + rows);
+      const int64_t ld = (oh1 - oh0 + 2) * p.OW;
+      conv_small::shift_planes(x + (n * p.H + oh0) * p.W, p.W, oh1 - oh0 + 2, p.OW, xs.get(), ld);
+      conv_small::fwd<T, conv_small::kFwdNV, conv_small::kFwdCO>(
+          w, b, xs.get(), ld, p.OW, p.O, (oh1 - oh0) * p.OW, y + n * p.O * g.P + oh0 * p.OW, g.P);
+    }
+  });
+}
+
+// Backward-input, one image per task: dcol, then the flat 9-way col2im sum.
+template <typename T>
+void conv_small_backward_input(const Conv2dParams& p, const Geom& g, const T* gy, const T* w,
+                               T* gx) {
+  run_tasks(p.N, [&](int64_t n0, int64_t n1) {
+    const conv_small::Col2imLayout lay(p.OH, p.OW);
+    Scratch<T> buf(kSlotCol, 9 * g.P + 9 * lay.plane);
+    T* d = buf.get();
+    T* d28 = d + 9 * g.P;
+    conv_small::col2im_zero(lay, p.OH, p.OW, d28);
+    for (int64_t n = n0; n < n1; ++n) {
+      conv_small::bwd_in_dcol<T, conv_small::kDcolNV>(w, gy + n * p.O * g.P, g.P, p.O, g.P, d, g.P);
+      conv_small::bwd_in_col2im(lay, p.OH, p.OW, d, g.P, d28, gx + n * p.H * p.W);
+    }
+  });
+}
+
+// Backward-weight: contiguous image ranges with private lane-wise partials,
+// each range's lanes summed once, ranges added in order (deterministic).
+template <typename T>
+void conv_small_backward_weight(const Conv2dParams& p, const Geom& g, const T* gy, const T* x,
+                                T* gw) {
+  constexpr int64_t L = Vec<T>::L;
+  const int64_t wsize = p.O * 9;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(p.N, get_num_threads()));
+  Scratch<T> partial(kSlotPartial, (chunks - 1) * wsize);
+  const int64_t ld = p.H * p.OW;
+  auto body = [&](int64_t c0, int64_t c1) {
+    Scratch<T> xs(kSlotCol, 3 * ld);
+    Scratch<T> lanes(kSlotLanes, wsize * L);
+    for (int64_t c = c0; c < c1; ++c) {
+      T* acc = c == 0 ? gw : partial.get() + (c - 1) * wsize;
+      lanes.zero(wsize * L);
+      const int64_t n0 = p.N * c / chunks, n1 = p.N * (c + 1) / chunks;
+      for (int64_t n = n0; n < n1; ++n) {
+        conv_small::shift_planes(x + n * p.H * p.W, p.W, p.H, p.OW, xs.get(), ld);
+        conv_small::bwd_w(gy + n * p.O * g.P, g.P, xs.get(), ld, p.OW, p.O, g.P, lanes.get());
+      }
+      for (int64_t i = 0; i < wsize; ++i) acc[i] = Vec<T>::hsum(Vec<T>::loadu(lanes.get() + i * L));
+    }
+  };
+  if (chunks > 1) {
+    parallel_for(chunks, 1, body);
+    for (int64_t c = 1; c < chunks; ++c) add_row(gw, partial.get() + (c - 1) * wsize, wsize);
+  } else {
+    body(0, 1);
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -414,6 +485,7 @@ void conv2d_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T
     }
     return;
   }
+  if (conv_small::applies(p)) return conv_small_forward(p, g, x, w, b, y);
   const int64_t rows = rows_per_block(p, g, p.N);
   const int64_t nblk = (p.OH + rows - 1) / rows;
   const int64_t col_elems = g.direct ? 0 : g.K * rows * p.OW;
@@ -471,6 +543,7 @@ void conv2d_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx
     }
     return;
   }
+  if (conv_small::applies(p)) return conv_small_backward_input(p, g, gy, w, gx);
   // Row blocks of one (image, group) overlap in gx, so they stay in one task.
   const int64_t rows = g.direct ? p.OH : std::min(p.OH, std::max<int64_t>(
                                              1, kColBlock / std::max<int64_t>(1, g.K * p.OW)));
@@ -539,6 +612,7 @@ void conv2d_backward_weight(const Conv2dParams& p, const T* gy, const T* x, T* g
     }
     return;
   }
+  if (conv_small::applies(p)) return conv_small_backward_weight(p, g, gy, x, gw);
   const int64_t rows = rows_per_block(p, g, p.N);
   const int64_t col_elems = g.direct ? 0 : g.K * rows * p.OW;
   // Contiguous image ranges, each summed into its own partial gradient; the
