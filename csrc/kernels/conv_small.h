@@ -40,6 +40,19 @@ inline bool applies(const Conv2dParams& p) {
          p.H == p.OH + 2 && p.W == p.OW + 2;
 }
 
+// Makes the compiler hold v in a register: with every other register taken by
+// accumulators GCC otherwise folds one load into each FMA that uses v, so a
+// value meant to be loaded once is loaded RB times and the loop turns
+// load-bound.
+template <typename R>
+inline void in_register(R& v) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  asm("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
+
 template <typename T>
 inline void copy_n(T* __restrict dst, const T* __restrict src, int64_t n) {
   using V = Vec<T>;
@@ -138,7 +151,8 @@ void bwd_w_rows(const T* __restrict gy, int64_t ldg, const T* __restrict xs, int
     R g[RB];
     for (int r = 0; r < RB; ++r) g[r] = V::loadu(gy + r * ldg + p);
     for (int k = 0; k < 9; ++k) {
-      const R xk = V::loadu(tap[k] + p);
+      R xk = V::loadu(tap[k] + p);
+      in_register(xk);
       for (int r = 0; r < RB; ++r) acc[r][k] = V::fma(g[r], xk, acc[r][k]);
     }
   }
@@ -165,6 +179,12 @@ void bwd_w(const T* gy, int64_t ldg, const T* xs, int64_t ld, int64_t OW, int64_
   int64_t o = 0;
   for (; o + RB <= Og; o += RB)
     bwd_w_rows<T, RB>(gy + o * ldg, ldg, xs, ld, OW, n, lanes + o * 9 * L);
+  // Two leftover channels (32 = 3*10 + 2) in one pass: alone, each would
+  // load all 9 taps for only 9 FMAs.
+  if (RB >= 3 && o + 2 <= Og) {
+    bwd_w_rows<T, 2>(gy + o * ldg, ldg, xs, ld, OW, n, lanes + o * 9 * L);
+    o += 2;
+  }
   for (; o < Og; ++o) bwd_w_rows<T, 1>(gy + o * ldg, ldg, xs, ld, OW, n, lanes + o * 9 * L);
 }
 
@@ -182,6 +202,10 @@ void bwd_in_dcol(const T* __restrict w, const T* __restrict gy, int64_t ldg, int
     for (int k = 0; k < 9; ++k)
       for (int v = 0; v < NV; ++v) acc[k][v] = V::zero();
     for (int64_t o = 0; o < Og; ++o) {
+      // Og rows are read a few lines at a time: too many streams for the
+      // hardware prefetcher, so fetch the next block's lines explicitly.
+      const T* next = gy + o * ldg + p0 + step;
+      for (int64_t b = 0; b < int64_t(step * sizeof(T)); b += 64) __builtin_prefetch(next + b / int64_t(sizeof(T)));
       R g[NV];
       for (int v = 0; v < NV; ++v) g[v] = V::loadu(gy + o * ldg + p0 + v * V::L);
       for (int k = 0; k < 9; ++k) {
