@@ -417,15 +417,13 @@ void conv_small_forward(const Conv2dParams& p, const Geom& g, const T* x, const 
 template <typename T>
 void conv_small_backward_input(const Conv2dParams& p, const Geom& g, const T* gy, const T* w,
                                T* gx) {
+  // dcol planes start on vector boundaries, so its block stores are aligned.
+  const int64_t ldd = (g.P + Vec<T>::L - 1) / Vec<T>::L * Vec<T>::L;
   run_tasks(p.N, [&](int64_t n0, int64_t n1) {
-    const conv_small::Col2imLayout lay(p.OH, p.OW);
-    Scratch<T> buf(kSlotCol, 9 * g.P + 9 * lay.plane);
-    T* d = buf.get();
-    T* d28 = d + 9 * g.P;
-    conv_small::col2im_zero(lay, p.OH, p.OW, d28);
+    Scratch<T> d(kSlotCol, 9 * ldd);
     for (int64_t n = n0; n < n1; ++n) {
-      conv_small::bwd_in_dcol<T, conv_small::kDcolNV>(w, gy + n * p.O * g.P, g.P, p.O, g.P, d, g.P);
-      conv_small::bwd_in_col2im(lay, p.OH, p.OW, d, g.P, d28, gx + n * p.H * p.W);
+      conv_small::bwd_in_image<T, conv_small::kDcolNV>(p.OH, p.OW, w, gy + n * p.O * g.P, g.P,
+                                                       p.O, d.get(), ldd, gx + n * p.H * p.W);
     }
   });
 }

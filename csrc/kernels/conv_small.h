@@ -53,12 +53,19 @@ inline void in_register(R& v) {
 #endif
 }
 
+// dst[0, n) = src[0, n). Rows of at least a vector end with a whole vector
+// that overlaps the previous one instead of a masked tail: masked loads and
+// stores cost several times a plain one, and these copies are short rows.
 template <typename T>
 inline void copy_n(T* __restrict dst, const T* __restrict src, int64_t n) {
   using V = Vec<T>;
+  if (n < V::L) {
+    if (n > 0) V::storep(dst, V::loadp(src, n), n);
+    return;
+  }
   int64_t i = 0;
-  for (; i + V::L <= n; i += V::L) V::storeu(dst + i, V::loadu(src + i));
-  if (i < n) V::storep(dst + i, V::loadp(src + i, n - i), n - i);
+  for (; i + V::L < n; i += V::L) V::storeu(dst + i, V::loadu(src + i));
+  V::storeu(dst + n - V::L, V::loadu(src + n - V::L));
 }
 
 // Shift planes of `rows` input rows: xs (3, rows*OW) [plane stride ld] from
@@ -189,15 +196,16 @@ void bwd_w(const T* gy, int64_t ldg, const T* xs, int64_t ld, int64_t OW, int64_
 }
 
 // Backward-input step 1: dcol D (9, n) [plane stride ldd] = w^T (9, Og) @
-// gy (Og, n) [row stride ldg]. 9*NV accumulators; each gy vector feeds 9 FMAs.
+// gy (Og, n) [row stride ldg], for pixels [pb, pe). 9*NV accumulators; each
+// gy vector feeds 9 FMAs.
 template <typename T, int NV>
 void bwd_in_dcol(const T* __restrict w, const T* __restrict gy, int64_t ldg, int64_t Og,
-                 int64_t n, T* __restrict d, int64_t ldd) {
+                 int64_t pb, int64_t pe, T* __restrict d, int64_t ldd) {
   using V = Vec<T>;
   using R = typename V::reg;
   constexpr int64_t step = NV * V::L;
-  int64_t p0 = 0;
-  for (; p0 + step <= n; p0 += step) {
+  int64_t p0 = pb;
+  for (; p0 + step <= pe; p0 += step) {
     R acc[9][NV];
     for (int k = 0; k < 9; ++k)
       for (int v = 0; v < NV; ++v) acc[k][v] = V::zero();
@@ -216,8 +224,8 @@ void bwd_in_dcol(const T* __restrict w, const T* __restrict gy, int64_t ldg, int
     for (int k = 0; k < 9; ++k)
       for (int v = 0; v < NV; ++v) V::storeu(d + k * ldd + p0 + v * V::L, acc[k][v]);
   }
-  for (; p0 < n; p0 += V::L) {
-    const int64_t m = std::min<int64_t>(V::L, n - p0);
+  for (; p0 < pe; p0 += V::L) {
+    const int64_t m = std::min<int64_t>(V::L, pe - p0);
     R acc[9];
     for (int k = 0; k < 9; ++k) acc[k] = V::zero();
     for (int64_t o = 0; o < Og; ++o) {
@@ -228,58 +236,82 @@ void bwd_in_dcol(const T* __restrict w, const T* __restrict gy, int64_t ldg, int
   }
 }
 
-// Layout of the dcol planes re-laid for step 2: each of the 9 planes holds its
-// (OH, OW) values at row stride W = OW + 2 with zeros in the last 2 columns,
-// `lead` zeros before and 2 zero rows after. Tap (kh, kw) of input pixel
-// q = ih*W + iw is then plane_k[lead + q - kh*W - kw]: out-of-image taps read
-// the zero columns/rows, so step 2 is a flat, branch-free 9-way sum.
-struct Col2imLayout {
-  int64_t W, lead, plane;
-  Col2imLayout(int64_t OH, int64_t OW) {
-    W = OW + 2;
-    lead = 2 * W + 2;
-    plane = lead + (OH + 2) * W;
-  }
-};
-
-// Zeroes the parts of the re-laid planes that step 2 reads but never writes.
+// Backward-input step 2 for input rows [ih0, ih1): gx (H, W) = sum over taps
+// (kh, kw) of dcol_k shifted by (kh, kw), from d (9, OH*OW) [plane stride
+// ldd]; those gx rows must only need dcol rows that are done. Columns
+// [2, OW) take every kw and are summed as whole vectors (the last one
+// overlapping the one before: masked loads cost several plain ones); the 4
+// edge columns, where some kw fall outside dcol, are summed one by one.
+// Summing straight from d, rather than from a zero-margined copy that makes
+// the whole sum flat, saves a copy of all 9 planes: the zmm loads and stores
+// of such short rows nearly all split cache lines, and cost more than the
+// sums.
 template <typename T>
-void col2im_zero(const Col2imLayout& lay, int64_t OH, int64_t OW, T* d28) {
-  for (int64_t k = 0; k < 9; ++k) {
-    T* pl = d28 + k * lay.plane;
-    std::fill(pl, pl + lay.lead, T(0));
-    for (int64_t r = 0; r < OH; ++r) std::fill(pl + lay.lead + r * lay.W + OW, pl + lay.lead + (r + 1) * lay.W, T(0));
-    std::fill(pl + lay.lead + OH * lay.W, pl + lay.plane, T(0));
+void bwd_in_col2im(const T* __restrict d, int64_t ldd, int64_t OH, int64_t OW, int64_t ih0,
+                   int64_t ih1, T* __restrict gx) {
+  using V = Vec<T>;
+  using R = typename V::reg;
+  const int64_t W = OW + 2, inner = OW - 2;  // columns [2, OW)
+  for (int64_t ih = ih0; ih < ih1; ++ih) {
+    const int64_t kh0 = std::max<int64_t>(0, ih - (OH - 1)), kh1 = std::min<int64_t>(2, ih);
+    const T* src[3];  // dcol row ih - kh of plane (kh, 0), for kh in [kh0, kh1]
+    for (int64_t kh = kh0; kh <= kh1; ++kh) src[kh] = d + kh * 3 * ldd + (ih - kh) * OW;
+    T* row = gx + ih * W;
+    if (inner >= V::L) {
+      for (int64_t c = 2;; c += V::L) {
+        c = std::min(c, OW - V::L);
+        R s = V::zero();
+        for (int64_t kh = kh0; kh <= kh1; ++kh)
+          for (int64_t kw = 0; kw < 3; ++kw) s = V::add(s, V::loadu(src[kh] + kw * ldd + c - kw));
+        V::storeu(row + c, s);
+        if (c == OW - V::L) break;
+      }
+    } else if (inner > 0) {
+      R s = V::zero();
+      for (int64_t kh = kh0; kh <= kh1; ++kh)
+        for (int64_t kw = 0; kw < 3; ++kw) s = V::add(s, V::loadp(src[kh] + kw * ldd + 2 - kw, inner));
+      V::storep(row + 2, s, inner);
+    }
+    if (inner > 0) {  // edge columns 0, 1, OW, OW + 1: only the kw that land inside
+      T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
+      for (int64_t kh = kh0; kh <= kh1; ++kh) {
+        const T* r = src[kh];
+        s0 += r[0];
+        s1 += r[1] + r[ldd];
+        s2 += r[ldd + OW - 1] + r[2 * ldd + OW - 2];
+        s3 += r[2 * ldd + OW - 1];
+      }
+      row[0] = s0;
+      row[1] = s1;
+      row[OW] = s2;
+      row[OW + 1] = s3;
+    } else {  // tiny rows: every column the slow way
+      for (int64_t c = 0; c < W; ++c) {
+        T s = T(0);
+        for (int64_t kh = kh0; kh <= kh1; ++kh)
+          for (int64_t kw = 0; kw < 3; ++kw)
+            if (c - kw >= 0 && c - kw < OW) s += src[kh][kw * ldd + c - kw];
+        row[c] = s;
+      }
+    }
   }
 }
 
-// Backward-input step 2: gx (H, W) = sum over taps of shifted dcol, from
-// d (9, OH*OW) [plane stride ldd] through the re-laid planes d28 (zeroed by
-// col2im_zero once per scratch use). Every gx element is written, once.
-template <typename T>
-void bwd_in_col2im(const Col2imLayout& lay, int64_t OH, int64_t OW, const T* __restrict d,
-                   int64_t ldd, T* __restrict d28, T* __restrict gx) {
-  using V = Vec<T>;
-  using R = typename V::reg;
-  for (int64_t k = 0; k < 9; ++k)
-    for (int64_t r = 0; r < OH; ++r)
-      copy_n(d28 + k * lay.plane + lay.lead + r * lay.W, d + k * ldd + r * OW, OW);
-  const T* tap[9];
-  for (int kh = 0; kh < 3; ++kh)
-    for (int kw = 0; kw < 3; ++kw)
-      tap[kh * 3 + kw] = d28 + (kh * 3 + kw) * lay.plane + lay.lead - kh * lay.W - kw;
-  const int64_t n = (OH + 2) * lay.W;
-  int64_t q = 0;
-  for (; q + V::L <= n; q += V::L) {
-    R s = V::loadu(tap[0] + q);
-    for (int k = 1; k < 9; ++k) s = V::add(s, V::loadu(tap[k] + q));
-    V::storeu(gx + q, s);
-  }
-  if (q < n) {
-    const int64_t m = n - q;
-    R s = V::loadp(tap[0] + q, m);
-    for (int k = 1; k < 9; ++k) s = V::add(s, V::loadp(tap[k] + q, m));
-    V::storep(gx + q, s, m);
+// Backward-input of one image: gy (Og, OH*OW) [row stride ldg] -> gx (H, W),
+// d (9, ldd) scratch with ldd >= OH*OW. dcol and col2im alternate every few
+// pixel blocks, so the dcol rows are summed while still in L1.
+template <typename T, int NV>
+void bwd_in_image(int64_t OH, int64_t OW, const T* w, const T* gy, int64_t ldg, int64_t Og,
+                  T* d, int64_t ldd, T* gx) {
+  const int64_t n = OH * OW, H = OH + 2;
+  const int64_t chunk = 4 * NV * Vec<T>::L;
+  int64_t gx_rows = 0;
+  for (int64_t pb = 0; pb < n; pb += chunk) {
+    const int64_t pe = pb + chunk >= n ? n : pb + chunk;
+    bwd_in_dcol<T, NV>(w, gy, ldg, Og, pb, pe, d, ldd);
+    const int64_t gx_end = pe == n ? H : pe / OW;  // gx rows that need no later dcol rows
+    bwd_in_col2im(d, ldd, OH, OW, gx_rows, gx_end, gx);
+    gx_rows = gx_end;
   }
 }
 
