@@ -436,20 +436,34 @@ void conv_small_backward_weight(const Conv2dParams& p, const Geom& g, const T* g
   constexpr int64_t L = Vec<T>::L;
   const int64_t wsize = p.O * 9;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(p.N, get_num_threads()));
+  const bool wino = conv_small::wino_bwd_w_applies(p);
   Scratch<T> partial(kSlotPartial, (chunks - 1) * wsize);
-  const int64_t ld = p.H * p.OW;
+  // Shift planes (3, H*OW) or tile planes (12, OH*OW/2), planes vector-aligned.
+  const int64_t ld = ((wino ? p.OH * (p.OW / 2) : p.H * p.OW) + L - 1) / L * L;
+  const int64_t lane_len = p.O * (wino ? 12 : 9) * L;
   auto body = [&](int64_t c0, int64_t c1) {
-    Scratch<T> xs(kSlotCol, 3 * ld);
-    Scratch<T> lanes(kSlotLanes, wsize * L);
+    Scratch<T> xs(kSlotCol, (wino ? 12 : 3) * ld);
+    Scratch<T> lanes(kSlotLanes, lane_len);
     for (int64_t c = c0; c < c1; ++c) {
       T* acc = c == 0 ? gw : partial.get() + (c - 1) * wsize;
-      lanes.zero(wsize * L);
+      lanes.zero(lane_len);
       const int64_t n0 = p.N * c / chunks, n1 = p.N * (c + 1) / chunks;
       for (int64_t n = n0; n < n1; ++n) {
-        conv_small::shift_planes(x + n * p.H * p.W, p.W, p.H, p.OW, xs.get(), ld);
-        conv_small::bwd_w(gy + n * p.O * g.P, g.P, xs.get(), ld, p.OW, p.O, g.P, lanes.get());
+        const T* xn = x + n * p.H * p.W;
+        const T* gyn = gy + n * p.O * g.P;
+        if (wino) {
+          conv_small::wino_tile_planes(xn, p.H, p.W, xs.get(), ld);
+          conv_small::wino_bwd_w(gyn, g.P, xs.get(), ld, p.OH, p.OW, p.O, lanes.get());
+        } else {
+          conv_small::shift_planes(xn, p.W, p.H, p.OW, xs.get(), ld);
+          conv_small::bwd_w(gyn, g.P, xs.get(), ld, p.OW, p.O, g.P, lanes.get());
+        }
       }
-      for (int64_t i = 0; i < wsize; ++i) acc[i] = Vec<T>::hsum(Vec<T>::loadu(lanes.get() + i * L));
+      if (wino) {
+        conv_small::wino_bwd_w_finish(lanes.get(), p.O, acc);
+      } else {
+        for (int64_t i = 0; i < wsize; ++i) acc[i] = Vec<T>::hsum(Vec<T>::loadu(lanes.get() + i * L));
+      }
     }
   };
   if (chunks > 1) {

@@ -12,6 +12,10 @@
 // contiguous loads, and all kernels vectorize over the flattened output plane
 // (676 pixels: no lanes lost to the 26-wide rows).
 //
+// Backward-weight with an even output width on AVX-512 uses a Winograd
+// F(3,2) variant instead (fewer FMAs; see wino_bwd_w); backward-input is a
+// dcol (w^T @ gy) whose rows are summed into gx while still in L1.
+//
 // Included by conv2d.cpp inside its ISA namespace.
 #pragma once
 
@@ -197,6 +201,142 @@ void bwd_w(const T* gy, int64_t ldg, const T* xs, int64_t ld, int64_t OW, int64_
     o += 2;
   }
   for (; o < Og; ++o) bwd_w_rows<T, 1>(gy + o * ldg, ldg, xs, ld, OW, n, lanes + o * 9 * L);
+}
+
+// --- backward-weight, Winograd F(3,2) along rows ------------------------------
+//
+// Pairs of neighbouring output pixels (2t, 2t+1) of a row form a tile whose
+// 9 weight-gradient products per row of taps need 6 FMAs directly; the
+// minimal algorithm for "3 taps from 2 gradients" (the weight gradient of
+// Winograd F(2,3)) needs 4: with gradients (e, o) = gy[2t], gy[2t+1] and
+// inputs d0..d3 = x[2t..2t+3] of the tap row,
+//   P_i += U_i * V_i,  U = (e, e + o, e - o, o),
+//   V = (d0 - d2, d1 + d2, d2 - d1, d1 - d3),
+// summed lane-wise over all tiles and images, and only at the end
+//   gw[kw = 0, 1, 2] = P0 + (P1 + P2)/2, (P1 - P2)/2, (P1 + P2)/2 - P3.
+// V depends only on x, so it is built once per image (4 "tile planes" per
+// input row, shared by all output channels); U costs one deinterleave and 2
+// adds per channel and 16 tiles. FMAs drop from 18 to 12 per channel and 32
+// pixels. Needs an even output width (tiles never straddle rows), and
+// 24 accumulators + 4 gradient vectors in registers (AVX-512).
+
+// Tile planes of one image: v (4, 3, OH*T) [plane stride ld], T = OW/2 tiles
+// per row; v[i][kh][oh*T + t] = V_i of the tile at input row oh + kh,
+// columns 2t..2t+3: a flat run over the output plane per (i, kh). (One plane
+// per i, offset by kh*T per tap row, would do, but the main loop is short of
+// load slots and aligned loads cost less.)
+template <typename T>
+void wino_tile_planes(const T* __restrict x, int64_t H, int64_t W, T* __restrict v, int64_t ld) {
+  using V = Vec<T>;
+  using R = typename V::reg;
+  const int64_t TT = (W - 2) / 2;
+  for (int64_t r = 0; r < H; ++r) {
+    const T* row = x + r * W;
+    for (int64_t t0 = 0; t0 < TT; t0 += V::L) {
+      const int64_t m = std::min<int64_t>(V::L, TT - t0);
+      // Elements 2*t0 .. W-1 of the row remain; take 2L of them from 2*t0 and
+      // from 2*t0 + 2 (the next tile's start), zero past the row's end.
+      const int64_t a = W - 2 * t0, b = a - 2;
+      R e, o, e1, o1;
+      V::deinterleave(V::loadp(row + 2 * t0, std::min<int64_t>(a, V::L)),
+                      V::loadp(row + 2 * t0 + V::L, std::max<int64_t>(0, std::min<int64_t>(a - V::L, V::L))),
+                      e, o);
+      V::deinterleave(V::loadp(row + 2 * t0 + 2, std::min<int64_t>(b, V::L)),
+                      V::loadp(row + 2 * t0 + 2 + V::L, std::max<int64_t>(0, std::min<int64_t>(b - V::L, V::L))),
+                      e1, o1);
+      const R vi[4] = {V::sub(e, e1), V::add(o, e1), V::sub(e1, o), V::sub(o, o1)};
+      for (int64_t kh = std::max<int64_t>(0, r - (H - 3)); kh <= std::min<int64_t>(2, r); ++kh) {
+        T* dst = v + kh * ld + (r - kh) * TT + t0;
+        for (int i = 0; i < 4; ++i) V::storep(dst + i * 3 * ld, vi[i], m);
+      }
+    }
+  }
+}
+
+// One step of 16 (L) tiles of wino_bwd_w_rows; Full: all L tiles exist,
+// else only the first m (the gy loads then zero the rest, which adds 0).
+template <typename T, int RB, bool Full>
+__attribute__((always_inline)) inline void wino_step(typename Vec<T>::reg (&acc)[RB][4][3],
+                                                     const T* __restrict gy, int64_t ldg,
+                                                     const T* __restrict v, int64_t ld, int64_t TT,
+                                                     int64_t q0, int64_t m) {
+  using V = Vec<T>;
+  using R = typename V::reg;
+  R e[RB], o[RB];
+  for (int j = 0; j < RB; ++j) {
+    const T* g = gy + j * ldg + 2 * q0;
+    if (Full) {
+      // Loaded once each: left to itself GCC loads them twice (the permutes
+      // overwrite an operand), and this loop is short of load slots.
+      R lo = V::loadu(g), hi = V::loadu(g + V::L);
+      in_register(lo);
+      in_register(hi);
+      V::deinterleave(lo, hi, e[j], o[j]);
+    } else {
+      V::deinterleave(V::loadp(g, std::min<int64_t>(2 * m, V::L)),
+                      V::loadp(g + V::L, std::max<int64_t>(0, 2 * m - V::L)), e[j], o[j]);
+    }
+  }
+  for (int i = 0; i < 4; ++i) {
+    R u[RB];
+    for (int j = 0; j < RB; ++j)
+      u[j] = i == 0 ? e[j] : i == 1 ? V::add(e[j], o[j]) : i == 2 ? V::sub(e[j], o[j]) : o[j];
+    for (int kh = 0; kh < 3; ++kh) {
+      const T* src = v + (i * 3 + kh) * ld + q0;
+      R vk = Full ? V::loadu(src) : V::loadp(src, m);
+      in_register(vk);
+      for (int j = 0; j < RB; ++j) acc[j][i][kh] = V::fma(u[j], vk, acc[j][i][kh]);
+    }
+  }
+}
+
+// lanes (RB, 4, 3, L) += lane-wise U_i(gy row) * V_i(tap row kh), over the
+// Q = OH*T tiles of one image: gy (RB, 2Q) [row stride ldg], v tile planes.
+template <typename T, int RB>
+void wino_bwd_w_rows(const T* __restrict gy, int64_t ldg, const T* __restrict v, int64_t ld,
+                     int64_t TT, int64_t Q, T* __restrict lanes) {
+  using V = Vec<T>;
+  using R = typename V::reg;
+  R acc[RB][4][3];
+  for (int j = 0; j < RB; ++j)
+    for (int i = 0; i < 4; ++i)
+      for (int kh = 0; kh < 3; ++kh) acc[j][i][kh] = V::loadu(lanes + ((j * 4 + i) * 3 + kh) * V::L);
+  int64_t q0 = 0;
+  for (; q0 + V::L <= Q; q0 += V::L) wino_step<T, RB, true>(acc, gy, ldg, v, ld, TT, q0, V::L);
+  if (q0 < Q) wino_step<T, RB, false>(acc, gy, ldg, v, ld, TT, q0, Q - q0);
+  for (int j = 0; j < RB; ++j)
+    for (int i = 0; i < 4; ++i)
+      for (int kh = 0; kh < 3; ++kh) V::storeu(lanes + ((j * 4 + i) * 3 + kh) * V::L, acc[j][i][kh]);
+}
+
+// Whether backward-weight takes the F(3,2) kernels (else bwd_w).
+inline bool wino_bwd_w_applies(const Conv2dParams& p) { return kRegs >= 32 && p.OW % 2 == 0; }
+
+// lanes (Og, 12, L) += one image's P sums: gy (Og, OH*OW) [row stride ldg].
+template <typename T>
+void wino_bwd_w(const T* gy, int64_t ldg, const T* v, int64_t ld, int64_t OH, int64_t OW,
+                int64_t Og, T* lanes) {
+  constexpr int64_t L = Vec<T>::L;
+  const int64_t TT = OW / 2, Q = OH * TT;
+  int64_t o = 0;
+  for (; o + 2 <= Og; o += 2) wino_bwd_w_rows<T, 2>(gy + o * ldg, ldg, v, ld, TT, Q, lanes + o * 12 * L);
+  for (; o < Og; ++o) wino_bwd_w_rows<T, 1>(gy + o * ldg, ldg, v, ld, TT, Q, lanes + o * 12 * L);
+}
+
+// gw (Og, 3, 3) = the output transform of the lane sums lanes (Og, 12, L).
+template <typename T>
+void wino_bwd_w_finish(const T* lanes, int64_t Og, T* gw) {
+  using V = Vec<T>;
+  for (int64_t o = 0; o < Og; ++o) {
+    for (int kh = 0; kh < 3; ++kh) {
+      T P[4];
+      for (int i = 0; i < 4; ++i) P[i] = V::hsum(V::loadu(lanes + ((o * 4 + i) * 3 + kh) * V::L));
+      const T h = T(0.5) * (P[1] + P[2]);
+      gw[(o * 3 + kh) * 3 + 0] = P[0] + h;
+      gw[(o * 3 + kh) * 3 + 1] = T(0.5) * (P[1] - P[2]);
+      gw[(o * 3 + kh) * 3 + 2] = h - P[3];
+    }
+  }
 }
 
 // Backward-input step 1: dcol D (9, n) [plane stride ldd] = w^T (9, Og) @
