@@ -448,7 +448,7 @@ template <typename T, int NV>
 void bwd_in_image(int64_t OH, int64_t OW, const T* w, const T* gy, int64_t ldg, int64_t Og,
                   T* d, int64_t ldd, T* gx) {
   const int64_t n = OH * OW, H = OH + 2;
-  const int64_t chunk = 4 * NV * Vec<T>::L;
+  const int64_t chunk = 8 * NV * Vec<T>::L;
   int64_t gx_rows = 0;
   for (int64_t pb = 0; pb < n; pb += chunk) {
     const int64_t pe = pb + chunk >= n ? n : pb + chunk;
