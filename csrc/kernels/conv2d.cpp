@@ -398,17 +398,29 @@ void fill_bias_rows(T* y, int64_t ld, const T* bias, int64_t rows, int64_t n) {
 template <typename T>
 void conv_small_forward(const Conv2dParams& p, const Geom& g, const T* x, const T* w, const T* b,
                         T* y) {
+  constexpr int64_t L = Vec<T>::L;
   const int64_t rows = rows_per_block(p, g, p.N);
   const int64_t nblk = (p.OH + rows - 1) / rows;
+  const bool wino = conv_small::wino_applies(p);
+  Scratch<T> u(kSlotWeights, wino ? p.O * 12 : 0);
+  if (wino) conv_small::wino_fwd_weights(w, p.O, u.get());
+  // Shift planes (3, (rows+2)*OW) or tile planes (12, rows*OW/2), aligned.
+  const int64_t ld = ((wino ? rows * (p.OW / 2) : (rows + 2) * p.OW) + L - 1) / L * L;
   run_tasks(p.N * nblk, [&](int64_t t0, int64_t t1) {
-    Scratch<T> xs(kSlotCol, 3 * (rows + 2) * p.OW);
+    Scratch<T> xs(kSlotCol, (wino ? 12 : 3) * ld);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t blk = t % nblk, n = t / nblk;
       const int64_t oh0 = blk * rows, oh1 = std::min(p.OH, oh0 + rows);
-      const int64_t ld = (oh1 - oh0 + 2) * p.OW;
-      conv_small::shift_planes(x + (n * p.H + oh0) * p.W, p.W, oh1 - oh0 + 2, p.OW, xs.get(), ld);
-      conv_small::fwd<T, conv_small::kFwdNV, conv_small::kFwdCO>(
-          w, b, xs.get(), ld, p.OW, p.O, (oh1 - oh0) * p.OW, y + n * p.O * g.P + oh0 * p.OW, g.P);
+      const T* xb = x + (n * p.H + oh0) * p.W;
+      T* yb = y + n * p.O * g.P + oh0 * p.OW;
+      if (wino) {
+        conv_small::wino_tile_planes(xb, oh1 - oh0 + 2, p.W, xs.get(), ld);
+        conv_small::wino_fwd(u.get(), b, xs.get(), ld, (oh1 - oh0) * (p.OW / 2), p.O, yb, g.P);
+      } else {
+        conv_small::shift_planes(xb, p.W, oh1 - oh0 + 2, p.OW, xs.get(), ld);
+        conv_small::fwd<T, conv_small::kFwdNV, conv_small::kFwdCO>(w, b, xs.get(), ld, p.OW, p.O,
+                                                                   (oh1 - oh0) * p.OW, yb, g.P);
+      }
     }
   });
 }
@@ -436,7 +448,7 @@ void conv_small_backward_weight(const Conv2dParams& p, const Geom& g, const T* g
   constexpr int64_t L = Vec<T>::L;
   const int64_t wsize = p.O * 9;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(p.N, get_num_threads()));
-  const bool wino = conv_small::wino_bwd_w_applies(p);
+  const bool wino = conv_small::wino_applies(p);
   Scratch<T> partial(kSlotPartial, (chunks - 1) * wsize);
   // Shift planes (3, H*OW) or tile planes (12, OH*OW/2), planes vector-aligned.
   const int64_t ld = ((wino ? p.OH * (p.OW / 2) : p.H * p.OW) + L - 1) / L * L;

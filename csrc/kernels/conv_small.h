@@ -309,8 +309,10 @@ void wino_bwd_w_rows(const T* __restrict gy, int64_t ldg, const T* __restrict v,
       for (int kh = 0; kh < 3; ++kh) V::storeu(lanes + ((j * 4 + i) * 3 + kh) * V::L, acc[j][i][kh]);
 }
 
-// Whether backward-weight takes the F(3,2) kernels (else bwd_w).
-inline bool wino_bwd_w_applies(const Conv2dParams& p) { return kRegs >= 32 && p.OW % 2 == 0; }
+// Whether forward and backward-weight take the Winograd kernels (else fwd
+// and bwd_w): they need an even output width, and registers for 12 tap
+// vectors + 8 sums (forward) or 24 accumulators + 4 gradients.
+inline bool wino_applies(const Conv2dParams& p) { return kRegs >= 32 && p.OW % 2 == 0; }
 
 // lanes (Og, 12, L) += one image's P sums: gy (Og, OH*OW) [row stride ldg].
 template <typename T>
@@ -335,6 +337,84 @@ void wino_bwd_w_finish(const T* lanes, int64_t Og, T* gw) {
       gw[(o * 3 + kh) * 3 + 0] = P[0] + h;
       gw[(o * 3 + kh) * 3 + 1] = T(0.5) * (P[1] - P[2]);
       gw[(o * 3 + kh) * 3 + 2] = h - P[3];
+    }
+  }
+}
+
+// --- forward, Winograd F(2,3) along rows --------------------------------------
+//
+// Output pixels (2t, 2t+1) of a row form a tile; per tap row kh its 6
+// products take 4 multiplies with the same tile planes V as wino_bwd_w and
+// the weights transformed per (channel, kh) as U = (g0, (g0+g1+g2)/2,
+// (g0-g1+g2)/2, g2):  M_i = sum over kh of U_i * V_i,  then
+//   y[2t] = M0 + M1 + M2 + bias,  y[2t+1] = M1 - M2 - M3 + bias.
+// 12 FMAs per channel and 32 outputs instead of 18; the 4 adds and the
+// interleave back to pixel order run on the FP pipes the FMAs leave free on
+// Zen 4. One input channel means no channel sum to amortize the transforms
+// over, but the input side is shared by all output channels and the output
+// side is 4 adds. Same conditions as wino_bwd_w (AVX-512, even OW).
+
+// u (O, 3, 4) = the transformed weights of w (O, 1, 3, 3).
+template <typename T>
+void wino_fwd_weights(const T* w, int64_t O, T* u) {
+  for (int64_t o = 0; o < O * 3; ++o) {
+    const T g0 = w[o * 3], g1 = w[o * 3 + 1], g2 = w[o * 3 + 2];
+    u[o * 4 + 0] = g0;
+    u[o * 4 + 1] = T(0.5) * (g0 + g1 + g2);
+    u[o * 4 + 2] = T(0.5) * (g0 - g1 + g2);
+    u[o * 4 + 3] = g2;
+  }
+}
+
+// One channel of one block of L tiles: y (2*m outputs from pixel 2*q0) =
+// the output transform of M from the tap-plane vectors vt[i][kh].
+template <typename T, bool Full>
+__attribute__((always_inline)) inline void wino_fwd_channel(const typename Vec<T>::reg (&vt)[4][3],
+                                                            const T* __restrict u, T bias,
+                                                            T* __restrict y, int64_t m) {
+  using V = Vec<T>;
+  using R = typename V::reg;
+  R M[4];
+  for (int i = 0; i < 4; ++i) {
+    M[i] = i == 1 ? V::fma(V::set1(u[i]), vt[i][0], V::set1(bias)) : V::mul(V::set1(u[i]), vt[i][0]);
+    M[i] = V::fma(V::set1(u[4 + i]), vt[i][1], M[i]);
+    M[i] = V::fma(V::set1(u[8 + i]), vt[i][2], M[i]);
+  }
+  const R e = V::add(V::add(M[0], M[1]), M[2]);
+  const R o = V::sub(V::sub(M[1], M[2]), M[3]);
+  R lo, hi;
+  V::interleave(e, o, lo, hi);
+  if (Full) {
+    V::storeu(y, lo);
+    V::storeu(y + V::L, hi);
+  } else {
+    V::storep(y, lo, std::min<int64_t>(2 * m, V::L));
+    V::storep(y + V::L, hi, std::max<int64_t>(0, 2 * m - V::L));
+  }
+}
+
+// y (Og, rows*OW) [row stride ldy] = conv of the input rows whose tile planes
+// are v (4, 3, Q) [plane stride ld], Q = rows*OW/2, weights u (Og, 3, 4).
+template <typename T>
+void wino_fwd(const T* __restrict u, const T* __restrict bias, const T* __restrict v, int64_t ld,
+              int64_t Q, int64_t Og, T* __restrict y, int64_t ldy) {
+  using V = Vec<T>;
+  using R = typename V::reg;
+  for (int64_t q0 = 0; q0 < Q; q0 += V::L) {
+    const int64_t m = std::min<int64_t>(V::L, Q - q0);
+    R vt[4][3];
+    for (int i = 0; i < 4; ++i)
+      for (int kh = 0; kh < 3; ++kh) {
+        const T* src = v + (i * 3 + kh) * ld + q0;
+        vt[i][kh] = m == V::L ? V::loadu(src) : V::loadp(src, m);
+      }
+    T* yq = y + 2 * q0;
+    if (m == V::L) {
+      for (int64_t o = 0; o < Og; ++o)
+        wino_fwd_channel<T, true>(vt, u + o * 12, bias ? bias[o] : T(0), yq + o * ldy, m);
+    } else {
+      for (int64_t o = 0; o < Og; ++o)
+        wino_fwd_channel<T, false>(vt, u + o * 12, bias ? bias[o] : T(0), yq + o * ldy, m);
     }
   }
 }
