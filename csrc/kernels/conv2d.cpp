@@ -1,9 +1,11 @@
 // conv2d forward, backward-input and backward-weight for one ISA build.
 //
-// Two strategies, chosen per shape:
+// Strategies, chosen per shape:
 //
-// * small-K direct kernels, when K = C/groups * KH * KW <= 9 (e.g. the MNIST
-//   first layer, 1 -> 32 channels, 3x3): the K im2col rows of a block of output
+// * one input channel, 3x3, stride 1, no padding (the MNIST first layer,
+//   1 -> 32 channels): kernels/conv_small.h, which avoids the im2col matrix.
+// * small-K direct kernels, when K = C/groups * KH * KW <= 9 (e.g. that layer
+//   with padding): the K im2col rows of a block of output
 //   pixels sit in vector registers and every output channel is a short chain of
 //   FMAs on them (bias fused). A generic GEMM would spend most of its time
 //   packing such skinny operands.

@@ -1,4 +1,4 @@
-// Direct conv2d kernels for one input channel, 3x3 taps, stride 1, dilation 1,
+// conv2d kernels for one input channel, 3x3 taps, stride 1, dilation 1,
 // no padding, groups 1 -- the MNIST first layer, x (N, 1, 28, 28) and
 // w (32, 1, 3, 3) -> y (N, 32, 26, 26) -- for one ISA build.
 //
@@ -12,8 +12,9 @@
 // contiguous loads, and all kernels vectorize over the flattened output plane
 // (676 pixels: no lanes lost to the 26-wide rows).
 //
-// Backward-weight with an even output width on AVX-512 uses a Winograd
-// F(3,2) variant instead (fewer FMAs; see wino_bwd_w); backward-input is a
+// With an even output width on AVX-512, forward and backward-weight use
+// Winograd F(2,3) / F(3,2) along rows instead (2/3 of the FMAs; see wino_fwd
+// and wino_bwd_w), on "tile planes" built the same way. Backward-input is a
 // dcol (w^T @ gy) whose rows are summed into gx while still in L1.
 //
 // Included by conv2d.cpp inside its ISA namespace.
