@@ -431,8 +431,23 @@ void conv_small_forward(const Conv2dParams& p, const Geom& g, const T* x, const 
 template <typename T>
 void conv_small_backward_input(const Conv2dParams& p, const Geom& g, const T* gy, const T* w,
                                T* gx) {
+  constexpr int64_t L = Vec<T>::L;
+  if (conv_small::wino_applies(p)) {
+    const int64_t TT = p.OW / 2, Q = p.OH * TT, ld = (Q + L - 1) / L * L;
+    Scratch<T> u(kSlotWeights, p.O * 12);
+    conv_small::wino_bwd_in_weights(w, p.O, u.get());
+    run_tasks(p.N, [&](int64_t n0, int64_t n1) {
+      Scratch<T> dv(kSlotCol, 12 * ld + 4 * (TT + 1 + L));
+      for (int64_t n = n0; n < n1; ++n) {
+        conv_small::wino_bwd_in_dv(u.get(), gy + n * p.O * g.P, g.P, p.O, Q, dv.get(), ld);
+        conv_small::wino_bwd_in_col2im(dv.get(), ld, p.OH, TT, gx + n * p.H * p.W,
+                                       dv.get() + 12 * ld);
+      }
+    });
+    return;
+  }
   // dcol planes start on vector boundaries, so its block stores are aligned.
-  const int64_t ldd = (g.P + Vec<T>::L - 1) / Vec<T>::L * Vec<T>::L;
+  const int64_t ldd = (g.P + L - 1) / L * L;
   run_tasks(p.N, [&](int64_t n0, int64_t n1) {
     Scratch<T> d(kSlotCol, 9 * ldd);
     for (int64_t n = n0; n < n1; ++n) {

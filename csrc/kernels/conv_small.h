@@ -420,6 +420,99 @@ void wino_fwd(const T* __restrict u, const T* __restrict bias, const T* __restri
   }
 }
 
+// --- backward-input, adjoint of the Winograd forward ---------------------------
+//
+// The forward above, transposed: per tile the gradients (e, o) of its two
+// outputs become dM = (e, e + o, e - o, -o); the tile-plane gradients
+// dV_i,kh = sum over channels of U_i(co, kh) * dM_i(co) (12 FMAs per channel
+// and 32 pixels against the 18 of dcol); then the tile planes' adjoint adds
+// each tile's (dV0, dV1 - dV2 + dV3, dV1 + dV2 - dV0, -dV3) into input row
+// oh + kh, columns 2t..2t+3. Same conditions as wino_fwd.
+
+// u (O, 3, 4) as wino_fwd_weights, with U3 negated (it meets +o, not -o).
+template <typename T>
+void wino_bwd_in_weights(const T* w, int64_t O, T* u) {
+  wino_fwd_weights(w, O, u);
+  for (int64_t k = 0; k < O * 3; ++k) u[k * 4 + 3] = -u[k * 4 + 3];
+}
+
+// dv (4, 3, Q) [plane stride ld, a multiple of L] = the tile-plane
+// gradients of one image from gy (Og, 2Q) [row stride ldg].
+template <typename T>
+void wino_bwd_in_dv(const T* __restrict u, const T* __restrict gy, int64_t ldg, int64_t Og,
+                    int64_t Q, T* __restrict dv, int64_t ld) {
+  using V = Vec<T>;
+  using R = typename V::reg;
+  for (int64_t q0 = 0; q0 < Q; q0 += V::L) {
+    const int64_t m = std::min<int64_t>(V::L, Q - q0);
+    R acc[4][3];
+    for (int i = 0; i < 4; ++i)
+      for (int kh = 0; kh < 3; ++kh) acc[i][kh] = V::zero();
+    for (int64_t o = 0; o < Og; ++o) {
+      const T* g = gy + o * ldg + 2 * q0;
+      // Og rows, read 2 lines at a time: fetch the next block's explicitly.
+      __builtin_prefetch(g + 2 * V::L);
+      __builtin_prefetch(g + 3 * V::L);
+      R e, od;
+      if (m == V::L) {
+        V::deinterleave(V::loadu(g), V::loadu(g + V::L), e, od);
+      } else {  // zero lanes past the plane: their dV is 0 and lands in padding
+        V::deinterleave(V::loadp(g, std::min<int64_t>(2 * m, V::L)),
+                        V::loadp(g + V::L, std::max<int64_t>(0, 2 * m - V::L)), e, od);
+      }
+      const R dm[4] = {e, V::add(e, od), V::sub(e, od), od};
+      const T* uo = u + o * 12;
+      for (int kh = 0; kh < 3; ++kh)
+        for (int i = 0; i < 4; ++i) acc[i][kh] = V::fma(V::set1(uo[kh * 4 + i]), dm[i], acc[i][kh]);
+    }
+    for (int i = 0; i < 4; ++i)
+      for (int kh = 0; kh < 3; ++kh) V::storeu(dv + (i * 3 + kh) * ld + q0, acc[i][kh]);
+  }
+}
+
+// gx (OH + 2, W = 2T + 2) = the tile planes' adjoint of dv (4, 3, OH*T)
+// [plane stride ld]; buf: scratch of 4 * (T + 1 + L). Per input row, the kh
+// sum is a flat shift in tile space; tile t's last two columns overlap tile
+// t+1's first two, so those contributions go through buf shifted by a tile.
+template <typename T>
+void wino_bwd_in_col2im(const T* __restrict dv, int64_t ld, int64_t OH, int64_t TT,
+                        T* __restrict gx, T* __restrict buf) {
+  using V = Vec<T>;
+  using R = typename V::reg;
+  const int64_t H = OH + 2, W = 2 * TT + 2, S = TT + 1 + V::L;
+  T* const a0 = buf;       // D0 of tile t at t        (column 2t)
+  T* const a1 = a0 + S;    // D1 of tile t at t        (column 2t + 1)
+  T* const b2 = a1 + S;    // D2 of tile t at t + 1    (column 2t + 2)
+  T* const b3 = b2 + S;    // D3 of tile t at t + 1    (column 2t + 3)
+  for (int64_t r = 0; r < H; ++r) {
+    const int64_t kh0 = std::max<int64_t>(0, r - (OH - 1)), kh1 = std::min<int64_t>(2, r);
+    for (int64_t t0 = 0; t0 < TT; t0 += V::L) {
+      const int64_t m = std::min<int64_t>(V::L, TT - t0);
+      R w[4];
+      for (int i = 0; i < 4; ++i) {
+        w[i] = V::zero();
+        for (int64_t kh = kh0; kh <= kh1; ++kh)
+          w[i] = V::add(w[i], V::loadp(dv + (i * 3 + kh) * ld + (r - kh) * TT + t0, m));
+      }
+      V::storep(a0 + t0, w[0], m);
+      V::storep(a1 + t0, V::add(V::sub(w[1], w[2]), w[3]), m);
+      V::storep(b2 + 1 + t0, V::sub(V::add(w[1], w[2]), w[0]), m);
+      V::storep(b3 + 1 + t0, V::sub(V::zero(), w[3]), m);
+    }
+    a0[TT] = a1[TT] = b2[0] = b3[0] = T(0);
+    T* row = gx + r * W;
+    for (int64_t t0 = 0; t0 <= TT; t0 += V::L) {
+      const int64_t m = std::min<int64_t>(V::L, TT + 1 - t0);
+      const R e = V::add(V::loadp(a0 + t0, m), V::loadp(b2 + t0, m));
+      const R o = V::add(V::loadp(a1 + t0, m), V::loadp(b3 + t0, m));
+      R lo, hi;
+      V::interleave(e, o, lo, hi);
+      V::storep(row + 2 * t0, lo, std::min<int64_t>(2 * m, V::L));
+      V::storep(row + 2 * t0 + V::L, hi, std::max<int64_t>(0, 2 * m - V::L));
+    }
+  }
+}
+
 // Backward-input step 1: dcol D (9, n) [plane stride ldd] = w^T (9, Og) @
 // gy (Og, n) [row stride ldg], for pixels [pb, pe). 9*NV accumulators; each
 // gy vector feeds 9 FMAs.
