@@ -53,8 +53,9 @@ def check(rng, dtype, n, o, h, w, *, bias=True, stride=ONE, padding=ZERO, dilati
           R.conv2d_backward_weight(gy, x, (3, 3), *args), dtype)
 
 
-# (N, O, H, W): output widths 1..30 around 4/8/16 lanes, odd and even; one
-# output row; channel counts with every leftover of the 4-, 3- and 2-blocks.
+# (N, O, H, W): output widths 1..66 around 4/8/16 lanes (and 2x that in
+# Winograd tiles), odd and even; one output row; channel counts with every
+# leftover of the 4-, 3- and 2-blocks.
 SHAPES = [
     (1, 32, 28, 28),   # MNIST, one image (the fused op's per-image call)
     (3, 32, 28, 28),   # MNIST, odd batch
@@ -67,7 +68,9 @@ SHAPES = [
     (1, 7, 7, 19),     # 17 wide
     (2, 4, 6, 10),     # 8 wide
     (1, 9, 5, 11),     # 9 wide
-    (1, 10, 21, 32),   # 30 wide, even
+    (1, 10, 21, 32),   # 30 wide, even: 15 tiles (+1 overhang) fill 16 lanes
+    (2, 3, 5, 34),     # 32 wide: 16 tiles, more than one vector per row
+    (1, 4, 4, 68),     # 66 wide: 33 tiles
     (1, 17, 30, 3),    # 1 wide, tall
 ]
 

@@ -470,6 +470,25 @@ void wino_bwd_in_dv(const T* __restrict u, const T* __restrict gy, int64_t ldg, 
   }
 }
 
+// v moved up one lane: lane i + 1 gets lane i, lane 0 gets 0.
+template <typename T>
+inline typename Vec<T>::reg lane_shift_up(typename Vec<T>::reg v) {
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  if constexpr (sizeof(T) == 4) {
+    return _mm512_castsi512_ps(
+        _mm512_alignr_epi32(_mm512_castps_si512(v), _mm512_setzero_si512(), 15));
+  } else {
+    return _mm512_castsi512_pd(
+        _mm512_alignr_epi64(_mm512_castpd_si512(v), _mm512_setzero_si512(), 7));
+  }
+#else  // only the AVX-512 build runs the Winograd kernels; keep it simple
+  using V = Vec<T>;
+  alignas(64) T t[2 * V::L] = {};
+  V::storeu(t + 1, v);
+  return V::loadu(t);
+#endif
+}
+
 // gx (OH + 2, W = 2T + 2) = the tile planes' adjoint of dv (4, 3, OH*T)
 // [plane stride ld]; buf: scratch of 4 * (T + 1 + L). Per input row, the kh
 // sum is a flat shift in tile space; tile t's last two columns overlap tile
@@ -486,6 +505,23 @@ void wino_bwd_in_col2im(const T* __restrict dv, int64_t ld, int64_t OH, int64_t 
   T* const b3 = b2 + S;    // D3 of tile t at t + 1    (column 2t + 3)
   for (int64_t r = 0; r < H; ++r) {
     const int64_t kh0 = std::max<int64_t>(0, r - (OH - 1)), kh1 = std::min<int64_t>(2, r);
+    T* row = gx + r * W;
+    if (TT + 1 <= V::L) {  // a row's tiles fit one vector: shift in registers
+      R w[4];
+      for (int i = 0; i < 4; ++i) {
+        w[i] = V::zero();
+        for (int64_t kh = kh0; kh <= kh1; ++kh)
+          w[i] = V::add(w[i], V::loadp(dv + (i * 3 + kh) * ld + (r - kh) * TT, TT));
+      }
+      // Lanes >= T are 0, so lane T of the sums is the last tile's overhang.
+      const R e = V::add(w[0], lane_shift_up<T>(V::sub(V::add(w[1], w[2]), w[0])));
+      const R o = V::add(V::add(V::sub(w[1], w[2]), w[3]), lane_shift_up<T>(V::sub(V::zero(), w[3])));
+      R lo, hi;
+      V::interleave(e, o, lo, hi);
+      V::storep(row, lo, std::min<int64_t>(W, V::L));
+      V::storep(row + V::L, hi, std::max<int64_t>(0, W - V::L));
+      continue;
+    }
     for (int64_t t0 = 0; t0 < TT; t0 += V::L) {
       const int64_t m = std::min<int64_t>(V::L, TT - t0);
       R w[4];
@@ -500,7 +536,6 @@ void wino_bwd_in_col2im(const T* __restrict dv, int64_t ld, int64_t OH, int64_t 
       V::storep(b3 + 1 + t0, V::sub(V::zero(), w[3]), m);
     }
     a0[TT] = a1[TT] = b2[0] = b3[0] = T(0);
-    T* row = gx + r * W;
     for (int64_t t0 = 0; t0 <= TT; t0 += V::L) {
       const int64_t m = std::min<int64_t>(V::L, TT + 1 - t0);
       const R e = V::add(V::loadp(a0 + t0, m), V::loadp(b2 + t0, m));
