@@ -12,10 +12,11 @@
 // contiguous loads, and all kernels vectorize over the flattened output plane
 // (676 pixels: no lanes lost to the 26-wide rows).
 //
-// With an even output width on AVX-512, forward and backward-weight use
-// Winograd F(2,3) / F(3,2) along rows instead (2/3 of the FMAs; see wino_fwd
-// and wino_bwd_w), on "tile planes" built the same way. Backward-input is a
-// dcol (w^T @ gy) whose rows are summed into gx while still in L1.
+// With an even output width on AVX-512 all three passes use Winograd
+// F(2,3) along rows instead (2/3 of the FMAs; see wino_fwd, wino_bwd_w and
+// wino_bwd_in_dv), on "tile planes" laid out the same way. Otherwise
+// backward-input is a dcol (w^T @ gy) whose rows are summed into gx while
+// still in L1.
 //
 // Included by conv2d.cpp inside its ISA namespace.
 #pragma once
@@ -310,9 +311,10 @@ void wino_bwd_w_rows(const T* __restrict gy, int64_t ldg, const T* __restrict v,
       for (int kh = 0; kh < 3; ++kh) V::storeu(lanes + ((j * 4 + i) * 3 + kh) * V::L, acc[j][i][kh]);
 }
 
-// Whether forward and backward-weight take the Winograd kernels (else fwd
-// and bwd_w): they need an even output width, and registers for 12 tap
-// vectors + 8 sums (forward) or 24 accumulators + 4 gradients.
+// Whether the Winograd kernels run (else fwd, bwd_w and the dcol backward-
+// input): they need an even output width (tiles never straddle rows), and
+// registers for 12 tap vectors + 8 sums (forward) or 24 accumulators + 4
+// gradients (backward-weight).
 inline bool wino_applies(const Conv2dParams& p) { return kRegs >= 32 && p.OW % 2 == 0; }
 
 // lanes (Og, 12, L) += one image's P sums: gy (Og, OH*OW) [row stride ldg].
