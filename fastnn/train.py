@@ -15,10 +15,13 @@ arrays under ``fastnn.backend("cuda")`` in Numba's simulator).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -250,6 +253,30 @@ def predict(model: Any, loader: DataLoader, backend: str) -> tuple[np.ndarray, n
     return _host(xp.concatenate(trues)), _host(xp.concatenate(preds)).astype(np.int64)
 
 
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold a Ctrl-C until the block ends, then raise it.
+
+    The checkpoint and the metrics JSON of an epoch are written one after the
+    other; an interrupt between the two would leave them an epoch apart.
+    Signals can only be handled on the main thread; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        if callable(previous):  # Python's default handler raises KeyboardInterrupt
+            previous(signal.SIGINT, None)
+        elif previous == signal.SIG_DFL:
+            raise KeyboardInterrupt
+
+
 def _write_json_atomic(path: Path, obj: Any) -> None:
     ckpt.write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
@@ -442,9 +469,11 @@ def train(
                 "device": device.name,
                 "metrics": {"epochs": history},
             }
-            ckpt.save(checkpoint, states, meta)
-        if metrics_json is not None:
-            _write_json_atomic(Path(metrics_json), metrics_doc())
+        with _sigint_deferred():
+            if checkpoint is not None:
+                ckpt.save(checkpoint, states, meta)
+            if metrics_json is not None:
+                _write_json_atomic(Path(metrics_json), metrics_doc())
         log(
             f"epoch {epoch + 1:>3}/{config.epochs}  loss {train_loss:.4f}  "
             f"test acc {100 * acc:6.2f}%  {record['images_per_second']:8.0f} img/s  "

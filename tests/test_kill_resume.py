@@ -351,3 +351,27 @@ def test_corrupt_data_file_is_one_line_error(env, tmp_path: Path, mnist_dir: Pat
     r = cli(env, "train", "--device", DEVICE, "--epochs", "1", "--limit-train", "32",
             "--limit-test", "16", "--data-dir", str(d), "--no-progress")
     assert_one_line_error(r, "train-labels-idx1-ubyte")
+
+
+def test_ctrl_c_during_epoch_end_writes_is_held_until_both_are_written() -> None:
+    # The checkpoint and the metrics JSON are written back to back; a Ctrl-C
+    # between them must not leave the two files an epoch apart.
+    from fastnn.train import _sigint_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with _sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the signal is delivered here, between the writes
+            done.append("checkpoint")
+            done.append("metrics")
+    assert done == ["checkpoint", "metrics"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_no_ctrl_c_means_no_interrupt() -> None:
+    from fastnn.train import _sigint_deferred
+
+    with _sigint_deferred():
+        pass
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
