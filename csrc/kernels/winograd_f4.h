@@ -1,0 +1,406 @@
+// Winograd F(4x4, 3x3) for float32 stride-1 undilated 3x3 convolutions whose
+// output rows are 13..16 wide (AVX-512 builds only; included by conv2d.cpp).
+//
+// Why: on a 13x13 plane F(2x2) needs 7x7 tiles x 16 products = 784 multiplies
+// per image and channel pair; F(4x4) needs 4x4 tiles x 36 = 576 (direct: 1521).
+// The products are 36 small gemms M[pos] (O x tiles) = U[pos] (O x C) @
+// V[pos] (C x tiles) with C = 32..64, which the generic gemm handles poorly
+// (packing and call overhead per tiny product), so they run on a dedicated
+// register-blocked kernel on pre-packed operands instead.
+//
+// Matrices (Lavin & Gray; interpolation points 0, 1, -1, 2, -2, inf):
+//   B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0;
+//          0 2 -1 -2 1 0; 0 4 0 -5 0 1]
+//   G   = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6;
+//          1/24 -1/12 1/6; 0 0 1]
+//   A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1]
+// Larger constants than F(2x2) mean more rounding: measured max error vs a
+// float64 reference on the 32->64 13x13 layer is a few 1e-6 of the output's
+// magnitude (see tests/test_native_bindings.py), against ~1e-7 for F(2x2).
+//
+// Layout. With 4 tile columns per plane (OW in 13..16) one vector of 16 lanes
+// holds 4 whole tile rows: lane = 4 * (tile row % 4) + tile column. A plane
+// of TH tile rows is `chunks` = ceil(TH / 4) vectors; images of a block are
+// concatenated, so a block has T = images * chunks * 16 tile slots (slots past
+// the last tile row are zero on input and ignored on output).
+//   V[pos][c][T]     transformed input, written by gathers + transform
+//   U[pos][ob][c][RO] transformed weights, RO output channels per panel,
+//                     rows past O zero (packed once per call)
+//   Mb[pos][RO][T]   products of one panel of RO output channels
+// Per block the working set is 36 * (C * T + RO * T) floats (T = 48, C = 64:
+// ~500 KB), inside the 1 MB L2 of the target core.
+//
+// Backward-weight uses the transposed map: dU[pos] += dM[pos] @ V[pos]^T with
+// dM = A dY A^T, then dw = G^T dU G (in double).
+#pragma once
+
+#if defined(__AVX512F__)
+
+#include <algorithm>
+#include <cstdint>
+
+#include "fastnn/parallel.h"
+#include "kernels/ops.h"
+#include "kernels/simd.h"
+
+namespace fastnn {
+namespace FASTNN_ISA_NS {
+namespace winograd {
+namespace f4 {
+
+constexpr int L = 16;   // float lanes
+constexpr int RO = 8;   // output channels per register tile
+constexpr int NV = 3;   // vectors of tiles per register tile (RO * NV = 24 accumulators)
+
+struct Shape {
+  int64_t Cin, Cout;  // channels in / out (per group)
+  int64_t H, W;       // input plane
+  int64_t OH, OW;     // output plane, 13 <= OW <= 16
+  int64_t ph, pw;     // zero padding (top/left)
+  int64_t TH;         // tile rows: ceil(OH / 4)
+  int64_t chunks;     // 16-tile vectors per image: ceil(TH / 4)
+  int64_t OB;         // panels of RO output channels: ceil(Cout / RO)
+};
+
+inline Shape make_shape(int64_t Cin, int64_t Cout, int64_t H, int64_t W, int64_t OH, int64_t OW,
+                        int64_t ph, int64_t pw) {
+  Shape s{Cin, Cout, H, W, OH, OW, ph, pw, (OH + 3) / 4, 0, (Cout + RO - 1) / RO};
+  s.chunks = (s.TH + 3) / 4;
+  return s;
+}
+
+// Whether F(4x4) beats F(2x2) for a plane: it needs 4 tile columns (OW in
+// 13..16), and its padded multiply count (36 per 16-lane slot) must be clearly
+// below F(2x2)'s (16 per 2x2 tile): the transforms cost more per product.
+inline bool preferred(int64_t OH, int64_t OW) {
+  if (OW < 13 || OW > 16 || OH < 1) return false;
+  const int64_t chunks = ((OH + 3) / 4 + 3) / 4;
+  const int64_t f4 = 36 * 16 * chunks, f2 = 16 * ((OH + 1) / 2) * ((OW + 1) / 2);
+  return 5 * f4 <= 4 * f2;
+}
+
+// Gather tables of one image: for chunk k and tap (r, j) of an n x n tile
+// whose first row/column is at (4*th - ph, 4*tw - pw) of an H x W plane,
+// idx = the tap's offset in the plane for each lane and mask = lanes whose tap
+// is inside the plane (the others read as zero padding). n = 6 for input
+// tiles, 4 for grad_out tiles.
+struct Taps {
+  int n;
+  Buffer<int32_t> idx;
+  Buffer<uint16_t> mask;
+  Taps(const Shape& s, int n_, int64_t H, int64_t W, int64_t ph, int64_t pw)
+      : n(n_), idx(s.chunks * n_ * n_ * L), mask(s.chunks * n_ * n_) {
+    for (int64_t k = 0; k < s.chunks; ++k) {
+      for (int r = 0; r < n; ++r) {
+        for (int j = 0; j < n; ++j) {
+          const int64_t e = (k * n + r) * n + j;
+          uint16_t m = 0;
+          for (int l = 0; l < L; ++l) {
+            const int64_t th = 4 * k + l / 4, tw = l % 4;
+            const int64_t ih = 4 * th + r - ph, iw = 4 * tw + j - pw;
+            const bool in = th < s.TH && ih >= 0 && ih < H && iw >= 0 && iw < W;
+            idx.get()[e * L + l] = in ? static_cast<int32_t>(ih * W + iw) : 0;
+            if (in) m = static_cast<uint16_t>(m | (1u << l));
+          }
+          mask.get()[e] = m;
+        }
+      }
+    }
+  }
+};
+
+// 1-D B^T d for one row/column of 6 taps (12 operations).
+inline void in1d(const __m512* d, __m512* v) {
+  const __m512 four = _mm512_set1_ps(4.f), five = _mm512_set1_ps(5.f);
+  const __m512 a = _mm512_fnmadd_ps(four, d[2], d[4]);  // d4 - 4 d2
+  const __m512 b = _mm512_fnmadd_ps(four, d[1], d[3]);  // d3 - 4 d1
+  const __m512 c = _mm512_sub_ps(d[4], d[2]);
+  const __m512 e = _mm512_add_ps(_mm512_sub_ps(d[3], d[1]), _mm512_sub_ps(d[3], d[1]));
+  v[0] = _mm512_fmadd_ps(four, d[0], _mm512_fnmadd_ps(five, d[2], d[4]));
+  v[1] = _mm512_add_ps(a, b);
+  v[2] = _mm512_sub_ps(a, b);
+  v[3] = _mm512_add_ps(c, e);
+  v[4] = _mm512_sub_ps(c, e);
+  v[5] = _mm512_fmadd_ps(four, d[1], _mm512_fnmadd_ps(five, d[3], d[5]));
+}
+
+// 1-D A^T m for 6 transform-domain values -> 4 outputs.
+inline void out1d(const __m512* m, __m512* y) {
+  const __m512 s12 = _mm512_add_ps(m[1], m[2]), d12 = _mm512_sub_ps(m[1], m[2]);
+  const __m512 s34 = _mm512_add_ps(m[3], m[4]), d34 = _mm512_sub_ps(m[3], m[4]);
+  y[0] = _mm512_add_ps(_mm512_add_ps(m[0], s12), s34);
+  y[1] = _mm512_fmadd_ps(_mm512_set1_ps(2.f), d34, d12);
+  y[2] = _mm512_fmadd_ps(_mm512_set1_ps(4.f), s34, s12);
+  y[3] = _mm512_add_ps(_mm512_fmadd_ps(_mm512_set1_ps(8.f), d34, d12), m[5]);
+}
+
+// 1-D A g for 4 grad_out values -> 6 transform-domain values.
+inline void grad1d(const __m512* a, __m512* v) {
+  const __m512 s02 = _mm512_add_ps(a[0], a[2]), s13 = _mm512_add_ps(a[1], a[3]);
+  const __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(4.f), a[2], a[0]);
+  const __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(8.f), a[3], _mm512_add_ps(a[1], a[1]));
+  v[0] = a[0];
+  v[1] = _mm512_add_ps(s02, s13);
+  v[2] = _mm512_sub_ps(s02, s13);
+  v[3] = _mm512_add_ps(p, q);
+  v[4] = _mm512_sub_ps(p, q);
+  v[5] = a[3];
+}
+
+constexpr double kG[6][3] = {{1. / 4, 0, 0},          {-1. / 6, -1. / 6, -1. / 6},
+                             {-1. / 6, 1. / 6, -1. / 6}, {1. / 24, 1. / 12, 1. / 6},
+                             {1. / 24, -1. / 12, 1. / 6}, {0, 0, 1}};
+
+// U[pos][ob][c][RO] = (G g G^T)[pos] for the filter of output row o = ob*RO + r
+// and input column c, g = w[o*rs + c*cs] (9 contiguous values, optionally
+// rotated 180 degrees); computed in double, rows o >= R are zero.
+inline void transform_weights(const float* w, int64_t R, int64_t C, int64_t rs, int64_t cs,
+                              bool rotate, float* U) {
+  const int64_t OB = (R + RO - 1) / RO, panel = C * RO;
+  for (int64_t o = 0; o < OB * RO; ++o) {
+    const int64_t ob = o / RO, r = o % RO;
+    for (int64_t c = 0; c < C; ++c) {
+      float* u = U + ob * panel + c * RO + r;
+      if (o >= R) {
+        for (int p = 0; p < 36; ++p) u[p * OB * panel] = 0.f;
+        continue;
+      }
+      const float* g0 = w + o * rs + c * cs;
+      double g[3][3], t[6][3];
+      for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j) g[i][j] = rotate ? g0[(2 - i) * 3 + (2 - j)] : g0[i * 3 + j];
+      for (int i = 0; i < 6; ++i)
+        for (int j = 0; j < 3; ++j) t[i][j] = kG[i][0] * g[0][j] + kG[i][1] * g[1][j] + kG[i][2] * g[2][j];
+      for (int i = 0; i < 6; ++i)
+        for (int j = 0; j < 6; ++j)
+          u[(i * 6 + j) * OB * panel] =
+              static_cast<float>(t[i][0] * kG[j][0] + t[i][1] * kG[j][1] + t[i][2] * kG[j][2]);
+    }
+  }
+}
+
+// dw (3x3 at w + o*rs + c*cs) = G^T dU[.][o][c] G, dU laid out [pos][R][C].
+inline void untransform_weight_grad(const float* dU, int64_t R, int64_t C, int64_t rs, int64_t cs,
+                                    float* w) {
+  const int64_t RC = R * C;
+  for (int64_t o = 0; o < R; ++o) {
+    for (int64_t c = 0; c < C; ++c) {
+      double s[3][6];  // G^T dU
+      for (int a = 0; a < 3; ++a)
+        for (int j = 0; j < 6; ++j) {
+          double acc = 0;
+          for (int i = 0; i < 6; ++i) acc += kG[i][a] * dU[(i * 6 + j) * RC + o * C + c];
+          s[a][j] = acc;
+        }
+      float* g = w + o * rs + c * cs;
+      for (int a = 0; a < 3; ++a)
+        for (int b = 0; b < 3; ++b) {
+          double acc = 0;
+          for (int j = 0; j < 6; ++j) acc += s[a][j] * kG[j][b];
+          g[a * 3 + b] = static_cast<float>(acc);
+        }
+    }
+  }
+}
+
+// V[pos][c][slot .. slot+16] = (B^T d B)[pos] for the 16 tiles of chunk k of
+// one input plane; ldp = C * T (distance between positions).
+inline void input_chunk(const Taps& tp, int64_t k, const float* plane, float* V, int64_t ldp) {
+  const int32_t* idx = tp.idx.get() + k * 36 * L;  // tp.n == 6
+  const uint16_t* msk = tp.mask.get() + k * 36;
+  __m512 t[6][6];  // d B, per tap row
+  for (int r = 0; r < 6; ++r) {
+    __m512 d[6];
+    for (int j = 0; j < 6; ++j) {
+      const int e = r * 6 + j;
+      d[j] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), msk[e],
+                                      _mm512_loadu_si512(idx + e * L), plane, 4);
+    }
+    in1d(d, t[r]);
+  }
+  for (int j = 0; j < 6; ++j) {
+    __m512 col[6], v[6];
+    for (int r = 0; r < 6; ++r) col[r] = t[r][j];
+    in1d(col, v);
+    for (int i = 0; i < 6; ++i) _mm512_storeu_ps(V + (i * 6 + j) * ldp, v[i]);
+  }
+}
+
+// Transforms images [n0, n1) into V (block layout above).
+inline void input_block(const Shape& s, const Taps& tp, const float* x, int64_t x_img, int64_t n0,
+                        int64_t n1, int64_t T, float* V) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t c = 0; c < s.Cin; ++c)
+      for (int64_t k = 0; k < s.chunks; ++k)
+        input_chunk(tp, k, x + n * x_img + c * s.H * s.W,
+                    V + c * T + ((n - n0) * s.chunks + k) * L, s.Cin * T);
+}
+
+// m (RO x NVV*16) [ld ldm] = u (C x RO panel) ^T @ v (C x NVV*16) [ld ldv]:
+// 8 x NVV accumulators; u is broadcast from the packed panel, v streams from L2.
+template <int NVV>
+inline void micro(const float* __restrict u, const float* __restrict v, int64_t C, int64_t ldv,
+                  float* __restrict m, int64_t ldm) {
+  __m512 acc[RO][NVV];
+  for (int r = 0; r < RO; ++r)
+    for (int j = 0; j < NVV; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < C; ++c, u += RO, v += ldv) {
+    __m512 b[NVV];
+    for (int j = 0; j < NVV; ++j) b[j] = _mm512_loadu_ps(v + j * L);
+    for (int r = 0; r < RO; ++r) {
+      const __m512 a = _mm512_set1_ps(u[r]);
+      for (int j = 0; j < NVV; ++j) acc[r][j] = _mm512_fmadd_ps(a, b[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < RO; ++r)
+    for (int j = 0; j < NVV; ++j) _mm512_storeu_ps(m + r * ldm + j * L, acc[r][j]);
+}
+
+// Output channel o's 16 tiles of chunk k: y plane rows 4*(4k + thl) + i.
+// Mo points at Mb[0][r][slot]; ldp = RO * T.
+inline void output_chunk(const Shape& s, int64_t k, const float* Mo, int64_t ldp, float bias,
+                         float* y) {
+  __m512 q[6][4];  // A^T along each row of the 6x6 transform domain
+  for (int r = 0; r < 6; ++r) {
+    __m512 m[6];
+    for (int j = 0; j < 6; ++j) m[j] = _mm512_loadu_ps(Mo + (r * 6 + j) * ldp);
+    out1d(m, q[r]);
+  }
+  // Y[i][j] = A^T along the tap rows of q[.][j], plus bias.
+  __m512 Y[4][4];
+  const __m512 b = _mm512_set1_ps(bias);
+  for (int j = 0; j < 4; ++j) {
+    __m512 col[6], o4[4];
+    for (int r = 0; r < 6; ++r) col[r] = q[r][j];
+    out1d(col, o4);
+    for (int i = 0; i < 4; ++i) Y[i][j] = _mm512_add_ps(o4[i], b);
+  }
+  // Y[i][j] lanes are (thl, tw) = 4*thl + tw; output row 4*(4k + thl) + i
+  // needs lanes 4*tw + j: a 4x4x4 transpose in 8 permutes per i. Stage 1
+  // interleaves columns (0,1) and (2,3): lane 8*(thl%2) + 2*tw + jj, thl 0,1
+  // in the first result and 2,3 in the second; stage 2 merges the pairs.
+  const __m512i i1a = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i i1b =
+      _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512i i2a = _mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
+  const __m512i i2b =
+      _mm512_setr_epi32(8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
+  const __mmask16 cols = static_cast<__mmask16>((1u << s.OW) - 1u);
+  for (int i = 0; i < 4; ++i) {
+    const __m512 a0 = _mm512_permutex2var_ps(Y[i][0], i1a, Y[i][1]);
+    const __m512 a1 = _mm512_permutex2var_ps(Y[i][0], i1b, Y[i][1]);
+    const __m512 b0 = _mm512_permutex2var_ps(Y[i][2], i1a, Y[i][3]);
+    const __m512 b1 = _mm512_permutex2var_ps(Y[i][2], i1b, Y[i][3]);
+    const __m512 rows[4] = {_mm512_permutex2var_ps(a0, i2a, b0), _mm512_permutex2var_ps(a0, i2b, b0),
+                            _mm512_permutex2var_ps(a1, i2a, b1), _mm512_permutex2var_ps(a1, i2b, b1)};
+    for (int thl = 0; thl < 4; ++thl) {
+      const int64_t oh = 4 * (4 * k + thl) + i;
+      if (oh < s.OH) _mm512_mask_storeu_ps(y + oh * s.OW, cols, rows[thl]);
+    }
+  }
+}
+
+// dM[pos][o][slot .. slot+16] = (A dY A^T)[pos] for chunk k of one grad_out
+// plane (4x4 taps, cells past OH/OW read as zero); ldp = O * T.
+inline void grad_chunk(const Taps& tp, int64_t k, const float* plane, float* dM, int64_t ldp) {
+  const int32_t* idx = tp.idx.get() + k * 16 * L;
+  const uint16_t* msk = tp.mask.get() + k * 16;
+  __m512 t[4][6];  // dY A^T, per tap row
+  for (int i = 0; i < 4; ++i) {
+    __m512 a[4];
+    for (int j = 0; j < 4; ++j) {
+      const int e = i * 4 + j;
+      a[j] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), msk[e],
+                                      _mm512_loadu_si512(idx + e * L), plane, 4);
+    }
+    grad1d(a, t[i]);
+  }
+  for (int j = 0; j < 6; ++j) {
+    __m512 col[4], v[6];
+    for (int i = 0; i < 4; ++i) col[i] = t[i][j];
+    grad1d(col, v);
+    for (int i = 0; i < 6; ++i) _mm512_storeu_ps(dM + (i * 6 + j) * ldp, v[i]);
+  }
+}
+
+// Images per block: about NV vectors of tiles for the forward kernel, fewer
+// when that would leave a thread without a block.
+inline int64_t images_per_block(const Shape& s, int64_t N, int64_t vectors) {
+  int64_t nb = std::max<int64_t>(1, std::min<int64_t>(N, vectors / s.chunks));
+  const int64_t nt = get_num_threads();
+  if (nt > 1 && (N + nb - 1) / nb < nt) nb = std::max<int64_t>(1, (N + nt - 1) / nt);
+  return nb;
+}
+
+// y[n] (Cout, OH, OW) = conv3x3(x[n] (Cin, H, W)) + bias for n in [0, N);
+// U packed by transform_weights; image strides as in winograd::forward.
+// Per block: input transform into V, then per panel of RO output channels the
+// 36 products into Mb (L2) and straight away their output transform.
+inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, const float* U,
+                    const float* bias, float* y, int64_t y_img) {
+  const Taps tp(s, 6, s.H, s.W, s.ph, s.pw);
+  const int64_t nb = images_per_block(s, N, NV);
+  const int64_t blocks = (N + nb - 1) / nb, per_image = s.chunks * L, Tmax = nb * per_image;
+  auto body = [&](int64_t b0, int64_t b1) {
+    Scratch<float> V(kSlotWinoIn, 36 * s.Cin * Tmax), M(kSlotWinoOut, 36 * RO * Tmax);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t n0 = blk * nb, n1 = std::min(N, n0 + nb), T = (n1 - n0) * per_image;
+      const int64_t nvec = T / L;
+      input_block(s, tp, x, x_img, n0, n1, T, V.get());
+      for (int64_t ob = 0; ob < s.OB; ++ob) {
+        for (int pos = 0; pos < 36; ++pos) {
+          const float* u = U + (pos * s.OB + ob) * s.Cin * RO;
+          const float* v = V.get() + pos * s.Cin * T;
+          float* m = M.get() + pos * RO * T;
+          int64_t t = 0;
+          for (; t + NV <= nvec; t += NV) micro<NV>(u, v + t * L, s.Cin, T, m + t * L, T);
+          if (nvec - t == 2) micro<2>(u, v + t * L, s.Cin, T, m + t * L, T);
+          if (nvec - t == 1) micro<1>(u, v + t * L, s.Cin, T, m + t * L, T);
+        }
+        for (int64_t r = 0; r < RO && ob * RO + r < s.Cout; ++r) {
+          const int64_t o = ob * RO + r;
+          for (int64_t n = n0; n < n1; ++n)
+            for (int64_t k = 0; k < s.chunks; ++k)
+              output_chunk(s, k, M.get() + r * T + (n - n0) * per_image + k * L, RO * T,
+                           bias ? bias[o] : 0.f, y + n * y_img + o * s.OH * s.OW);
+        }
+      }
+    }
+  };
+  if (blocks >= get_num_threads() && get_num_threads() > 1) {
+    parallel_for(blocks, 1, body);
+  } else {
+    body(0, blocks);
+  }
+}
+
+// dU[pos][o][c] += sum over tiles of dM[pos][o][t] * V[pos][c][t] for images
+// [n0, n1); gy/x image strides as in forward().
+inline void weight_grad_range(const Shape& s, int64_t n0, int64_t n1, const float* gy,
+                              int64_t gy_img, const float* x, int64_t x_img, float* dU) {
+  const Taps tin(s, 6, s.H, s.W, s.ph, s.pw), tgy(s, 4, s.OH, s.OW, 0, 0);
+  const int64_t per_image = s.chunks * L;
+  const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(n1 - n0, 4 / s.chunks));
+  Scratch<float> V(kSlotWinoIn, 36 * s.Cin * nb * per_image);
+  Scratch<float> dM(kSlotWinoOut, 36 * s.Cout * nb * per_image);
+  for (int64_t b = n0; b < n1; b += nb) {
+    const int64_t e = std::min(n1, b + nb), T = (e - b) * per_image;
+    input_block(s, tin, x, x_img, b, e, T, V.get());
+    for (int64_t n = b; n < e; ++n)
+      for (int64_t o = 0; o < s.Cout; ++o)
+        for (int64_t k = 0; k < s.chunks; ++k)
+          grad_chunk(tgy, k, gy + n * gy_img + o * s.OH * s.OW,
+                     dM.get() + o * T + (n - b) * per_image + k * L, s.Cout * T);
+    for (int pos = 0; pos < 36; ++pos) {
+      gemm<float>(false, true, s.Cout, s.Cin, T, dM.get() + pos * s.Cout * T, T,
+                  V.get() + pos * s.Cin * T, T, dU + pos * s.Cout * s.Cin, s.Cin, true);
+    }
+  }
+}
+
+}  // namespace f4
+}  // namespace winograd
+}  // namespace FASTNN_ISA_NS
+}  // namespace fastnn
+
+#endif  // __AVX512F__
