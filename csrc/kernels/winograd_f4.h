@@ -79,36 +79,6 @@ inline bool preferred(int64_t OH, int64_t OW) {
   return 5 * f4 <= 4 * f2;
 }
 
-// Gather tables of one image: for chunk k and tap (r, j) of an n x n tile
-// whose first row/column is at (4*th - ph, 4*tw - pw) of an H x W plane,
-// idx = the tap's offset in the plane for each lane and mask = lanes whose tap
-// is inside the plane (the others read as zero padding). n = 6 for input
-// tiles, 4 for grad_out tiles.
-struct Taps {
-  int n;
-  Buffer<int32_t> idx;
-  Buffer<uint16_t> mask;
-  Taps(const Shape& s, int n_, int64_t H, int64_t W, int64_t ph, int64_t pw)
-      : n(n_), idx(s.chunks * n_ * n_ * L), mask(s.chunks * n_ * n_) {
-    for (int64_t k = 0; k < s.chunks; ++k) {
-      for (int r = 0; r < n; ++r) {
-        for (int j = 0; j < n; ++j) {
-          const int64_t e = (k * n + r) * n + j;
-          uint16_t m = 0;
-          for (int l = 0; l < L; ++l) {
-            const int64_t th = 4 * k + l / 4, tw = l % 4;
-            const int64_t ih = 4 * th + r - ph, iw = 4 * tw + j - pw;
-            const bool in = th < s.TH && ih >= 0 && ih < H && iw >= 0 && iw < W;
-            idx.get()[e * L + l] = in ? static_cast<int32_t>(ih * W + iw) : 0;
-            if (in) m = static_cast<uint16_t>(m | (1u << l));
-          }
-          mask.get()[e] = m;
-        }
-      }
-    }
-  }
-};
-
 // 1-D B^T d for one row/column of 6 taps (12 operations).
 inline void in1d(const __m512* d, __m512* v) {
   const __m512 four = _mm512_set1_ps(4.f), five = _mm512_set1_ps(5.f);
@@ -203,37 +173,84 @@ inline void untransform_weight_grad(const float* dU, int64_t R, int64_t C, int64
   }
 }
 
-// V[pos][c][slot .. slot+16] = (B^T d B)[pos] for the 16 tiles of chunk k of
-// one input plane; ldp = C * T (distance between positions).
-inline void input_chunk(const Taps& tp, int64_t k, const float* plane, float* V, int64_t ldp) {
-  const int32_t* idx = tp.idx.get() + k * 36 * L;  // tp.n == 6
-  const uint16_t* msk = tp.mask.get() + k * 36;
-  __m512 t[6][6];  // d B, per tap row
-  for (int r = 0; r < 6; ++r) {
-    __m512 d[6];
-    for (int j = 0; j < 6; ++j) {
-      const int e = r * 6 + j;
-      d[j] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), msk[e],
-                                      _mm512_loadu_si512(idx + e * L), plane, 4);
+// Plane window of one chunk (4 tile rows): tile row th = 4k + thl reads plane
+// rows 4*th - ph + r and columns 4*tw - pw + j for taps r, j < NT.
+struct Window {
+  int64_t H, W, ph, pw;  // plane and its zero padding (top/left)
+  int64_t TH;            // tile rows in the plane
+  __mmask16 lo, hi;      // plane columns present in grid columns 0..15 / 16..31
+  Window(int64_t H_, int64_t W_, int64_t ph_, int64_t pw_, int64_t TH_)
+      : H(H_), W(W_), ph(ph_), pw(pw_), TH(TH_), lo(0), hi(0) {
+    for (int c = 0; c < 16; ++c) {
+      if (c - pw >= 0 && c - pw < W) lo = static_cast<__mmask16>(lo | (1u << c));
+      if (16 + c - pw >= 0 && 16 + c - pw < W) hi = static_cast<__mmask16>(hi | (1u << c));
     }
-    in1d(d, t[r]);
   }
-  for (int j = 0; j < 6; ++j) {
-    __m512 col[6], v[6];
-    for (int r = 0; r < 6; ++r) col[r] = t[r][j];
-    in1d(col, v);
-    for (int i = 0; i < 6; ++i) _mm512_storeu_ps(V + (i * 6 + j) * ldp, v[i]);
+};
+
+// out[pos][slot .. slot+16] (ldp apart) = X^T d X for the 16 tiles of chunk k
+// of one plane, where d is a tile's NT x NT taps and f1d applies the 1-D X^T
+// (NT -> 6 values): B^T for input tiles (NT = 6), A for grad_out (NT = 4).
+//
+// Why not gathers: a 16-lane gather costs ~25 cycles on the target core, and
+// a tile needs 36 (input) or 16 (grad_out) of them. Instead whole plane rows
+// are loaded (zero padding via masks), the column transform runs on every
+// column offset of a row at once (shifted copies of the row; 4x redundant,
+// but cheap vector adds), the row transform then combines the NT rows of
+// each tile row, and one masked permute per result moves lanes 0, 4, 8, 12
+// (the tile columns) into lanes 4*thl .. 4*thl + 3 of the packed vector.
+template <int NT, typename F>
+inline void chunk_transform(const Window& wd, int64_t k, const float* plane, float* out,
+                            int64_t ldp, F f1d) {
+  constexpr int kRows = 12 + NT;  // grid rows of 4 tile rows
+  const int64_t tile_rows = std::min<int64_t>(4, wd.TH - 4 * k);
+  const int rows = static_cast<int>(4 * (tile_rows - 1) + NT);
+  __m512 t[kRows][6];  // per grid row: 1-D transform of the taps starting at each column
+  for (int gr = 0; gr < rows; ++gr) {
+    const int64_t ih = 16 * k + gr - wd.ph;
+    if (ih < 0 || ih >= wd.H) {
+      for (int j = 0; j < 6; ++j) t[gr][j] = _mm512_setzero_ps();
+      continue;
+    }
+    const float* src = plane + ih * wd.W - wd.pw;
+    const __m512i lo = _mm512_castps_si512(_mm512_maskz_loadu_ps(wd.lo, src));
+    const __m512i hi = _mm512_castps_si512(
+        NT > 4 ? _mm512_maskz_loadu_ps(wd.hi, src + 16) : _mm512_setzero_ps());
+    __m512 d[NT];
+    d[0] = _mm512_castsi512_ps(lo);
+    d[1] = _mm512_castsi512_ps(_mm512_alignr_epi32(hi, lo, 1));
+    d[2] = _mm512_castsi512_ps(_mm512_alignr_epi32(hi, lo, 2));
+    d[3] = _mm512_castsi512_ps(_mm512_alignr_epi32(hi, lo, 3));
+    if constexpr (NT > 4) {
+      d[4] = _mm512_castsi512_ps(_mm512_alignr_epi32(hi, lo, 4));
+      d[5] = _mm512_castsi512_ps(_mm512_alignr_epi32(hi, lo, 5));
+    }
+    f1d(d, t[gr]);
+  }
+  const __m512i spread = _mm512_setr_epi32(0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12);
+  for (int jj = 0; jj < 6; ++jj) {
+    __m512 acc[6];
+    for (int i = 0; i < 6; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t thl = 0; thl < tile_rows; ++thl) {
+      __m512 col[NT], w[6];
+      for (int r = 0; r < NT; ++r) col[r] = t[4 * thl + r][jj];
+      f1d(col, w);
+      const __mmask16 m = static_cast<__mmask16>(0xFu << (4 * thl));
+      for (int i = 0; i < 6; ++i) acc[i] = _mm512_mask_permutexvar_ps(acc[i], m, spread, w[i]);
+    }
+    for (int i = 0; i < 6; ++i) _mm512_storeu_ps(out + (i * 6 + jj) * ldp, acc[i]);
   }
 }
 
 // Transforms images [n0, n1) into V (block layout above).
-inline void input_block(const Shape& s, const Taps& tp, const float* x, int64_t x_img, int64_t n0,
-                        int64_t n1, int64_t T, float* V) {
+inline void input_block(const Shape& s, const float* x, int64_t x_img, int64_t n0, int64_t n1,
+                        int64_t T, float* V) {
+  const Window wd(s.H, s.W, s.ph, s.pw, s.TH);
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t c = 0; c < s.Cin; ++c)
       for (int64_t k = 0; k < s.chunks; ++k)
-        input_chunk(tp, k, x + n * x_img + c * s.H * s.W,
-                    V + c * T + ((n - n0) * s.chunks + k) * L, s.Cin * T);
+        chunk_transform<6>(wd, k, x + n * x_img + c * s.H * s.W,
+                           V + c * T + ((n - n0) * s.chunks + k) * L, s.Cin * T, in1d);
 }
 
 // m (RO x NVV*16) [ld ldm] = u (C x RO panel) ^T @ v (C x NVV*16) [ld ldv]:
@@ -300,29 +317,6 @@ inline void output_chunk(const Shape& s, int64_t k, const float* Mo, int64_t ldp
   }
 }
 
-// dM[pos][o][slot .. slot+16] = (A dY A^T)[pos] for chunk k of one grad_out
-// plane (4x4 taps, cells past OH/OW read as zero); ldp = O * T.
-inline void grad_chunk(const Taps& tp, int64_t k, const float* plane, float* dM, int64_t ldp) {
-  const int32_t* idx = tp.idx.get() + k * 16 * L;
-  const uint16_t* msk = tp.mask.get() + k * 16;
-  __m512 t[4][6];  // dY A^T, per tap row
-  for (int i = 0; i < 4; ++i) {
-    __m512 a[4];
-    for (int j = 0; j < 4; ++j) {
-      const int e = i * 4 + j;
-      a[j] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), msk[e],
-                                      _mm512_loadu_si512(idx + e * L), plane, 4);
-    }
-    grad1d(a, t[i]);
-  }
-  for (int j = 0; j < 6; ++j) {
-    __m512 col[4], v[6];
-    for (int i = 0; i < 4; ++i) col[i] = t[i][j];
-    grad1d(col, v);
-    for (int i = 0; i < 6; ++i) _mm512_storeu_ps(dM + (i * 6 + j) * ldp, v[i]);
-  }
-}
-
 // Images per block: about NV vectors of tiles for the forward kernel, fewer
 // when that would leave a thread without a block.
 inline int64_t images_per_block(const Shape& s, int64_t N, int64_t vectors) {
@@ -338,7 +332,6 @@ inline int64_t images_per_block(const Shape& s, int64_t N, int64_t vectors) {
 // 36 products into Mb (L2) and straight away their output transform.
 inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, const float* U,
                     const float* bias, float* y, int64_t y_img) {
-  const Taps tp(s, 6, s.H, s.W, s.ph, s.pw);
   const int64_t nb = images_per_block(s, N, NV);
   const int64_t blocks = (N + nb - 1) / nb, per_image = s.chunks * L, Tmax = nb * per_image;
   auto body = [&](int64_t b0, int64_t b1) {
@@ -346,7 +339,7 @@ inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, co
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = blk * nb, n1 = std::min(N, n0 + nb), T = (n1 - n0) * per_image;
       const int64_t nvec = T / L;
-      input_block(s, tp, x, x_img, n0, n1, T, V.get());
+      input_block(s, x, x_img, n0, n1, T, V.get());
       for (int64_t ob = 0; ob < s.OB; ++ob) {
         for (int pos = 0; pos < 36; ++pos) {
           const float* u = U + (pos * s.OB + ob) * s.Cin * RO;
@@ -378,19 +371,19 @@ inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, co
 // [n0, n1); gy/x image strides as in forward().
 inline void weight_grad_range(const Shape& s, int64_t n0, int64_t n1, const float* gy,
                               int64_t gy_img, const float* x, int64_t x_img, float* dU) {
-  const Taps tin(s, 6, s.H, s.W, s.ph, s.pw), tgy(s, 4, s.OH, s.OW, 0, 0);
+  const Window wgy(s.OH, s.OW, 0, 0, s.TH);
   const int64_t per_image = s.chunks * L;
   const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(n1 - n0, 4 / s.chunks));
   Scratch<float> V(kSlotWinoIn, 36 * s.Cin * nb * per_image);
   Scratch<float> dM(kSlotWinoOut, 36 * s.Cout * nb * per_image);
   for (int64_t b = n0; b < n1; b += nb) {
     const int64_t e = std::min(n1, b + nb), T = (e - b) * per_image;
-    input_block(s, tin, x, x_img, b, e, T, V.get());
+    input_block(s, x, x_img, b, e, T, V.get());
     for (int64_t n = b; n < e; ++n)
       for (int64_t o = 0; o < s.Cout; ++o)
         for (int64_t k = 0; k < s.chunks; ++k)
-          grad_chunk(tgy, k, gy + n * gy_img + o * s.OH * s.OW,
-                     dM.get() + o * T + (n - b) * per_image + k * L, s.Cout * T);
+          chunk_transform<4>(wgy, k, gy + n * gy_img + o * s.OH * s.OW,
+                             dM.get() + o * T + (n - b) * per_image + k * L, s.Cout * T, grad1d);
     for (int pos = 0; pos < 36; ++pos) {
       gemm<float>(false, true, s.Cout, s.Cin, T, dM.get() + pos * s.Cout * T, T,
                   V.get() + pos * s.Cin * T, T, dU + pos * s.Cout * s.Cin, s.Cin, true);
