@@ -452,7 +452,7 @@ bool wino4_backward_weight<float>(const Conv2dParams& p, const Geom& g, const fl
   // Contiguous image ranges with private dU partials, summed in chunk order so
   // the result does not depend on thread timing.
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(p.N, get_num_threads()));
-  const int64_t usize = 36 * g.Og * g.Cg;
+  const int64_t Cp = f4::padded_channels(g.Cg), usize = 36 * g.Og * Cp;
   Scratch<float> dU(kSlotPartial, chunks * g.G * usize);
   dU.zero(chunks * g.G * usize);
   auto body = [&](int64_t c0, int64_t c1) {
@@ -471,7 +471,7 @@ bool wino4_backward_weight<float>(const Conv2dParams& p, const Geom& g, const fl
     body(0, 1);
   }
   for (int64_t gi = 0; gi < g.G; ++gi)
-    f4::untransform_weight_grad(dU.get() + gi * usize, g.Og, g.Cg, g.K, int64_t(9),
+    f4::untransform_weight_grad(dU.get() + gi * usize, g.Og, g.Cg, Cp, g.K, int64_t(9),
                                 gw + gi * g.Og * g.K);
   return true;
 }

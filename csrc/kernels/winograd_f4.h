@@ -149,17 +149,17 @@ inline void transform_weights(const float* w, int64_t R, int64_t C, int64_t rs, 
   }
 }
 
-// dw (3x3 at w + o*rs + c*cs) = G^T dU[.][o][c] G, dU laid out [pos][R][C].
-inline void untransform_weight_grad(const float* dU, int64_t R, int64_t C, int64_t rs, int64_t cs,
-                                    float* w) {
-  const int64_t RC = R * C;
+// dw (3x3 at w + o*rs + c*cs) = G^T dU[.][o][c] G, dU laid out [pos][R][ldc].
+inline void untransform_weight_grad(const float* dU, int64_t R, int64_t C, int64_t ldc, int64_t rs,
+                                    int64_t cs, float* w) {
+  const int64_t RC = R * ldc;
   for (int64_t o = 0; o < R; ++o) {
     for (int64_t c = 0; c < C; ++c) {
       double s[3][6];  // G^T dU
       for (int a = 0; a < 3; ++a)
         for (int j = 0; j < 6; ++j) {
           double acc = 0;
-          for (int i = 0; i < 6; ++i) acc += kG[i][a] * dU[(i * 6 + j) * RC + o * C + c];
+          for (int i = 0; i < 6; ++i) acc += kG[i][a] * dU[(i * 6 + j) * RC + o * ldc + c];
           s[a][j] = acc;
         }
       float* g = w + o * rs + c * cs;
@@ -367,26 +367,125 @@ inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, co
   }
 }
 
-// dU[pos][o][c] += sum over tiles of dM[pos][o][t] * V[pos][c][t] for images
-// [n0, n1); gy/x image strides as in forward().
+// In-register 16x16 transpose: r[i] lane j -> r[j] lane i.
+inline void transpose16(__m512* r) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(u[8 * i + j], u[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_f32x4(u[8 * i + j], u[8 * i + 4 + j], 0xDD);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xDD);
+  }
+}
+
+// Backward-weight register tile: du (NR x CV*16) [ld ldu] += dm (NR x T)
+// [ld ldm] @ vt (T x CV*16) [ld ldv]. The reduction runs over tiles, so the
+// channel dimension c is the vector one (vt = V transposed); dm is broadcast.
+template <int NR, int CV>
+inline void wgrad_micro(const float* __restrict dm, int64_t ldm, const float* __restrict vt,
+                        int64_t ldv, int64_t T, float* __restrict du, int64_t ldu) {
+  __m512 acc[NR][CV];
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < CV; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < T; ++t, vt += ldv) {
+    __m512 b[CV];
+    for (int j = 0; j < CV; ++j) b[j] = _mm512_loadu_ps(vt + j * L);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 a = _mm512_set1_ps(dm[r * ldm + t]);
+      for (int j = 0; j < CV; ++j) acc[r][j] = _mm512_fmadd_ps(a, b[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < CV; ++j) {
+      float* d = du + r * ldu + j * L;
+      _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), acc[r][j]));
+    }
+}
+
+constexpr int kWRows = 12;  // output channels per backward-weight register tile (12 x 2 vectors)
+
+template <int NR>
+inline void wgrad_rows(const float* dm, int64_t ldm, const float* vt, int64_t ldv, int64_t T,
+                       int64_t cvecs, float* du, int64_t ldu) {
+  int64_t j = 0;
+  for (; j + 2 <= cvecs; j += 2) wgrad_micro<NR, 2>(dm, ldm, vt + j * L, ldv, T, du + j * L, ldu);
+  if (j < cvecs) wgrad_micro<NR, 1>(dm, ldm, vt + j * L, ldv, T, du + j * L, ldu);
+}
+
+inline void wgrad_tile(int nr, const float* dm, int64_t ldm, const float* vt, int64_t ldv,
+                       int64_t T, int64_t cvecs, float* du, int64_t ldu) {
+  switch (nr) {
+#define FASTNN_ROWS(R) \
+  case R: wgrad_rows<R>(dm, ldm, vt, ldv, T, cvecs, du, ldu); break;
+    FASTNN_ROWS(1) FASTNN_ROWS(2) FASTNN_ROWS(3) FASTNN_ROWS(4) FASTNN_ROWS(5) FASTNN_ROWS(6)
+    FASTNN_ROWS(7) FASTNN_ROWS(8) FASTNN_ROWS(9) FASTNN_ROWS(10) FASTNN_ROWS(11) FASTNN_ROWS(12)
+#undef FASTNN_ROWS
+    default: break;
+  }
+}
+
+// Channels padded to whole vectors in the backward-weight layouts.
+inline int64_t padded_channels(int64_t C) { return (C + L - 1) / L * L; }
+
+// dU[pos][o][c] (c padded to Cp = padded_channels(Cin), pad columns get 0)
+// += sum over tiles of dM[pos][o][t] * V[pos][c][t] for images [n0, n1).
+// Per block of nb images (T = nb * chunks * 16 tile slots):
+//   VT[pos][T][Cp]        transformed input, transposed (16x16 in registers)
+//   dMb[pos][kWRows][T]   transformed grad_out of one panel of output channels
+// (T = 64: ~300 + ~110 KB, in L2); every (panel, pos) is one pass of
+// wgrad_micro over all T tiles, so each accumulator sums T products.
 inline void weight_grad_range(const Shape& s, int64_t n0, int64_t n1, const float* gy,
                               int64_t gy_img, const float* x, int64_t x_img, float* dU) {
-  const Window wgy(s.OH, s.OW, 0, 0, s.TH);
-  const int64_t per_image = s.chunks * L;
+  const Window win(s.H, s.W, s.ph, s.pw, s.TH), wgy(s.OH, s.OW, 0, 0, s.TH);
+  const int64_t per_image = s.chunks * L, Cp = padded_channels(s.Cin), cvecs = Cp / L;
   const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(n1 - n0, 4 / s.chunks));
-  Scratch<float> V(kSlotWinoIn, 36 * s.Cin * nb * per_image);
-  Scratch<float> dM(kSlotWinoOut, 36 * s.Cout * nb * per_image);
+  Scratch<float> VT(kSlotWinoIn, 36 * Cp * nb * per_image);
+  Scratch<float> dM(kSlotWinoOut, 36 * kWRows * nb * per_image);
+  Scratch<float> tmp(kSlotWinoGrid, 36 * L * L);  // 16 channels x 16 tiles per position
   for (int64_t b = n0; b < n1; b += nb) {
     const int64_t e = std::min(n1, b + nb), T = (e - b) * per_image;
-    input_block(s, x, x_img, b, e, T, V.get());
-    for (int64_t n = b; n < e; ++n)
-      for (int64_t o = 0; o < s.Cout; ++o)
-        for (int64_t k = 0; k < s.chunks; ++k)
-          chunk_transform<4>(wgy, k, gy + n * gy_img + o * s.OH * s.OW,
-                             dM.get() + o * T + (n - b) * per_image + k * L, s.Cout * T, grad1d);
-    for (int pos = 0; pos < 36; ++pos) {
-      gemm<float>(false, true, s.Cout, s.Cin, T, dM.get() + pos * s.Cout * T, T,
-                  V.get() + pos * s.Cin * T, T, dU + pos * s.Cout * s.Cin, s.Cin, true);
+    for (int64_t n = b; n < e; ++n) {
+      for (int64_t k = 0; k < s.chunks; ++k) {
+        const int64_t slot = (n - b) * per_image + k * L;
+        for (int64_t c0 = 0; c0 < Cp; c0 += L) {
+          const int64_t nc = std::min<int64_t>(L, s.Cin - c0);
+          for (int64_t ci = 0; ci < nc; ++ci)
+            chunk_transform<6>(win, k, x + n * x_img + (c0 + ci) * s.H * s.W, tmp.get() + ci * L,
+                               L * L, in1d);
+          for (int pos = 0; pos < 36; ++pos) {
+            __m512 r[16];
+            for (int ci = 0; ci < L; ++ci)
+              r[ci] = ci < nc ? _mm512_loadu_ps(tmp.get() + (pos * L + ci) * L) : _mm512_setzero_ps();
+            transpose16(r);
+            float* dst = VT.get() + (pos * T + slot) * Cp + c0;
+            for (int l = 0; l < L; ++l) _mm512_storeu_ps(dst + l * Cp, r[l]);
+          }
+        }
+      }
+    }
+    for (int64_t o0 = 0; o0 < s.Cout; o0 += kWRows) {
+      const int nr = static_cast<int>(std::min<int64_t>(kWRows, s.Cout - o0));
+      for (int r = 0; r < nr; ++r)
+        for (int64_t n = b; n < e; ++n)
+          for (int64_t k = 0; k < s.chunks; ++k)
+            chunk_transform<4>(wgy, k, gy + n * gy_img + (o0 + r) * s.OH * s.OW,
+                               dM.get() + r * T + (n - b) * per_image + k * L, kWRows * T, grad1d);
+      for (int pos = 0; pos < 36; ++pos)
+        wgrad_tile(nr, dM.get() + pos * kWRows * T, T, VT.get() + pos * T * Cp, Cp, T, cvecs,
+                   dU + (pos * s.Cout + o0) * Cp, Cp);
     }
   }
 }
