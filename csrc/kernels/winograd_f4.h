@@ -150,17 +150,16 @@ inline void transform_weights(const float* w, int64_t R, int64_t C, int64_t rs, 
   }
 }
 
-// dw (3x3 at w + o*rs + c*cs) = G^T dU[.][o][c] G, dU laid out [pos][R][ldc].
+// dw (3x3 at w + o*rs + c*cs) = G^T dU[o][.][c] G, dU laid out [R][pos][ldc].
 inline void untransform_weight_grad(const float* dU, int64_t R, int64_t C, int64_t ldc, int64_t rs,
                                     int64_t cs, float* w) {
-  const int64_t RC = R * ldc;
   for (int64_t o = 0; o < R; ++o) {
     for (int64_t c = 0; c < C; ++c) {
       double s[3][6];  // G^T dU
       for (int a = 0; a < 3; ++a)
         for (int j = 0; j < 6; ++j) {
           double acc = 0;
-          for (int i = 0; i < 6; ++i) acc += kG[i][a] * dU[(i * 6 + j) * RC + o * ldc + c];
+          for (int i = 0; i < 6; ++i) acc += kG[i][a] * dU[(o * 36 + i * 6 + j) * ldc + c];
           s[a][j] = acc;
         }
       float* g = w + o * rs + c * cs;
@@ -444,7 +443,7 @@ inline void wgrad_tile(int nr, const float* dm, int64_t ldm, const float* vt, in
 // Channels padded to whole vectors in the backward-weight layouts.
 inline int64_t padded_channels(int64_t C) { return (C + L - 1) / L * L; }
 
-// dU[pos][o][c] (c padded to Cp = padded_channels(Cin), pad columns get 0)
+// dU[o][pos][c] (c padded to Cp = padded_channels(Cin), pad columns get 0)
 // += sum over tiles of dM[pos][o][t] * V[pos][c][t] for images [n0, n1).
 // Per block of nb images (T = nb * chunks * 16 tile slots):
 //   VT[pos][T][Cp]        transformed input, transposed (16x16 in registers)
@@ -489,7 +488,7 @@ inline void weight_grad_range(const Shape& s, int64_t n0, int64_t n1, const floa
                                dM.get() + r * T + (n - b) * per_image + k * L, kWRows * T, grad1d);
       for (int pos = 0; pos < 36; ++pos)
         wgrad_tile(nr, dM.get() + pos * kWRows * T, T, VT.get() + pos * T * Cp, Cp, T, cvecs,
-                   dU + (pos * s.Cout + o0) * Cp, Cp);
+                   dU + (o0 * 36 + pos) * Cp, 36 * Cp);
     }
   }
 }
