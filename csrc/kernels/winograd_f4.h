@@ -8,22 +8,28 @@
 // (packing and call overhead per tiny product), so they run on a dedicated
 // register-blocked kernel on pre-packed operands instead.
 //
-// Matrices (Lavin & Gray; interpolation points 0, 1, -1, 2, -2, inf):
-//   B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0;
-//          0 2 -1 -2 1 0; 0 4 0 -5 0 1]
-//   G   = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6;
-//          1/24 -1/12 1/6; 0 0 1]
-//   A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1]
-// Larger constants than F(2x2) mean more rounding: measured max error vs a
-// float64 reference on the 32->64 13x13 layer is a few 1e-6 of the output's
-// magnitude (see tests/test_native_bindings.py), against ~1e-7 for F(2x2).
+// Matrices (Cook-Toom, interpolation points 0, 1, -1, 1/2, -2, inf):
+//   B^T = [1 -3/2 -2 3/2 1 0; 0 -1 1/2 5/2 1 0; 0 1 -5/2 1/2 1 0;
+//          0 -2 -1 2 1 0; 0 1/2 -1 -1/2 1 0; 0 1 -3/2 -2 3/2 1]
+//   G   = [1 0 0; 1/3 1/3 1/3; -1/3 1/3 -1/3; -16/15 -8/15 -4/15;
+//          1/15 -2/15 4/15; 0 0 1]
+//   A^T = [1 1 1 1 1 0; 0 1 -1 1/2 -2 0; 0 1 1 1/4 4 0; 0 1 -1 1/8 -8 1]
+// All of B^T and A^T are exact in binary. The usual points 0, +-1, +-2 give
+// ~3x the rounding error: simulated in float32 with N(0,1) data and
+// weights, max |err| / (1 + |y|) over 24k outputs is 1.4e-4 (C = 32) and
+// 2.8e-4 (C = 64) for 0, +-1, +-2 against 4.9e-5 and 8.6e-5 for these
+// points (F(2x2): 7e-6), and 0, +-1, +-2 failed the 2e-4 tolerance of
+// tests/test_functional.py. An exhaustive search over 4-point sets drawn
+// from +-{1, 2, 1/2, 1/4, 4, 3/2, 2/3, 3} found none clearly better with
+// exact (dyadic) B^T and A^T. The C = 32, 13x13 layer with weights scaled
+// 1/sqrt(fan_in) measures ~4e-6 of max |y| against a float64 reference.
 //
 // Layout. With 4 tile columns per plane (OW in 13..16) one vector of 16 lanes
 // holds 4 whole tile rows: lane = 4 * (tile row % 4) + tile column. A plane
 // of TH tile rows is `chunks` = ceil(TH / 4) vectors; images of a block are
 // concatenated, so a block has T = images * chunks * 16 tile slots (slots past
 // the last tile row are zero on input and ignored on output).
-//   V[pos][c][T]     transformed input, written by gathers + transform
+//   V[pos][c][T]     transformed input (chunk_transform)
 //   U[ob][c][pos][RO] transformed weights, RO output channels per panel,
 //                     rows past O zero (packed once per call; a filter's 36
 //                     values land in one 1 KB run instead of 36 far apart)
@@ -80,47 +86,53 @@ inline bool preferred(int64_t OH, int64_t OW) {
   return 5 * f4 <= 4 * f2;
 }
 
-// 1-D B^T d for one row/column of 6 taps (12 operations).
+// 1-D B^T d for one row/column of 6 taps (19 operations).
 inline void in1d(const __m512* d, __m512* v) {
-  const __m512 four = _mm512_set1_ps(4.f), five = _mm512_set1_ps(5.f);
-  const __m512 a = _mm512_fnmadd_ps(four, d[2], d[4]);  // d4 - 4 d2
-  const __m512 b = _mm512_fnmadd_ps(four, d[1], d[3]);  // d3 - 4 d1
-  const __m512 c = _mm512_sub_ps(d[4], d[2]);
-  const __m512 e = _mm512_add_ps(_mm512_sub_ps(d[3], d[1]), _mm512_sub_ps(d[3], d[1]));
-  v[0] = _mm512_fmadd_ps(four, d[0], _mm512_fnmadd_ps(five, d[2], d[4]));
-  v[1] = _mm512_add_ps(a, b);
-  v[2] = _mm512_sub_ps(a, b);
-  v[3] = _mm512_add_ps(c, e);
-  v[4] = _mm512_sub_ps(c, e);
-  v[5] = _mm512_fmadd_ps(four, d[1], _mm512_fnmadd_ps(five, d[3], d[5]));
+  const __m512 h = _mm512_set1_ps(0.5f), one5 = _mm512_set1_ps(1.5f), two = _mm512_set1_ps(2.f),
+               two5 = _mm512_set1_ps(2.5f);
+  const __m512 d42 = _mm512_sub_ps(d[4], d[2]), d31 = _mm512_sub_ps(d[3], d[1]);
+  v[0] = _mm512_add_ps(
+      d[0], _mm512_fnmadd_ps(one5, d[1], _mm512_fnmadd_ps(two, d[2], _mm512_fmadd_ps(one5, d[3], d[4]))));
+  v[1] = _mm512_sub_ps(_mm512_fmadd_ps(h, d[2], _mm512_fmadd_ps(two5, d[3], d[4])), d[1]);
+  v[2] = _mm512_add_ps(_mm512_fnmadd_ps(two5, d[2], _mm512_fmadd_ps(h, d[3], d[4])), d[1]);
+  v[3] = _mm512_fmadd_ps(two, d31, d42);
+  v[4] = _mm512_fnmadd_ps(h, d31, d42);
+  v[5] = _mm512_add_ps(
+      d[5], _mm512_fnmadd_ps(one5, d[2], _mm512_fnmadd_ps(two, d[3], _mm512_fmadd_ps(one5, d[4], d[1]))));
 }
 
 // 1-D A^T m for 6 transform-domain values -> 4 outputs.
 inline void out1d(const __m512* m, __m512* y) {
   const __m512 s12 = _mm512_add_ps(m[1], m[2]), d12 = _mm512_sub_ps(m[1], m[2]);
-  const __m512 s34 = _mm512_add_ps(m[3], m[4]), d34 = _mm512_sub_ps(m[3], m[4]);
-  y[0] = _mm512_add_ps(_mm512_add_ps(m[0], s12), s34);
-  y[1] = _mm512_fmadd_ps(_mm512_set1_ps(2.f), d34, d12);
-  y[2] = _mm512_fmadd_ps(_mm512_set1_ps(4.f), s34, s12);
-  y[3] = _mm512_add_ps(_mm512_fmadd_ps(_mm512_set1_ps(8.f), d34, d12), m[5]);
+  y[0] = _mm512_add_ps(_mm512_add_ps(m[0], s12), _mm512_add_ps(m[3], m[4]));
+  y[1] = _mm512_fmadd_ps(_mm512_set1_ps(0.5f), m[3], _mm512_fnmadd_ps(_mm512_set1_ps(2.f), m[4], d12));
+  y[2] = _mm512_fmadd_ps(_mm512_set1_ps(0.25f), m[3], _mm512_fmadd_ps(_mm512_set1_ps(4.f), m[4], s12));
+  y[3] = _mm512_add_ps(
+      _mm512_fmadd_ps(_mm512_set1_ps(0.125f), m[3], _mm512_fnmadd_ps(_mm512_set1_ps(8.f), m[4], d12)),
+      m[5]);
 }
 
 // 1-D A g for 4 grad_out values -> 6 transform-domain values.
 inline void grad1d(const __m512* a, __m512* v) {
-  const __m512 s02 = _mm512_add_ps(a[0], a[2]), s13 = _mm512_add_ps(a[1], a[3]);
-  const __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(4.f), a[2], a[0]);
-  const __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(8.f), a[3], _mm512_add_ps(a[1], a[1]));
+  const __m512 e = _mm512_add_ps(a[0], a[2]), o = _mm512_add_ps(a[1], a[3]);
   v[0] = a[0];
-  v[1] = _mm512_add_ps(s02, s13);
-  v[2] = _mm512_sub_ps(s02, s13);
-  v[3] = _mm512_add_ps(p, q);
-  v[4] = _mm512_sub_ps(p, q);
+  v[1] = _mm512_add_ps(e, o);
+  v[2] = _mm512_sub_ps(e, o);
+  v[3] = _mm512_fmadd_ps(_mm512_set1_ps(0.5f), a[1],
+                         _mm512_fmadd_ps(_mm512_set1_ps(0.25f), a[2],
+                                         _mm512_fmadd_ps(_mm512_set1_ps(0.125f), a[3], a[0])));
+  v[4] = _mm512_fnmadd_ps(_mm512_set1_ps(2.f), a[1],
+                          _mm512_fmadd_ps(_mm512_set1_ps(4.f), a[2],
+                                          _mm512_fnmadd_ps(_mm512_set1_ps(8.f), a[3], a[0])));
   v[5] = a[3];
 }
 
-constexpr double kG[6][3] = {{1. / 4, 0, 0},          {-1. / 6, -1. / 6, -1. / 6},
-                             {-1. / 6, 1. / 6, -1. / 6}, {1. / 24, 1. / 12, 1. / 6},
-                             {1. / 24, -1. / 12, 1. / 6}, {0, 0, 1}};
+constexpr double kG[6][3] = {{1, 0, 0},
+                             {1. / 3, 1. / 3, 1. / 3},
+                             {-1. / 3, 1. / 3, -1. / 3},
+                             {-16. / 15, -8. / 15, -4. / 15},
+                             {1. / 15, -2. / 15, 4. / 15},
+                             {0, 0, 1}};
 
 // U[ob][c][pos][RO] = (G g G^T)[pos] for the filter of output row o = ob*RO + r
 // and input column c, g = w[o*rs + c*cs] (9 contiguous values, optionally
