@@ -205,52 +205,63 @@ struct Window {
 // (NT -> 6 values): B^T for input tiles (NT = 6), A for grad_out (NT = 4).
 //
 // Why not gathers: a 16-lane gather costs ~25 cycles on the target core, and
-// a tile needs 36 (input) or 16 (grad_out) of them. Instead whole plane rows
-// are loaded (zero padding via masks), the column transform runs on every
-// column offset of a row at once (shifted copies of the row; 4x redundant,
-// but cheap vector adds), the row transform then combines the NT rows of
-// each tile row, and one masked permute per result moves lanes 0, 4, 8, 12
-// (the tile columns) into lanes 4*thl .. 4*thl + 3 of the packed vector.
+// a tile needs 36 (input) or 16 (grad_out) of them. Instead each plane row of
+// the chunk is loaded once (zero padding via masks) and permuted so that
+// 128-bit block j holds columns 4*tw + j (tw = 0..3); a second copy shifted
+// by 4 columns gives taps j = 4, 5. For tap row r, the rows 4*thl + r of the
+// 4 tile rows then form the tap vectors d[r][j] (lane 4*thl + tw) by a 4x4
+// transpose of 128-bit blocks. Lanes of tile rows past TH come out zero.
 template <int NT, typename F>
 inline void chunk_transform(const Window& wd, int64_t k, const float* plane, float* out,
                             int64_t ldp, F f1d) {
-  constexpr int kRows = 12 + NT;  // grid rows of 4 tile rows
+  constexpr int kRows = 12 + NT;  // plane rows under 4 tile rows
   const int64_t tile_rows = std::min<int64_t>(4, wd.TH - 4 * k);
-  const int rows = static_cast<int>(4 * (tile_rows - 1) + NT);
-  __m512 t[kRows][6];  // per grid row: 1-D transform of the taps starting at each column
-  for (int gr = 0; gr < rows; ++gr) {
+  const int64_t rows = 4 * (tile_rows - 1) + NT;
+  const __m512i by_col = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  __m512 p0[kRows], p1[kRows];
+  for (int gr = 0; gr < kRows; ++gr) {
     const int64_t ih = 16 * k + gr - wd.ph;
-    if (ih < 0 || ih >= wd.H) {
-      for (int j = 0; j < 6; ++j) t[gr][j] = _mm512_setzero_ps();
+    if (gr >= rows || ih < 0 || ih >= wd.H) {
+      p0[gr] = p1[gr] = _mm512_setzero_ps();
       continue;
     }
     const float* src = plane + ih * wd.W - wd.pw;
-    const __m512i lo = _mm512_castps_si512(_mm512_maskz_loadu_ps(wd.lo, src));
-    const __m512i hi = _mm512_castps_si512(
-        NT > 4 ? _mm512_maskz_loadu_ps(wd.hi, src + 16) : _mm512_setzero_ps());
-    __m512 d[NT];
-    d[0] = _mm512_castsi512_ps(lo);
-    d[1] = _mm512_castsi512_ps(_mm512_alignr_epi32(hi, lo, 1));
-    d[2] = _mm512_castsi512_ps(_mm512_alignr_epi32(hi, lo, 2));
-    d[3] = _mm512_castsi512_ps(_mm512_alignr_epi32(hi, lo, 3));
+    const __m512 lo = _mm512_maskz_loadu_ps(wd.lo, src);
+    p0[gr] = _mm512_permutexvar_ps(by_col, lo);
     if constexpr (NT > 4) {
-      d[4] = _mm512_castsi512_ps(_mm512_alignr_epi32(hi, lo, 4));
-      d[5] = _mm512_castsi512_ps(_mm512_alignr_epi32(hi, lo, 5));
+      const __m512 hi = _mm512_maskz_loadu_ps(wd.hi, src + 16);
+      const __m512 sh = _mm512_castsi512_ps(
+          _mm512_alignr_epi32(_mm512_castps_si512(hi), _mm512_castps_si512(lo), 4));
+      p1[gr] = _mm512_permutexvar_ps(by_col, sh);
+    } else {
+      p1[gr] = _mm512_setzero_ps();
     }
-    f1d(d, t[gr]);
   }
-  const __m512i spread = _mm512_setr_epi32(0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12);
-  for (int jj = 0; jj < 6; ++jj) {
-    __m512 acc[6];
-    for (int i = 0; i < 6; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t thl = 0; thl < tile_rows; ++thl) {
-      __m512 col[NT], w[6];
-      for (int r = 0; r < NT; ++r) col[r] = t[4 * thl + r][jj];
-      f1d(col, w);
-      const __mmask16 m = static_cast<__mmask16>(0xFu << (4 * thl));
-      for (int i = 0; i < 6; ++i) acc[i] = _mm512_mask_permutexvar_ps(acc[i], m, spread, w[i]);
+  __m512 t[NT][6];  // per tap row r: 1-D transform along the tap columns
+  for (int r = 0; r < NT; ++r) {
+    __m512 d[NT];
+    const __m512 a01 = _mm512_shuffle_f32x4(p0[r], p0[4 + r], 0x44);
+    const __m512 a23 = _mm512_shuffle_f32x4(p0[r], p0[4 + r], 0xEE);
+    const __m512 b01 = _mm512_shuffle_f32x4(p0[8 + r], p0[12 + r], 0x44);
+    const __m512 b23 = _mm512_shuffle_f32x4(p0[8 + r], p0[12 + r], 0xEE);
+    d[0] = _mm512_shuffle_f32x4(a01, b01, 0x88);
+    d[1] = _mm512_shuffle_f32x4(a01, b01, 0xDD);
+    d[2] = _mm512_shuffle_f32x4(a23, b23, 0x88);
+    d[3] = _mm512_shuffle_f32x4(a23, b23, 0xDD);
+    if constexpr (NT > 4) {
+      const __m512 c01 = _mm512_shuffle_f32x4(p1[r], p1[4 + r], 0x44);
+      const __m512 e01 = _mm512_shuffle_f32x4(p1[8 + r], p1[12 + r], 0x44);
+      d[4] = _mm512_shuffle_f32x4(c01, e01, 0x88);
+      d[5] = _mm512_shuffle_f32x4(c01, e01, 0xDD);
     }
-    for (int i = 0; i < 6; ++i) _mm512_storeu_ps(out + (i * 6 + jj) * ldp, acc[i]);
+    f1d(d, t[r]);
+  }
+  const __mmask16 valid = static_cast<__mmask16>((1u << (4 * tile_rows)) - 1u);
+  for (int jj = 0; jj < 6; ++jj) {
+    __m512 col[NT], v[6];
+    for (int r = 0; r < NT; ++r) col[r] = t[r][jj];
+    f1d(col, v);
+    for (int i = 0; i < 6; ++i) _mm512_storeu_ps(out + (i * 6 + jj) * ldp, _mm512_maskz_mov_ps(valid, v[i]));
   }
 }
 
