@@ -55,6 +55,10 @@ namespace FASTNN_ISA_NS {
 namespace winograd {
 namespace f4 {
 
+// The 1-D transforms must inline into their callers: as calls they pass
+// their vectors through memory and cost more than the arithmetic.
+#define FASTNN_F4_INLINE inline __attribute__((always_inline))
+
 constexpr int L = 16;   // float lanes
 constexpr int RO = 8;   // output channels per register tile
 constexpr int NV = 3;   // vectors of tiles per register tile (RO * NV = 24 accumulators)
@@ -76,6 +80,13 @@ inline Shape make_shape(int64_t Cin, int64_t Cout, int64_t H, int64_t W, int64_t
   return s;
 }
 
+// Distance between transform positions in a buffer holding n floats per
+// position. n is typically a multiple of 1 KB, so the 36 lines a tile
+// transform writes (or the output transform reads) would fall into a few L1
+// sets and evict each other (measured: 2x slower input transform for the
+// 32-channel, 48-tile forward block); one extra line per position spreads them.
+inline int64_t pos_stride(int64_t n) { return n + L; }
+
 // Whether F(4x4) beats F(2x2) for a plane: it needs 4 tile columns (OW in
 // 13..16), and its padded multiply count (36 per 16-lane slot) must be clearly
 // below F(2x2)'s (16 per 2x2 tile): the transforms cost more per product.
@@ -87,7 +98,7 @@ inline bool preferred(int64_t OH, int64_t OW) {
 }
 
 // 1-D B^T d for one row/column of 6 taps (19 operations).
-inline void in1d(const __m512* d, __m512* v) {
+FASTNN_F4_INLINE void in1d(const __m512* d, __m512* v) {
   const __m512 h = _mm512_set1_ps(0.5f), one5 = _mm512_set1_ps(1.5f), two = _mm512_set1_ps(2.f),
                two5 = _mm512_set1_ps(2.5f);
   const __m512 d42 = _mm512_sub_ps(d[4], d[2]), d31 = _mm512_sub_ps(d[3], d[1]);
@@ -102,7 +113,7 @@ inline void in1d(const __m512* d, __m512* v) {
 }
 
 // 1-D A^T m for 6 transform-domain values -> 4 outputs.
-inline void out1d(const __m512* m, __m512* y) {
+FASTNN_F4_INLINE void out1d(const __m512* m, __m512* y) {
   const __m512 s12 = _mm512_add_ps(m[1], m[2]), d12 = _mm512_sub_ps(m[1], m[2]);
   y[0] = _mm512_add_ps(_mm512_add_ps(m[0], s12), _mm512_add_ps(m[3], m[4]));
   y[1] = _mm512_fmadd_ps(_mm512_set1_ps(0.5f), m[3], _mm512_fnmadd_ps(_mm512_set1_ps(2.f), m[4], d12));
@@ -113,7 +124,7 @@ inline void out1d(const __m512* m, __m512* y) {
 }
 
 // 1-D A g for 4 grad_out values -> 6 transform-domain values.
-inline void grad1d(const __m512* a, __m512* v) {
+FASTNN_F4_INLINE void grad1d(const __m512* a, __m512* v) {
   const __m512 e = _mm512_add_ps(a[0], a[2]), o = _mm512_add_ps(a[1], a[3]);
   v[0] = a[0];
   v[1] = _mm512_add_ps(e, o);
@@ -126,6 +137,14 @@ inline void grad1d(const __m512* a, __m512* v) {
                                           _mm512_fnmadd_ps(_mm512_set1_ps(8.f), a[3], a[0])));
   v[5] = a[3];
 }
+
+// Function objects for chunk_transform (a distinct type each, so inlined).
+struct In1d {
+  FASTNN_F4_INLINE void operator()(const __m512* d, __m512* v) const { in1d(d, v); }
+};
+struct Grad1d {
+  FASTNN_F4_INLINE void operator()(const __m512* a, __m512* v) const { grad1d(a, v); }
+};
 
 constexpr double kG[6][3] = {{1, 0, 0},
                              {1. / 3, 1. / 3, 1. / 3},
@@ -273,7 +292,7 @@ inline void input_block(const Shape& s, const float* x, int64_t x_img, int64_t n
     for (int64_t c = 0; c < s.Cin; ++c)
       for (int64_t k = 0; k < s.chunks; ++k)
         chunk_transform<6>(wd, k, x + n * x_img + c * s.H * s.W,
-                           V + c * T + ((n - n0) * s.chunks + k) * L, s.Cin * T, in1d);
+                           V + c * T + ((n - n0) * s.chunks + k) * L, pos_stride(s.Cin * T), In1d{});
 }
 
 // m (RO x NVV*16) [ld ldm] = u (C x RO, rows 36*RO apart) ^T @ v (C x NVV*16)
@@ -361,7 +380,8 @@ inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, co
   const int64_t nb = images_per_block(s, N, NV);
   const int64_t blocks = (N + nb - 1) / nb, per_image = s.chunks * L, Tmax = nb * per_image;
   auto body = [&](int64_t b0, int64_t b1) {
-    Scratch<float> V(kSlotWinoIn, 36 * s.Cin * Tmax), M(kSlotWinoOut, 36 * RO * Tmax);
+    Scratch<float> V(kSlotWinoIn, 36 * pos_stride(s.Cin * Tmax)),
+        M(kSlotWinoOut, 36 * pos_stride(RO * Tmax));
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = blk * nb, n1 = std::min(N, n0 + nb), T = (n1 - n0) * per_image;
       const int64_t nvec = T / L;
@@ -369,8 +389,8 @@ inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, co
       for (int64_t ob = 0; ob < s.OB; ++ob) {
         for (int pos = 0; pos < 36; ++pos) {
           const float* u = U + (ob * s.Cin * 36 + pos) * RO;
-          const float* v = V.get() + pos * s.Cin * T;
-          float* m = M.get() + pos * RO * T;
+          const float* v = V.get() + pos * pos_stride(s.Cin * T);
+          float* m = M.get() + pos * pos_stride(RO * T);
           int64_t t = 0;
           for (; t + NV <= nvec; t += NV) micro<NV>(u, v + t * L, s.Cin, T, m + t * L, T);
           if (nvec - t == 2) micro<2>(u, v + t * L, s.Cin, T, m + t * L, T);
@@ -380,7 +400,7 @@ inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, co
           const int64_t o = ob * RO + r;
           for (int64_t n = n0; n < n1; ++n)
             for (int64_t k = 0; k < s.chunks; ++k)
-              output_chunk(s, k, M.get() + r * T + (n - n0) * per_image + k * L, RO * T,
+              output_chunk(s, k, M.get() + r * T + (n - n0) * per_image + k * L, pos_stride(RO * T),
                            bias ? bias[o] : 0.f, y + n * y_img + o * s.OH * s.OW);
         }
       }
@@ -478,9 +498,9 @@ inline void weight_grad_range(const Shape& s, int64_t n0, int64_t n1, const floa
   const Window win(s.H, s.W, s.ph, s.pw, s.TH), wgy(s.OH, s.OW, 0, 0, s.TH);
   const int64_t per_image = s.chunks * L, Cp = padded_channels(s.Cin), cvecs = Cp / L;
   const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(n1 - n0, 4 / s.chunks));
-  Scratch<float> VT(kSlotWinoIn, 36 * Cp * nb * per_image);
-  Scratch<float> dM(kSlotWinoOut, 36 * kWRows * nb * per_image);
-  Scratch<float> tmp(kSlotWinoGrid, 36 * L * L);  // 16 channels x 16 tiles per position
+  Scratch<float> VT(kSlotWinoIn, 36 * pos_stride(Cp * nb * per_image));
+  Scratch<float> dM(kSlotWinoOut, 36 * pos_stride(kWRows * nb * per_image));
+  Scratch<float> tmp(kSlotWinoGrid, 36 * pos_stride(L * L));  // 16 channels x 16 tiles per position
   for (int64_t b = n0; b < n1; b += nb) {
     const int64_t e = std::min(n1, b + nb), T = (e - b) * per_image;
     for (int64_t n = b; n < e; ++n) {
@@ -490,13 +510,13 @@ inline void weight_grad_range(const Shape& s, int64_t n0, int64_t n1, const floa
           const int64_t nc = std::min<int64_t>(L, s.Cin - c0);
           for (int64_t ci = 0; ci < nc; ++ci)
             chunk_transform<6>(win, k, x + n * x_img + (c0 + ci) * s.H * s.W, tmp.get() + ci * L,
-                               L * L, in1d);
+                               pos_stride(L * L), In1d{});
           for (int pos = 0; pos < 36; ++pos) {
             __m512 r[16];
             for (int ci = 0; ci < L; ++ci)
-              r[ci] = ci < nc ? _mm512_loadu_ps(tmp.get() + (pos * L + ci) * L) : _mm512_setzero_ps();
+              r[ci] = ci < nc ? _mm512_loadu_ps(tmp.get() + pos * pos_stride(L * L) + ci * L) : _mm512_setzero_ps();
             transpose16(r);
-            float* dst = VT.get() + (pos * T + slot) * Cp + c0;
+            float* dst = VT.get() + pos * pos_stride(T * Cp) + slot * Cp + c0;
             for (int l = 0; l < L; ++l) _mm512_storeu_ps(dst + l * Cp, r[l]);
           }
         }
@@ -508,13 +528,16 @@ inline void weight_grad_range(const Shape& s, int64_t n0, int64_t n1, const floa
         for (int64_t n = b; n < e; ++n)
           for (int64_t k = 0; k < s.chunks; ++k)
             chunk_transform<4>(wgy, k, gy + n * gy_img + (o0 + r) * s.OH * s.OW,
-                               dM.get() + r * T + (n - b) * per_image + k * L, kWRows * T, grad1d);
+                               dM.get() + r * T + (n - b) * per_image + k * L,
+                               pos_stride(kWRows * T), Grad1d{});
       for (int pos = 0; pos < 36; ++pos)
-        wgrad_tile(nr, dM.get() + pos * kWRows * T, T, VT.get() + pos * T * Cp, Cp, T, cvecs,
+        wgrad_tile(nr, dM.get() + pos * pos_stride(kWRows * T), T, VT.get() + pos * pos_stride(T * Cp), Cp, T, cvecs,
                    dU + (o0 * 36 + pos) * Cp, 36 * Cp);
     }
   }
 }
+
+#undef FASTNN_F4_INLINE
 
 }  // namespace f4
 }  // namespace winograd
