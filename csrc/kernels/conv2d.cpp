@@ -454,10 +454,10 @@ bool wino4_backward_weight<float>(const Conv2dParams& p, const Geom& g, const fl
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(p.N, get_num_threads()));
   const int64_t Cp = f4::padded_channels(g.Cg), usize = 36 * g.Og * Cp;
   Scratch<float> dU(kSlotPartial, chunks * g.G * usize);
-  dU.zero(chunks * g.G * usize);
   auto body = [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t n0 = p.N * c / chunks, n1 = p.N * (c + 1) / chunks;
+      zero_row(dU.get() + c * g.G * usize, g.G * usize);
       for (int64_t gi = 0; gi < g.G; ++gi)
         f4::weight_grad_range(s, n0, n1, gy + gi * g.Og * g.P, p.O * g.P,
                               x + gi * g.Cg * p.H * p.W, p.C * p.H * p.W,
@@ -466,13 +466,12 @@ bool wino4_backward_weight<float>(const Conv2dParams& p, const Geom& g, const fl
   };
   if (chunks > 1) {
     parallel_for(chunks, 1, body);
-    for (int64_t c = 1; c < chunks; ++c) add_row(dU.get(), dU.get() + c * g.G * usize, g.G * usize);
   } else {
     body(0, 1);
   }
   for (int64_t gi = 0; gi < g.G; ++gi)
-    f4::untransform_weight_grad(dU.get() + gi * usize, g.Og, g.Cg, Cp, g.K, int64_t(9),
-                                gw + gi * g.Og * g.K);
+    f4::untransform_weight_grad(dU.get() + gi * usize, chunks, g.G * usize, g.Og, g.Cg, Cp, g.K,
+                                int64_t(9), gw + gi * g.Og * g.K);
   return true;
 }
 #endif

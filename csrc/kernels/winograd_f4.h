@@ -156,52 +156,99 @@ constexpr double kG[6][3] = {{1, 0, 0},
 // U[ob][c][pos][RO] = (G g G^T)[pos] for the filter of output row o = ob*RO + r
 // and input column c, g = w[o*rs + c*cs] (9 contiguous values, optionally
 // rotated 180 degrees); computed in double, rows o >= R are zero.
-inline void transform_weights(const float* w, int64_t R, int64_t C, int64_t rs, int64_t cs,
-                              bool rotate, float* U) {
-  const int64_t OB = (R + RO - 1) / RO;
-  for (int64_t o = 0; o < OB * RO; ++o) {
-    const int64_t ob = o / RO, r = o % RO;
+inline void transform_weight_panels(const float* w, int64_t R, int64_t C, int64_t rs, int64_t cs,
+                                    bool rotate, float* U, int64_t ob0, int64_t ob1) {
+  // Vectors (double) run over the RO = 8 rows of a panel, so each of the 36
+  // results is one 8-float store into the packed layout.
+  static_assert(RO == 8, "one __m512d per panel row group");
+  for (int64_t ob = ob0; ob < ob1; ++ob) {
+    const int64_t nr = std::min<int64_t>(RO, R - ob * RO);
     for (int64_t c = 0; c < C; ++c) {
-      float* u = U + ((ob * C + c) * 36) * RO + r;
-      if (o >= R) {
-        for (int p = 0; p < 36; ++p) u[p * RO] = 0.f;
-        continue;
+      alignas(64) double gs[9][RO];
+      for (int64_t r = 0; r < RO; ++r) {
+        const float* g0 = w + (ob * RO + std::min(r, nr - 1)) * rs + c * cs;
+        for (int t = 0; t < 9; ++t) gs[t][r] = r < nr ? g0[rotate ? 8 - t : t] : 0.0;
       }
-      const float* g0 = w + o * rs + c * cs;
-      double g[3][3], t[6][3];
+      __m512d g[3][3], t[6][3];
       for (int i = 0; i < 3; ++i)
-        for (int j = 0; j < 3; ++j) g[i][j] = rotate ? g0[(2 - i) * 3 + (2 - j)] : g0[i * 3 + j];
+        for (int j = 0; j < 3; ++j) g[i][j] = _mm512_load_pd(gs[i * 3 + j]);
       for (int i = 0; i < 6; ++i)
-        for (int j = 0; j < 3; ++j) t[i][j] = kG[i][0] * g[0][j] + kG[i][1] * g[1][j] + kG[i][2] * g[2][j];
+        for (int j = 0; j < 3; ++j) {
+          __m512d acc = _mm512_setzero_pd();
+          for (int k = 0; k < 3; ++k)
+            if (kG[i][k] != 0) acc = _mm512_fmadd_pd(_mm512_set1_pd(kG[i][k]), g[k][j], acc);
+          t[i][j] = acc;
+        }
+      float* u = U + (ob * C + c) * 36 * RO;
       for (int i = 0; i < 6; ++i)
-        for (int j = 0; j < 6; ++j)
-          u[(i * 6 + j) * RO] =
-              static_cast<float>(t[i][0] * kG[j][0] + t[i][1] * kG[j][1] + t[i][2] * kG[j][2]);
+        for (int j = 0; j < 6; ++j) {
+          __m512d acc = _mm512_setzero_pd();
+          for (int k = 0; k < 3; ++k)
+            if (kG[j][k] != 0) acc = _mm512_fmadd_pd(_mm512_set1_pd(kG[j][k]), t[i][k], acc);
+          _mm256_storeu_ps(u + (i * 6 + j) * RO, _mm512_cvtpd_ps(acc));
+        }
     }
   }
 }
 
-// dw (3x3 at w + o*rs + c*cs) = G^T dU[o][.][c] G, dU laid out [R][pos][ldc].
-inline void untransform_weight_grad(const float* dU, int64_t R, int64_t C, int64_t ldc, int64_t rs,
-                                    int64_t cs, float* w) {
-  for (int64_t o = 0; o < R; ++o) {
-    for (int64_t c = 0; c < C; ++c) {
-      double s[3][6];  // G^T dU
+inline void transform_weights(const float* w, int64_t R, int64_t C, int64_t rs, int64_t cs,
+                              bool rotate, float* U) {
+  // Runs before the parallel part of every call: split over panels (threads
+  // write disjoint panels) so it does not serialize ~2% of a 2-thread call.
+  parallel_for((R + RO - 1) / RO, 1, [=](int64_t ob0, int64_t ob1) {
+    transform_weight_panels(w, R, C, rs, cs, rotate, U, ob0, ob1);
+  });
+}
+
+// dw (3x3 at w + o*rs + c*cs) = G^T dU G with dU[o][.][c] = the sum over
+// `parts` partials (part_stride apart, each laid out [R][pos][ldc]), added in
+// part order in double so the result does not depend on thread timing.
+// Split over output rows (disjoint dw rows per thread).
+inline void untransform_weight_rows(const float* dU, int64_t parts, int64_t part_stride,
+                                    int64_t C, int64_t ldc, int64_t rs, int64_t cs, float* w,
+                                    int64_t o0, int64_t o1) {
+  // Vectors run over 8 consecutive input channels c (contiguous in dU; ldc is
+  // a whole number of vectors, so the last block reads zero padding).
+  for (int64_t o = o0; o < o1; ++o) {
+    for (int64_t c0 = 0; c0 < C; c0 += 8) {
+      __m512d u[36];
+      for (int p = 0; p < 36; ++p) {
+        const float* src = dU + (o * 36 + p) * ldc + c0;
+        __m512d acc = _mm512_cvtps_pd(_mm256_loadu_ps(src));
+        for (int64_t q = 1; q < parts; ++q)
+          acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm256_loadu_ps(src + q * part_stride)));
+        u[p] = acc;
+      }
+      __m512d sg[3][6];  // G^T dU
       for (int a = 0; a < 3; ++a)
         for (int j = 0; j < 6; ++j) {
-          double acc = 0;
-          for (int i = 0; i < 6; ++i) acc += kG[i][a] * dU[(o * 36 + i * 6 + j) * ldc + c];
-          s[a][j] = acc;
+          __m512d acc = _mm512_setzero_pd();
+          for (int i = 0; i < 6; ++i)
+            if (kG[i][a] != 0) acc = _mm512_fmadd_pd(_mm512_set1_pd(kG[i][a]), u[i * 6 + j], acc);
+          sg[a][j] = acc;
         }
-      float* g = w + o * rs + c * cs;
+      alignas(64) double out[9][8];
       for (int a = 0; a < 3; ++a)
         for (int b = 0; b < 3; ++b) {
-          double acc = 0;
-          for (int j = 0; j < 6; ++j) acc += s[a][j] * kG[j][b];
-          g[a * 3 + b] = static_cast<float>(acc);
+          __m512d acc = _mm512_setzero_pd();
+          for (int j = 0; j < 6; ++j)
+            if (kG[j][b] != 0) acc = _mm512_fmadd_pd(_mm512_set1_pd(kG[j][b]), sg[a][j], acc);
+          _mm512_store_pd(out[a * 3 + b], acc);
         }
+      const int64_t nc = std::min<int64_t>(8, C - c0);
+      for (int64_t l = 0; l < nc; ++l) {
+        float* g = w + o * rs + (c0 + l) * cs;
+        for (int t = 0; t < 9; ++t) g[t] = static_cast<float>(out[t][l]);
+      }
     }
   }
+}
+
+inline void untransform_weight_grad(const float* dU, int64_t parts, int64_t part_stride, int64_t R,
+                                    int64_t C, int64_t ldc, int64_t rs, int64_t cs, float* w) {
+  parallel_for(R, 1, [=](int64_t o0, int64_t o1) {
+    untransform_weight_rows(dU, parts, part_stride, C, ldc, rs, cs, w, o0, o1);
+  });
 }
 
 // Plane window of one chunk (4 tile rows): tile row th = 4k + thl reads plane
@@ -397,13 +444,18 @@ inline int64_t images_per_block(const Shape& s, int64_t N, int64_t vectors) {
 // 36 products into Mb (L2) and straight away their output transform.
 inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, const float* U,
                     const float* bias, float* y, int64_t y_img) {
-  const int64_t nb = images_per_block(s, N, NV);
-  const int64_t blocks = (N + nb - 1) / nb, per_image = s.chunks * L, Tmax = nb * per_image;
+  // Blocks of nb or nb - 1 images, as many as a multiple of the thread count
+  // (the pool hands each thread one contiguous range of blocks): 128 images
+  // in 43 blocks of 3 would leave one thread a block behind.
+  const int64_t nb = images_per_block(s, N, NV), nt = get_num_threads();
+  int64_t blocks = (N + nb - 1) / nb;
+  if (nt > 1 && blocks >= nt) blocks = std::min(N, (blocks + nt - 1) / nt * nt);
+  const int64_t per_image = s.chunks * L, Tmax = ((N + blocks - 1) / blocks) * per_image;
   auto body = [&](int64_t b0, int64_t b1) {
     Scratch<float> V(kSlotWinoIn, 36 * pos_stride(s.Cin * Tmax)),
         M(kSlotWinoOut, 36 * pos_stride(RO * Tmax));
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t n0 = blk * nb, n1 = std::min(N, n0 + nb), T = (n1 - n0) * per_image;
+      const int64_t n0 = N * blk / blocks, n1 = N * (blk + 1) / blocks, T = (n1 - n0) * per_image;
       const int64_t nvec = T / L;
       input_block(s, x, x_img, n0, n1, T, V.get());
       for (int64_t ob = 0; ob < s.OB; ++ob) {
