@@ -47,9 +47,13 @@ struct Geom {
   int64_t G, Cg, Og, K, P;  // groups, channels/outputs per group, K = Cg*KH*KW, OH*OW
   bool direct;              // 1x1, stride 1, no padding: x is its own im2col
   bool small;               // small-K direct kernels
-  bool wino;                // Winograd F(2x2, 3x3) (forward / backward-weight)
+  bool wino;                // Winograd F(4x4) or F(2x2) (all three passes)
 };
 
+// Winograd (stride-1 undilated 3x3): F(4x4, 3x3) (winograd_f4.h; AVX-512
+// float32, output rows 13..16 wide, e.g. the 32 -> 64 13x13 layer) where its
+// padded product count is clearly below F(2x2)'s, else F(2x2, 3x3)
+// (winograd.h; every ISA and dtype); see wino4_*.
 // Winograd pays off once both channel counts fill a gemm reasonably. Its
 // transformed input and products for one image take 16 * (Cin + Cout) * tiles
 // elements; larger planes use the row-blocked im2col path instead.
