@@ -90,6 +90,7 @@ def test_conv2d_every_isa(isa, rng, dtype):
         (2, 4, 5, 17, 8, (1, 1), ONE, ZERO, ONE, 2),
         (1, 6, 8, 23, 4, (2, 3), (2, 1), (1, 1), (1, 2), 2),
         (3, 8, 13, 35, 9, (3, 3), ONE, ONE, ONE, 1),  # Winograd, several vectors per row
+        (2, 12, 13, 13, 10, (3, 3), ONE, ONE, ONE, 1),  # F(4x4) on AVX-512 float32, else F(2x2)
         (2, 3, 9, 41, 5, (3, 3), (2, 2), ONE, ONE, 1),  # stride-2 im2col / col2im rows
     ]
     for n, c, h, w, o, k, s, p, d, g in cases:

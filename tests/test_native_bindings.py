@@ -287,6 +287,68 @@ def test_conv2d_matches_reference(rng, dtype, case):
     )
 
 
+# Winograd F(4x4, 3x3) (AVX-512 float32; other builds and float64 run F(2x2)):
+# chosen for output rows 13..16 wide when its padded product count is at most
+# 4/5 of F(2x2)'s (csrc/kernels/winograd_f4.h: preferred). Cases sit on both
+# sides of each rule; all must match the reference either way.
+WINO4_CASES = [
+    # n, c, h, w, o, padding, groups
+    (3, 32, 13, 13, 64, ONE, 1),  # the 32 -> 64 13x13 layer
+    (2, 8, 13, 12, 8, ONE, 1),  # OW 12: F(2x2)
+    (2, 8, 13, 16, 8, ONE, 1),  # OW 16: F(4x4), last tile column full
+    (2, 8, 13, 17, 8, ONE, 1),  # OW 17: F(2x2)
+    (2, 8, 4, 13, 8, ONE, 1),  # OH 4: one tile row, F(2x2) by cost
+    (2, 8, 17, 13, 8, ONE, 1),  # OH 17: 5 tile rows, F(2x2) by cost
+    (2, 9, 25, 14, 10, ONE, 1),  # OH 25: F(4x4), second vector 3/4 full
+    (1, 8, 29, 13, 8, ONE, 1),  # OH 29: two full vectors of tile rows
+    (2, 10, 15, 15, 13, ZERO, 1),  # padding 0 (backward-input: F(4x4) padding 2)
+    (2, 12, 13, 13, 9, (2, 2), 1),  # padding 2 (backward-input: F(4x4) padding 0)
+    (2, 12, 11, 11, 9, (2, 2), 1),  # forward F(4x4), backward-input (11 wide) F(2x2)
+    (2, 8, 15, 13, 8, (0, 1), 1),  # asymmetric padding
+    (1, 16, 14, 14, 16, ONE, 2),  # groups, batch 1
+    (2, 17, 13, 13, 25, ONE, 1),  # channels past whole vectors / register tiles
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", WINO4_CASES, ids=lambda c: "x".join(map(str, c[:5])))
+def test_conv2d_winograd_tiles(rng, dtype, case):
+    n, c, h, w, o, p, g = case
+    x, weight, bias = conv_args(rng, dtype, n, c, h, w, o, (3, 3), g)
+    y = _C.conv2d(x, weight, bias, ONE, p, ONE, g)
+    close(y, R.conv2d(x, weight, bias, ONE, p, ONE, g), dtype)
+    gy = randn(rng, y.shape, dtype)
+    close(_C.conv2d_backward_input(gy, weight, (h, w), ONE, p, ONE, g),
+          R.conv2d_backward_input(gy, weight, (h, w), ONE, p, ONE, g), dtype)
+    close(_C.conv2d_backward_weight(gy, x, (3, 3), ONE, p, ONE, g),
+          R.conv2d_backward_weight(gy, x, (3, 3), ONE, p, ONE, g), dtype)
+
+
+def test_conv2d_winograd_f4_error_vs_float64(rng):
+    # F(4x4) rounds more than F(2x2) (measured max |err| / max |y| on this
+    # layer: ~1.3e-6 forward, ~2.6e-6 backward-input, ~1.7e-6 backward-weight,
+    # against a float64 reference); 1e-5 leaves room for other seeds while
+    # still catching a worse point set (0, +-1, +-2 measured 4e-6 .. 7e-6 and
+    # fails test_functional's 2e-4 absolute tolerance on unscaled weights).
+    n, c, o, hw = 8, 32, 64, 13
+    x = randn(rng, (n, c, hw, hw), np.float32)
+    wt = (randn(rng, (o, c, 3, 3), np.float64) / np.sqrt(9 * c)).astype(np.float32)
+    b = randn(rng, (o,), np.float32)
+    x64, w64, b64 = (a.astype(np.float64) for a in (x, wt, b))
+    y = _C.conv2d(x, wt, b, ONE, ONE, ONE, 1)
+    gy = randn(rng, y.shape, np.float32)
+    gy64 = gy.astype(np.float64)
+    pairs = [
+        (y, R.conv2d(x64, w64, b64, ONE, ONE, ONE, 1)),
+        (_C.conv2d_backward_input(gy, wt, (hw, hw), ONE, ONE, ONE, 1),
+         R.conv2d_backward_input(gy64, w64, (hw, hw), ONE, ONE, ONE, 1)),
+        (_C.conv2d_backward_weight(gy, x, (3, 3), ONE, ONE, ONE, 1),
+         R.conv2d_backward_weight(gy64, x64, (3, 3), ONE, ONE, ONE, 1)),
+    ]
+    for got, want in pairs:
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
 @given(
     n=st.integers(1, 3), cg=st.integers(1, 4), g=st.integers(1, 2), og=st.integers(1, 5),
     h=st.integers(1, 12), w=st.integers(1, 19), kh=st.integers(1, 3), kw=st.integers(1, 3),

@@ -9,7 +9,11 @@
 //   pixels sit in vector registers and every output channel is a short chain of
 //   FMAs on them (bias fused). A generic GEMM would spend most of its time
 //   packing such skinny operands.
-// * im2col + gemm otherwise (deeper layers, e.g. 32 -> 64, 3x3): per image and
+// * Winograd for stride-1 undilated 3x3 convs with >= 8 channels each way
+//   (deeper layers, e.g. 32 -> 64 on 13x13): F(4x4, 3x3) (winograd_f4.h) on
+//   AVX-512 float32 where its tiles fit the plane, else F(2x2, 3x3)
+//   (winograd.h).
+// * im2col + gemm otherwise (other deep layers, strides, dilations): per image and
 //   group, a block of output rows is unfolded into a (K, rows*OW) column matrix
 //   small enough to stay in L2, and the ISA's gemm does the work. 1x1 stride-1
 //   unpadded convs use the input directly as the column matrix.
@@ -26,6 +30,7 @@
 #include "kernels/conv_small.h"
 #include "kernels/simd.h"
 #include "kernels/winograd.h"
+#include "kernels/winograd_f4.h"
 
 namespace fastnn {
 namespace FASTNN_ISA_NS {
@@ -49,9 +54,13 @@ struct Geom {
   int64_t G, Cg, Og, K, P;  // groups, channels/outputs per group, K = Cg*KH*KW, OH*OW
   bool direct;              // 1x1, stride 1, no padding: x is its own im2col
   bool small;               // small-K direct kernels
-  bool wino;                // Winograd F(2x2, 3x3) (forward / backward-weight)
+  bool wino;                // Winograd F(4x4) or F(2x2) (all three passes)
 };
 
+// Winograd (stride-1 undilated 3x3): F(4x4, 3x3) (winograd_f4.h; AVX-512
+// float32, output rows 13..16 wide, e.g. the 32 -> 64 13x13 layer) where its
+// padded product count is clearly below F(2x2)'s, else F(2x2, 3x3)
+// (winograd.h; every ISA and dtype); see wino4_*.
 // Winograd pays off once both channel counts fill a gemm reasonably. Its
 // transformed input and products for one image take 16 * (Cin + Cout) * tiles
 // elements; larger planes use the row-blocked im2col path instead.
@@ -503,6 +512,90 @@ void conv_small_backward_weight(const Conv2dParams& p, const Geom& g, const T* g
   }
 }
 
+// --- Winograd F(4x4, 3x3) -----------------------------------------------------
+// Used instead of F(2x2) where winograd_f4.h applies (AVX-512 float32, output
+// rows 13..16 wide, enough tile rows to fill its 16-tile vectors). Each
+// returns false, doing nothing, when it does not apply; double and the other
+// ISA builds stay on F(2x2), whose rounding error is lower.
+
+template <typename T>
+bool wino4_forward(const Conv2dParams&, const Geom&, const T*, const T*, const T*, T*) {
+  return false;
+}
+template <typename T>
+bool wino4_backward_input(const Conv2dParams&, const Geom&, const T*, const T*, T*) {
+  return false;
+}
+template <typename T>
+bool wino4_backward_weight(const Conv2dParams&, const Geom&, const T*, const T*, T*) {
+  return false;
+}
+
+#if defined(__AVX512F__)
+template <>
+bool wino4_forward<float>(const Conv2dParams& p, const Geom& g, const float* x, const float* w,
+                          const float* b, float* y) {
+  if (!winograd::f4::preferred(p.OH, p.OW)) return false;
+  namespace f4 = winograd::f4;
+  const f4::Shape s = f4::make_shape(g.Cg, g.Og, p.H, p.W, p.OH, p.OW, p.ph, p.pw);
+  Scratch<float> U(kSlotWeights, 36 * s.OB * f4::RO * g.Cg);
+  for (int64_t gi = 0; gi < g.G; ++gi) {
+    f4::transform_weights(w + gi * g.Og * g.K, g.Og, g.Cg, g.K, int64_t(9), false, U.get());
+    f4::forward(s, p.N, x + gi * g.Cg * p.H * p.W, p.C * p.H * p.W, U.get(),
+                b ? b + gi * g.Og : nullptr, y + gi * g.Og * g.P, p.O * g.P);
+  }
+  return true;
+}
+
+template <>
+bool wino4_backward_input<float>(const Conv2dParams& p, const Geom& g, const float* gy,
+                                 const float* w, float* gx) {
+  if (p.ph > 2 || p.pw > 2 || !winograd::f4::preferred(p.H, p.W)) return false;
+  namespace f4 = winograd::f4;
+  // 3x3 conv of grad_out with rotated, channel-swapped filters, padding 2 - p.
+  const f4::Shape s = f4::make_shape(g.Og, g.Cg, p.OH, p.OW, p.H, p.W, 2 - p.ph, 2 - p.pw);
+  Scratch<float> U(kSlotWeights, 36 * s.OB * f4::RO * g.Og);
+  for (int64_t gi = 0; gi < g.G; ++gi) {
+    f4::transform_weights(w + gi * g.Og * g.K, g.Cg, g.Og, int64_t(9), g.K, true, U.get());
+    f4::forward(s, p.N, gy + gi * g.Og * g.P, p.O * g.P, U.get(), nullptr,
+                gx + gi * g.Cg * p.H * p.W, p.C * p.H * p.W);
+  }
+  return true;
+}
+
+template <>
+bool wino4_backward_weight<float>(const Conv2dParams& p, const Geom& g, const float* gy,
+                                  const float* x, float* gw) {
+  if (!winograd::f4::preferred(p.OH, p.OW)) return false;
+  namespace f4 = winograd::f4;
+  const f4::Shape s = f4::make_shape(g.Cg, g.Og, p.H, p.W, p.OH, p.OW, p.ph, p.pw);
+  // Contiguous image ranges with private dU partials, summed in chunk order so
+  // the result does not depend on thread timing.
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(p.N, get_num_threads()));
+  const int64_t Cp = f4::padded_channels(g.Cg), usize = 36 * g.Og * Cp;
+  Scratch<float> dU(kSlotPartial, chunks * g.G * usize);
+  auto body = [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n0 = p.N * c / chunks, n1 = p.N * (c + 1) / chunks;
+      zero_row(dU.get() + c * g.G * usize, g.G * usize);
+      for (int64_t gi = 0; gi < g.G; ++gi)
+        f4::weight_grad_range(s, n0, n1, gy + gi * g.Og * g.P, p.O * g.P,
+                              x + gi * g.Cg * p.H * p.W, p.C * p.H * p.W,
+                              dU.get() + (c * g.G + gi) * usize);
+    }
+  };
+  if (chunks > 1) {
+    parallel_for(chunks, 1, body);
+  } else {
+    body(0, 1);
+  }
+  for (int64_t gi = 0; gi < g.G; ++gi)
+    f4::untransform_weight_grad(dU.get() + gi * usize, chunks, g.G * usize, g.Og, g.Cg, Cp, g.K,
+                                int64_t(9), gw + gi * g.Og * g.K);
+  return true;
+}
+#endif
+
 }  // namespace
 
 template <typename T>
@@ -515,6 +608,7 @@ void conv2d_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T
     });
     return;
   }
+  if (g.wino && wino4_forward(p, g, x, w, b, y)) return;
   if (g.wino) {
     const winograd::Shape s = winograd::make_shape(g.Cg, g.Og, p.H, p.W, p.OH, p.OW, p.ph, p.pw);
     Scratch<T> U(kSlotWeights, 16 * g.Og * g.Cg);
@@ -570,6 +664,7 @@ void conv2d_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx
     });
     return;
   }
+  if (g.wino && wino4_backward_input(p, g, gy, w, gx)) return;
   if (g.wino && p.ph <= 2 && p.pw <= 2) {
     // The adjoint of a stride-1 3x3 conv is a 3x3 conv of grad_out with the
     // filters rotated 180 degrees, in/out channels swapped, padding 2 - p.
@@ -625,6 +720,7 @@ void conv2d_backward_weight(const Conv2dParams& p, const T* gy, const T* x, T* g
   zero_row(gw, wsize);
   if (p.N == 0 || g.P == 0) return;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(p.N, get_num_threads()));
+  if (g.wino && wino4_backward_weight(p, g, gy, x, gw)) return;
   if (g.wino) {
     // Per chunk of images: dU[g][pos][o][c] summed over tiles; then G^T dU G.
     const winograd::Shape s = winograd::make_shape(g.Cg, g.Og, p.H, p.W, p.OH, p.OW, p.ph, p.pw);

@@ -7,7 +7,8 @@
 // become 16, done as 16 gemms (one per position of the 4x4 transform domain):
 //     M[pos] (O x tiles) = U[pos] (O x C) @ V[pos] (C x tiles).
 // The transforms only add, subtract and halve, so the result stays within
-// rounding of direct convolution (in contrast to larger tiles such as F(4x4)).
+// rounding of direct convolution (in contrast to larger tiles: F(4x4) in
+// winograd_f4.h rounds ~20x more and is used only where it pays).
 //
 // Backward-input is the same kernel on grad_out with 180-degree rotated,
 // channel-swapped weights and padding 2 - p. Backward-weight uses the
