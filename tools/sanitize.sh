@@ -70,7 +70,8 @@ print(f"sanitize.sh: {c.__file__} (ISA {c.active_isa()}, threads {c.get_num_thre
 EOF
 
 default_tests="tests/test_functional.py tests/test_validation.py tests/test_fuzz.py
-  tests/test_concurrency.py tests/test_memory.py tests/test_autograd.py"
+  tests/test_concurrency.py tests/test_memory.py tests/test_autograd.py
+  tests/test_conv_small.py tests/test_native_bindings.py tests/test_fused.py tests/test_isa.py"
 read -r -a tests <<<"$(echo ${SANITIZE_TESTS:-$default_tests})"
 existing=()
 for t in "${tests[@]}"; do [[ -f $t ]] && existing+=("$t"); done
