@@ -27,7 +27,7 @@
 // (F(2x2): ~1e-7; the points 0, +-1, +-2: ~4e-6 .. 7e-6).
 //
 // Layout. With 4 tile columns per plane (OW in 13..16) one vector of 16 lanes
-// holds 4 whole tile rows: lane = 4 * (tile row % 4) + tile column. A plane
+// holds 4 whole tile rows: lane = 4 * tile column + (tile row % 4). A plane
 // of TH tile rows is `chunks` = ceil(TH / 4) vectors; images of a block are
 // concatenated, so a block has T = images * chunks * 16 tile slots (slots past
 // the last tile row are zero on input and ignored on output).
@@ -268,63 +268,69 @@ struct Window {
   }
 };
 
+// In-lane 4x4 transpose in every 128-bit block: q[k] element e -> d[e]
+// element k (block unchanged). Only in-lane shuffles (1-cycle unpck/shufps),
+// no cross-lane permutes.
+FASTNN_F4_INLINE void transpose4x4_blocks(const __m512* q, __m512* d, int n) {
+  const __m512 t0 = _mm512_unpacklo_ps(q[0], q[1]), t1 = _mm512_unpacklo_ps(q[2], q[3]);
+  d[0] = _mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0));
+  d[1] = _mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2));
+  if (n > 2) {
+    const __m512 t2 = _mm512_unpackhi_ps(q[0], q[1]), t3 = _mm512_unpackhi_ps(q[2], q[3]);
+    d[2] = _mm512_shuffle_ps(t2, t3, _MM_SHUFFLE(1, 0, 1, 0));
+    d[3] = _mm512_shuffle_ps(t2, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  }
+}
+
 // out[pos][slot .. slot+16] (ldp apart) = X^T d X for the 16 tiles of chunk k
 // of one plane, where d is a tile's NT x NT taps and f1d applies the 1-D X^T
 // (NT -> 6 values): B^T for input tiles (NT = 6), A for grad_out (NT = 4).
 //
 // Why not gathers: a 16-lane gather costs ~25 cycles on the target core, and
 // a tile needs 36 (input) or 16 (grad_out) of them. Instead each plane row of
-// the chunk is loaded once (zero padding via masks) and permuted so that
-// 128-bit block j holds columns 4*tw + j (tw = 0..3); a second copy shifted
-// by 4 columns gives taps j = 4, 5. For tap row r, the rows 4*thl + r of the
-// 4 tile rows then form the tap vectors d[r][j] (lane 4*thl + tw) by a 4x4
-// transpose of 128-bit blocks. Lanes of tile rows past TH come out zero.
+// the chunk is loaded once (zero padding via masks); a loaded row holds tap
+// columns j = 0..3 of tile column tw in element j of 128-bit block tw, and a
+// copy shifted by 4 columns holds taps j = 4, 5 in elements 0, 1. For tap row
+// r the rows 4*thl + r of the 4 tile rows then give the tap vectors d[r][j]
+// (lane 4*tw + thl, the slot order of every buffer here) by a 4x4 transpose
+// inside each 128-bit block: in-lane shuffles only (the earlier lane order
+// 4*thl + tw needed a cross-lane permute per row and 6 block shuffles per tap
+// row). Lanes of tile rows past TH come out zero.
 template <int NT, typename F>
 inline void chunk_transform(const Window& wd, int64_t k, const float* plane, float* out,
                             int64_t ldp, F f1d) {
   constexpr int kRows = 12 + NT;  // plane rows under 4 tile rows
   const int64_t tile_rows = std::min<int64_t>(4, wd.TH - 4 * k);
   const int64_t rows = 4 * (tile_rows - 1) + NT;
-  const __m512i by_col = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  __m512 p0[kRows], p1[kRows];
+  __m512 p0[kRows], p1[NT > 4 ? kRows : 1];
   for (int gr = 0; gr < kRows; ++gr) {
     const int64_t ih = 16 * k + gr - wd.ph;
     if (gr >= rows || ih < 0 || ih >= wd.H) {
-      p0[gr] = p1[gr] = _mm512_setzero_ps();
+      p0[gr] = _mm512_setzero_ps();
+      if constexpr (NT > 4) p1[gr] = _mm512_setzero_ps();
       continue;
     }
     const float* src = plane + ih * wd.W - wd.pw;
     const __m512 lo = _mm512_maskz_loadu_ps(wd.lo, src);
-    p0[gr] = _mm512_permutexvar_ps(by_col, lo);
+    p0[gr] = lo;
     if constexpr (NT > 4) {
       const __m512 hi = _mm512_maskz_loadu_ps(wd.hi, src + 16);
-      const __m512 sh = _mm512_castsi512_ps(
+      p1[gr] = _mm512_castsi512_ps(
           _mm512_alignr_epi32(_mm512_castps_si512(hi), _mm512_castps_si512(lo), 4));
-      p1[gr] = _mm512_permutexvar_ps(by_col, sh);
-    } else {
-      p1[gr] = _mm512_setzero_ps();
     }
   }
   __m512 t[NT][6];  // per tap row r: 1-D transform along the tap columns
   for (int r = 0; r < NT; ++r) {
     __m512 d[NT];
-    const __m512 a01 = _mm512_shuffle_f32x4(p0[r], p0[4 + r], 0x44);
-    const __m512 a23 = _mm512_shuffle_f32x4(p0[r], p0[4 + r], 0xEE);
-    const __m512 b01 = _mm512_shuffle_f32x4(p0[8 + r], p0[12 + r], 0x44);
-    const __m512 b23 = _mm512_shuffle_f32x4(p0[8 + r], p0[12 + r], 0xEE);
-    d[0] = _mm512_shuffle_f32x4(a01, b01, 0x88);
-    d[1] = _mm512_shuffle_f32x4(a01, b01, 0xDD);
-    d[2] = _mm512_shuffle_f32x4(a23, b23, 0x88);
-    d[3] = _mm512_shuffle_f32x4(a23, b23, 0xDD);
+    const __m512 q[4] = {p0[r], p0[4 + r], p0[8 + r], p0[12 + r]};
+    transpose4x4_blocks(q, d, 4);
     if constexpr (NT > 4) {
-      const __m512 c01 = _mm512_shuffle_f32x4(p1[r], p1[4 + r], 0x44);
-      const __m512 e01 = _mm512_shuffle_f32x4(p1[8 + r], p1[12 + r], 0x44);
-      d[4] = _mm512_shuffle_f32x4(c01, e01, 0x88);
-      d[5] = _mm512_shuffle_f32x4(c01, e01, 0xDD);
+      const __m512 qs[4] = {p1[r], p1[4 + r], p1[8 + r], p1[12 + r]};
+      transpose4x4_blocks(qs, d + 4, 2);
     }
     f1d(d, t[r]);
   }
-  const __mmask16 valid = static_cast<__mmask16>((1u << (4 * tile_rows)) - 1u);
+  const __mmask16 valid = static_cast<__mmask16>(0x1111u * ((1u << tile_rows) - 1u));
   for (int jj = 0; jj < 6; ++jj) {
     __m512 col[NT], v[6];
     for (int r = 0; r < NT; ++r) col[r] = t[r][jj];
@@ -406,24 +412,12 @@ inline void output_chunk(const Shape& s, int64_t k, const float* Mo, int64_t ldp
     out1d(col, o4);
     for (int i = 0; i < 4; ++i) Y[i][j] = o4[i];
   }
-  // Y[i][j] lanes are (thl, tw) = 4*thl + tw; output row 4*(4k + thl) + i
-  // needs lanes 4*tw + j: a 4x4x4 transpose in 8 permutes per i. Stage 1
-  // interleaves columns (0,1) and (2,3): lane 8*(thl%2) + 2*tw + jj, thl 0,1
-  // in the first result and 2,3 in the second; stage 2 merges the pairs.
-  const __m512i i1a = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i i1b =
-      _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const __m512i i2a = _mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
-  const __m512i i2b =
-      _mm512_setr_epi32(8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
+  // Y[i][j] lanes are 4*tw + thl; output row 4*(4k + thl) + i needs lanes
+  // 4*tw + j: a 4x4 transpose inside each 128-bit block (in-lane shuffles).
   const __mmask16 cols = static_cast<__mmask16>((1u << s.OW) - 1u);
   for (int i = 0; i < 4; ++i) {
-    const __m512 a0 = _mm512_permutex2var_ps(Y[i][0], i1a, Y[i][1]);
-    const __m512 a1 = _mm512_permutex2var_ps(Y[i][0], i1b, Y[i][1]);
-    const __m512 b0 = _mm512_permutex2var_ps(Y[i][2], i1a, Y[i][3]);
-    const __m512 b1 = _mm512_permutex2var_ps(Y[i][2], i1b, Y[i][3]);
-    const __m512 rows[4] = {_mm512_permutex2var_ps(a0, i2a, b0), _mm512_permutex2var_ps(a0, i2b, b0),
-                            _mm512_permutex2var_ps(a1, i2a, b1), _mm512_permutex2var_ps(a1, i2b, b1)};
+    __m512 rows[4];
+    transpose4x4_blocks(Y[i], rows, 4);
     for (int thl = 0; thl < 4; ++thl) {
       const int64_t oh = 4 * (4 * k + thl) + i;
       if (oh < s.OH) _mm512_mask_storeu_ps(y + oh * s.OW, cols, rows[thl]);
