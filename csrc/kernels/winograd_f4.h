@@ -100,9 +100,8 @@ inline bool preferred(int64_t OH, int64_t OW) {
 }
 
 // 1-D B^T d for one row/column of 6 taps: 16 operations, only 6 of them
-// multiplies. The 2-D transform runs 12 of these per 16 tiles and was bound
-// by the FMA pipe (shared with the shuffles); adds issue on the other pipes.
-// With d42 = d4 - d2, d31 = d3 - d1:
+// multiplies (the direct form: 18 with 12). Adds issue on pipes the FMAs and
+// the transforms' shuffles do not use. With d42 = d4 - d2, d31 = d3 - d1:
 //   v0 = (d0 - d2) + d42 + 3/2 d31        v3 = d42 + 2 d31
 //   v1 = (d42 + d31) + 3/2 (d2 + d3)      v4 = d42 - 1/2 d31
 //   v2 = (d42 - d31) + 3/2 (d3 - d2)      v5 = (d5 - d3) - d31 + 3/2 d42
