@@ -27,7 +27,7 @@
 // (F(2x2): ~1e-7; the points 0, +-1, +-2: ~4e-6 .. 7e-6).
 //
 // Layout. With 4 tile columns per plane (OW in 13..16) one vector of 16 lanes
-// holds 4 whole tile rows: lane = 4 * (tile row % 4) + tile column. A plane
+// holds 4 whole tile rows: lane = 4 * tile column + (tile row % 4). A plane
 // of TH tile rows is `chunks` = ceil(TH / 4) vectors; images of a block are
 // concatenated, so a block has T = images * chunks * 16 tile slots (slots past
 // the last tile row are zero on input and ignored on output).
@@ -99,19 +99,22 @@ inline bool preferred(int64_t OH, int64_t OW) {
   return 5 * f4 <= 4 * f2;
 }
 
-// 1-D B^T d for one row/column of 6 taps (19 operations).
+// 1-D B^T d for one row/column of 6 taps: 16 operations, only 6 of them
+// multiplies (the direct form: 18 with 12). Adds issue on pipes the FMAs and
+// the transforms' shuffles do not use. With d42 = d4 - d2, d31 = d3 - d1:
+//   v0 = (d0 - d2) + d42 + 3/2 d31        v3 = d42 + 2 d31
+//   v1 = (d42 + d31) + 3/2 (d2 + d3)      v4 = d42 - 1/2 d31
+//   v2 = (d42 - d31) + 3/2 (d3 - d2)      v5 = (d5 - d3) - d31 + 3/2 d42
 FASTNN_F4_INLINE void in1d(const __m512* d, __m512* v) {
-  const __m512 h = _mm512_set1_ps(0.5f), one5 = _mm512_set1_ps(1.5f), two = _mm512_set1_ps(2.f),
-               two5 = _mm512_set1_ps(2.5f);
+  const __m512 h = _mm512_set1_ps(0.5f), one5 = _mm512_set1_ps(1.5f), two = _mm512_set1_ps(2.f);
   const __m512 d42 = _mm512_sub_ps(d[4], d[2]), d31 = _mm512_sub_ps(d[3], d[1]);
-  v[0] = _mm512_add_ps(
-      d[0], _mm512_fnmadd_ps(one5, d[1], _mm512_fnmadd_ps(two, d[2], _mm512_fmadd_ps(one5, d[3], d[4]))));
-  v[1] = _mm512_sub_ps(_mm512_fmadd_ps(h, d[2], _mm512_fmadd_ps(two5, d[3], d[4])), d[1]);
-  v[2] = _mm512_add_ps(_mm512_fnmadd_ps(two5, d[2], _mm512_fmadd_ps(h, d[3], d[4])), d[1]);
+  const __m512 p = _mm512_add_ps(d42, d31), m = _mm512_sub_ps(d42, d31);
+  v[0] = _mm512_fmadd_ps(one5, d31, _mm512_add_ps(_mm512_sub_ps(d[0], d[2]), d42));
+  v[1] = _mm512_fmadd_ps(one5, _mm512_add_ps(d[2], d[3]), p);
+  v[2] = _mm512_fmadd_ps(one5, _mm512_sub_ps(d[3], d[2]), m);
   v[3] = _mm512_fmadd_ps(two, d31, d42);
   v[4] = _mm512_fnmadd_ps(h, d31, d42);
-  v[5] = _mm512_add_ps(
-      d[5], _mm512_fnmadd_ps(one5, d[2], _mm512_fnmadd_ps(two, d[3], _mm512_fmadd_ps(one5, d[4], d[1]))));
+  v[5] = _mm512_fmadd_ps(one5, d42, _mm512_sub_ps(_mm512_sub_ps(d[5], d[3]), d31));
 }
 
 // 1-D A^T m for 6 transform-domain values -> 4 outputs.
@@ -268,68 +271,136 @@ struct Window {
   }
 };
 
+// In-lane 4x4 transpose in every 128-bit block: q[k] element e -> d[e]
+// element k (block unchanged). Only in-lane shuffles (1-cycle unpck/shufps),
+// no cross-lane permutes.
+FASTNN_F4_INLINE void transpose4x4_blocks(const __m512* q, __m512* d, int n) {
+  const __m512 t0 = _mm512_unpacklo_ps(q[0], q[1]), t1 = _mm512_unpacklo_ps(q[2], q[3]);
+  d[0] = _mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0));
+  d[1] = _mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2));
+  if (n > 2) {
+    const __m512 t2 = _mm512_unpackhi_ps(q[0], q[1]), t3 = _mm512_unpackhi_ps(q[2], q[3]);
+    d[2] = _mm512_shuffle_ps(t2, t3, _MM_SHUFFLE(1, 0, 1, 0));
+    d[3] = _mm512_shuffle_ps(t2, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  }
+}
+
 // out[pos][slot .. slot+16] (ldp apart) = X^T d X for the 16 tiles of chunk k
 // of one plane, where d is a tile's NT x NT taps and f1d applies the 1-D X^T
 // (NT -> 6 values): B^T for input tiles (NT = 6), A for grad_out (NT = 4).
 //
 // Why not gathers: a 16-lane gather costs ~25 cycles on the target core, and
 // a tile needs 36 (input) or 16 (grad_out) of them. Instead each plane row of
-// the chunk is loaded once (zero padding via masks) and permuted so that
-// 128-bit block j holds columns 4*tw + j (tw = 0..3); a second copy shifted
-// by 4 columns gives taps j = 4, 5. For tap row r, the rows 4*thl + r of the
-// 4 tile rows then form the tap vectors d[r][j] (lane 4*thl + tw) by a 4x4
-// transpose of 128-bit blocks. Lanes of tile rows past TH come out zero.
+// the chunk is loaded once (zero padding via masks); a loaded row holds tap
+// columns j = 0..3 of tile column tw in element j of 128-bit block tw, and a
+// copy shifted by 4 columns holds taps j = 4, 5 in elements 0, 1. For tap row
+// r the rows 4*thl + r of the 4 tile rows then give the tap vectors d[r][j]
+// (lane 4*tw + thl, the slot order of every buffer here) by a 4x4 transpose
+// inside each 128-bit block: in-lane shuffles only (the earlier lane order
+// 4*thl + tw needed a cross-lane permute per row and 6 block shuffles per tap
+// row). Lanes of tile rows past TH come out zero.
 template <int NT, typename F>
 inline void chunk_transform(const Window& wd, int64_t k, const float* plane, float* out,
                             int64_t ldp, F f1d) {
   constexpr int kRows = 12 + NT;  // plane rows under 4 tile rows
   const int64_t tile_rows = std::min<int64_t>(4, wd.TH - 4 * k);
   const int64_t rows = 4 * (tile_rows - 1) + NT;
-  const __m512i by_col = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  __m512 p0[kRows], p1[kRows];
+  __m512 p0[kRows], p1[NT > 4 ? kRows : 1];
   for (int gr = 0; gr < kRows; ++gr) {
     const int64_t ih = 16 * k + gr - wd.ph;
     if (gr >= rows || ih < 0 || ih >= wd.H) {
-      p0[gr] = p1[gr] = _mm512_setzero_ps();
+      p0[gr] = _mm512_setzero_ps();
+      if constexpr (NT > 4) p1[gr] = _mm512_setzero_ps();
       continue;
     }
     const float* src = plane + ih * wd.W - wd.pw;
     const __m512 lo = _mm512_maskz_loadu_ps(wd.lo, src);
-    p0[gr] = _mm512_permutexvar_ps(by_col, lo);
+    p0[gr] = lo;
     if constexpr (NT > 4) {
-      const __m512 hi = _mm512_maskz_loadu_ps(wd.hi, src + 16);
-      const __m512 sh = _mm512_castsi512_ps(
+      // Rows up to 15 wide need nothing past grid column 15 (hi == 0).
+      const __m512 hi = wd.hi ? _mm512_maskz_loadu_ps(wd.hi, src + 16) : _mm512_setzero_ps();
+      p1[gr] = _mm512_castsi512_ps(
           _mm512_alignr_epi32(_mm512_castps_si512(hi), _mm512_castps_si512(lo), 4));
-      p1[gr] = _mm512_permutexvar_ps(by_col, sh);
-    } else {
-      p1[gr] = _mm512_setzero_ps();
     }
   }
   __m512 t[NT][6];  // per tap row r: 1-D transform along the tap columns
   for (int r = 0; r < NT; ++r) {
     __m512 d[NT];
-    const __m512 a01 = _mm512_shuffle_f32x4(p0[r], p0[4 + r], 0x44);
-    const __m512 a23 = _mm512_shuffle_f32x4(p0[r], p0[4 + r], 0xEE);
-    const __m512 b01 = _mm512_shuffle_f32x4(p0[8 + r], p0[12 + r], 0x44);
-    const __m512 b23 = _mm512_shuffle_f32x4(p0[8 + r], p0[12 + r], 0xEE);
-    d[0] = _mm512_shuffle_f32x4(a01, b01, 0x88);
-    d[1] = _mm512_shuffle_f32x4(a01, b01, 0xDD);
-    d[2] = _mm512_shuffle_f32x4(a23, b23, 0x88);
-    d[3] = _mm512_shuffle_f32x4(a23, b23, 0xDD);
+    const __m512 q[4] = {p0[r], p0[4 + r], p0[8 + r], p0[12 + r]};
+    transpose4x4_blocks(q, d, 4);
     if constexpr (NT > 4) {
-      const __m512 c01 = _mm512_shuffle_f32x4(p1[r], p1[4 + r], 0x44);
-      const __m512 e01 = _mm512_shuffle_f32x4(p1[8 + r], p1[12 + r], 0x44);
-      d[4] = _mm512_shuffle_f32x4(c01, e01, 0x88);
-      d[5] = _mm512_shuffle_f32x4(c01, e01, 0xDD);
+      const __m512 qs[4] = {p1[r], p1[4 + r], p1[8 + r], p1[12 + r]};
+      transpose4x4_blocks(qs, d + 4, 2);
     }
     f1d(d, t[r]);
   }
-  const __mmask16 valid = static_cast<__mmask16>((1u << (4 * tile_rows)) - 1u);
+  const __mmask16 valid = static_cast<__mmask16>(0x1111u * ((1u << tile_rows) - 1u));
   for (int jj = 0; jj < 6; ++jj) {
     __m512 col[NT], v[6];
     for (int r = 0; r < NT; ++r) col[r] = t[r][jj];
     f1d(col, v);
-    for (int i = 0; i < 6; ++i) _mm512_storeu_ps(out + (i * 6 + jj) * ldp, _mm512_maskz_mov_ps(valid, v[i]));
+    // Masking only a chunk with missing tile rows saves 36 ops per chunk.
+    if (tile_rows == 4) {
+      for (int i = 0; i < 6; ++i) _mm512_storeu_ps(out + (i * 6 + jj) * ldp, v[i]);
+    } else {
+      for (int i = 0; i < 6; ++i)
+        _mm512_storeu_ps(out + (i * 6 + jj) * ldp, _mm512_maskz_mov_ps(valid, v[i]));
+    }
+  }
+}
+
+// chunk_transform<6> for planes whose tiles need no grid column past 15
+// (Window::hi == 0: rows up to 15 wide with one column of left padding, the
+// 13x13 layers). The B^T pass over tap rows runs first, vertically on whole
+// plane rows (lanes = grid columns, no shuffles); each of its 6 results then
+// needs one 4x4 in-lane transpose for taps j = 0..3, and taps 4, 5 of tile
+// column tw are taps 0, 1 of tile column tw + 1: the next 128-bit block,
+// zero past the last. Per chunk 10 1-D transforms and 60 shuffles instead of
+// 12 and 90, and the 24 intermediate vectors mostly stay in registers (the
+// general path spilled ~70 vectors; in isolation 77 -> 50 ns per chunk).
+// Tile rows past TH are zero, so their lanes come out zero unmasked.
+// Not inlined: inlined into weight_grad_range it made that pass ~9% slower.
+__attribute__((noinline)) inline void chunk_transform6_narrow(const Window& wd, int64_t k,
+                                                            const float* plane, float* out,
+                                                            int64_t ldp) {
+  const int64_t tile_rows = std::min<int64_t>(4, wd.TH - 4 * k);
+  __m512 u[4][6];
+#pragma GCC unroll 4
+  for (int thl = 0; thl < 4; ++thl) {
+    if (thl >= tile_rows) {
+#pragma GCC unroll 6
+      for (int i = 0; i < 6; ++i) u[thl][i] = _mm512_setzero_ps();
+      continue;
+    }
+    __m512 d[6];
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; ++r) {
+      const int64_t ih = 16 * k + 4 * thl + r - wd.ph;
+      d[r] = ih < 0 || ih >= wd.H ? _mm512_setzero_ps()
+                                  : _mm512_maskz_loadu_ps(wd.lo, plane + ih * wd.W - wd.pw);
+    }
+    in1d(d, u[thl]);
+  }
+  const __m512i zero = _mm512_setzero_si512();
+#pragma GCC unroll 6
+  for (int i = 0; i < 6; ++i) {
+    const __m512 q[4] = {u[0][i], u[1][i], u[2][i], u[3][i]};
+    __m512 e[6], v[6];
+    transpose4x4_blocks(q, e, 4);
+    e[4] = _mm512_castsi512_ps(_mm512_alignr_epi32(zero, _mm512_castps_si512(e[0]), 4));
+    e[5] = _mm512_castsi512_ps(_mm512_alignr_epi32(zero, _mm512_castps_si512(e[1]), 4));
+    in1d(e, v);
+#pragma GCC unroll 6
+    for (int jj = 0; jj < 6; ++jj) _mm512_storeu_ps(out + (i * 6 + jj) * ldp, v[jj]);
+  }
+}
+
+// B^T d B for chunk k of an input plane (see chunk_transform).
+inline void input_chunk(const Window& wd, int64_t k, const float* plane, float* out, int64_t ldp) {
+  if (wd.hi == 0) {
+    chunk_transform6_narrow(wd, k, plane, out, ldp);
+  } else {
+    chunk_transform<6>(wd, k, plane, out, ldp, In1d{});
   }
 }
 
@@ -340,8 +411,8 @@ inline void input_block(const Shape& s, const float* x, int64_t x_img, int64_t n
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t c = 0; c < s.Cin; ++c)
       for (int64_t k = 0; k < s.chunks; ++k)
-        chunk_transform<6>(wd, k, x + n * x_img + c * s.H * s.W,
-                           V + c * T + ((n - n0) * s.chunks + k) * L, pos_stride(s.Cin * T), In1d{});
+        input_chunk(wd, k, x + n * x_img + c * s.H * s.W, V + c * T + ((n - n0) * s.chunks + k) * L,
+                    pos_stride(s.Cin * T));
 }
 
 // m (RO x NVV*16) [ld ldm] = u (C x RO, rows 36*RO apart) ^T @ v (C x NVV*16)
@@ -406,24 +477,12 @@ inline void output_chunk(const Shape& s, int64_t k, const float* Mo, int64_t ldp
     out1d(col, o4);
     for (int i = 0; i < 4; ++i) Y[i][j] = o4[i];
   }
-  // Y[i][j] lanes are (thl, tw) = 4*thl + tw; output row 4*(4k + thl) + i
-  // needs lanes 4*tw + j: a 4x4x4 transpose in 8 permutes per i. Stage 1
-  // interleaves columns (0,1) and (2,3): lane 8*(thl%2) + 2*tw + jj, thl 0,1
-  // in the first result and 2,3 in the second; stage 2 merges the pairs.
-  const __m512i i1a = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i i1b =
-      _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const __m512i i2a = _mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
-  const __m512i i2b =
-      _mm512_setr_epi32(8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
+  // Y[i][j] lanes are 4*tw + thl; output row 4*(4k + thl) + i needs lanes
+  // 4*tw + j: a 4x4 transpose inside each 128-bit block (in-lane shuffles).
   const __mmask16 cols = static_cast<__mmask16>((1u << s.OW) - 1u);
   for (int i = 0; i < 4; ++i) {
-    const __m512 a0 = _mm512_permutex2var_ps(Y[i][0], i1a, Y[i][1]);
-    const __m512 a1 = _mm512_permutex2var_ps(Y[i][0], i1b, Y[i][1]);
-    const __m512 b0 = _mm512_permutex2var_ps(Y[i][2], i1a, Y[i][3]);
-    const __m512 b1 = _mm512_permutex2var_ps(Y[i][2], i1b, Y[i][3]);
-    const __m512 rows[4] = {_mm512_permutex2var_ps(a0, i2a, b0), _mm512_permutex2var_ps(a0, i2b, b0),
-                            _mm512_permutex2var_ps(a1, i2a, b1), _mm512_permutex2var_ps(a1, i2b, b1)};
+    __m512 rows[4];
+    transpose4x4_blocks(Y[i], rows, 4);
     for (int thl = 0; thl < 4; ++thl) {
       const int64_t oh = 4 * (4 * k + thl) + i;
       if (oh < s.OH) _mm512_mask_storeu_ps(y + oh * s.OW, cols, rows[thl]);
@@ -590,8 +649,8 @@ inline void weight_grad_range(const Shape& s, int64_t n0, int64_t n1, const floa
         for (int64_t c0 = 0; c0 < Cp; c0 += L) {
           const int64_t nc = std::min<int64_t>(L, s.Cin - c0);
           for (int64_t ci = 0; ci < nc; ++ci)
-            chunk_transform<6>(win, k, x + n * x_img + (c0 + ci) * s.H * s.W, tmp.get() + ci * L,
-                               pos_stride(L * L), In1d{});
+            input_chunk(win, k, x + n * x_img + (c0 + ci) * s.H * s.W, tmp.get() + ci * L,
+                        pos_stride(L * L));
           for (int pos = 0; pos < 36; ++pos) {
             __m512 r[16];
             for (int ci = 0; ci < L; ++ci)
