@@ -38,12 +38,7 @@ namespace FASTNN_ISA_NS {
 namespace {
 
 using simd::Vec;
-
-#if defined(__AVX512F__)
-constexpr int kVecRegs = 32;
-#else
-constexpr int kVecRegs = 16;
-#endif
+using simd::kVecRegs;
 
 // Largest K handled by the register-resident small-K kernels.
 constexpr int64_t kSmallK = 9;
@@ -136,6 +131,30 @@ inline void add_row(T* __restrict dst, const T* __restrict src, int64_t n) {
   int64_t i = 0;
   for (; i + V::L <= n; i += V::L) V::storeu(dst + i, V::add(V::loadu(dst + i), V::loadu(src + i)));
   if (i < n) V::storep(dst + i, V::add(V::loadp(dst + i, n - i), V::loadp(src + i, n - i)), n - i);
+}
+
+// Weight gradients summed over images: [0, N) is split into at most one
+// contiguous range per thread, range_sum(n0, n1, acc) adds the range's sum to
+// acc (zero on entry: out for the first range, a private partial for the
+// others), and the partials are added to out in range order, so the result
+// depends on the thread count but never on timing. out must be zero on entry.
+template <typename T, typename F>
+void sum_over_image_ranges(int64_t N, int64_t len, T* out, const F& range_sum) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(N, get_num_threads()));
+  Scratch<T> partial(kSlotPartial, (chunks - 1) * len);
+  auto body = [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      T* acc = c == 0 ? out : partial.get() + (c - 1) * len;
+      if (c != 0) zero_row(acc, len);
+      range_sum(N * c / chunks, N * (c + 1) / chunks, acc);
+    }
+  };
+  if (chunks > 1) {
+    parallel_for(chunks, 1, body);
+    for (int64_t c = 1; c < chunks; ++c) add_row(out, partial.get() + (c - 1) * len, len);
+  } else {
+    body(0, 1);
+  }
 }
 
 // dst[i] = src[2*i] for i < n (stride-2 im2col rows). Reads only the 2n-1
@@ -473,43 +492,31 @@ void conv_small_backward_weight(const Conv2dParams& p, const Geom& g, const T* g
                                 T* gw) {
   constexpr int64_t L = Vec<T>::L;
   const int64_t wsize = p.O * 9;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(p.N, get_num_threads()));
   const bool wino = conv_small::wino_applies(p);
-  Scratch<T> partial(kSlotPartial, (chunks - 1) * wsize);
   // Shift planes (3, H*OW) or tile planes (12, OH*OW/2), planes vector-aligned.
   const int64_t ld = ((wino ? p.OH * (p.OW / 2) : p.H * p.OW) + L - 1) / L * L;
   const int64_t lane_len = p.O * (wino ? 12 : 9) * L;
-  auto body = [&](int64_t c0, int64_t c1) {
+  sum_over_image_ranges(p.N, wsize, gw, [&](int64_t n0, int64_t n1, T* acc) {
     Scratch<T> xs(kSlotCol, (wino ? 12 : 3) * ld);
     Scratch<T> lanes(kSlotLanes, lane_len);
-    for (int64_t c = c0; c < c1; ++c) {
-      T* acc = c == 0 ? gw : partial.get() + (c - 1) * wsize;
-      lanes.zero(lane_len);
-      const int64_t n0 = p.N * c / chunks, n1 = p.N * (c + 1) / chunks;
-      for (int64_t n = n0; n < n1; ++n) {
-        const T* xn = x + n * p.H * p.W;
-        const T* gyn = gy + n * p.O * g.P;
-        if (wino) {
-          conv_small::wino_tile_planes(xn, p.H, p.W, xs.get(), ld);
-          conv_small::wino_bwd_w(gyn, g.P, xs.get(), ld, p.OH, p.OW, p.O, lanes.get());
-        } else {
-          conv_small::shift_planes(xn, p.W, p.H, p.OW, xs.get(), ld);
-          conv_small::bwd_w(gyn, g.P, xs.get(), ld, p.OW, p.O, g.P, lanes.get());
-        }
-      }
+    lanes.zero(lane_len);
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* xn = x + n * p.H * p.W;
+      const T* gyn = gy + n * p.O * g.P;
       if (wino) {
-        conv_small::wino_bwd_w_finish(lanes.get(), p.O, acc);
+        conv_small::wino_tile_planes(xn, p.H, p.W, xs.get(), ld);
+        conv_small::wino_bwd_w(gyn, g.P, xs.get(), ld, p.OH, p.OW, p.O, lanes.get());
       } else {
-        for (int64_t i = 0; i < wsize; ++i) acc[i] = Vec<T>::hsum(Vec<T>::loadu(lanes.get() + i * L));
+        conv_small::shift_planes(xn, p.W, p.H, p.OW, xs.get(), ld);
+        conv_small::bwd_w(gyn, g.P, xs.get(), ld, p.OW, p.O, g.P, lanes.get());
       }
     }
-  };
-  if (chunks > 1) {
-    parallel_for(chunks, 1, body);
-    for (int64_t c = 1; c < chunks; ++c) add_row(gw, partial.get() + (c - 1) * wsize, wsize);
-  } else {
-    body(0, 1);
-  }
+    if (wino) {
+      conv_small::wino_bwd_w_finish(lanes.get(), p.O, acc);
+    } else {
+      for (int64_t i = 0; i < wsize; ++i) acc[i] = Vec<T>::hsum(Vec<T>::loadu(lanes.get() + i * L));
+    }
+  });
 }
 
 // --- Winograd F(4x4, 3x3) -----------------------------------------------------
@@ -719,30 +726,19 @@ void conv2d_backward_weight(const Conv2dParams& p, const T* gy, const T* x, T* g
   if (wsize == 0) return;
   zero_row(gw, wsize);
   if (p.N == 0 || g.P == 0) return;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(p.N, get_num_threads()));
   if (g.wino && wino4_backward_weight(p, g, gy, x, gw)) return;
   if (g.wino) {
-    // Per chunk of images: dU[g][pos][o][c] summed over tiles; then G^T dU G.
+    // dU[g][pos][o][c] summed over all tiles; then G^T dU G.
     const winograd::Shape s = winograd::make_shape(g.Cg, g.Og, p.H, p.W, p.OH, p.OW, p.ph, p.pw);
     const int64_t usize = 16 * g.Og * g.Cg;
-    Scratch<T> dU(kSlotPartial, chunks * g.G * usize);
-    dU.zero(chunks * g.G * usize);
-    auto body = [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t n0 = p.N * c / chunks, n1 = p.N * (c + 1) / chunks;
-        for (int64_t gi = 0; gi < g.G; ++gi) {
-          winograd::weight_grad_range(s, n0, n1, gy + gi * g.Og * g.P, p.O * g.P,
-                                      x + gi * g.Cg * p.H * p.W, p.C * p.H * p.W,
-                                      dU.get() + (c * g.G + gi) * usize);
-        }
+    Scratch<T> dU(kSlotWeights, g.G * usize);
+    dU.zero(g.G * usize);
+    sum_over_image_ranges(p.N, g.G * usize, dU.get(), [&](int64_t n0, int64_t n1, T* acc) {
+      for (int64_t gi = 0; gi < g.G; ++gi) {
+        winograd::weight_grad_range(s, n0, n1, gy + gi * g.Og * g.P, p.O * g.P,
+                                    x + gi * g.Cg * p.H * p.W, p.C * p.H * p.W, acc + gi * usize);
       }
-    };
-    if (chunks > 1) {
-      parallel_for(chunks, 1, body);
-      for (int64_t c = 1; c < chunks; ++c) add_row(dU.get(), dU.get() + c * g.G * usize, g.G * usize);
-    } else {
-      body(0, 1);
-    }
+    });
     for (int64_t gi = 0; gi < g.G; ++gi) {
       winograd::untransform_weight_grad(dU.get() + gi * usize, g.Og, g.Cg, g.K, int64_t(9),
                                         gw + gi * g.Og * g.K);
@@ -752,55 +748,41 @@ void conv2d_backward_weight(const Conv2dParams& p, const T* gy, const T* x, T* g
   if (conv_small::applies(p)) return conv_small_backward_weight(p, g, gy, x, gw);
   const int64_t rows = rows_per_block(p, g, p.N);
   const int64_t col_elems = g.direct ? 0 : g.K * rows * p.OW;
-  // Contiguous image ranges, each summed into its own partial gradient; the
-  // first partial is gw itself. Partials are added in chunk order.
-  Scratch<T> partial(kSlotPartial, (chunks - 1) * wsize);
   constexpr int64_t L = Vec<T>::L;
-  auto body = [&](int64_t c0, int64_t c1) {
+  sum_over_image_ranges(p.N, wsize, gw, [&](int64_t n0, int64_t n1, T* acc) {
     Scratch<T> col(kSlotCol, col_elems);
     Scratch<T> lanes(kSlotLanes, g.small ? wsize * L : 0);
-    for (int64_t c = c0; c < c1; ++c) {
-      T* acc = c == 0 ? gw : partial.get() + (c - 1) * wsize;
-      if (c != 0) zero_row(acc, wsize);
-      if (g.small) lanes.zero(wsize * L);
-      const int64_t n0 = p.N * c / chunks, n1 = p.N * (c + 1) / chunks;
-      for (int64_t n = n0; n < n1; ++n) {
-        for (int64_t gi = 0; gi < g.G; ++gi) {
-          const T* xg = x + (n * p.C + gi * g.Cg) * p.H * p.W;
-          const T* gyg = gy + (n * p.O + gi * g.Og) * g.P;
-          T* gwg = acc + gi * g.Og * g.K;
-          for (int64_t oh0 = 0; oh0 < p.OH; oh0 += rows) {
-            const int64_t oh1 = std::min(p.OH, oh0 + rows), npix = (oh1 - oh0) * p.OW;
-            const T* cols = xg + oh0 * p.OW;
-            int64_t ldc = g.P;
-            if (!g.direct) {
-              im2col(p, g.Cg, xg, oh0, oh1, col.get());
-              cols = col.get();
-              ldc = npix;
-            }
-            const T* gyb = gyg + oh0 * p.OW;
-            if (g.small) {
+    if (g.small) lanes.zero(wsize * L);
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t gi = 0; gi < g.G; ++gi) {
+        const T* xg = x + (n * p.C + gi * g.Cg) * p.H * p.W;
+        const T* gyg = gy + (n * p.O + gi * g.Og) * g.P;
+        T* gwg = acc + gi * g.Og * g.K;
+        for (int64_t oh0 = 0; oh0 < p.OH; oh0 += rows) {
+          const int64_t oh1 = std::min(p.OH, oh0 + rows), npix = (oh1 - oh0) * p.OW;
+          const T* cols = xg + oh0 * p.OW;
+          int64_t ldc = g.P;
+          if (!g.direct) {
+            im2col(p, g.Cg, xg, oh0, oh1, col.get());
+            cols = col.get();
+            ldc = npix;
+          }
+          const T* gyb = gyg + oh0 * p.OW;
+          if (g.small) {
 #define FASTNN_CALL(KK) \
   small_bwd_w<T, KK>(gyb, g.P, cols, ldc, g.Og, npix, lanes.get() + gi * g.Og * g.K * L)
-              FASTNN_SMALLK_SWITCH(g.K, FASTNN_CALL)
+            FASTNN_SMALLK_SWITCH(g.K, FASTNN_CALL)
 #undef FASTNN_CALL
-            } else {
-              gemm<T>(false, true, g.Og, g.K, npix, gyb, g.P, cols, ldc, gwg, g.K, true);
-            }
+          } else {
+            gemm<T>(false, true, g.Og, g.K, npix, gyb, g.P, cols, ldc, gwg, g.K, true);
           }
         }
       }
-      if (g.small) {
-        for (int64_t i = 0; i < wsize; ++i) acc[i] = Vec<T>::hsum(Vec<T>::loadu(lanes.get() + i * L));
-      }
     }
-  };
-  if (chunks > 1) {
-    parallel_for(chunks, 1, body);
-    for (int64_t c = 1; c < chunks; ++c) add_row(gw, partial.get() + (c - 1) * wsize, wsize);
-  } else {
-    body(0, 1);
-  }
+    if (g.small) {
+      for (int64_t i = 0; i < wsize; ++i) acc[i] = Vec<T>::hsum(Vec<T>::loadu(lanes.get() + i * L));
+    }
+  });
 }
 
 #define FASTNN_INSTANTIATE(T)                                                                \

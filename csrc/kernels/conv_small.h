@@ -33,12 +33,7 @@ namespace FASTNN_ISA_NS {
 namespace conv_small {
 
 using simd::Vec;
-
-#if defined(__AVX512F__)
-constexpr int kRegs = 32;
-#else
-constexpr int kRegs = 16;
-#endif
+constexpr int kRegs = simd::kVecRegs;
 
 // Shapes these kernels take (any N, OH, OW >= 1, any number of outputs).
 inline bool applies(const Conv2dParams& p) {

@@ -52,7 +52,7 @@ enum ScratchSlot : int {
   kSlotWinoOut = 2,    // Winograd products / transformed grad_out
   kSlotWinoGrid = 3,   // Winograd zero-padded plane
   kSlotPartial = 4,    // per-chunk weight-gradient partials (caller thread)
-  kSlotWeights = 5,    // transformed weights (caller thread)
+  kSlotWeights = 5,    // transformed weights or their gradients (caller thread)
   kSlotLanes = 6,      // lane-wise weight-gradient sums (small-K conv)
   kSlotFusedMid = 7,   // fused conv+relu+pool: one image's conv output
   kSlotFusedGrad = 8,  // fused conv+relu+pool: its gradient

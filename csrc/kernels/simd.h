@@ -40,6 +40,13 @@ namespace fastnn {
 namespace FASTNN_ISA_NS {
 namespace simd {
 
+// Vector registers the kernels may plan their register blocking around.
+#if defined(__AVX512F__)
+constexpr int kVecRegs = 32;
+#else
+constexpr int kVecRegs = 16;
+#endif
+
 template <typename T>
 struct Vec;
 
