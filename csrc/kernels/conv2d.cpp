@@ -493,19 +493,22 @@ void conv_small_backward_weight(const Conv2dParams& p, const Geom& g, const T* g
   constexpr int64_t L = Vec<T>::L;
   const int64_t wsize = p.O * 9;
   const bool wino = conv_small::wino_applies(p);
-  // Shift planes (3, H*OW) or tile planes (12, OH*OW/2), planes vector-aligned.
-  const int64_t ld = ((wino ? p.OH * (p.OW / 2) : p.H * p.OW) + L - 1) / L * L;
+  // Shift planes (3, H*OW), or for Winograd 2 of them + the tile blocks
+  // (ceil(Q/L), 12, L) of the Q = OH*OW/2 tiles; planes vector-aligned.
+  const int64_t ld = (p.H * p.OW + L - 1) / L * L;
+  const int64_t blocks_len = (p.OH * (p.OW / 2) + L - 1) / L * 12 * L;
   const int64_t lane_len = p.O * (wino ? 12 : 9) * L;
   sum_over_image_ranges(p.N, wsize, gw, [&](int64_t n0, int64_t n1, T* acc) {
-    Scratch<T> xs(kSlotCol, (wino ? 12 : 3) * ld);
+    Scratch<T> xs(kSlotCol, wino ? 2 * ld + blocks_len : 3 * ld);
     Scratch<T> lanes(kSlotLanes, lane_len);
     lanes.zero(lane_len);
     for (int64_t n = n0; n < n1; ++n) {
       const T* xn = x + n * p.H * p.W;
       const T* gyn = gy + n * p.O * g.P;
       if (wino) {
-        conv_small::wino_tile_planes(xn, p.H, p.W, xs.get(), ld);
-        conv_small::wino_bwd_w(gyn, g.P, xs.get(), ld, p.OH, p.OW, p.O, lanes.get());
+        T* vb = xs.get() + 2 * ld;
+        conv_small::wino_bwd_w_blocks(xn, p.H, p.W, xs.get(), ld, vb);
+        conv_small::wino_bwd_w(gyn, g.P, vb, p.OH, p.OW, p.O, lanes.get());
       } else {
         conv_small::shift_planes(xn, p.W, p.H, p.OW, xs.get(), ld);
         conv_small::bwd_w(gyn, g.P, xs.get(), ld, p.OW, p.O, g.P, lanes.get());

@@ -217,61 +217,75 @@ void bwd_w(const T* gy, int64_t ldg, const T* xs, int64_t ld, int64_t OW, int64_
 // pixels. Needs an even output width (tiles never straddle rows), and
 // 24 accumulators + 4 gradient vectors in registers (AVX-512).
 
-// Tile planes of one image: v (4, 3, OH*T) [plane stride ld], T = OW/2 tiles
-// per row; v[i][kh][oh*T + t] = V_i of the tile at input row oh + kh,
-// columns 2t..2t+3: a flat run over the output plane per (i, kh). (One plane
-// per i, offset by kh*T per tap row, would do, but the main loop is short of
-// load slots and aligned loads cost less.)
+// Tile blocks of one image for backward-weight: vb (NB, 12, L), NB =
+// ceil(Q / L), Q = OH*T tiles, T = OW/2 per row. Block b holds, for
+// k = i*3 + kh, the vector V_i of tap row kh for the tiles b*L .. b*L + L-1,
+// in the lane order of Vec::unzip -- the order the gradients' (e, o) pairs
+// come out in, so no lane-crossing permute is needed in the main loop. One
+// pointer with constant offsets reaches all 12 vectors of a block; with 12
+// separate planes the loop ran short of general registers and spilled.
+// Built from the shift planes xs (2, H*OW) [plane stride ld] of kw = 0 and
+// kw = 2: tile q = oh*T + t of tap row kh starts at flat element 2q + kh*OW of
+// both (x columns 2t, 2t+1 in kw 0; 2t+2, 2t+3 in kw 2), exactly where its
+// gradients start in gy. Lanes past Q read as 0, like the gradients there, so
+// the last block adds 0 whatever x holds.
 template <typename T>
-void wino_tile_planes(const T* __restrict x, int64_t H, int64_t W, T* __restrict v, int64_t ld) {
+void wino_bwd_w_blocks(const T* __restrict x, int64_t H, int64_t W, T* __restrict xs,
+                       int64_t ld, T* __restrict vb) {
   using V = Vec<T>;
   using R = typename V::reg;
-  const int64_t TT = (W - 2) / 2;
+  const int64_t OW = W - 2, Q = (H - 2) * (OW / 2);
   for (int64_t r = 0; r < H; ++r) {
-    const T* row = x + r * W;
-    for (int64_t t0 = 0; t0 < TT; t0 += V::L) {
-      const int64_t m = std::min<int64_t>(V::L, TT - t0);
-      // Elements 2*t0 .. W-1 of the row remain; take 2L of them from 2*t0 and
-      // from 2*t0 + 2 (the next tile's start), zero past the row's end.
-      const int64_t a = W - 2 * t0, b = a - 2;
-      R e, o, e1, o1;
-      V::deinterleave(V::loadp(row + 2 * t0, std::min<int64_t>(a, V::L)),
-                      V::loadp(row + 2 * t0 + V::L, std::max<int64_t>(0, std::min<int64_t>(a - V::L, V::L))),
-                      e, o);
-      V::deinterleave(V::loadp(row + 2 * t0 + 2, std::min<int64_t>(b, V::L)),
-                      V::loadp(row + 2 * t0 + 2 + V::L, std::max<int64_t>(0, std::min<int64_t>(b - V::L, V::L))),
-                      e1, o1);
-      const R vi[4] = {V::sub(e, e1), V::add(o, e1), V::sub(e1, o), V::sub(o, o1)};
-      for (int64_t kh = std::max<int64_t>(0, r - (H - 3)); kh <= std::min<int64_t>(2, r); ++kh) {
-        T* dst = v + kh * ld + (r - kh) * TT + t0;
-        for (int i = 0; i < 4; ++i) V::storep(dst + i * 3 * ld, vi[i], m);
+    std::memcpy(xs + r * OW, x + r * W, static_cast<size_t>(OW) * sizeof(T));
+    std::memcpy(xs + ld + r * OW, x + r * W + 2, static_cast<size_t>(OW) * sizeof(T));
+  }
+  for (int64_t q0 = 0; q0 < Q; q0 += V::L) {
+    const int64_t n = 2 * std::min<int64_t>(V::L, Q - q0);  // elements of the block
+    const int64_t n0 = std::min<int64_t>(n, V::L), n1 = n - n0;
+    T* dst = vb + q0 * 12;
+    for (int64_t kh = 0; kh < 3; ++kh) {
+      const T* a = xs + kh * OW + 2 * q0;
+      const T* b = a + ld;
+      R d0, d1, d2, d3;
+      if (n == 2 * V::L) {
+        V::unzip(V::loadu(a), V::loadu(a + V::L), d0, d1);
+        V::unzip(V::loadu(b), V::loadu(b + V::L), d2, d3);
+      } else {
+        V::unzip(V::loadp(a, n0), V::loadp(a + V::L, n1), d0, d1);
+        V::unzip(V::loadp(b, n0), V::loadp(b + V::L, n1), d2, d3);
       }
+      V::storeu(dst + (0 + kh) * V::L, V::sub(d0, d2));
+      V::storeu(dst + (3 + kh) * V::L, V::add(d1, d2));
+      V::storeu(dst + (6 + kh) * V::L, V::sub(d2, d1));
+      V::storeu(dst + (9 + kh) * V::L, V::sub(d1, d3));
     }
   }
 }
 
-// One step of 16 (L) tiles of wino_bwd_w_rows; Full: all L tiles exist,
-// else only the first m (the gy loads then zero the rest, which adds 0).
+// One block of L tiles of wino_bwd_w_rows: gy at the block's first gradient,
+// vb at its tile block; Full: all L tiles exist, else only the first m (the
+// gradient loads then zero the rest, and so do the tile blocks).
 template <typename T, int RB, bool Full>
 __attribute__((always_inline)) inline void wino_step(typename Vec<T>::reg (&acc)[RB][4][3],
                                                      const T* __restrict gy, int64_t ldg,
-                                                     const T* __restrict v, int64_t ld, int64_t TT,
-                                                     int64_t q0, int64_t m) {
+                                                     const T* __restrict vb, int64_t m) {
   using V = Vec<T>;
   using R = typename V::reg;
+  // The next RB channels' rows (after the last channels, the next image's
+  // first ones; prefetches never fault). gy streams from L3, and the hardware
+  // prefetcher, restarting on every 2.7 KB row, left the loop waiting on it.
+  for (int j = 0; j < RB; ++j) {
+    const char* next = reinterpret_cast<const char*>(gy + (j + RB) * ldg);
+    for (int64_t b = 0; b < int64_t(2 * V::L * sizeof(T)); b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+  }
   R e[RB], o[RB];
   for (int j = 0; j < RB; ++j) {
-    const T* g = gy + j * ldg + 2 * q0;
+    const T* g = gy + j * ldg;
     if (Full) {
-      // Loaded once each: left to itself GCC loads them twice (the permutes
-      // overwrite an operand), and this loop is short of load slots.
-      R lo = V::loadu(g), hi = V::loadu(g + V::L);
-      in_register(lo);
-      in_register(hi);
-      V::deinterleave(lo, hi, e[j], o[j]);
+      V::unzip(V::loadu(g), V::loadu(g + V::L), e[j], o[j]);
     } else {
-      V::deinterleave(V::loadp(g, std::min<int64_t>(2 * m, V::L)),
-                      V::loadp(g + V::L, std::max<int64_t>(0, 2 * m - V::L)), e[j], o[j]);
+      V::unzip(V::loadp(g, std::min<int64_t>(2 * m, V::L)),
+               V::loadp(g + V::L, std::max<int64_t>(0, 2 * m - V::L)), e[j], o[j]);
     }
   }
   for (int i = 0; i < 4; ++i) {
@@ -279,8 +293,7 @@ __attribute__((always_inline)) inline void wino_step(typename Vec<T>::reg (&acc)
     for (int j = 0; j < RB; ++j)
       u[j] = i == 0 ? e[j] : i == 1 ? V::add(e[j], o[j]) : i == 2 ? V::sub(e[j], o[j]) : o[j];
     for (int kh = 0; kh < 3; ++kh) {
-      const T* src = v + (i * 3 + kh) * ld + q0;
-      R vk = Full ? V::loadu(src) : V::loadp(src, m);
+      R vk = V::loadu(vb + (i * 3 + kh) * V::L);
       in_register(vk);
       for (int j = 0; j < RB; ++j) acc[j][i][kh] = V::fma(u[j], vk, acc[j][i][kh]);
     }
@@ -288,10 +301,10 @@ __attribute__((always_inline)) inline void wino_step(typename Vec<T>::reg (&acc)
 }
 
 // lanes (RB, 4, 3, L) += lane-wise U_i(gy row) * V_i(tap row kh), over the
-// Q = OH*T tiles of one image: gy (RB, 2Q) [row stride ldg], v tile planes.
+// Q tiles of one image: gy (RB, 2Q) [row stride ldg], vb its tile blocks.
 template <typename T, int RB>
-void wino_bwd_w_rows(const T* __restrict gy, int64_t ldg, const T* __restrict v, int64_t ld,
-                     int64_t TT, int64_t Q, T* __restrict lanes) {
+void wino_bwd_w_rows(const T* __restrict gy, int64_t ldg, const T* __restrict vb, int64_t Q,
+                     T* __restrict lanes) {
   using V = Vec<T>;
   using R = typename V::reg;
   R acc[RB][4][3];
@@ -299,8 +312,8 @@ void wino_bwd_w_rows(const T* __restrict gy, int64_t ldg, const T* __restrict v,
     for (int i = 0; i < 4; ++i)
       for (int kh = 0; kh < 3; ++kh) acc[j][i][kh] = V::loadu(lanes + ((j * 4 + i) * 3 + kh) * V::L);
   int64_t q0 = 0;
-  for (; q0 + V::L <= Q; q0 += V::L) wino_step<T, RB, true>(acc, gy, ldg, v, ld, TT, q0, V::L);
-  if (q0 < Q) wino_step<T, RB, false>(acc, gy, ldg, v, ld, TT, q0, Q - q0);
+  for (; q0 + V::L <= Q; q0 += V::L) wino_step<T, RB, true>(acc, gy + 2 * q0, ldg, vb + q0 * 12, V::L);
+  if (q0 < Q) wino_step<T, RB, false>(acc, gy + 2 * q0, ldg, vb + q0 * 12, Q - q0);
   for (int j = 0; j < RB; ++j)
     for (int i = 0; i < 4; ++i)
       for (int kh = 0; kh < 3; ++kh) V::storeu(lanes + ((j * 4 + i) * 3 + kh) * V::L, acc[j][i][kh]);
@@ -312,15 +325,16 @@ void wino_bwd_w_rows(const T* __restrict gy, int64_t ldg, const T* __restrict v,
 // gradients (backward-weight).
 inline bool wino_applies(const Conv2dParams& p) { return kRegs >= 32 && p.OW % 2 == 0; }
 
-// lanes (Og, 12, L) += one image's P sums: gy (Og, OH*OW) [row stride ldg].
+// lanes (Og, 12, L) += one image's P sums: gy (Og, OH*OW) [row stride ldg],
+// vb its tile blocks (wino_bwd_w_blocks).
 template <typename T>
-void wino_bwd_w(const T* gy, int64_t ldg, const T* v, int64_t ld, int64_t OH, int64_t OW,
-                int64_t Og, T* lanes) {
+void wino_bwd_w(const T* gy, int64_t ldg, const T* vb, int64_t OH, int64_t OW, int64_t Og,
+                T* lanes) {
   constexpr int64_t L = Vec<T>::L;
-  const int64_t TT = OW / 2, Q = OH * TT;
+  const int64_t Q = OH * (OW / 2);
   int64_t o = 0;
-  for (; o + 2 <= Og; o += 2) wino_bwd_w_rows<T, 2>(gy + o * ldg, ldg, v, ld, TT, Q, lanes + o * 12 * L);
-  for (; o < Og; ++o) wino_bwd_w_rows<T, 1>(gy + o * ldg, ldg, v, ld, TT, Q, lanes + o * 12 * L);
+  for (; o + 2 <= Og; o += 2) wino_bwd_w_rows<T, 2>(gy + o * ldg, ldg, vb, Q, lanes + o * 12 * L);
+  for (; o < Og; ++o) wino_bwd_w_rows<T, 1>(gy + o * ldg, ldg, vb, Q, lanes + o * 12 * L);
 }
 
 // gw (Og, 3, 3) = the output transform of the lane sums lanes (Og, 12, L).
@@ -351,6 +365,41 @@ void wino_bwd_w_finish(const T* lanes, int64_t Og, T* gw) {
 // Zen 4. One input channel means no channel sum to amortize the transforms
 // over, but the input side is shared by all output channels and the output
 // side is 4 adds. Same conditions as wino_bwd_w (AVX-512, even OW).
+
+// Tile planes of one image: v (4, 3, OH*T) [plane stride ld], T = OW/2 tiles
+// per row; v[i][kh][oh*T + t] = V_i of the tile at input row oh + kh,
+// columns 2t..2t+3 (V as in the backward-weight above, in tile order): a flat
+// run over the output plane per (i, kh). (One plane per i, offset by kh*T per
+// tap row, would do, but aligned loads cost less.)
+template <typename T>
+void wino_tile_planes(const T* __restrict x, int64_t H, int64_t W, T* __restrict v, int64_t ld) {
+  using V = Vec<T>;
+  using R = typename V::reg;
+  const int64_t TT = (W - 2) / 2;
+  for (int64_t r = 0; r < H; ++r) {
+    const T* row = x + r * W;
+    for (int64_t t0 = 0; t0 < TT; t0 += V::L) {
+      const int64_t m = std::min<int64_t>(V::L, TT - t0);
+      // Elements 2*t0 .. W-1 of the row remain; take 2L of them from 2*t0 and
+      // from 2*t0 + 2 (the next tile's start), zero past the row's end.
+      const int64_t a = W - 2 * t0, b = a - 2;
+      R e, o, e1, o1;
+      V::deinterleave(V::loadp(row + 2 * t0, std::min<int64_t>(a, V::L)),
+                      V::loadp(row + 2 * t0 + V::L, std::max<int64_t>(0, std::min<int64_t>(a - V::L, V::L))),
+                      e, o);
+      V::deinterleave(V::loadp(row + 2 * t0 + 2, std::min<int64_t>(b, V::L)),
+                      V::loadp(row + 2 * t0 + 2 + V::L, std::max<int64_t>(0, std::min<int64_t>(b - V::L, V::L))),
+                      e1, o1);
+      const R vi[4] = {V::sub(e, e1), V::add(o, e1), V::sub(e1, o), V::sub(o, o1)};
+      for (int64_t kh = std::max<int64_t>(0, r - (H - 3)); kh <= std::min<int64_t>(2, r); ++kh) {
+        T* dst = v + kh * ld + (r - kh) * TT + t0;
+        for (int i = 0; i < 4; ++i) V::storep(dst + i * 3 * ld, vi[i], m);
+      }
+    }
+  }
+}
+
+// One step of 16 (L) tiles of wino_bwd_w_rows; Full: all L tiles exist,
 
 // u (O, 3, 4) = the transformed weights of w (O, 1, 3, 3).
 template <typename T>

@@ -88,6 +88,14 @@ struct Vec<float> {
     even = _mm512_permutex2var_ps(lo, ie, hi);
     odd = _mm512_permutex2var_ps(lo, io, hi);
   }
+  // Like deinterleave, but the pairs come out in a fixed non-ascending lane
+  // order (in-lane shuffles: no index registers, and no contention with the
+  // FMA pipes, unlike the 2-source permutes on Zen 4). For lane-wise work
+  // where both operands went through unzip, so their lanes match.
+  static void unzip(reg lo, reg hi, reg& even, reg& odd) {
+    even = _mm512_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+    odd = _mm512_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1));
+  }
   static void interleave(reg even, reg odd, reg& lo, reg& hi) {
     const __m512i il = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7,
                                          23);
@@ -128,6 +136,10 @@ struct Vec<double> {
     const __m512i io = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
     even = _mm512_permutex2var_pd(lo, ie, hi);
     odd = _mm512_permutex2var_pd(lo, io, hi);
+  }
+  static void unzip(reg lo, reg hi, reg& even, reg& odd) {
+    even = _mm512_shuffle_pd(lo, hi, 0x00);
+    odd = _mm512_shuffle_pd(lo, hi, 0xff);
   }
   static void interleave(reg even, reg odd, reg& lo, reg& hi) {
     const __m512i il = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
@@ -181,6 +193,10 @@ struct Vec<float> {
     even = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), _MM_SHUFFLE(3, 1, 2, 0)));
     odd = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), _MM_SHUFFLE(3, 1, 2, 0)));
   }
+  static void unzip(reg lo, reg hi, reg& even, reg& odd) {
+    even = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+    odd = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1));
+  }
   static void interleave(reg even, reg odd, reg& lo, reg& hi) {
     const __m256 l = _mm256_unpacklo_ps(even, odd);  // e0 o0 e1 o1 | e4 o4 e5 o5
     const __m256 h = _mm256_unpackhi_ps(even, odd);  // e2 o2 e3 o3 | e6 o6 e7 o7
@@ -224,6 +240,10 @@ struct Vec<double> {
     // unpack: [a0 b0 a2 b2] / [a1 b1 a3 b3]; permute to [a0 a2 b0 b2] / [a1 a3 b1 b3].
     even = _mm256_permute4x64_pd(_mm256_unpacklo_pd(lo, hi), _MM_SHUFFLE(3, 1, 2, 0));
     odd = _mm256_permute4x64_pd(_mm256_unpackhi_pd(lo, hi), _MM_SHUFFLE(3, 1, 2, 0));
+  }
+  static void unzip(reg lo, reg hi, reg& even, reg& odd) {
+    even = _mm256_unpacklo_pd(lo, hi);
+    odd = _mm256_unpackhi_pd(lo, hi);
   }
   static void interleave(reg even, reg odd, reg& lo, reg& hi) {
     const __m256d l = _mm256_unpacklo_pd(even, odd);  // e0 o0 e2 o2
@@ -278,6 +298,7 @@ struct Vec<float> {
     even = _mm_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
     odd = _mm_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1));
   }
+  static void unzip(reg lo, reg hi, reg& even, reg& odd) { deinterleave(lo, hi, even, odd); }
   static void interleave(reg even, reg odd, reg& lo, reg& hi) {
     lo = _mm_unpacklo_ps(even, odd);
     hi = _mm_unpackhi_ps(even, odd);
@@ -322,6 +343,7 @@ struct Vec<double> {
     even = _mm_unpacklo_pd(lo, hi);
     odd = _mm_unpackhi_pd(lo, hi);
   }
+  static void unzip(reg lo, reg hi, reg& even, reg& odd) { deinterleave(lo, hi, even, odd); }
   static void interleave(reg even, reg odd, reg& lo, reg& hi) {
     lo = _mm_unpacklo_pd(even, odd);
     hi = _mm_unpackhi_pd(even, odd);
@@ -361,6 +383,7 @@ struct ScalarVec {
     even = lo;
     odd = hi;
   }
+  static void unzip(reg lo, reg hi, reg& even, reg& odd) { deinterleave(lo, hi, even, odd); }
   static void interleave(reg even, reg odd, reg& lo, reg& hi) {
     lo = even;
     hi = odd;
