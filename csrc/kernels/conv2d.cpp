@@ -497,7 +497,7 @@ void conv_small_backward_weight(const Conv2dParams& p, const Geom& g, const T* g
   // (ceil(Q/L), 12, L) of the Q = OH*OW/2 tiles; planes vector-aligned.
   const int64_t ld = (p.H * p.OW + L - 1) / L * L;
   const int64_t blocks_len = (p.OH * (p.OW / 2) + L - 1) / L * 12 * L;
-  const int64_t lane_len = p.O * (wino ? 12 : 9) * L;
+  const int64_t lane_len = p.O * (wino ? 12 * conv_small::Folded<T>::kLen : 9 * L);
   sum_over_image_ranges(p.N, wsize, gw, [&](int64_t n0, int64_t n1, T* acc) {
     Scratch<T> xs(kSlotCol, wino ? 2 * ld + blocks_len : 3 * ld);
     Scratch<T> lanes(kSlotLanes, lane_len);

@@ -262,6 +262,35 @@ void wino_bwd_w_blocks(const T* __restrict x, int64_t H, int64_t W, T* __restric
   }
 }
 
+// The lane sums kept between images, per accumulator: folded to half a
+// vector (its two halves added) where that is cheap (AVX-512). A channel
+// pair's 24 sums then load and store in half the bytes, and all channels'
+// sums (12 KB) stay in L1 beside the tile blocks; measured 5% of the pass.
+template <typename T>
+struct Folded {
+  static constexpr int64_t kLen = Vec<T>::L;
+  static typename Vec<T>::reg load(const T* p) { return Vec<T>::loadu(p); }
+  static void store(T* p, typename Vec<T>::reg v) { Vec<T>::storeu(p, v); }
+};
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+template <>
+struct Folded<float> {
+  static constexpr int64_t kLen = 8;
+  static __m512 load(const float* p) { return _mm512_zextps256_ps512(_mm256_loadu_ps(p)); }
+  static void store(float* p, __m512 v) {
+    _mm256_storeu_ps(p, _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+  }
+};
+template <>
+struct Folded<double> {
+  static constexpr int64_t kLen = 4;
+  static __m512d load(const double* p) { return _mm512_zextpd256_pd512(_mm256_loadu_pd(p)); }
+  static void store(double* p, __m512d v) {
+    _mm256_storeu_pd(p, _mm256_add_pd(_mm512_castpd512_pd256(v), _mm512_extractf64x4_pd(v, 1)));
+  }
+};
+#endif
+
 // One block of L tiles of wino_bwd_w_rows: gy at the block's first gradient,
 // vb at its tile block; Full: all L tiles exist, else only the first m (the
 // gradient loads then zero the rest, and so do the tile blocks).
@@ -300,23 +329,25 @@ __attribute__((always_inline)) inline void wino_step(typename Vec<T>::reg (&acc)
   }
 }
 
-// lanes (RB, 4, 3, L) += lane-wise U_i(gy row) * V_i(tap row kh), over the
-// Q tiles of one image: gy (RB, 2Q) [row stride ldg], vb its tile blocks.
+// lanes (RB, 4, 3, Folded::kLen) += lane-wise U_i(gy row) * V_i(tap row kh),
+// over the Q tiles of one image: gy (RB, 2Q) [row stride ldg], vb its tile
+// blocks.
 template <typename T, int RB>
 void wino_bwd_w_rows(const T* __restrict gy, int64_t ldg, const T* __restrict vb, int64_t Q,
                      T* __restrict lanes) {
   using V = Vec<T>;
   using R = typename V::reg;
+  constexpr int64_t F = Folded<T>::kLen;
   R acc[RB][4][3];
   for (int j = 0; j < RB; ++j)
     for (int i = 0; i < 4; ++i)
-      for (int kh = 0; kh < 3; ++kh) acc[j][i][kh] = V::loadu(lanes + ((j * 4 + i) * 3 + kh) * V::L);
+      for (int kh = 0; kh < 3; ++kh) acc[j][i][kh] = Folded<T>::load(lanes + ((j * 4 + i) * 3 + kh) * F);
   int64_t q0 = 0;
   for (; q0 + V::L <= Q; q0 += V::L) wino_step<T, RB, true>(acc, gy + 2 * q0, ldg, vb + q0 * 12, V::L);
   if (q0 < Q) wino_step<T, RB, false>(acc, gy + 2 * q0, ldg, vb + q0 * 12, Q - q0);
   for (int j = 0; j < RB; ++j)
     for (int i = 0; i < 4; ++i)
-      for (int kh = 0; kh < 3; ++kh) V::storeu(lanes + ((j * 4 + i) * 3 + kh) * V::L, acc[j][i][kh]);
+      for (int kh = 0; kh < 3; ++kh) Folded<T>::store(lanes + ((j * 4 + i) * 3 + kh) * F, acc[j][i][kh]);
 }
 
 // Whether the Winograd kernels run (else fwd, bwd_w and the dcol backward-
@@ -325,26 +356,31 @@ void wino_bwd_w_rows(const T* __restrict gy, int64_t ldg, const T* __restrict vb
 // gradients (backward-weight).
 inline bool wino_applies(const Conv2dParams& p) { return kRegs >= 32 && p.OW % 2 == 0; }
 
-// lanes (Og, 12, L) += one image's P sums: gy (Og, OH*OW) [row stride ldg],
-// vb its tile blocks (wino_bwd_w_blocks).
+// lanes (Og, 12, Folded::kLen) += one image's P sums: gy (Og, OH*OW) [row
+// stride ldg], vb its tile blocks (wino_bwd_w_blocks).
 template <typename T>
 void wino_bwd_w(const T* gy, int64_t ldg, const T* vb, int64_t OH, int64_t OW, int64_t Og,
                 T* lanes) {
-  constexpr int64_t L = Vec<T>::L;
+  constexpr int64_t F = Folded<T>::kLen;
   const int64_t Q = OH * (OW / 2);
   int64_t o = 0;
-  for (; o + 2 <= Og; o += 2) wino_bwd_w_rows<T, 2>(gy + o * ldg, ldg, vb, Q, lanes + o * 12 * L);
-  for (; o < Og; ++o) wino_bwd_w_rows<T, 1>(gy + o * ldg, ldg, vb, Q, lanes + o * 12 * L);
+  for (; o + 2 <= Og; o += 2) wino_bwd_w_rows<T, 2>(gy + o * ldg, ldg, vb, Q, lanes + o * 12 * F);
+  for (; o < Og; ++o) wino_bwd_w_rows<T, 1>(gy + o * ldg, ldg, vb, Q, lanes + o * 12 * F);
 }
 
-// gw (Og, 3, 3) = the output transform of the lane sums lanes (Og, 12, L).
+// gw (Og, 3, 3) = the output transform of the lane sums lanes (Og, 12,
+// Folded::kLen).
 template <typename T>
 void wino_bwd_w_finish(const T* lanes, int64_t Og, T* gw) {
-  using V = Vec<T>;
+  constexpr int64_t F = Folded<T>::kLen;
   for (int64_t o = 0; o < Og; ++o) {
     for (int kh = 0; kh < 3; ++kh) {
       T P[4];
-      for (int i = 0; i < 4; ++i) P[i] = V::hsum(V::loadu(lanes + ((o * 4 + i) * 3 + kh) * V::L));
+      for (int i = 0; i < 4; ++i) {
+        const T* l = lanes + ((o * 4 + i) * 3 + kh) * F;
+        P[i] = T(0);
+        for (int64_t k = 0; k < F; ++k) P[i] += l[k];
+      }
       const T h = T(0.5) * (P[1] + P[2]);
       gw[(o * 3 + kh) * 3 + 0] = P[0] + h;
       gw[(o * 3 + kh) * 3 + 1] = T(0.5) * (P[1] - P[2]);
