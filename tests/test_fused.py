@@ -136,6 +136,39 @@ def test_nan_propagates_and_gets_no_gradient(host_backend):
     np.testing.assert_array_equal(gx, want)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("ow", [1, 13, 16, 17])
+def test_backward_special_values_per_image(host_backend, rng, ow, threads):
+    """The per-image backward (N >= 2 x threads) routes each window's gradient exactly
+    as relu -> max_pool2d_backward -> relu_backward do, for float32 rows up to a
+    vector wide (the one-pass AVX-512 kernel) and past it: NaN, +-inf, ties,
+    all-negative windows, -0.0. A 1x1 identity conv makes grad_x that routing."""
+    n, c, oh = 6, 3, 5
+    x = rng.standard_normal((n, c, 2 * oh, 2 * ow)).astype(np.float32)
+    specials = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 2.0, -1.0], dtype=np.float32)
+    mask = rng.random(x.shape) < 0.25
+    x[mask] = rng.choice(specials, size=int(mask.sum()))
+    x[0, 0, :2, :2] = [[np.inf, -np.inf], [1.0, 2.0]]  # inf wins; no NaN from inf + -inf
+    x[0, 1, :2, :2] = [[3.0, 3.0], [3.0, 3.0]]  # ties: the first tap
+    x[0, 2, :2, :2] = [[-1.0, -0.0], [-2.0, -3.0]]  # max <= 0: no gradient
+    x[1, 0, :2, :2] = [[5.0, np.nan], [1.0, 2.0]]  # a NaN anywhere: no gradient
+    wt = np.eye(c, dtype=np.float32).reshape(c, c, 1, 1)
+    b = np.zeros(c, dtype=np.float32)
+    gy = rng.standard_normal((n, c, oh, ow)).astype(np.float32)
+    old = fastnn.get_num_threads()
+    fastnn.set_num_threads(threads)
+    try:
+        with fastnn.backend(host_backend):
+            gx, gw, gb = F.conv2d_relu_max_pool2d_backward(gy, x, wt, b, pool_kernel_size=2)
+            want = _unfused_grads(gy, x, wt, b, {}, {"pool_kernel_size": 2})
+    finally:
+        fastnn.set_num_threads(old)
+    np.testing.assert_array_equal(gx, want[0])
+    np.testing.assert_array_equal(np.isnan(gw), np.isnan(want[1]))
+    _close(np.nan_to_num(gw), np.nan_to_num(want[1]), np.float32)
+    _close(gb, want[2], np.float32)
+
+
 def test_unbatched_and_empty(host_backend, rng):
     x = rng.standard_normal((2, 7, 7))
     wt = rng.standard_normal((3, 2, 3, 3))
