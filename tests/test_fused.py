@@ -139,10 +139,11 @@ def test_nan_propagates_and_gets_no_gradient(host_backend):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("ow", [1, 13, 16, 17])
 def test_backward_special_values_per_image(host_backend, rng, ow, threads):
-    """The per-image backward (N >= 2 x threads) routes each window's gradient exactly
-    as relu -> max_pool2d_backward -> relu_backward do, for float32 rows up to a
-    vector wide (the one-pass AVX-512 kernel) and past it: NaN, +-inf, ties,
-    all-negative windows, -0.0. A 1x1 identity conv makes grad_x that routing."""
+    """On the per-image path (N >= 2 x threads) the forward equals relu -> max_pool2d
+    bit for bit and the backward routes each window's gradient exactly as
+    relu -> max_pool2d_backward -> relu_backward do, for float32 rows up to a vector
+    wide (the one-pass AVX-512 kernels) and past it: NaN, +-inf, ties, all-negative
+    windows, -0.0. A 1x1 identity conv makes grad_x that routing."""
     n, c, oh = 6, 3, 5
     x = rng.standard_normal((n, c, 2 * oh, 2 * ow)).astype(np.float32)
     specials = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 2.0, -1.0], dtype=np.float32)
@@ -159,10 +160,13 @@ def test_backward_special_values_per_image(host_backend, rng, ow, threads):
     fastnn.set_num_threads(threads)
     try:
         with fastnn.backend(host_backend):
+            y = F.conv2d_relu_max_pool2d(x, wt, b, pool_kernel_size=2)
+            y_want = _unfused(x, wt, b, {}, {"pool_kernel_size": 2})
             gx, gw, gb = F.conv2d_relu_max_pool2d_backward(gy, x, wt, b, pool_kernel_size=2)
             want = _unfused_grads(gy, x, wt, b, {}, {"pool_kernel_size": 2})
     finally:
         fastnn.set_num_threads(old)
+    np.testing.assert_array_equal(y.view(np.uint32), y_want.view(np.uint32))  # -0.0 too
     np.testing.assert_array_equal(gx, want[0])
     np.testing.assert_array_equal(np.isnan(gw), np.isnan(want[1]))
     _close(np.nan_to_num(gw), np.nan_to_num(want[1]), np.float32)

@@ -60,6 +60,44 @@ void add_channel_sums(const T* g, int64_t C, int64_t P, T* acc) {
   }
 }
 
+// Whether a 2x2 stride-2 unpadded pool tiles the conv output exactly.
+inline bool exact_2x2_pool(const Conv2dParams& cp, const Pool2dParams& pp) {
+  return pp.kh == 2 && pp.kw == 2 && pp.sh == 2 && pp.sw == 2 && pp.ph == 0 && pp.pw == 0 &&
+         pp.dh == 1 && pp.dw == 1 && cp.OH == 2 * pp.OH && cp.OW == 2 * pp.OW;
+}
+
+// y (C, OH, OW) = max_pool2d(relu(m), 2x2, stride 2) of the conv output m
+// (C, 2*OH, 2*OW), bit for bit the relu and max_pool2d passes (the same
+// selects and max operations on the same values, in the same order) in one
+// pass whose loads are whole vectors. Returns false, doing nothing, unless
+// this is a float AVX-512 build and a pooled row fits one vector (OW <= 16).
+// m needs 32 floats of slack past C*H*W (loads run past a row's end).
+template <typename T>
+bool relu_maxpool2x2_forward(const T*, int64_t, int64_t, int64_t, T*) {
+  return false;
+}
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+template <>
+bool relu_maxpool2x2_forward<float>(const float* __restrict m, int64_t C, int64_t OH, int64_t OW,
+                                    float* __restrict y) {
+  using V = simd::Vec<float>;
+  using R = V::reg;
+  if (OW > V::L) return false;
+  const int64_t W = 2 * OW;
+  const R zero = V::zero();
+  auto relu = [&](R v) { return V::select(V::gt(zero, v), zero, v); };  // as relu_inplace
+  for (int64_t row = 0; row < C * OH; ++row) {
+    const float* r0 = m + row * 2 * W;
+    R e, o;
+    V::deinterleave(simd::max_nan<float>(relu(V::loadu(r0)), relu(V::loadu(r0 + W))),
+                    simd::max_nan<float>(relu(V::loadu(r0 + V::L)), relu(V::loadu(r0 + W + V::L))),
+                    e, o);
+    V::storep(y + row * OW, simd::max_nan<float>(e, o), OW);
+  }
+  return true;
+}
+#endif
+
 // gm (C, 2*OH, 2*OW) = the gradient at the conv output m (same shape) of
 // max_pool2d(relu(m), 2x2, stride 2), from g (C, OH, OW); gb[c] += the sum of
 // channel c's gradient when gb is given. Returns false, doing nothing, unless
@@ -131,12 +169,6 @@ bool relu_maxpool2x2_backward<float>(const float* __restrict m, const float* __r
 }
 #endif
 
-// Whether a 2x2 stride-2 unpadded pool tiles the conv output exactly.
-inline bool exact_2x2_pool(const Conv2dParams& cp, const Pool2dParams& pp) {
-  return pp.kh == 2 && pp.kw == 2 && pp.sh == 2 && pp.sw == 2 && pp.ph == 0 && pp.pw == 0 &&
-         pp.dh == 1 && pp.dw == 1 && cp.OH == 2 * pp.OH && cp.OW == 2 * pp.OW;
-}
-
 // Below this many images per thread the per-image split leaves threads idle;
 // the batch-level kernels (which split rows/planes) are used instead.
 inline bool per_image(int64_t N) { return N >= 2 * static_cast<int64_t>(get_num_threads()); }
@@ -161,12 +193,15 @@ void conv2d_relu_maxpool_forward(const Conv2dParams& cp, const Pool2dParams& pp,
   c1.N = 1;
   Pool2dParams p1 = pp;
   p1.N = 1;
+  const bool exact = exact_2x2_pool(cp, pp);
   parallel_for(cp.N, 1, [&](int64_t n0, int64_t n1) {
-    Scratch<T> mid(kSlotFusedMid, mid_img);
+    Scratch<T> mid(kSlotFusedMid, mid_img + 32);
     for (int64_t n = n0; n < n1; ++n) {
       conv2d_forward<T>(c1, x + n * in_img, w, b, mid.get());
-      relu_inplace(mid.get(), mid_img);
-      max_pool2d_forward<T>(p1, mid.get(), y + n * out_img);
+      if (!exact || !relu_maxpool2x2_forward(mid.get(), cp.O, pp.OH, pp.OW, y + n * out_img)) {
+        relu_inplace(mid.get(), mid_img);
+        max_pool2d_forward<T>(p1, mid.get(), y + n * out_img);
+      }
     }
   });
 }
