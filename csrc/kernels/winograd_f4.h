@@ -349,20 +349,25 @@ inline void chunk_transform(const Window& wd, int64_t k, const float* plane, flo
   }
 }
 
-// chunk_transform<6> for planes whose tiles need no grid column past 15
-// (Window::hi == 0: rows up to 15 wide with one column of left padding, the
-// 13x13 layers). The B^T pass over tap rows runs first, vertically on whole
-// plane rows (lanes = grid columns, no shuffles); each of its 6 results then
-// needs one 4x4 in-lane transpose for taps j = 0..3, and taps 4, 5 of tile
-// column tw are taps 0, 1 of tile column tw + 1: the next 128-bit block,
-// zero past the last. Per chunk 10 1-D transforms and 60 shuffles instead of
-// 12 and 90, and the 24 intermediate vectors mostly stay in registers (the
-// general path spilled ~70 vectors; in isolation 77 -> 50 ns per chunk).
+// chunk_transform for planes whose tiles need no grid column past 15
+// (Window::hi == 0: rows up to 15 wide with one column of left padding, or
+// 16 wide without, as in the 13x13 layers). The 1-D pass over tap rows runs
+// first, vertically on whole plane rows (lanes = grid columns, no shuffles);
+// each of its 6 results then needs one 4x4 in-lane transpose for taps
+// j = 0..3, and for input tiles taps 4, 5 of tile column tw are taps 0, 1 of
+// tile column tw + 1: the next 128-bit block, zero past the last. For input
+// tiles (NT = 6) that is 10 1-D transforms and 60 shuffles per chunk instead
+// of 12 and 90, and for grad_out tiles (NT = 4) no fewer operations, but in
+// both the 24 intermediate vectors mostly stay in registers where the general
+// path spilled (~70 vectors for input tiles). In isolation an input chunk went
+// from 77 to 50 ns; the grad_out transforms, 15% of the 32 -> 64 13x13
+// layer's backward-weight, took it from 3.74 to 3.56 ms on one thread.
 // Tile rows past TH are zero, so their lanes come out zero unmasked.
 // Not inlined: inlined into weight_grad_range it made that pass ~9% slower.
-__attribute__((noinline)) inline void chunk_transform6_narrow(const Window& wd, int64_t k,
-                                                            const float* plane, float* out,
-                                                            int64_t ldp) {
+template <int NT, typename F>
+__attribute__((noinline)) void chunk_transform_narrow(const Window& wd, int64_t k,
+                                                      const float* plane, float* out, int64_t ldp,
+                                                      F f1d) {
   const int64_t tile_rows = std::min<int64_t>(4, wd.TH - 4 * k);
   __m512 u[4][6];
 #pragma GCC unroll 4
@@ -372,33 +377,44 @@ __attribute__((noinline)) inline void chunk_transform6_narrow(const Window& wd, 
       for (int i = 0; i < 6; ++i) u[thl][i] = _mm512_setzero_ps();
       continue;
     }
-    __m512 d[6];
+    __m512 d[NT];
 #pragma GCC unroll 6
-    for (int r = 0; r < 6; ++r) {
+    for (int r = 0; r < NT; ++r) {
       const int64_t ih = 16 * k + 4 * thl + r - wd.ph;
       d[r] = ih < 0 || ih >= wd.H ? _mm512_setzero_ps()
                                   : _mm512_maskz_loadu_ps(wd.lo, plane + ih * wd.W - wd.pw);
     }
-    in1d(d, u[thl]);
+    f1d(d, u[thl]);
   }
   const __m512i zero = _mm512_setzero_si512();
 #pragma GCC unroll 6
   for (int i = 0; i < 6; ++i) {
     const __m512 q[4] = {u[0][i], u[1][i], u[2][i], u[3][i]};
-    __m512 e[6], v[6];
+    __m512 e[NT], v[6];
     transpose4x4_blocks(q, e, 4);
-    e[4] = _mm512_castsi512_ps(_mm512_alignr_epi32(zero, _mm512_castps_si512(e[0]), 4));
-    e[5] = _mm512_castsi512_ps(_mm512_alignr_epi32(zero, _mm512_castps_si512(e[1]), 4));
-    in1d(e, v);
+    if constexpr (NT == 6) {
+      e[4] = _mm512_castsi512_ps(_mm512_alignr_epi32(zero, _mm512_castps_si512(e[0]), 4));
+      e[5] = _mm512_castsi512_ps(_mm512_alignr_epi32(zero, _mm512_castps_si512(e[1]), 4));
+    }
+    f1d(e, v);
 #pragma GCC unroll 6
     for (int jj = 0; jj < 6; ++jj) _mm512_storeu_ps(out + (i * 6 + jj) * ldp, v[jj]);
+  }
+}
+
+// A g A^T for chunk k of a grad_out plane (see chunk_transform).
+inline void grad_chunk(const Window& wd, int64_t k, const float* plane, float* out, int64_t ldp) {
+  if (wd.hi == 0) {
+    chunk_transform_narrow<4>(wd, k, plane, out, ldp, Grad1d{});
+  } else {
+    chunk_transform<4>(wd, k, plane, out, ldp, Grad1d{});
   }
 }
 
 // B^T d B for chunk k of an input plane (see chunk_transform).
 inline void input_chunk(const Window& wd, int64_t k, const float* plane, float* out, int64_t ldp) {
   if (wd.hi == 0) {
-    chunk_transform6_narrow(wd, k, plane, out, ldp);
+    chunk_transform_narrow<6>(wd, k, plane, out, ldp, In1d{});
   } else {
     chunk_transform<6>(wd, k, plane, out, ldp, In1d{});
   }
@@ -670,9 +686,8 @@ inline void weight_grad_range(const Shape& s, int64_t n0, int64_t n1, const floa
       for (int r = 0; r < nr; ++r)
         for (int64_t n = b; n < e; ++n)
           for (int64_t k = 0; k < s.chunks; ++k)
-            chunk_transform<4>(wgy, k, gy + n * gy_img + (o0 + r) * s.OH * s.OW,
-                               dM.get() + r * T + (n - b) * per_image + k * L,
-                               pos_stride(kWRows * T), Grad1d{});
+            grad_chunk(wgy, k, gy + n * gy_img + (o0 + r) * s.OH * s.OW,
+                       dM.get() + r * T + (n - b) * per_image + k * L, pos_stride(kWRows * T));
       for (int pos = 0; pos < 36; ++pos)
         wgrad_tile(nr, dM.get() + pos * pos_stride(kWRows * T), T, VT.get() + pos * pos_stride(T * Cp),
                    Cp, T, cvecs, dU + (o0 * 36 + pos) * Cp, 36 * Cp);
