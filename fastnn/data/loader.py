@@ -168,7 +168,7 @@ class DataLoader:
                 labels = self._labels[idx]
             if shifts is not None:
                 images = self._shift(images, shifts[start:end])
-            x = self._lut[images]
+            x = xp.take(self._lut, images)  # ~2x faster than lut[images] in NumPy
             yield x.reshape(x.shape[0], 1, *x.shape[1:]), labels
 
 
