@@ -14,7 +14,8 @@
 //
 // With an even output width on AVX-512 all three passes use Winograd
 // F(2,3) along rows instead (2/3 of the FMAs; see wino_fwd, wino_bwd_w and
-// wino_bwd_in_dv), on "tile planes" laid out the same way. Otherwise
+// wino_bwd_in_dv), on "tile planes" (or, for backward-weight, "tile
+// blocks") laid out the same way. Otherwise
 // backward-input is a dcol (w^T @ gy) whose rows are summed into gx while
 // still in L1.
 //
@@ -211,8 +212,8 @@ void bwd_w(const T* gy, int64_t ldg, const T* xs, int64_t ld, int64_t OW, int64_
 //   V = (d0 - d2, d1 + d2, d2 - d1, d1 - d3),
 // summed lane-wise over all tiles and images, and only at the end
 //   gw[kw = 0, 1, 2] = P0 + (P1 + P2)/2, (P1 - P2)/2, (P1 + P2)/2 - P3.
-// V depends only on x, so it is built once per image (4 "tile planes" per
-// input row, shared by all output channels); U costs one deinterleave and 2
+// V depends only on x, so it is built once per image (12 vectors per 16
+// tiles, shared by all output channels); U costs one in-lane unzip and 2
 // adds per channel and 16 tiles. FMAs drop from 18 to 12 per channel and 32
 // pixels. Needs an even output width (tiles never straddle rows), and
 // 24 accumulators + 4 gradient vectors in registers (AVX-512).
@@ -392,7 +393,7 @@ void wino_bwd_w_finish(const T* lanes, int64_t Og, T* gw) {
 // --- forward, Winograd F(2,3) along rows --------------------------------------
 //
 // Output pixels (2t, 2t+1) of a row form a tile; per tap row kh its 6
-// products take 4 multiplies with the same tile planes V as wino_bwd_w and
+// products take 4 multiplies with the same V as wino_bwd_w (in tile order) and
 // the weights transformed per (channel, kh) as U = (g0, (g0+g1+g2)/2,
 // (g0-g1+g2)/2, g2):  M_i = sum over kh of U_i * V_i,  then
 //   y[2t] = M0 + M1 + M2 + bias,  y[2t+1] = M1 - M2 - M3 + bias.

@@ -60,6 +60,11 @@ void add_channel_sums(const T* g, int64_t C, int64_t P, T* acc) {
   }
 }
 
+// Floats past one image's conv output (and its gradient) in the scratch
+// buffers: the one-pass relu + pool kernels below read and write up to 32
+// past the last row.
+constexpr int64_t kRowSlack = 32;
+
 // Whether a 2x2 stride-2 unpadded pool tiles the conv output exactly.
 inline bool exact_2x2_pool(const Conv2dParams& cp, const Pool2dParams& pp) {
   return pp.kh == 2 && pp.kw == 2 && pp.sh == 2 && pp.sw == 2 && pp.ph == 0 && pp.pw == 0 &&
@@ -71,7 +76,7 @@ inline bool exact_2x2_pool(const Conv2dParams& cp, const Pool2dParams& pp) {
 // selects and max operations on the same values, in the same order) in one
 // pass whose loads are whole vectors. Returns false, doing nothing, unless
 // this is a float AVX-512 build and a pooled row fits one vector (OW <= 16).
-// m needs 32 floats of slack past C*H*W (loads run past a row's end).
+// m needs kRowSlack floats past C*H*W (loads run past a row's end).
 template <typename T>
 bool relu_maxpool2x2_forward(const T*, int64_t, int64_t, int64_t, T*) {
   return false;
@@ -114,7 +119,7 @@ bool relu_maxpool2x2_forward<float>(const float* __restrict m, int64_t C, int64_
 // instead of 8 two-source permutes, a row pair takes 24 cycles instead of 33.
 // Each row pair is loaded and stored as whole vectors: a row's store runs
 // past its end into the next row, which a later store (rows go in address
-// order) overwrites. m and gm need 32 floats of slack past C*H*W.
+// order) overwrites. m and gm need kRowSlack floats past C*H*W.
 template <typename T>
 bool relu_maxpool2x2_backward(const T*, const T*, int64_t, int64_t, int64_t, T*, T*) {
   return false;
@@ -195,7 +200,7 @@ void conv2d_relu_maxpool_forward(const Conv2dParams& cp, const Pool2dParams& pp,
   p1.N = 1;
   const bool exact = exact_2x2_pool(cp, pp);
   parallel_for(cp.N, 1, [&](int64_t n0, int64_t n1) {
-    Scratch<T> mid(kSlotFusedMid, mid_img + 32);
+    Scratch<T> mid(kSlotFusedMid, mid_img + kRowSlack);
     for (int64_t n = n0; n < n1; ++n) {
       conv2d_forward<T>(c1, x + n * in_img, w, b, mid.get());
       if (!exact || !relu_maxpool2x2_forward(mid.get(), cp.O, pp.OH, pp.OW, y + n * out_img)) {
@@ -244,10 +249,9 @@ void conv2d_relu_maxpool_backward(const Conv2dParams& cp, const Pool2dParams& pp
   Buffer<T> acc(chunks * acc_len);
   acc.zero(chunks * acc_len);
   const bool exact = exact_2x2_pool(cp, pp);
-  const int64_t slack = 32;
   parallel_for(chunks, 1, [&](int64_t c0, int64_t c1_) {
-    Scratch<T> mid(kSlotFusedMid, mid_img + slack);
-    Scratch<T> gmid(kSlotFusedGrad, mid_img + slack);
+    Scratch<T> mid(kSlotFusedMid, mid_img + kRowSlack);
+    Scratch<T> gmid(kSlotFusedGrad, mid_img + kRowSlack);
     Scratch<T> gw1(kSlotFusedW, wsize);
     for (int64_t c = c0; c < c1_; ++c) {
       T* acc_w = acc.get() + c * acc_len;
