@@ -26,8 +26,11 @@ CASES = [
     (3, 2, 9, 9, 3, {"padding": "same", "dilation": 2},
      {"pool_kernel_size": 3, "pool_stride": 1, "pool_dilation": 2}),
     (20, 8, 12, 12, 16, {"padding": 1}, {"pool_kernel_size": 2}),  # Winograd conv path
+    # 13-wide rows: F(4x4) per image (AVX-512 float32) inside the per-image sums
+    (8, 8, 13, 13, 16, {"padding": 1}, {"pool_kernel_size": 2}),
 ]
-IDS = ["mnist-like", "per-image", "pad-k3s2", "groups-ceil", "same-dil", "winograd"]
+IDS = ["mnist-like", "per-image", "pad-k3s2", "groups-ceil", "same-dil", "winograd",
+       "winograd-f4"]
 
 POOL_KEYS = ("pool_kernel_size", "pool_stride", "pool_padding", "pool_dilation",
              "pool_ceil_mode")

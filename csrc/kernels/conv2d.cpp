@@ -28,6 +28,7 @@
 #include "fastnn/parallel.h"
 #include "kernels/ops.h"
 #include "kernels/conv_small.h"
+#include "kernels/image_ranges.h"
 #include "kernels/simd.h"
 #include "kernels/winograd.h"
 #include "kernels/winograd_f4.h"
@@ -117,46 +118,6 @@ inline void copy_row(T* __restrict dst, const T* __restrict src, int64_t n) {
   if (i < n) V::storep(dst + i, V::loadp(src + i, n - i), n - i);
 }
 
-template <typename T>
-inline void zero_row(T* dst, int64_t n) {
-  using V = Vec<T>;
-  int64_t i = 0;
-  for (; i + V::L <= n; i += V::L) V::storeu(dst + i, V::zero());
-  if (i < n) V::storep(dst + i, V::zero(), n - i);
-}
-
-template <typename T>
-inline void add_row(T* __restrict dst, const T* __restrict src, int64_t n) {
-  using V = Vec<T>;
-  int64_t i = 0;
-  for (; i + V::L <= n; i += V::L) V::storeu(dst + i, V::add(V::loadu(dst + i), V::loadu(src + i)));
-  if (i < n) V::storep(dst + i, V::add(V::loadp(dst + i, n - i), V::loadp(src + i, n - i)), n - i);
-}
-
-// Weight gradients summed over images: [0, N) is split into at most one
-// contiguous range per thread, range_sum(n0, n1, acc) adds the range's sum to
-// acc (zero on entry: out for the first range, a private partial for the
-// others), and the partials are added to out in range order, so the result
-// depends on the thread count but never on timing. out must be zero on entry.
-template <typename T, typename F>
-void sum_over_image_ranges(int64_t N, int64_t len, T* out, const F& range_sum) {
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(N, get_num_threads()));
-  Scratch<T> partial(kSlotPartial, (chunks - 1) * len);
-  auto body = [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      T* acc = c == 0 ? out : partial.get() + (c - 1) * len;
-      if (c != 0) zero_row(acc, len);
-      range_sum(N * c / chunks, N * (c + 1) / chunks, acc);
-    }
-  };
-  if (chunks > 1) {
-    parallel_for(chunks, 1, body);
-    for (int64_t c = 1; c < chunks; ++c) add_row(out, partial.get() + (c - 1) * len, len);
-  } else {
-    body(0, 1);
-  }
-}
-
 // dst[i] = src[2*i] for i < n (stride-2 im2col rows). Reads only the 2n-1
 // elements it uses, so the last row of an array is safe.
 template <typename T>
@@ -220,6 +181,21 @@ void im2col(const Conv2dParams& p, int64_t Cg, const T* __restrict xg, int64_t o
       }
     }
   }
+}
+
+// The column matrix of output rows [oh0, oh1) of one image/group xg, with its
+// row stride in ldc: xg itself for 1x1 stride-1 unpadded convs, else unfolded
+// into col.
+template <typename T>
+const T* columns(const Conv2dParams& p, const Geom& g, const T* xg, int64_t oh0, int64_t oh1,
+                 T* col, int64_t& ldc) {
+  if (g.direct) {
+    ldc = g.P;
+    return xg + oh0 * p.OW;
+  }
+  im2col(p, g.Cg, xg, oh0, oh1, col);
+  ldc = (oh1 - oh0) * p.OW;
+  return col;
 }
 
 // Adjoint of im2col: adds col (K, (oh1-oh0)*OW) into gxg (Cg, H, W).
@@ -498,7 +474,7 @@ void conv_small_backward_weight(const Conv2dParams& p, const Geom& g, const T* g
   const int64_t ld = (p.H * p.OW + L - 1) / L * L;
   const int64_t blocks_len = (p.OH * (p.OW / 2) + L - 1) / L * 12 * L;
   const int64_t lane_len = p.O * (wino ? 12 * conv_small::Folded<T>::kLen : 9 * L);
-  sum_over_image_ranges(p.N, wsize, gw, [&](int64_t n0, int64_t n1, T* acc) {
+  sum_over_image_ranges(kSlotPartial, p.N, wsize, gw, [&](int64_t n0, int64_t n1, T* acc) {
     Scratch<T> xs(kSlotCol, wino ? 2 * ld + blocks_len : 3 * ld);
     Scratch<T> lanes(kSlotLanes, lane_len);
     lanes.zero(lane_len);
@@ -579,26 +555,18 @@ bool wino4_backward_weight<float>(const Conv2dParams& p, const Geom& g, const fl
   if (!winograd::f4::preferred(p.OH, p.OW)) return false;
   namespace f4 = winograd::f4;
   const f4::Shape s = f4::make_shape(g.Cg, g.Og, p.H, p.W, p.OH, p.OW, p.ph, p.pw);
-  // Contiguous image ranges with private dU partials, summed in chunk order so
-  // the result does not depend on thread timing.
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(p.N, get_num_threads()));
+  // Image ranges with private dU partials, which the untransform adds in
+  // range order (in double), so the result does not depend on thread timing.
+  const int64_t chunks = image_ranges(p.N);
   const int64_t Cp = f4::padded_channels(g.Cg), usize = 36 * g.Og * Cp;
   Scratch<float> dU(kSlotPartial, chunks * g.G * usize);
-  auto body = [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t n0 = p.N * c / chunks, n1 = p.N * (c + 1) / chunks;
-      zero_row(dU.get() + c * g.G * usize, g.G * usize);
-      for (int64_t gi = 0; gi < g.G; ++gi)
-        f4::weight_grad_range(s, n0, n1, gy + gi * g.Og * g.P, p.O * g.P,
-                              x + gi * g.Cg * p.H * p.W, p.C * p.H * p.W,
-                              dU.get() + (c * g.G + gi) * usize);
-    }
-  };
-  if (chunks > 1) {
-    parallel_for(chunks, 1, body);
-  } else {
-    body(0, 1);
-  }
+  for_image_ranges(p.N, chunks, [&](int64_t c, int64_t n0, int64_t n1) {
+    zero_row(dU.get() + c * g.G * usize, g.G * usize);
+    for (int64_t gi = 0; gi < g.G; ++gi)
+      f4::weight_grad_range(s, n0, n1, gy + gi * g.Og * g.P, p.O * g.P,
+                            x + gi * g.Cg * p.H * p.W, p.C * p.H * p.W,
+                            dU.get() + (c * g.G + gi) * usize);
+  });
   for (int64_t gi = 0; gi < g.G; ++gi)
     f4::untransform_weight_grad(dU.get() + gi * usize, chunks, g.G * usize, g.Og, g.Cg, Cp, g.K,
                                 int64_t(9), gw + gi * g.Og * g.K);
@@ -644,13 +612,8 @@ void conv2d_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T
       T* yg = y + (n * p.O + gi * g.Og) * g.P + oh0 * p.OW;
       const T* wg = w + gi * g.Og * g.K;
       const T* bg = b ? b + gi * g.Og : nullptr;
-      const T* cols = xg + oh0 * p.OW;
-      int64_t ldc = g.P;
-      if (!g.direct) {
-        im2col(p, g.Cg, xg, oh0, oh1, col.get());
-        cols = col.get();
-        ldc = npix;
-      }
+      int64_t ldc;
+      const T* cols = columns(p, g, xg, oh0, oh1, col.get(), ldc);
       if (g.small) {
 #define FASTNN_CALL(KK) small_fwd<T, KK>(wg, bg, cols, ldc, g.Og, npix, yg, g.P)
         FASTNN_SMALLK_SWITCH(g.K, FASTNN_CALL)
@@ -736,7 +699,8 @@ void conv2d_backward_weight(const Conv2dParams& p, const T* gy, const T* x, T* g
     const int64_t usize = 16 * g.Og * g.Cg;
     Scratch<T> dU(kSlotWeights, g.G * usize);
     dU.zero(g.G * usize);
-    sum_over_image_ranges(p.N, g.G * usize, dU.get(), [&](int64_t n0, int64_t n1, T* acc) {
+    sum_over_image_ranges(kSlotPartial, p.N, g.G * usize, dU.get(),
+                          [&](int64_t n0, int64_t n1, T* acc) {
       for (int64_t gi = 0; gi < g.G; ++gi) {
         winograd::weight_grad_range(s, n0, n1, gy + gi * g.Og * g.P, p.O * g.P,
                                     x + gi * g.Cg * p.H * p.W, p.C * p.H * p.W, acc + gi * usize);
@@ -752,7 +716,7 @@ void conv2d_backward_weight(const Conv2dParams& p, const T* gy, const T* x, T* g
   const int64_t rows = rows_per_block(p, g, p.N);
   const int64_t col_elems = g.direct ? 0 : g.K * rows * p.OW;
   constexpr int64_t L = Vec<T>::L;
-  sum_over_image_ranges(p.N, wsize, gw, [&](int64_t n0, int64_t n1, T* acc) {
+  sum_over_image_ranges(kSlotPartial, p.N, wsize, gw, [&](int64_t n0, int64_t n1, T* acc) {
     Scratch<T> col(kSlotCol, col_elems);
     Scratch<T> lanes(kSlotLanes, g.small ? wsize * L : 0);
     if (g.small) lanes.zero(wsize * L);
@@ -763,13 +727,8 @@ void conv2d_backward_weight(const Conv2dParams& p, const T* gy, const T* x, T* g
         T* gwg = acc + gi * g.Og * g.K;
         for (int64_t oh0 = 0; oh0 < p.OH; oh0 += rows) {
           const int64_t oh1 = std::min(p.OH, oh0 + rows), npix = (oh1 - oh0) * p.OW;
-          const T* cols = xg + oh0 * p.OW;
-          int64_t ldc = g.P;
-          if (!g.direct) {
-            im2col(p, g.Cg, xg, oh0, oh1, col.get());
-            cols = col.get();
-            ldc = npix;
-          }
+          int64_t ldc;
+          const T* cols = columns(p, g, xg, oh0, oh1, col.get(), ldc);
           const T* gyb = gyg + oh0 * p.OW;
           if (g.small) {
 #define FASTNN_CALL(KK) \

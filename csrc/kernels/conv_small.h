@@ -218,6 +218,17 @@ void bwd_w(const T* gy, int64_t ldg, const T* xs, int64_t ld, int64_t OW, int64_
 // pixels. Needs an even output width (tiles never straddle rows), and
 // 24 accumulators + 4 gradient vectors in registers (AVX-512).
 
+// V = (d0 - d2, d1 + d2, d2 - d1, d1 - d3) for tiles whose inputs are d0..d3.
+template <typename T>
+inline void wino_v(typename Vec<T>::reg d0, typename Vec<T>::reg d1, typename Vec<T>::reg d2,
+                   typename Vec<T>::reg d3, typename Vec<T>::reg (&v)[4]) {
+  using V = Vec<T>;
+  v[0] = V::sub(d0, d2);
+  v[1] = V::add(d1, d2);
+  v[2] = V::sub(d2, d1);
+  v[3] = V::sub(d1, d3);
+}
+
 // Tile blocks of one image for backward-weight: vb (NB, 12, L), NB =
 // ceil(Q / L), Q = OH*T tiles, T = OW/2 per row. Block b holds, for
 // k = i*3 + kh, the vector V_i of tap row kh for the tiles b*L .. b*L + L-1,
@@ -255,10 +266,9 @@ void wino_bwd_w_blocks(const T* __restrict x, int64_t H, int64_t W, T* __restric
         V::unzip(V::loadp(a, n0), V::loadp(a + V::L, n1), d0, d1);
         V::unzip(V::loadp(b, n0), V::loadp(b + V::L, n1), d2, d3);
       }
-      V::storeu(dst + (0 + kh) * V::L, V::sub(d0, d2));
-      V::storeu(dst + (3 + kh) * V::L, V::add(d1, d2));
-      V::storeu(dst + (6 + kh) * V::L, V::sub(d2, d1));
-      V::storeu(dst + (9 + kh) * V::L, V::sub(d1, d3));
+      R v[4];
+      wino_v<T>(d0, d1, d2, d3, v);
+      for (int i = 0; i < 4; ++i) V::storeu(dst + (i * 3 + kh) * V::L, v[i]);
     }
   }
 }
@@ -427,7 +437,8 @@ void wino_tile_planes(const T* __restrict x, int64_t H, int64_t W, T* __restrict
       V::deinterleave(V::loadp(row + 2 * t0 + 2, std::min<int64_t>(b, V::L)),
                       V::loadp(row + 2 * t0 + 2 + V::L, std::max<int64_t>(0, std::min<int64_t>(b - V::L, V::L))),
                       e1, o1);
-      const R vi[4] = {V::sub(e, e1), V::add(o, e1), V::sub(e1, o), V::sub(o, o1)};
+      R vi[4];
+      wino_v<T>(e, o, e1, o1, vi);
       for (int64_t kh = std::max<int64_t>(0, r - (H - 3)); kh <= std::min<int64_t>(2, r); ++kh) {
         T* dst = v + kh * ld + (r - kh) * TT + t0;
         for (int i = 0; i < 4; ++i) V::storep(dst + i * 3 * ld, vi[i], m);

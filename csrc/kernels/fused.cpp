@@ -17,6 +17,7 @@
 #include <algorithm>
 
 #include "fastnn/parallel.h"
+#include "kernels/image_ranges.h"
 #include "kernels/ops.h"
 #include "kernels/simd.h"
 
@@ -65,10 +66,10 @@ void add_channel_sums(const T* g, int64_t C, int64_t P, T* acc) {
 // past the last row.
 constexpr int64_t kRowSlack = 32;
 
-// Whether a 2x2 stride-2 unpadded pool tiles the conv output exactly.
+// Whether the pool is the 2x2 stride-2 unpadded one and tiles the conv output
+// exactly (no leftover row or column).
 inline bool exact_2x2_pool(const Conv2dParams& cp, const Pool2dParams& pp) {
-  return pp.kh == 2 && pp.kw == 2 && pp.sh == 2 && pp.sw == 2 && pp.ph == 0 && pp.pw == 0 &&
-         pp.dh == 1 && pp.dw == 1 && cp.OH == 2 * pp.OH && cp.OW == 2 * pp.OW;
+  return is_2x2_s2(pp) && cp.OH == 2 * pp.OH && cp.OW == 2 * pp.OW;
 }
 
 // y (C, OH, OW) = max_pool2d(relu(m), 2x2, stride 2) of the conv output m
@@ -242,48 +243,36 @@ void conv2d_relu_maxpool_backward(const Conv2dParams& cp, const Pool2dParams& pp
   c1.N = 1;
   Pool2dParams p1 = pp;
   p1.N = 1;
-  // Contiguous image ranges, one per chunk, each summing its own weight and
-  // bias gradients; the partials are added in chunk order at the end.
-  const int64_t chunks = std::min<int64_t>(cp.N, get_num_threads());
-  const int64_t acc_len = wsize + cp.O;
-  Buffer<T> acc(chunks * acc_len);
-  acc.zero(chunks * acc_len);
+  // Weight and bias gradients, (wsize + O) per image range (image_ranges.h).
+  const int64_t sums_len = wsize + cp.O;
+  Buffer<T> sums(sums_len);
+  sums.zero(sums_len);
   const bool exact = exact_2x2_pool(cp, pp);
-  parallel_for(chunks, 1, [&](int64_t c0, int64_t c1_) {
+  sum_over_image_ranges(kSlotFusedSums, cp.N, sums_len, sums.get(),
+                        [&](int64_t n0, int64_t n1, T* acc_w) {
     Scratch<T> mid(kSlotFusedMid, mid_img + kRowSlack);
     Scratch<T> gmid(kSlotFusedGrad, mid_img + kRowSlack);
     Scratch<T> gw1(kSlotFusedW, wsize);
-    for (int64_t c = c0; c < c1_; ++c) {
-      T* acc_w = acc.get() + c * acc_len;
-      T* acc_b = acc_w + wsize;
-      const int64_t n0 = cp.N * c / chunks, n1 = cp.N * (c + 1) / chunks;
-      for (int64_t n = n0; n < n1; ++n) {
-        const T* xn = x + n * in_img;
-        conv2d_forward<T>(c1, xn, w, b, mid.get());
-        if (!exact || !relu_maxpool2x2_backward(mid.get(), gy + n * out_img, cp.O, pp.OH, pp.OW,
-                                                 gmid.get(), gb ? acc_b : nullptr)) {
-          relu_inplace(mid.get(), mid_img);
-          max_pool2d_backward<T>(p1, gy + n * out_img, mid.get(), gmid.get());
-          relu_backward_inplace(gmid.get(), mid.get(), mid_img);
-          if (gb) add_channel_sums(gmid.get(), cp.O, P, acc_b);
-        }
-        if (gx) conv2d_backward_input<T>(c1, gmid.get(), w, gx + n * in_img);
-        if (gw) {
-          conv2d_backward_weight<T>(c1, gmid.get(), xn, gw1.get());
-          for (int64_t i = 0; i < wsize; ++i) acc_w[i] += gw1.get()[i];
-        }
+    T* acc_b = acc_w + wsize;
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* xn = x + n * in_img;
+      conv2d_forward<T>(c1, xn, w, b, mid.get());
+      if (!exact || !relu_maxpool2x2_backward(mid.get(), gy + n * out_img, cp.O, pp.OH, pp.OW,
+                                               gmid.get(), gb ? acc_b : nullptr)) {
+        relu_inplace(mid.get(), mid_img);
+        max_pool2d_backward<T>(p1, gy + n * out_img, mid.get(), gmid.get());
+        relu_backward_inplace(gmid.get(), mid.get(), mid_img);
+        if (gb) add_channel_sums(gmid.get(), cp.O, P, acc_b);
+      }
+      if (gx) conv2d_backward_input<T>(c1, gmid.get(), w, gx + n * in_img);
+      if (gw) {
+        conv2d_backward_weight<T>(c1, gmid.get(), xn, gw1.get());
+        for (int64_t i = 0; i < wsize; ++i) acc_w[i] += gw1.get()[i];
       }
     }
   });
-  for (int64_t c = 0; c < chunks; ++c) {
-    const T* acc_w = acc.get() + c * acc_len;
-    if (gw) {
-      for (int64_t i = 0; i < wsize; ++i) gw[i] += acc_w[i];
-    }
-    if (gb) {
-      for (int64_t o = 0; o < cp.O; ++o) gb[o] += acc_w[wsize + o];
-    }
-  }
+  if (gw) std::copy(sums.get(), sums.get() + wsize, gw);
+  if (gb) std::copy(sums.get() + wsize, sums.get() + sums_len, gb);
 }
 
 #define FASTNN_INSTANTIATE(T)                                                                  \

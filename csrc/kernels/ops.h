@@ -57,7 +57,8 @@ enum ScratchSlot : int {
   kSlotFusedMid = 7,   // fused conv+relu+pool: one image's conv output
   kSlotFusedGrad = 8,  // fused conv+relu+pool: its gradient
   kSlotFusedW = 9,     // fused conv+relu+pool: one image's weight gradient
-  kNumSlots = 10,
+  kSlotFusedSums = 10, // fused conv+relu+pool: per-range gradient partials (caller thread)
+  kNumSlots = 11,
 };
 
 class ThreadScratch {
@@ -138,6 +139,12 @@ template <typename T>
 void conv2d_backward_weight(const Conv2dParams& p, const T* gy, const T* x, T* gw);
 
 // --- pool.cpp ----------------------------------------------------------------
+// The 2x2 stride-2 unpadded pool (MNIST's), which pool.cpp and the fused op
+// run on fast paths.
+inline bool is_2x2_s2(const Pool2dParams& p) {
+  return p.kh == 2 && p.kw == 2 && p.sh == 2 && p.sw == 2 && p.ph == 0 && p.pw == 0 &&
+         p.dh == 1 && p.dw == 1 && 2 * p.OH <= p.H && 2 * p.OW <= p.W;
+}
 template <typename T>
 void max_pool2d_forward(const Pool2dParams& p, const T* x, T* y);
 template <typename T>

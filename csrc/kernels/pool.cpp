@@ -41,11 +41,6 @@ void for_planes(const Pool2dParams& p, int64_t plane_elems, const F& fn) {
   parallel_for(planes, grain, [&](int64_t b, int64_t e) { fn(b, e); });
 }
 
-bool is_2x2_s2(const Pool2dParams& p) {
-  return p.kh == 2 && p.kw == 2 && p.sh == 2 && p.sw == 2 && p.ph == 0 && p.pw == 0 &&
-         p.dh == 1 && p.dw == 1 && 2 * p.OH <= p.H && 2 * p.OW <= p.W;
-}
-
 // Taps i in [lo, hi) of a window starting at `start` (step d, k taps) whose
 // cells start + i*d lie in [0, size).
 inline void window_taps(int64_t start, int64_t k, int64_t d, int64_t size, int64_t& lo,
