@@ -30,6 +30,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from fastnn._array import is_cupy
+
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
@@ -73,7 +75,7 @@ class Checkpoint:
 
 
 def _to_host(a: Any) -> np.ndarray:
-    if type(a).__module__.split(".")[0] == "cupy":
+    if is_cupy(a):
         return a.get()
     data = getattr(a, "data", None)  # a fastnn Tensor: save its array
     if data is not None and not isinstance(a, np.ndarray) and hasattr(a, "requires_grad"):
@@ -84,7 +86,7 @@ def _to_host(a: Any) -> np.ndarray:
 def _is_array(v: Any) -> bool:
     if isinstance(v, np.ndarray):
         return True
-    if type(v).__module__.split(".")[0] == "cupy" and hasattr(v, "get"):
+    if is_cupy(v):
         return True
     return hasattr(v, "requires_grad") and hasattr(v, "data")  # fastnn Tensor
 

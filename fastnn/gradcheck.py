@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from fastnn._array import to_host
 from fastnn.autograd import Tensor, no_grad
 
 __all__ = ["GradcheckError", "gradcheck"]
@@ -32,10 +33,6 @@ def _outputs(out: Any) -> list[Tensor]:
         if not isinstance(o, Tensor):
             raise TypeError(f"gradcheck: output {i} of fn is {type(o).__name__}, not a Tensor")
     return outs
-
-
-def _to_host(a: Any) -> np.ndarray:
-    return a if isinstance(a, np.ndarray) else a.get()
 
 
 def _fail(msg: str, raise_exception: bool) -> bool:
@@ -110,7 +107,7 @@ def gradcheck(
                 f"expected {inputs[i].shape}",
                 raise_exception,
             )
-        analytic.append(_to_host(g).astype(np.float64))
+        analytic.append(to_host(g).astype(np.float64))
     for i, (g0, o0) in zip(checked, saved):
         inputs[i].grad, inputs[i]._owned_grad = g0, o0
 

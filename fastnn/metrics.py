@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from fastnn._array import to_host
+
 __all__ = [
     "accuracy",
     "classification_report",
@@ -19,9 +21,7 @@ __all__ = [
 
 def _host_labels(a: Any, name: str) -> np.ndarray:
     """1-D int64 NumPy copy of ``a`` (NumPy, CuPy, or a sequence)."""
-    if hasattr(a, "get") and type(a).__module__.split(".")[0] == "cupy":
-        a = a.get()
-    arr = np.asarray(a)
+    arr = to_host(a)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
     if arr.size and arr.dtype.kind not in "iu":

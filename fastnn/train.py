@@ -34,6 +34,7 @@ import fastnn
 from fastnn import checkpoint as ckpt
 from fastnn import functional as F
 from fastnn import optim
+from fastnn._array import to_host
 from fastnn.autograd import Tensor, no_grad
 from fastnn.backends import available_backends
 from fastnn.data import DataLoader, load_mnist
@@ -234,10 +235,6 @@ def _tqdm(iterable: Any, enabled: bool, **kwargs: Any) -> Any:
     return tqdm(iterable, file=sys.stderr, leave=False, dynamic_ncols=True, **kwargs)
 
 
-def _host(a: Any) -> np.ndarray:
-    return a if isinstance(a, np.ndarray) else a.get()
-
-
 def predict(model: Any, loader: DataLoader, backend: str) -> tuple[np.ndarray, np.ndarray]:
     """Run ``model`` in eval mode over ``loader``; return ``(y_true, y_pred)`` (host int64)."""
     model.eval()
@@ -250,7 +247,7 @@ def predict(model: Any, loader: DataLoader, backend: str) -> tuple[np.ndarray, n
     xp = sys.modules["cupy"] if loader.device == "cuda" else np
     if not trues:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return _host(xp.concatenate(trues)), _host(xp.concatenate(preds)).astype(np.int64)
+    return to_host(xp.concatenate(trues)), to_host(xp.concatenate(preds)).astype(np.int64)
 
 
 @contextlib.contextmanager

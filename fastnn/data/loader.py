@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from fastnn._array import is_cupy
+
 __all__ = ["MNIST_MEAN", "MNIST_STD", "DataLoader", "normalize"]
 
 MNIST_MEAN = 0.1307
@@ -83,8 +85,8 @@ class DataLoader:
             raise ValueError(f"augment_shift must be a non-negative int, got {augment_shift!r}")
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        images = np.asarray(images) if not _is_cupy(images) else images
-        labels = np.asarray(labels) if not _is_cupy(labels) else labels
+        images = np.asarray(images) if not is_cupy(images) else images
+        labels = np.asarray(labels) if not is_cupy(labels) else labels
         if images.dtype != np.uint8:
             raise TypeError(f"images must be uint8 pixels, got dtype {images.dtype}")
         if images.ndim == 4 and images.shape[1] == 1:
@@ -171,6 +173,3 @@ class DataLoader:
             x = xp.take(self._lut, images)  # ~2x faster than lut[images] in NumPy
             yield x.reshape(x.shape[0], 1, *x.shape[1:]), labels
 
-
-def _is_cupy(a: Any) -> bool:
-    return type(a).__module__.split(".")[0] == "cupy"

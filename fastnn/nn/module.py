@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from fastnn._array import array_module
 from fastnn.autograd import Tensor
 
 __all__ = ["IncompatibleKeys", "Module", "Parameter"]
@@ -33,14 +34,6 @@ class Parameter(Tensor):
 class IncompatibleKeys(NamedTuple):
     missing_keys: list[str]
     unexpected_keys: list[str]
-
-
-def _xp_of(a: Any) -> Any:
-    if isinstance(a, np.ndarray):
-        return np
-    import cupy
-
-    return cupy
 
 
 class Module:
@@ -272,7 +265,7 @@ class Module:
                 )
             plan.append((dst, src))
         for dst, src in plan:
-            xp = _xp_of(dst)
+            xp = array_module(dst)
             if xp is np and not isinstance(src, np.ndarray):
                 src = src.get() if hasattr(src, "get") else np.asarray(src)
             dst[...] = xp.asarray(src).astype(dst.dtype, copy=False)

@@ -20,13 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from fastnn._array import to_host
 from fastnn.autograd import Tensor
 
 __all__ = ["Optimizer", "l1_penalty"]
-
-
-def _to_host(a: Any) -> np.ndarray:
-    return a.copy() if isinstance(a, np.ndarray) else a.get()
 
 
 class Optimizer:
@@ -112,7 +109,7 @@ class Optimizer:
             for k, v in self.state.get(p, {}).items():
                 if v is None:
                     continue
-                out[f"state.{i}.{k}"] = v if isinstance(v, (int, float)) else _to_host(v)
+                out[f"state.{i}.{k}"] = v if isinstance(v, (int, float)) else np.array(to_host(v))
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

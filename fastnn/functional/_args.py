@@ -1,0 +1,199 @@
+"""Shared argument checks, Tensor forwarding and backend choice for ``fastnn.functional``."""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+import sys
+import warnings
+from types import ModuleType
+from typing import Any, Callable
+
+import numpy as np
+
+from fastnn._array import array_module as _xp
+from fastnn._array import is_cupy as _is_cupy
+from fastnn.backends import forced_backend, get_backend
+
+Array = Any  # numpy.ndarray or cupy.ndarray
+Pair = "int | tuple[int, int]"
+
+#: name -> callable with the same signature, registered by fastnn.autograd.
+_TENSOR_HANDLERS: dict[str, Callable[..., Any]] = {}
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# Larger strides, paddings, dilations and kernels are never meaningful; the bound
+# keeps every backend's index arithmetic far from int64 overflow.
+_MAX_GEOMETRY = 2**31
+
+
+# --------------------------------------------------------------------------
+# Tensor forwarding and backend choice
+# --------------------------------------------------------------------------
+
+
+# Argument types that are never a Tensor or a CuPy array: checked first, because
+# every call validates every argument and the generic tests cost ~0.2 us each.
+_PLAIN_TYPES = frozenset({np.ndarray, int, float, bool, str, tuple, list, type(None)})
+
+
+def _is_tensor(a: Any) -> bool:
+    t = type(a)
+    return t not in _PLAIN_TYPES and getattr(t, "_fastnn_tensor", False)
+
+
+def _tensor_aware(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Forward the call to the autograd handler when any argument is a Tensor."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if any(_is_tensor(a) for a in args) or any(_is_tensor(v) for v in kwargs.values()):
+            handler = _TENSOR_HANDLERS.get(name)
+            if handler is None:
+                raise TypeError(f"{name}: fastnn.Tensor inputs are not supported")
+            return handler(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+
+
+_warned_no_cpu = False
+
+
+def _default_cpu_backend() -> ModuleType:
+    global _warned_no_cpu
+    try:
+        return get_backend("cpu")
+    except ImportError:
+        if not _warned_no_cpu:
+            warnings.warn(
+                "fastnn._C is not built; falling back to the slow NumPy reference backend",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            _warned_no_cpu = True
+        return get_backend("numpy")
+
+
+def _pick_backend(op: str, arrays: list[Array]) -> ModuleType:
+    """The backend for these arrays: the forced one, else by array type."""
+    on_gpu = [_is_cupy(a) for a in arrays]
+    forced = forced_backend()
+    if forced is not None:
+        if forced != "cuda" and any(on_gpu):
+            raise TypeError(
+                f"{op}: got a CuPy array inside fastnn.backend({forced!r}); "
+                "move it to the host with .get() or use backend('cuda')"
+            )
+        return get_backend(forced)
+    if any(on_gpu):
+        if not all(on_gpu):
+            raise TypeError(f"{op}: cannot mix CuPy and NumPy arrays")
+        return get_backend("cuda")
+    return _default_cpu_backend()
+
+
+
+
+# --------------------------------------------------------------------------
+# Argument validation
+# --------------------------------------------------------------------------
+
+
+def _as_float_array(a: Any, op: str, name: str) -> Array:
+    """``a`` as a NumPy/CuPy array of float32 or float64, or raise naming ``name``."""
+    if _is_cupy(a) or isinstance(a, np.ndarray):
+        arr = a
+    elif isinstance(a, (list, tuple, numbers.Number)) or hasattr(a, "__array__"):
+        try:
+            arr = np.asarray(a)
+        except Exception as exc:  # ragged lists and the like
+            raise TypeError(f"{op}: {name} could not be converted to an array: {exc}") from exc
+        if arr.dtype.kind in "iub":
+            arr = arr.astype(np.float32)  # Python lists of ints become float32
+    else:
+        raise TypeError(
+            f"{op}: {name} must be a NumPy or CuPy array, got {type(a).__name__}"
+        )
+    if arr.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32 or float64, got dtype {arr.dtype}")
+    return arr
+
+
+def _same_dtype(op: str, ref: Array, ref_name: str, other: Array, name: str) -> None:
+    if other.dtype != ref.dtype:
+        raise TypeError(
+            f"{op}: {name} has dtype {other.dtype} but {ref_name} has dtype {ref.dtype}; "
+            "convert one of them explicitly"
+        )
+
+
+def _contig(a: Array) -> Array:
+    return a if a.flags.c_contiguous else _xp(a).ascontiguousarray(a)
+
+
+def _int(v: Any, op: str, name: str) -> int:
+    if type(v) is int:  # the common case, without the slow ABC check below
+        return v
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (numbers.Integral,)):
+        raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__} {v!r}")
+    return int(v)
+
+
+def _pair(v: Any, op: str, name: str, minimum: int) -> tuple[int, int]:
+    if type(v) is int and minimum <= v < _MAX_GEOMETRY:  # the common case, fast
+        return (v, v)
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"{op}: {name} must be an int or a pair, got {v!r}")
+        out = (_int(v[0], op, name), _int(v[1], op, name))
+    else:
+        i = _int(v, op, name)
+        out = (i, i)
+    if min(out) < minimum:
+        kind = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"{op}: {name} must be {kind}, got {v!r}")
+    if max(out) >= _MAX_GEOMETRY:
+        raise ValueError(f"{op}: {name} must be < 2**31, got {v!r}")
+    return out
+
+
+def _batched(x: Array, op: str, name: str = "x") -> tuple[Array, bool]:
+    """Accept (N,C,H,W) or unbatched (C,H,W); return 4-D and whether it was 3-D."""
+    if x.ndim == 4:
+        return x, False
+    if x.ndim == 3:
+        return x[None], True
+    raise ValueError(
+        f"{op}: {name} must be 4-D (N, C, H, W) or 3-D (C, H, W), got shape {tuple(x.shape)}"
+    )
+
+
+def _check_alloc(op: str, shape: tuple[int, ...], dtype: Any) -> None:
+    """MemoryError, before any backend runs, for an output no machine can hold."""
+    if math.prod(shape) * np.dtype(dtype).itemsize > sys.maxsize:
+        raise MemoryError(f"{op}: the output of shape {tuple(shape)} cannot be allocated")
+
+
+def _check_grad_out(op: str, grad_out: Array, expected: tuple[int, ...]) -> None:
+    if tuple(grad_out.shape) != tuple(expected):
+        raise ValueError(
+            f"{op}: grad_out must have the forward output's shape {tuple(expected)}, "
+            f"got {tuple(grad_out.shape)}"
+        )
+
+
+def _check_bias(op: str, bias: Any, out_channels: int, ref: Array) -> Array | None:
+    if bias is None:
+        return None
+    bias = _as_float_array(bias, op, "bias")
+    if _is_cupy(bias) != _is_cupy(ref):
+        raise TypeError(f"{op}: bias and x must both be NumPy or both CuPy arrays")
+    _same_dtype(op, ref, "x", bias, "bias")
+    if tuple(bias.shape) != (out_channels,):
+        raise ValueError(f"{op}: bias must have shape ({out_channels},), got {tuple(bias.shape)}")
+    return _contig(bias)

@@ -1,0 +1,130 @@
+"""Fused conv2d + ReLU + max_pool2d, with its backward."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastnn.functional._args import (
+    Array,
+    Pair,
+    _as_float_array,
+    _check_bias,
+    _check_grad_out,
+    _contig,
+    _same_dtype,
+    _tensor_aware,
+    _xp,
+)
+from fastnn.functional.activations import relu, relu_backward
+from fastnn.functional.conv import _ConvArgs, conv2d, conv2d_backward
+from fastnn.functional.pool import _pool_geometry, max_pool2d, max_pool2d_backward
+
+# --------------------------------------------------------------------------
+# fused conv2d + ReLU + max_pool2d
+# --------------------------------------------------------------------------
+
+
+def _fused_pool_geometry(
+    op: str, conv_out_shape: tuple[int, ...], kernel_size: Any, stride: Any, padding: Any,
+    dilation: Any, ceil_mode: Any,
+) -> tuple[Pair, Pair, Pair, Pair, tuple[int, int, int, int]]:
+    """max_pool2d's checks for a pool over the conv output (argument names prefixed)."""
+    return _pool_geometry(op, conv_out_shape, kernel_size, stride, padding, dilation,
+                          ceil_mode, prefix="pool_", what="conv output")
+
+
+@_tensor_aware
+def conv2d_relu_max_pool2d(
+    x: Array,
+    weight: Array,
+    bias: Array | None = None,
+    stride: Pair = 1,
+    padding: Pair | str = 0,
+    dilation: Pair = 1,
+    groups: int = 1,
+    pool_kernel_size: Pair = 2,
+    pool_stride: Pair | None = None,
+    pool_padding: Pair = 0,
+    pool_dilation: Pair = 1,
+    pool_ceil_mode: bool = False,
+) -> Array:
+    """``max_pool2d(relu(conv2d(x, weight, bias, ...)), pool_kernel_size, ...)`` in one op.
+
+    x (N, C, H, W) or (C, H, W); weight (O, C/groups, KH, KW); bias (O,) or None.
+    Returns (N, O, POH, POW), bit-identical to the three separate ops. On the cpu
+    backend the (N, O, OH, OW) conv output is never materialised; the other
+    backends compose the separate ops.
+    """
+    op = "conv2d_relu_max_pool2d"
+    a = _ConvArgs(op, x, weight, stride, padding, dilation, groups)
+    b = _check_bias(op, bias, a.out_shape[1], a.x)
+    k, s, p, d, out_shape = _fused_pool_geometry(
+        op, a.out_shape, pool_kernel_size, pool_stride, pool_padding, pool_dilation,
+        pool_ceil_mode,
+    )
+    if 0 in out_shape or a.x.shape[1] == 0:
+        # Degenerate shapes: the separate ops already handle them.
+        y = conv2d(a.x, a.weight, b, a.stride, a.padding, a.dilation, a.groups)
+        return a.unbatch(max_pool2d(relu(y), k, s, p, d, bool(pool_ceil_mode)))
+    y = a.backend.conv2d_relu_max_pool2d(
+        a.x, a.weight, b, a.stride, a.padding, a.dilation, a.groups, k, s, p, d, out_shape[2:]
+    )
+    return a.unbatch(y)
+
+
+@_tensor_aware
+def conv2d_relu_max_pool2d_backward(
+    grad_out: Array,
+    x: Array,
+    weight: Array,
+    bias: Array | None = None,
+    stride: Pair = 1,
+    padding: Pair | str = 0,
+    dilation: Pair = 1,
+    groups: int = 1,
+    pool_kernel_size: Pair = 2,
+    pool_stride: Pair | None = None,
+    pool_padding: Pair = 0,
+    pool_dilation: Pair = 1,
+    pool_ceil_mode: bool = False,
+    *,
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Array | None, Array | None, Array | None]:
+    """Gradients ``(grad_x, grad_weight, grad_bias)`` of :func:`conv2d_relu_max_pool2d`.
+
+    grad_out has the fused output's shape (N, O, POH, POW). The forward is
+    recomputed (``bias`` is needed for that), so nothing but the inputs has to
+    be kept between forward and backward. An entry is None where
+    ``output_mask`` is False. Same values as backpropagating through the three
+    separate ops, up to the summation order of grad_weight/grad_bias.
+    """
+    op = "conv2d_relu_max_pool2d_backward"
+    grad_out = _as_float_array(grad_out, op, "grad_out")
+    a = _ConvArgs(op, x, weight, stride, padding, dilation, groups, extra_arrays=[grad_out])
+    _same_dtype(op, a.x, "x", grad_out, "grad_out")
+    b = _check_bias(op, bias, a.out_shape[1], a.x)
+    k, s, p, d, out_shape = _fused_pool_geometry(
+        op, a.out_shape, pool_kernel_size, pool_stride, pool_padding, pool_dilation,
+        pool_ceil_mode,
+    )
+    gy = grad_out[None] if a.unbatched and grad_out.ndim == 3 else grad_out
+    _check_grad_out(op, gy, out_shape)
+    gy = _contig(gy)
+    need_x, need_w, need_b = (bool(m) for m in output_mask)
+    if gy.size == 0 or a.x.size == 0 or a.weight.size == 0:
+        # Degenerate shapes: backpropagate through the separate ops.
+        r = relu(conv2d(a.x, a.weight, b, a.stride, a.padding, a.dilation, a.groups))
+        g = relu_backward(max_pool2d_backward(gy, r, k, s, p, d, bool(pool_ceil_mode)), r)
+        gx, gw, gb = conv2d_backward(g, a.x, a.weight, a.stride, a.padding, a.dilation,
+                                     a.groups, output_mask=(need_x, need_w, need_b))
+    else:
+        gx, gw, gb = a.backend.conv2d_relu_max_pool2d_backward(
+            gy, a.x, a.weight, b, a.stride, a.padding, a.dilation, a.groups, k, s, p, d,
+            need_x, need_w, need_b,
+        )
+    if gx is not None:
+        if a.extra != (0, 0):
+            hp, wp = a.x.shape[2:]
+            gx = _xp(a.x).ascontiguousarray(gx[:, :, : hp - a.extra[0], : wp - a.extra[1]])
+        gx = a.unbatch(gx)
+    return gx, gw, gb
