@@ -10,6 +10,8 @@ arguments, a lost default or a ``*args`` wrapper are all reported.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import subprocess
 import sys
 import textwrap
@@ -25,17 +27,7 @@ BACKENDS = ["numpy", "cuda"] + (["cpu"] if NATIVE else [])
 needs_native = pytest.mark.skipif(not NATIVE, reason="fastnn._C is not built")
 
 
-def _numba_installed() -> bool:
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _child(code: str, **env: str) -> subprocess.CompletedProcess:
-    import os
-
     child_env = dict(os.environ, PYTHONPATH=str(PKG_ROOT), **env)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=PKG_ROOT,
                           env=child_env, capture_output=True, text=True, timeout=300)
@@ -100,7 +92,8 @@ def test_importing_cuda_imports_neither_numba_nor_cupy() -> None:
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
-@pytest.mark.skipif(not _numba_installed(), reason="numba is not installed")
+# find_spec, not an import: Numba must not be imported here before the simulator is set.
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba is not installed")
 def test_cuda_launchers_conform_under_the_simulator() -> None:
     """Every row of cuda's op table names a launcher taking the contract's arguments,
     and the generated ops accept keywords and defaults."""
