@@ -712,28 +712,6 @@ py::array relu_backward(const py::handle& gy_obj, const py::handle& y_obj) {
   });
 }
 
-void bias_add_(const py::handle& y_obj, const py::handle& b_obj) {
-  const char* op = "bias_add_";
-  py::array y = float_arg(op, "y", y_obj, -1, "");
-  py::array b = float_arg(op, "bias", b_obj, 1, "(C,)");
-  same_dtype(op, y, "y", b, "bias");
-  check_writeable(op, "y", y);
-  no_overlap(op, y, "y", b, "bias");
-  if (y.ndim() < 2 || y.shape(1) != b.shape(0)) {
-    throw py::value_error(std::string(op) + ": y must be (N, C, ...) with C = bias size " +
-                          std::to_string(b.shape(0)) + ", got shape " + shape_str(y));
-  }
-  const int64_t outer = y.shape(0), C = y.shape(1);
-  const int64_t inner = C == 0 || outer == 0 ? 0 : y.size() / (outer * C);
-  with_dtype(float_dtype(op, "y", y), [&](auto tag) {
-    using T = decltype(tag);
-    T* yp = ptr<T>(y);
-    py::gil_scoped_release release;
-    table<T>().bias_add(yp, cptr<T>(b), outer, C, inner);
-    return 0;
-  });
-}
-
 py::tuple softmax_cross_entropy(const py::handle& logits_obj, const py::handle& labels_obj) {
   const char* op = "softmax_cross_entropy";
   py::array z = float_arg(op, "logits", logits_obj, 2, "(N, K)");
@@ -949,8 +927,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("relu", &relu, py::arg("x"), "max(x, 0); NaN stays NaN.");
   m.def("relu_backward", &relu_backward, py::arg("grad_out"), py::arg("y"),
         "grad_out where y > 0, else 0.");
-  m.def("bias_add_", &bias_add_, py::arg("y"), py::arg("bias"),
-        "In place: y (N, C, ...) += bias (C,) along axis 1.");
   m.def("softmax_cross_entropy", &softmax_cross_entropy, py::arg("logits"), py::arg("labels"),
         "logits (N,K), labels int64 (N,) -> (mean loss as a 0-d array, (softmax - onehot)/N).");
   m.def("sgd_step", &sgd_step, py::arg("param"), py::arg("grad"), py::arg("momentum_buf"),

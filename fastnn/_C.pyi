@@ -3,7 +3,7 @@
 All arrays are C-contiguous NumPy arrays of one float dtype (float32 or
 float64; labels int64), images NCHW, conv weights OIHW. Nothing is converted:
 a wrong ndim/shape/dtype/layout raises ValueError or TypeError naming the
-argument. Outputs are new arrays; ``*_step`` and ``bias_add_`` work in place.
+argument. Outputs are new arrays; the ``*_step`` optimizer steps work in place.
 """
 
 from __future__ import annotations
@@ -82,8 +82,6 @@ def avg_pool2d_backward(
     """grad_out (N,C,OH,OW) -> grad_x (N,C,H,W)."""
 def relu(x: np.ndarray) -> np.ndarray: ...
 def relu_backward(grad_out: np.ndarray, y: np.ndarray) -> np.ndarray: ...
-def bias_add_(y: np.ndarray, bias: np.ndarray) -> None:
-    """In place: y (N, C, ...) += bias (C,) along axis 1."""
 def softmax_cross_entropy(
     logits: np.ndarray, labels: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -64,8 +64,6 @@ struct KernelTable {
   void (*relu)(const T* x, T* y, int64_t n);
   // gx = gy where y > 0, else 0.
   void (*relu_backward)(const T* gy, const T* y, T* gx, int64_t n);
-  // In place: y[o, c, i] += b[c] for y viewed as (outer, C, inner).
-  void (*bias_add)(T* y, const T* b, int64_t outer, int64_t C, int64_t inner);
   // logits (N,K), labels (N,) in [0, K) (checked by the caller) -> *loss =
   // batch mean (NaN for N = 0), grad (N,K) = (softmax - onehot) / N.
   void (*softmax_cross_entropy)(const T* logits, const int64_t* labels, int64_t N,

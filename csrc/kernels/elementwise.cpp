@@ -44,20 +44,6 @@ void relu_backward(const T* __restrict gy, const T* __restrict y, T* __restrict 
 }
 
 template <typename T>
-void bias_add(T* __restrict y, const T* __restrict bias, int64_t outer, int64_t C,
-              int64_t inner) {
-  const int64_t rows = outer * C;
-  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(inner, 1));
-  parallel_for(rows, grain, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const T v = bias[r % C];
-      T* row = y + r * inner;
-      for (int64_t i = 0; i < inner; ++i) row[i] += v;
-    }
-  });
-}
-
-template <typename T>
 void softmax_cross_entropy(const T* __restrict logits, const int64_t* __restrict labels,
                            int64_t N, int64_t K, T* loss, T* __restrict grad) {
   if (N == 0) {
@@ -188,7 +174,6 @@ void adam_step(T* __restrict param, const T* __restrict grad, T* __restrict exp_
 #define FASTNN_INSTANTIATE(T)                                                                   \
   template void relu<T>(const T*, T*, int64_t);                                                 \
   template void relu_backward<T>(const T*, const T*, T*, int64_t);                              \
-  template void bias_add<T>(T*, const T*, int64_t, int64_t, int64_t);                           \
   template void softmax_cross_entropy<T>(const T*, const int64_t*, int64_t, int64_t, T*, T*);   \
   template void sgd_step<T>(T*, const T*, T*, int64_t, double, double, double, bool);           \
   template void adam_step<T>(T*, const T*, T*, T*, int64_t, int64_t, double, double, double,    \

@@ -168,8 +168,6 @@ void relu(const T* x, T* y, int64_t n);
 template <typename T>
 void relu_backward(const T* gy, const T* y, T* gx, int64_t n);
 template <typename T>
-void bias_add(T* y, const T* b, int64_t outer, int64_t C, int64_t inner);
-template <typename T>
 void softmax_cross_entropy(const T* logits, const int64_t* labels, int64_t N, int64_t K, T* loss,
                            T* grad);
 template <typename T>

@@ -17,7 +17,6 @@ void fill(KernelTable<T>& t) {
   t.avg_pool2d_backward = &avg_pool2d_backward<T>;
   t.relu = &relu<T>;
   t.relu_backward = &relu_backward<T>;
-  t.bias_add = &bias_add<T>;
   t.softmax_cross_entropy = &softmax_cross_entropy<T>;
   t.sgd_step = &sgd_step<T>;
   t.adam_step = &adam_step<T>;

@@ -1,62 +1,11 @@
 """Backends: ``numpy`` (the reference oracle), ``cpu`` (C++ kernels) and ``cuda``
 (Numba-CUDA kernels on CuPy arrays).
 
-Every backend module exposes the same array-level ops, with the same names and
-argument order. ``fastnn.functional`` validates and normalises the arguments
-first, so a backend may assume:
-
-* arrays are C-contiguous, of one float dtype (float32 or float64), 4-D NCHW for
-  images and OIHW for conv weights;
-* ``stride``, ``padding``, ``dilation``, ``kernel_size``, ``input_hw``,
-  ``kernel_hw`` and ``out_hw`` are pairs of Python ints, padding is symmetric;
-* shapes are consistent (channels, groups, grad_out shape) and N may be 0.
-
-Each op returns a new C-contiguous array of the input's dtype (the in-place
-optimizer steps return None).
-
-Ops
----
-conv2d(x, weight, bias, stride, padding, dilation, groups) -> y
-    x (N,C,H,W), weight (O,C//groups,KH,KW), bias (O,) or None -> y (N,O,OH,OW)
-conv2d_backward_input(grad_out, weight, input_hw, stride, padding, dilation, groups)
-    -> grad_x (N,C,H,W)
-conv2d_backward_weight(grad_out, x, kernel_hw, stride, padding, dilation, groups)
-    -> grad_w (O,C//groups,KH,KW)
-matmul(a, b, transpose_a=False, transpose_b=False) -> c
-    op(a) @ op(b); 2-D (M,K)@(K,N) or batched 3-D (B,M,K)@(B,K,N). With
-    transpose_a, ``a`` is stored (K,M) (or (B,K,M)); with transpose_b, ``b`` is
-    stored (N,K). Both operands have the same ndim.
-max_pool2d(x, kernel_size, stride, padding, dilation, out_hw) -> y
-    out_hw already applies ceil_mode; windows are clipped to the input, padded
-    cells never win. NaN propagates.
-max_pool2d_backward(grad_out, x, kernel_size, stride, padding, dilation) -> grad_x
-    Recomputes the argmax; ties go to the first maximum in row-major window order.
-avg_pool2d(x, kernel_size, stride, padding, out_hw, count_include_pad,
-           divisor_override) -> y
-    divisor_override is an int or None. With count_include_pad the divisor counts
-    padded cells but not cells past the padded input (torch's ceil_mode rule).
-avg_pool2d_backward(grad_out, input_hw, kernel_size, stride, padding,
-                    count_include_pad, divisor_override) -> grad_x
-conv2d_relu_max_pool2d(x, weight, bias, stride, padding, dilation, groups,
-                       pool_kernel_size, pool_stride, pool_padding, pool_dilation,
-                       pool_out_hw) -> y
-    max_pool2d(relu(conv2d(...))) without materialising the conv output
-    (fused in C++; numpy_ref and cuda compose the separate ops).
-conv2d_relu_max_pool2d_backward(grad_out, x, weight, bias, <same conv/pool args>,
-                                need_x, need_w, need_b) -> (gx|None, gw|None, gb|None)
-relu(x) -> y
-relu_backward(grad_out, y) -> grad_x            (grad where y > 0, else 0)
-softmax_cross_entropy(logits, labels) -> (loss, grad_logits)
-    logits (N,K), labels int64 (N,); loss is the batch mean as a 0-d array on
-    the same device (no host sync); grad_logits = (softmax - onehot) / N.
-sgd_step(param, grad, momentum_buf, lr, momentum, weight_decay, nesterov) -> None
-    In place, torch.optim.SGD semantics with dampening 0: g = grad + wd*param;
-    buf = momentum*buf + g (buf starts at zeros, which matches torch's first
-    step); g = g + momentum*buf if nesterov else buf; param -= lr*g.
-    momentum_buf may be None when momentum == 0.
-adam_step(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps,
-          weight_decay, decoupled) -> None
-    In place, torch.optim.Adam (decoupled=False, L2) / AdamW (decoupled=True).
+Every backend module exposes the same array-level ops, with the same names,
+argument order and defaults. The contract -- which ops, what
+``fastnn.functional`` has already validated, each op's shapes, layout and
+semantics -- is :class:`fastnn.backends.contract.Backend`, a ``typing.Protocol``
+that ``tests/test_backend_contract.py`` checks every backend against.
 """
 
 from __future__ import annotations

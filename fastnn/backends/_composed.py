@@ -9,11 +9,14 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, Callable
 
+from fastnn.backends import contract
+
 Pair = tuple[int, int]
 
 
 def fused_conv_relu_pool(ops: ModuleType) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """``conv2d_relu_max_pool2d`` and its backward, built from ``ops``' primitives."""
+    """``conv2d_relu_max_pool2d`` and its backward, built from ``ops``' primitives
+    (documented by the contract, :class:`fastnn.backends.contract.Backend`)."""
 
     def conv2d_relu_max_pool2d(
         x: Any, weight: Any, bias: Any | None,
@@ -21,7 +24,6 @@ def fused_conv_relu_pool(ops: ModuleType) -> tuple[Callable[..., Any], Callable[
         pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
         pool_out_hw: Pair,
     ) -> Any:
-        """max_pool2d(relu(conv2d(x, weight, bias))): (N,C,H,W) -> (N,O,POH,POW)."""
         r = ops.relu(ops.conv2d(x, weight, bias, stride, padding, dilation, groups))
         return ops.max_pool2d(
             r, pool_kernel_size, pool_stride, pool_padding, pool_dilation, pool_out_hw
@@ -33,8 +35,7 @@ def fused_conv_relu_pool(ops: ModuleType) -> tuple[Callable[..., Any], Callable[
         pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
         need_x: bool, need_w: bool, need_b: bool,
     ) -> tuple[Any | None, Any | None, Any | None]:
-        """(grad_x, grad_w, grad_b) of conv2d_relu_max_pool2d (None where not needed);
-        recomputes the relu'd conv output, then pool backward, relu backward, conv backward."""
+        # Recompute the relu'd conv output, then pool, relu and conv backward.
         r = ops.relu(ops.conv2d(x, weight, bias, stride, padding, dilation, groups))
         g = ops.relu_backward(
             ops.max_pool2d_backward(grad_out, r, pool_kernel_size, pool_stride, pool_padding,
@@ -53,4 +54,7 @@ def fused_conv_relu_pool(ops: ModuleType) -> tuple[Callable[..., Any], Callable[
             gb = g.sum(axis=(0, 2, 3), dtype=g.dtype)
         return gx, gw, gb
 
+    for fn in (conv2d_relu_max_pool2d, conv2d_relu_max_pool2d_backward):
+        fn.__doc__ = contract.doc(fn.__name__)
+        fn.__module__ = ops.__name__
     return conv2d_relu_max_pool2d, conv2d_relu_max_pool2d_backward

@@ -1,11 +1,13 @@
 """The ``cuda`` backend: Numba-CUDA kernels on CuPy arrays.
 
-Same ops, names and argument order as :mod:`fastnn.backends.numpy_ref` (the
-contract is in :mod:`fastnn.backends`); the kernels live in
-:mod:`fastnn.backends._cuda`. Inputs are CuPy arrays and results are new CuPy
-arrays allocated from CuPy's memory pool; every kernel is launched on CuPy's
-current stream and no op copies data to the host or waits for the device, so
-a whole training step (forward, backward, optimizer) queues asynchronously.
+The ops of :class:`fastnn.backends.contract.Backend` (shapes, layout and
+semantics documented there), built from the table ``_OPS`` below: each op
+checks that its array arguments live where the kernels run, then calls the
+kernel launcher of the same name in :mod:`fastnn.backends._cuda`. Inputs are
+CuPy arrays and results are new CuPy arrays allocated from CuPy's memory pool;
+every kernel is launched on CuPy's current stream and no op copies data to the
+host or waits for the device, so a whole training step (forward, backward,
+optimizer) queues asynchronously.
 ``softmax_cross_entropy`` returns its loss as a 0-d device array for that
 reason.
 
@@ -36,46 +38,17 @@ float64 only; labels are not range-checked (see ``softmax_cross_entropy``).
 
 from __future__ import annotations
 
+import importlib
 import sys
-from typing import Any
+from typing import Any, Callable
 
-from fastnn.backends import _composed
-
-Pair = tuple[int, int]
-
-__all__ = [
-    "adam_step",
-    "avg_pool2d",
-    "avg_pool2d_backward",
-    "conv2d",
-    "conv2d_backward_input",
-    "conv2d_backward_weight",
-    "conv2d_relu_max_pool2d",
-    "conv2d_relu_max_pool2d_backward",
-    "device_info",
-    "is_available",
-    "matmul",
-    "max_pool2d",
-    "max_pool2d_backward",
-    "relu",
-    "relu_backward",
-    "sgd_step",
-    "softmax_cross_entropy",
-]
+from fastnn.backends import _composed, contract
 
 
 def _rt() -> Any:
     from fastnn.backends._cuda.launch import runtime
 
     return runtime()
-
-
-def _checked(**arrays: Any) -> Any:
-    """The runtime, after checking that every array lives where the kernels run."""
-    rt = _rt()
-    for name, a in arrays.items():
-        rt.check(a, name)
-    return rt
 
 
 def is_available() -> bool:
@@ -142,187 +115,66 @@ def device_info() -> dict:
 
 
 # --------------------------------------------------------------------------- #
-# conv2d
+# The ops
 # --------------------------------------------------------------------------- #
 
-
-def conv2d(
-    x: Any, weight: Any, bias: Any, stride: Pair, padding: Pair, dilation: Pair, groups: int
-) -> Any:
-    """x (N, C, H, W), weight (O, C/groups, KH, KW), bias (O,) or None -> y (N, O, OH, OW)."""
-    _checked(x=x, weight=weight, bias=bias)
-    from fastnn.backends._cuda import conv
-
-    return conv.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-
-def conv2d_backward_input(
-    grad_out: Any, weight: Any, input_hw: Pair, stride: Pair, padding: Pair,
-    dilation: Pair, groups: int,
-) -> Any:
-    """grad_out (N, O, OH, OW), weight (O, C/groups, KH, KW) -> grad_x (N, C, H, W)."""
-    _checked(grad_out=grad_out, weight=weight)
-    from fastnn.backends._cuda import conv
-
-    return conv.conv2d_backward_input(
-        grad_out, weight, input_hw, stride, padding, dilation, groups
-    )
+#: op -> (module of fastnn.backends._cuda whose function of the same name launches
+#: its kernels, the array arguments to check for device placement). The
+#: launchers take the contract's arguments in the contract's order.
+_OPS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "conv2d": ("conv", ("x", "weight", "bias")),
+    "conv2d_backward_input": ("conv", ("grad_out", "weight")),
+    "conv2d_backward_weight": ("conv", ("grad_out", "x")),
+    "matmul": ("gemm", ("a", "b")),
+    "max_pool2d": ("pool", ("x",)),
+    "max_pool2d_backward": ("pool", ("grad_out", "x")),
+    "avg_pool2d": ("pool", ("x",)),
+    "avg_pool2d_backward": ("pool", ("grad_out",)),
+    "relu": ("elementwise", ("x",)),
+    "relu_backward": ("elementwise", ("grad_out", "y")),
+    "softmax_cross_entropy": ("elementwise", ("logits", "labels")),
+    "sgd_step": ("elementwise", ("param", "grad", "momentum_buf")),
+    "adam_step": ("elementwise", ("param", "grad", "exp_avg", "exp_avg_sq")),
+}
 
 
-def conv2d_backward_weight(
-    grad_out: Any, x: Any, kernel_hw: Pair, stride: Pair, padding: Pair,
-    dilation: Pair, groups: int,
-) -> Any:
-    """grad_out (N, O, OH, OW), x (N, C, H, W) -> grad_w (O, C/groups, KH, KW)."""
-    _checked(grad_out=grad_out, x=x)
-    from fastnn.backends._cuda import conv
+def _make_op(name: str, module: str, arrays: tuple[str, ...]) -> Callable[..., Any]:
+    """Op ``name`` with the contract's signature and docstring, launching lazily."""
+    sig = contract.signature(name)
+    params = list(sig.parameters)
+    checks = [(params.index(a), a) for a in arrays]  # ValueError here: a typo in _OPS
+    launcher: Callable[..., Any] | None = None
 
-    return conv.conv2d_backward_weight(
-        grad_out, x, kernel_hw, stride, padding, dilation, groups
-    )
+    def op(*args: Any, **kwargs: Any) -> Any:
+        nonlocal launcher
+        if kwargs or len(args) != len(params):
+            # Keywords or defaults: rare (fastnn.functional passes every argument
+            # positionally), so only they pay for binding.
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            args = bound.args
+        rt = _rt()  # RuntimeError saying why when no GPU or simulator is usable
+        for i, arg_name in checks:
+            rt.check(args[i], arg_name)
+        if launcher is None:  # the _cuda modules import Numba: only on first use
+            launcher = getattr(importlib.import_module(f"fastnn.backends._cuda.{module}"), name)
+        return launcher(*args)
 
-
-# --------------------------------------------------------------------------- #
-# matmul
-# --------------------------------------------------------------------------- #
-
-
-def matmul(a: Any, b: Any, transpose_a: bool = False, transpose_b: bool = False) -> Any:
-    """op(a) @ op(b): 2-D (M,K)@(K,N) or batched 3-D (B,M,K)@(B,K,N).
-
-    With transpose_a ``a`` is stored (K, M) (or (B, K, M)); with transpose_b
-    ``b`` is stored (N, K). K = 0 gives zeros.
-    """
-    rt = _checked(a=a, b=b)
-    from fastnn.backends._cuda.gemm import gemm
-
-    if a.ndim != b.ndim or a.ndim not in (2, 3):
-        raise ValueError(f"matmul: a and b must both be 2-D or 3-D, got {a.ndim}-D and {b.ndim}-D")
-    batch = a.shape[0] if a.ndim == 3 else 1
-    m = a.shape[-1] if transpose_a else a.shape[-2]
-    k = a.shape[-2] if transpose_a else a.shape[-1]
-    n = b.shape[-2] if transpose_b else b.shape[-1]
-    out = rt.empty((batch, m, n) if a.ndim == 3 else (m, n), a.dtype)
-    gemm(a.reshape(-1), b.reshape(-1), out.reshape(-1), m, n, k,
-         trans_a=transpose_a, trans_b=transpose_b, batch=batch,
-         a_strides=(m * k, 0, 0), b_strides=(k * n, 0, 0))
-    return out
+    op.__name__ = op.__qualname__ = name
+    op.__module__ = __name__
+    op.__doc__ = contract.doc(name)
+    op.__signature__ = sig  # type: ignore[attr-defined]
+    return op
 
 
-# --------------------------------------------------------------------------- #
-# pooling
-# --------------------------------------------------------------------------- #
+globals().update({name: _make_op(name, *row) for name, row in _OPS.items()})
 
-
-def max_pool2d(
-    x: Any, kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair, out_hw: Pair
-) -> Any:
-    """x (N, C, H, W) -> y (N, C, OH, OW); out_hw already applies ceil_mode."""
-    _checked(x=x)
-    from fastnn.backends._cuda import pool
-
-    return pool.max_pool2d(x, kernel_size, stride, padding, dilation, out_hw)
-
-
-def max_pool2d_backward(
-    grad_out: Any, x: Any, kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair
-) -> Any:
-    """grad_out (N, C, OH, OW), x (N, C, H, W) -> grad_x; ties go to the first maximum."""
-    _checked(grad_out=grad_out, x=x)
-    from fastnn.backends._cuda import pool
-
-    return pool.max_pool2d_backward(grad_out, x, kernel_size, stride, padding, dilation)
-
-
-def avg_pool2d(
-    x: Any, kernel_size: Pair, stride: Pair, padding: Pair, out_hw: Pair,
-    count_include_pad: bool, divisor_override: int | None,
-) -> Any:
-    """x (N, C, H, W) -> y (N, C, OH, OW) with torch's divisor rules."""
-    _checked(x=x)
-    from fastnn.backends._cuda import pool
-
-    return pool.avg_pool2d(
-        x, kernel_size, stride, padding, out_hw, count_include_pad, divisor_override
-    )
-
-
-def avg_pool2d_backward(
-    grad_out: Any, input_hw: Pair, kernel_size: Pair, stride: Pair, padding: Pair,
-    count_include_pad: bool, divisor_override: int | None,
-) -> Any:
-    """grad_out (N, C, OH, OW) -> grad_x (N, C, H, W), (H, W) = input_hw."""
-    _checked(grad_out=grad_out)
-    from fastnn.backends._cuda import pool
-
-    return pool.avg_pool2d_backward(
-        grad_out, input_hw, kernel_size, stride, padding, count_include_pad, divisor_override
-    )
-
-
-# --------------------------------------------------------------------------- #
-# activations, loss, optimizers
-# --------------------------------------------------------------------------- #
-
-
-def relu(x: Any) -> Any:
-    """max(x, 0) elementwise; NaN stays NaN."""
-    _checked(x=x)
-    from fastnn.backends._cuda import elementwise
-
-    return elementwise.relu(x)
-
-
-def relu_backward(grad_out: Any, y: Any) -> Any:
-    """grad_out where the relu output y > 0, else 0."""
-    _checked(grad_out=grad_out, y=y)
-    from fastnn.backends._cuda import elementwise
-
-    return elementwise.relu_backward(grad_out, y)
-
-
-def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[Any, Any]:
-    """logits (N, K), labels int64 (N,) -> (mean loss, 0-d on the device; grad (N, K)).
-
-    No host sync: labels are not range-checked here; an out-of-range label
-    makes the loss (and its row of the gradient) NaN.
-    """
-    _checked(logits=logits, labels=labels)
-    from fastnn.backends._cuda import elementwise
-
-    return elementwise.softmax_cross_entropy(logits, labels)
-
-
-def sgd_step(
-    param: Any, grad: Any, momentum_buf: Any, lr: float, momentum: float,
-    weight_decay: float, nesterov: bool,
-) -> None:
-    """In-place torch.optim.SGD step (dampening 0); momentum_buf may be None if momentum == 0."""
-    _checked(param=param, grad=grad, momentum_buf=momentum_buf)
-    from fastnn.backends._cuda import elementwise
-
-    elementwise.sgd_step(param, grad, momentum_buf, lr, momentum, weight_decay, nesterov)
-
-
-def adam_step(
-    param: Any, grad: Any, exp_avg: Any, exp_avg_sq: Any, step: int, lr: float,
-    beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
-) -> None:
-    """In-place torch.optim.Adam (decoupled=False) / AdamW (decoupled=True) step."""
-    _checked(param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-    from fastnn.backends._cuda import elementwise
-
-    elementwise.adam_step(
-        param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, decoupled
-    )
-
-
-# --------------------------------------------------------------------------
-# fused conv2d + ReLU + max_pool2d (composed from the ops above)
-# --------------------------------------------------------------------------
-
-
-# Composed from the ops above, as numpy_ref and cuda share it (see _composed).
+# Composed from the ops above, as numpy_ref does (see _composed).
 conv2d_relu_max_pool2d, conv2d_relu_max_pool2d_backward = _composed.fused_conv_relu_pool(
     sys.modules[__name__]
 )
+
+__all__ = sorted([
+    *_OPS, "conv2d_relu_max_pool2d", "conv2d_relu_max_pool2d_backward", "device_info",
+    "is_available",
+])

@@ -5,7 +5,7 @@ here, but the heavy ops go through BLAS (im2col + matmul) so the backend can
 also train MNIST (``--device numpy``) in reasonable time.
 
 The op contract (names, argument order, what ``fastnn.functional`` has already
-validated) is documented in :mod:`fastnn.backends`. In short: arrays are
+validated) is :class:`fastnn.backends.contract.Backend`. In short: arrays are
 C-contiguous float32/float64, images NCHW, conv weights OIHW, geometry
 arguments are pairs of Python ints, padding is symmetric and N may be 0. Every
 op returns a new C-contiguous array of the input's dtype; the optimizer steps

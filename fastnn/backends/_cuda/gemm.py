@@ -405,3 +405,19 @@ def gemm(
         length = batch * m * n
         blocks = min(ceil_div(length, 256), 8 * rt.num_sms)
         rt.launch(_sum_splits_kernel(T), (blocks,), 256, out, c, splits, length)
+
+
+def matmul(a: Any, b: Any, transpose_a: bool = False, transpose_b: bool = False) -> Any:
+    """op(a) @ op(b) for 2-D or batched 3-D operands of one ndim (the backend contract's
+    ``matmul``): one :func:`gemm` call with plain batch strides."""
+    if a.ndim != b.ndim or a.ndim not in (2, 3):
+        raise ValueError(f"matmul: a and b must both be 2-D or 3-D, got {a.ndim}-D and {b.ndim}-D")
+    batch = a.shape[0] if a.ndim == 3 else 1
+    m = a.shape[-1] if transpose_a else a.shape[-2]
+    k = a.shape[-2] if transpose_a else a.shape[-1]
+    n = b.shape[-2] if transpose_b else b.shape[-1]
+    out = runtime().empty((batch, m, n) if a.ndim == 3 else (m, n), a.dtype)
+    gemm(a.reshape(-1), b.reshape(-1), out.reshape(-1), m, n, k,
+         trans_a=transpose_a, trans_b=transpose_b, batch=batch,
+         a_strides=(m * k, 0, 0), b_strides=(k * n, 0, 0))
+    return out
