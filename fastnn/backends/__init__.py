@@ -49,6 +49,26 @@ relu_backward(grad_out, y) -> grad_x            (grad where y > 0, else 0)
 softmax_cross_entropy(logits, labels) -> (loss, grad_logits)
     logits (N,K), labels int64 (N,); loss is the batch mean as a 0-d array on
     the same device (no host sync); grad_logits = (softmax - onehot) / N.
+sigmoid(x) -> y;  sigmoid_backward(grad_out, y) -> grad_x    (grad * y * (1 - y))
+tanh(x) -> y;     tanh_backward(grad_out, y) -> grad_x       (grad * (1 - y**2))
+    y is the forward output; any shape.
+log_softmax(x, dim) -> y;  log_softmax_backward(grad_out, y, dim) -> grad_x
+    dim is a non-negative int < x.ndim; x is not empty.
+mse_loss(input, target) -> loss (0-d, the mean of squared differences)
+mse_loss_backward(grad_out, input, target) -> grad_input
+    grad_out is 0-d; grad_target is -grad_input.
+dropout_masked(x, mask) -> x * mask
+    mask is dropout's scaled keep mask (0 or 1/(1-p), x's shape and dtype),
+    drawn by fastnn.functional.dropout_mask; the backward is the same product.
+batch_norm2d(x, weight, bias, mean, var, eps, training) -> (y, mean, var)
+    x (N,C,H,W); weight, bias (C,) or None; y = (x - mean) / sqrt(var + eps)
+    * weight + bias per channel. training: mean/var are ignored (None) and the
+    batch mean and biased variance over (N,H,W) (N*H*W >= 2) are computed,
+    used and returned; else mean/var (C,) in x's dtype are used and returned.
+batch_norm2d_backward(grad_out, x, weight, mean, var, eps, training,
+                      need_x, need_w, need_b) -> (gx|None, gw|None, gb|None)
+    mean/var as returned by the forward; with training the gradient of x
+    includes the paths through the batch statistics.
 sgd_step(param, grad, momentum_buf, lr, momentum, weight_decay, nesterov) -> None
     In place, torch.optim.SGD semantics with dampening 0: g = grad + wd*param;
     buf = momentum*buf + g (buf starts at zeros, which matches torch's first

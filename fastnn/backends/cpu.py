@@ -22,26 +22,53 @@ import numpy as np
 
 from fastnn import _C
 
+# No native kernels for these (memory-bound and off the hot path): the CPU runs
+# the NumPy code that numpy_ref and cuda share.
+from fastnn.backends._array_ops import (
+    batch_norm2d,
+    batch_norm2d_backward,
+    dropout_masked,
+    log_softmax,
+    log_softmax_backward,
+    mse_loss,
+    mse_loss_backward,
+    sigmoid,
+    sigmoid_backward,
+    tanh,
+    tanh_backward,
+)
+
 Pair = tuple[int, int]
 
 __all__ = [
     "adam_step",
     "avg_pool2d",
     "avg_pool2d_backward",
+    "batch_norm2d",
+    "batch_norm2d_backward",
     "bias_add_",
     "conv2d",
     "conv2d_backward_input",
     "conv2d_backward_weight",
     "conv2d_relu_max_pool2d",
     "conv2d_relu_max_pool2d_backward",
+    "dropout_masked",
     "is_available",
+    "log_softmax",
+    "log_softmax_backward",
     "matmul",
     "max_pool2d",
     "max_pool2d_backward",
+    "mse_loss",
+    "mse_loss_backward",
     "relu",
     "relu_backward",
     "sgd_step",
+    "sigmoid",
+    "sigmoid_backward",
     "softmax_cross_entropy",
+    "tanh",
+    "tanh_backward",
 ]
 
 # FASTNN_ISA asked for an ISA this CPU cannot run (or an unknown name): the

@@ -36,10 +36,12 @@ float64 only; labels are not range-checked (see ``softmax_cross_entropy``).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
-from typing import Any
+from typing import Any, Callable
 
-from fastnn.backends import _composed
+from fastnn.backends import _array_ops, _composed
 
 Pair = tuple[int, int]
 
@@ -47,20 +49,31 @@ __all__ = [
     "adam_step",
     "avg_pool2d",
     "avg_pool2d_backward",
+    "batch_norm2d",
+    "batch_norm2d_backward",
     "conv2d",
     "conv2d_backward_input",
     "conv2d_backward_weight",
     "conv2d_relu_max_pool2d",
     "conv2d_relu_max_pool2d_backward",
     "device_info",
+    "dropout_masked",
     "is_available",
+    "log_softmax",
+    "log_softmax_backward",
     "matmul",
     "max_pool2d",
     "max_pool2d_backward",
+    "mse_loss",
+    "mse_loss_backward",
     "relu",
     "relu_backward",
     "sgd_step",
+    "sigmoid",
+    "sigmoid_backward",
     "softmax_cross_entropy",
+    "tanh",
+    "tanh_backward",
 ]
 
 
@@ -315,6 +328,38 @@ def adam_step(
     elementwise.adam_step(
         param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, decoupled
     )
+
+
+# --------------------------------------------------------------------------- #
+# sigmoid, tanh, log_softmax, MSE, dropout, BatchNorm: CuPy array expressions
+# --------------------------------------------------------------------------- #
+
+
+def _array_op(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` of :mod:`fastnn.backends._array_ops` (CuPy expressions; NumPy under the
+    simulator), after the device check every op of this backend makes."""
+    names = list(inspect.signature(fn).parameters)
+
+    @functools.wraps(fn)
+    def op(*args: Any) -> Any:
+        # Every argument but the scalar ones (dim, eps, flags) must be a device array.
+        _checked(**{n: a for n, a in zip(names, args) if not isinstance(a, (bool, int, float))})
+        return fn(*args)
+
+    return op
+
+
+sigmoid = _array_op(_array_ops.sigmoid)
+sigmoid_backward = _array_op(_array_ops.sigmoid_backward)
+tanh = _array_op(_array_ops.tanh)
+tanh_backward = _array_op(_array_ops.tanh_backward)
+log_softmax = _array_op(_array_ops.log_softmax)
+log_softmax_backward = _array_op(_array_ops.log_softmax_backward)
+mse_loss = _array_op(_array_ops.mse_loss)
+mse_loss_backward = _array_op(_array_ops.mse_loss_backward)
+dropout_masked = _array_op(_array_ops.dropout_masked)
+batch_norm2d = _array_op(_array_ops.batch_norm2d)
+batch_norm2d_backward = _array_op(_array_ops.batch_norm2d_backward)
 
 
 # --------------------------------------------------------------------------
