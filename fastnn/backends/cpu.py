@@ -25,8 +25,6 @@ from fastnn import _C
 # No native kernels for these (memory-bound and off the hot path): the CPU runs
 # the NumPy code that numpy_ref and cuda share.
 from fastnn.backends._array_ops import (
-    batch_norm2d,
-    batch_norm2d_backward,
     dropout_masked,
     log_softmax,
     log_softmax_backward,
@@ -163,6 +161,26 @@ def relu_backward(grad_out: np.ndarray, y: np.ndarray) -> np.ndarray:
 def bias_add_(y: np.ndarray, bias: np.ndarray) -> None:
     """In place: y (N, C, ...) += bias (C,) along axis 1 (not part of the backend contract)."""
     _C.bias_add_(y, bias)
+
+
+def batch_norm2d(
+    x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None,
+    mean: np.ndarray | None, var: np.ndarray | None, eps: float, training: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (N,C,H,W) -> (y, mean, var), stats (C,). training: batch mean and biased
+    variance over (N,H,W), summed in double per (n, c) plane in a fixed order
+    (deterministic for any thread count); else the given stats."""
+    return tuple(_C.batch_norm2d(x, weight, bias, mean, var, eps, training))
+
+
+def batch_norm2d_backward(
+    grad_out: np.ndarray, x: np.ndarray, weight: np.ndarray | None, mean: np.ndarray,
+    var: np.ndarray, eps: float, training: bool, need_x: bool, need_w: bool, need_b: bool,
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """(grad_x, grad_weight, grad_bias) of :func:`batch_norm2d`, None where not needed."""
+    return tuple(_C.batch_norm2d_backward(
+        grad_out, x, weight, mean, var, eps, training, bool(need_x), bool(need_w), bool(need_b)
+    ))
 
 
 def softmax_cross_entropy(
