@@ -6,8 +6,9 @@
 // by one thread, in a fixed order (kLanes interleaved accumulators, so the loop
 // vectorizes without reassociating), then the planes of a channel in n order on
 // the calling thread, so results do not depend on the thread count. The
-// variance is a second pass over x around the mean (no E[x^2] - E[x]^2
-// cancellation). The elementwise passes run in T as y = (x - mean) * scale + shift,
+// variance is exact two-pass per plane (a second pass around the plane's mean
+// while it is in cache, no E[x^2] - E[x]^2 cancellation), the planes merged with
+// Chan et al.'s formula, so the forward reads x from memory twice, not three times. The elementwise passes run in T as y = (x - mean) * scale + shift,
 // the order fastnn.backends._array_ops uses.
 #include <cmath>
 
@@ -127,31 +128,41 @@ void batch_norm2d_forward(int64_t N, int64_t C, int64_t HW, const T* x, const T*
                           T* mean, T* var, double eps, bool training, T* y) {
   if (C == 0) return;
   const int64_t planes = N * C;
-  Buffer<double> stats(2 * C);  // mean, then invstd, per channel
+  Buffer<double> stats(2 * C);  // per channel: mean, sum of squared deviations
   double* mean_d = stats.get();
-  double* invstd = stats.get() + C;
+  double* m2 = stats.get() + C;
   if (training) {
+    // One pass over memory: each plane's mean and sum of squared deviations from
+    // it (a two-pass while the plane is in cache), then the planes of a channel
+    // are merged exactly: M2 = sum(M2_p) + sum(HW * (mean_p - mean)^2).
     const double m = static_cast<double>(N * HW);
-    Buffer<double> part(planes);
+    Buffer<double> part(2 * planes);
     double* pp = part.get();
     parallel_for(planes, plane_grain(HW), [&](int64_t lo, int64_t hi) {
-      for (int64_t p = lo; p < hi; ++p) pp[p] = plane_sum(x + p * HW, HW, 0.0);
+      for (int64_t p = lo; p < hi; ++p) {
+        const T* xp = x + p * HW;
+        const double mp = plane_sum(xp, HW, 0.0) / static_cast<double>(HW);
+        pp[2 * p] = mp;
+        pp[2 * p + 1] = plane_sqdev(xp, HW, mp);
+      }
     });
-    channel_sums(pp, N, C, 1, 0, mean_d);
-    for (int64_t c = 0; c < C; ++c) mean_d[c] /= m;
-    parallel_for(planes, plane_grain(HW), [&](int64_t lo, int64_t hi) {
-      for (int64_t p = lo; p < hi; ++p) pp[p] = plane_sqdev(x + p * HW, HW, mean_d[p % C]);
-    });
-    channel_sums(pp, N, C, 1, 0, invstd);
+    channel_sums(pp, N, C, 2, 0, mean_d);
+    for (int64_t c = 0; c < C; ++c) mean_d[c] /= static_cast<double>(N);
+    channel_sums(pp, N, C, 2, 1, m2);
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t c = 0; c < C; ++c) {
+        const double d = pp[2 * (n * C + c)] - mean_d[c];
+        m2[c] += static_cast<double>(HW) * d * d;
+      }
+    }
     for (int64_t c = 0; c < C; ++c) {
-      const double v = invstd[c] / m;
       mean[c] = static_cast<T>(mean_d[c]);
-      var[c] = static_cast<T>(v);
+      var[c] = static_cast<T>(m2[c] / m);
     }
   }
   // The elementwise pass uses the stats as stored (T), like the eval path and the
   // reference, so training and eval on the same stats give the same y.
-  Buffer<T> consts(3 * C);
+  Buffer<T> consts(2 * C);
   T* scale = consts.get();
   T* shift = consts.get() + C;
   for (int64_t c = 0; c < C; ++c) {
