@@ -19,6 +19,7 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -751,6 +752,132 @@ py::tuple softmax_cross_entropy(const py::handle& logits_obj, const py::handle& 
   });
 }
 
+// --- batch norm --------------------------------------------------------------------
+
+// A (C,) array of x's dtype, C = x.shape[1].
+py::array channel_arg(const char* op, const char* name, const py::handle& obj,
+                      const py::array& x) {
+  py::array a = float_arg(op, name, obj, 1, "(C,)");
+  same_dtype(op, x, "x", a, name);
+  if (a.shape(0) != x.shape(1)) {
+    throw py::value_error(std::string(op) + ": " + name + " must have shape (" +
+                          std::to_string(x.shape(1)) + ",), got " + shape_str(a));
+  }
+  return a;
+}
+
+std::optional<py::array> optional_channel_arg(const char* op, const char* name,
+                                              const py::handle& obj, const py::array& x) {
+  if (obj.is_none()) return std::nullopt;
+  return channel_arg(op, name, obj, x);
+}
+
+void check_eps(const char* op, double eps) {
+  if (!(eps >= 0) || !std::isfinite(eps)) {
+    throw py::value_error(std::string(op) + ": eps must be a finite number >= 0, got " +
+                          std::to_string(eps));
+  }
+}
+
+template <typename T>
+const T* cptr_or_null(const std::optional<py::array>& a) {
+  return a ? cptr<T>(*a) : nullptr;
+}
+
+py::tuple batch_norm2d(const py::handle& x_obj, const py::handle& w_obj, const py::handle& b_obj,
+                       const py::handle& mean_obj, const py::handle& var_obj, double eps,
+                       bool training) {
+  const char* op = "batch_norm2d";
+  py::array x = float_arg(op, "x", x_obj, 4, "(N, C, H, W)");
+  const auto w = optional_channel_arg(op, "weight", w_obj, x);
+  const auto b = optional_channel_arg(op, "bias", b_obj, x);
+  const auto mean = optional_channel_arg(op, "mean", mean_obj, x);
+  const auto var = optional_channel_arg(op, "var", var_obj, x);
+  check_eps(op, eps);
+  const int64_t N = x.shape(0), C = x.shape(1), HW = x.shape(2) * x.shape(3);
+  if (training) {
+    if (mean || var) {
+      throw py::value_error(std::string(op) +
+                            ": mean and var must be None when training (they are computed)");
+    }
+    if (N * HW < 2) {
+      throw py::value_error(std::string(op) +
+                            ": expected more than 1 value per channel when training, got input "
+                            "of shape " + shape_str(x));
+    }
+  } else if (!mean || !var) {
+    throw py::value_error(std::string(op) + ": mean and var must be arrays when not training");
+  }
+  return with_dtype(float_dtype(op, "x", x), [&](auto tag) {
+    using T = decltype(tag);
+    py::array y = new_array<T>(shape_of(x));
+    py::array mean_out = new_array<T>({C});
+    py::array var_out = new_array<T>({C});
+    T* mp = ptr<T>(mean_out);
+    T* vp = ptr<T>(var_out);
+    if (!training) {  // returned as given, in fresh arrays
+      std::memcpy(mp, cptr<T>(*mean), static_cast<size_t>(C) * sizeof(T));
+      std::memcpy(vp, cptr<T>(*var), static_cast<size_t>(C) * sizeof(T));
+    }
+    const T* xp = cptr<T>(x);
+    const T* wp = cptr_or_null<T>(w);
+    const T* bp = cptr_or_null<T>(b);
+    T* yp = ptr<T>(y);
+    {
+      py::gil_scoped_release release;
+      table<T>().batch_norm2d_forward(N, C, HW, xp, wp, bp, mp, vp, eps, training, yp);
+    }
+    return py::make_tuple(y, mean_out, var_out);
+  });
+}
+
+py::tuple batch_norm2d_backward(const py::handle& gy_obj, const py::handle& x_obj,
+                                const py::handle& w_obj, const py::handle& mean_obj,
+                                const py::handle& var_obj, double eps, bool training,
+                                bool need_x, bool need_w, bool need_b) {
+  const char* op = "batch_norm2d_backward";
+  py::array gy = float_arg(op, "grad_out", gy_obj, 4, "(N, C, H, W)");
+  py::array x = float_arg(op, "x", x_obj, 4, "(N, C, H, W)");
+  same_dtype(op, x, "x", gy, "grad_out");
+  same_shape(op, x, "x", gy, "grad_out");
+  const auto w = optional_channel_arg(op, "weight", w_obj, x);
+  const py::array mean = channel_arg(op, "mean", mean_obj, x);
+  const py::array var = channel_arg(op, "var", var_obj, x);
+  check_eps(op, eps);
+  const int64_t N = x.shape(0), C = x.shape(1), HW = x.shape(2) * x.shape(3);
+  return with_dtype(float_dtype(op, "x", x), [&](auto tag) {
+    using T = decltype(tag);
+    py::object gx = py::none(), gw = py::none(), gb = py::none();
+    T *gxp = nullptr, *gwp = nullptr, *gbp = nullptr;
+    if (need_x) {
+      py::array t = new_array<T>(shape_of(x));
+      gxp = ptr<T>(t);
+      gx = t;
+    }
+    if (need_w) {
+      py::array t = new_array<T>({C});
+      gwp = ptr<T>(t);
+      gw = t;
+    }
+    if (need_b) {
+      py::array t = new_array<T>({C});
+      gbp = ptr<T>(t);
+      gb = t;
+    }
+    const T* gyp = cptr<T>(gy);
+    const T* xp = cptr<T>(x);
+    const T* wp = cptr_or_null<T>(w);
+    const T* mp = cptr<T>(mean);
+    const T* vp = cptr<T>(var);
+    if (gxp || gwp || gbp) {
+      py::gil_scoped_release release;
+      table<T>().batch_norm2d_backward(N, C, HW, gyp, xp, wp, mp, vp, eps, training, gxp, gwp,
+                                       gbp);
+    }
+    return py::make_tuple(gx, gw, gb);
+  });
+}
+
 // --- optimizer steps ---------------------------------------------------------------
 
 py::array state_arg(const char* op, const char* name, const py::handle& obj,
@@ -929,6 +1056,16 @@ PYBIND11_MODULE(_C, m) {
         "grad_out where y > 0, else 0.");
   m.def("softmax_cross_entropy", &softmax_cross_entropy, py::arg("logits"), py::arg("labels"),
         "logits (N,K), labels int64 (N,) -> (mean loss as a 0-d array, (softmax - onehot)/N).");
+  m.def("batch_norm2d", &batch_norm2d, py::arg("x"), py::arg("weight"), py::arg("bias"),
+        py::arg("mean"), py::arg("var"), py::arg("eps"), py::arg("training"),
+        "x (N,C,H,W); weight, bias (C,) or None -> (y, mean, var). training: mean/var are "
+        "None and the batch mean and biased variance over (N,H,W) are computed (in double); "
+        "else the given (C,) stats are used. y = (x - mean) / sqrt(var + eps) * weight + bias.");
+  m.def("batch_norm2d_backward", &batch_norm2d_backward, py::arg("grad_out"), py::arg("x"),
+        py::arg("weight"), py::arg("mean"), py::arg("var"), py::arg("eps"), py::arg("training"),
+        py::arg("need_x"), py::arg("need_w"), py::arg("need_b"),
+        "(grad_x, grad_weight, grad_bias) of batch_norm2d (None where not needed), with "
+        "mean/var as the forward returned them.");
   m.def("sgd_step", &sgd_step, py::arg("param"), py::arg("grad"), py::arg("momentum_buf"),
         py::arg("lr"), py::arg("momentum"), py::arg("weight_decay"), py::arg("nesterov"),
         "In-place torch.optim.SGD step (dampening 0).");

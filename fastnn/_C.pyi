@@ -95,3 +95,15 @@ def adam_step(
     step: int, lr: float, beta1: float, beta2: float, eps: float,
     weight_decay: float, decoupled: bool,
 ) -> None: ...
+def batch_norm2d(
+    x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None,
+    mean: np.ndarray | None, var: np.ndarray | None, eps: float, training: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (N,C,H,W), weight/bias (C,) or None -> (y, mean, var). training: mean/var must be
+    None and the batch mean and biased variance over (N,H,W) (>= 2 values) are computed;
+    else the given (C,) stats are used (and returned as copies)."""
+def batch_norm2d_backward(
+    grad_out: np.ndarray, x: np.ndarray, weight: np.ndarray | None, mean: np.ndarray,
+    var: np.ndarray, eps: float, training: bool, need_x: bool, need_w: bool, need_b: bool,
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """(grad_x, grad_weight, grad_bias) of batch_norm2d, None where not needed."""

@@ -617,3 +617,44 @@ def test_gpu_dropout_grad_uses_the_forward_mask(rng):
     assert y.dtype == np.float32 and x.grad.dtype == np.float32
     np.testing.assert_allclose((x.grad * x.data).get(), y.data.get(), rtol=1e-6)
     assert 0.4 < float((y.data == 0).mean()) < 0.6
+
+
+def test_handlers_accept_every_call_form(rng):
+    """F.op(Tensor, ...) reaches the op's Function whether arguments are positional,
+    keyword or mixed, and a bad call names the op."""
+    x = Tensor(rng.standard_normal((2, 3, 6, 6)), requires_grad=True)
+    w = Tensor(rng.standard_normal((4, 3, 3, 3)), requires_grad=True)
+    with fastnn.backend("numpy"):
+        ref = F.conv2d(x.data, w.data, None, 2, 1)
+        for y in (F.conv2d(x, w, None, 2, 1), F.conv2d(x, w, stride=2, padding=1),
+                  F.conv2d(x=x, weight=w, padding=1, stride=(2, 2)),
+                  F.conv2d(x, weight=w.data, stride=2, padding=1)):
+            assert isinstance(y, Tensor) and type(y.grad_fn).__name__ == "Context"
+            np.testing.assert_array_equal(y.data, ref)
+        y = F.max_pool2d(x, 2, padding=1)
+        np.testing.assert_array_equal(y.data, F.max_pool2d(x.data, 2, 2, 1))
+        y = F.log_softmax(dim=1, x=x)
+        np.testing.assert_array_equal(y.data, F.log_softmax(x.data, 1))
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+        with pytest.raises(TypeError, match="conv2d: missing a required argument: 'weight'"):
+            F.conv2d(x, stride=2)
+        with pytest.raises(TypeError, match="relu: got an unexpected keyword argument"):
+            F.relu(x, inplace=True)
+
+
+def test_function_forward_may_return_extras():
+    class WithIndex(Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2, np.argmax(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+    x = Tensor(np.array([1.0, 3.0, 2.0]), requires_grad=True)
+    y, idx = WithIndex.apply(x)
+    assert isinstance(y, Tensor) and idx == 1
+    y.sum().backward()
+    np.testing.assert_array_equal(x.grad, [2.0, 2.0, 2.0])

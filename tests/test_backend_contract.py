@@ -104,8 +104,8 @@ def test_cuda_launchers_conform_under_the_simulator() -> None:
 
         errors = []
         for name, (module, _) in cuda._OPS.items():
-            launcher = getattr(importlib.import_module(f"fastnn.backends._cuda.{module}"), name)
-            errors.append(contract.op_error(name, launcher, f"_cuda.{module}"))
+            launcher = getattr(importlib.import_module(cuda.launcher_module(module)), name)
+            errors.append(contract.op_error(name, launcher, module))
         errors = [e for e in errors if e]
         assert not errors, errors
 

@@ -666,6 +666,43 @@ def test_functional_forced_cuda_backend(rng) -> None:
 
 
 @sim
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_array_ops_through_functional(rng, dtype) -> None:
+    """sigmoid/tanh/log_softmax/MSE/dropout/BatchNorm pairs on the cuda backend
+    (CuPy expressions; NumPy arrays here) against numpy_ref, via fastnn.functional."""
+    import fastnn
+    from fastnn import functional as F
+
+    x = rng.standard_normal((3, 2, 5, 4)).astype(dtype)
+    g = rng.standard_normal(x.shape).astype(dtype)
+    w, b = rng.standard_normal(2).astype(dtype), rng.standard_normal(2).astype(dtype)
+
+    def run():
+        rm, rv = np.zeros(2, dtype), np.ones(2, dtype)
+        y, mean, var = F.batch_norm2d_forward(x, rm, rv, w, b, True)
+        bn = (y, rm, rv, *F.batch_norm2d_backward(g, x, w, mean, var, 1e-5, True))
+        ev = F.batch_norm2d_forward(x, rm, rv, w, b, False)
+        ev_grads = F.batch_norm2d_backward(g, x, w, ev[1], ev[2], 1e-5, False)
+        s, t, ls = F.sigmoid(x), F.tanh(x), F.log_softmax(x, 1)
+        act = (s, F.sigmoid_backward(g, s), t, F.tanh_backward(g, t), ls,
+               F.log_softmax_backward(g, ls, 1))
+        mse = (F.mse_loss(x, g), *F.mse_loss_backward(np.asarray(2.0, dtype), x, g))
+        drop = F.dropout_forward(x, 0.4, True, np.random.default_rng(3))
+        return (*bn, *ev, *ev_grads, *act, *mse, *drop, F.dropout_backward(g, drop[1]))
+
+    with fastnn.backend("cuda"):
+        got = run()
+    with fastnn.backend("numpy"):
+        want = run()
+    assert len(got) == len(want)
+    for a, e in zip(got, want):
+        assert a.dtype == dtype
+        _close(a, e)
+    with pytest.raises(TypeError, match="NumPy arrays"):
+        cb.batch_norm2d([[[[1.0]]]], None, None, None, None, 1e-5, True)
+
+
+@sim
 def test_training_step_matches_reference(rng) -> None:
     """conv -> relu -> maxpool -> linear -> CE, backward, SGD: cuda vs numpy_ref."""
 

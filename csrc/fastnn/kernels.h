@@ -77,6 +77,19 @@ struct KernelTable {
                     int64_t step, double lr, double beta1, double beta2, double eps,
                     double weight_decay, bool decoupled);
 
+  // BatchNorm per channel of x (N,C,HW) (csrc/kernels/batchnorm.cpp); w, b, mean,
+  // var are (C,); w and b may be null (1 and 0). training: mean and var are
+  // outputs, the batch mean and biased variance over (N, HW) (N*HW >= 1);
+  // otherwise inputs. y = (x - mean) / sqrt(var + eps) * w + b.
+  void (*batch_norm2d_forward)(int64_t N, int64_t C, int64_t HW, const T* x, const T* w,
+                               const T* b, T* mean, T* var, double eps, bool training, T* y);
+  // Gradients from gy (N,C,HW), with mean/var as the forward used them; with
+  // training, gx includes the paths through the batch statistics. gx (N,C,HW),
+  // gw and gb (C,) may each be null (not wanted); the others are overwritten.
+  void (*batch_norm2d_backward)(int64_t N, int64_t C, int64_t HW, const T* gy, const T* x,
+                                const T* w, const T* mean, const T* var, double eps,
+                                bool training, T* gx, T* gw, T* gb);
+
   // Fused conv2d + bias + ReLU + max_pool2d (csrc/kernels/fused.cpp). The pool
   // geometry takes the conv output as its input (pp.N = N, pp.C = O,
   // pp.H = OH, pp.W = OW). y (N,O,POH,POW) = max_pool2d(relu(conv2d(x))) bit for

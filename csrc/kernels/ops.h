@@ -162,6 +162,15 @@ template <typename T>
 void conv2d_relu_maxpool_backward(const Conv2dParams& cp, const Pool2dParams& pp, const T* gy,
                                   const T* x, const T* w, const T* b, T* gx, T* gw, T* gb);
 
+// --- batchnorm.cpp -----------------------------------------------------------
+template <typename T>
+void batch_norm2d_forward(int64_t N, int64_t C, int64_t HW, const T* x, const T* w, const T* b,
+                          T* mean, T* var, double eps, bool training, T* y);
+template <typename T>
+void batch_norm2d_backward(int64_t N, int64_t C, int64_t HW, const T* gy, const T* x,
+                           const T* w, const T* mean, const T* var, double eps, bool training,
+                           T* gx, T* gw, T* gb);
+
 // --- elementwise.cpp ---------------------------------------------------------
 template <typename T>
 void relu(const T* x, T* y, int64_t n);

@@ -20,6 +20,8 @@ void fill(KernelTable<T>& t) {
   t.softmax_cross_entropy = &softmax_cross_entropy<T>;
   t.sgd_step = &sgd_step<T>;
   t.adam_step = &adam_step<T>;
+  t.batch_norm2d_forward = &batch_norm2d_forward<T>;
+  t.batch_norm2d_backward = &batch_norm2d_backward<T>;
   t.conv2d_relu_maxpool_forward = &conv2d_relu_maxpool_forward<T>;
   t.conv2d_relu_maxpool_backward = &conv2d_relu_maxpool_backward<T>;
 }

@@ -179,6 +179,72 @@ class Backend(Protocol):
         """
         ...
 
+    # -- activations, losses, dropout ------------------------------------------
+    def sigmoid(self, x: Array) -> Array:
+        """1 / (1 + exp(-x)) elementwise, any shape, without overflow for large |x|."""
+        ...
+
+    def sigmoid_backward(self, grad_out: Array, y: Array) -> Array:
+        """grad_out * y * (1 - y), with y the forward output."""
+        ...
+
+    def tanh(self, x: Array) -> Array:
+        """tanh(x) elementwise, any shape."""
+        ...
+
+    def tanh_backward(self, grad_out: Array, y: Array) -> Array:
+        """grad_out * (1 - y**2), with y the forward output."""
+        ...
+
+    def log_softmax(self, x: Array, dim: int) -> Array:
+        """log(softmax(x)) along ``dim`` (a non-negative int < x.ndim; x not empty),
+        shifted by the maximum so that large values do not overflow."""
+        ...
+
+    def log_softmax_backward(self, grad_out: Array, y: Array, dim: int) -> Array:
+        """grad_out - exp(y) * sum(grad_out, dim), with y the forward output."""
+        ...
+
+    def mse_loss(self, input: Array, target: Array) -> Array:  # noqa: A002 - torch's name
+        """mean((input - target)**2) over all elements, as a 0-d array (same shapes)."""
+        ...
+
+    def mse_loss_backward(self, grad_out: Array, input: Array, target: Array) -> Array:  # noqa: A002
+        """2 * (input - target) * grad_out / input.size, grad_out 0-d; the gradient
+        of target is its negation."""
+        ...
+
+    def dropout_masked(self, x: Array, mask: Array) -> Array:
+        """x * mask, where mask is dropout's scaled keep mask (0 or 1/(1-p), x's shape
+        and dtype) drawn by ``fastnn.functional.dropout_mask``; the backward is the
+        same product with grad_out."""
+        ...
+
+    # -- normalisation ---------------------------------------------------------
+    def batch_norm2d(
+        self, x: Array, weight: Array | None, bias: Array | None, mean: Array | None,
+        var: Array | None, eps: float, training: bool,
+    ) -> tuple[Array, Array, Array]:
+        """x (N,C,H,W); weight, bias (C,) or None -> (y, mean, var), stats (C,).
+
+        y = (x - mean) / sqrt(var + eps) * weight + bias per channel. training:
+        mean/var are ignored (None) and the batch mean and biased variance over
+        (N,H,W) (N*H*W >= 2) are computed (summed in float64), used and
+        returned; else mean/var (C,) in x's dtype are used and returned.
+        """
+        ...
+
+    def batch_norm2d_backward(
+        self, grad_out: Array, x: Array, weight: Array | None, mean: Array, var: Array,
+        eps: float, training: bool, need_x: bool, need_w: bool, need_b: bool,
+    ) -> tuple[Array | None, Array | None, Array | None]:
+        """(grad_x, grad_weight, grad_bias) of batch_norm2d, None where not needed.
+
+        mean/var as the forward returned them; with training, grad_x includes the
+        paths through the batch statistics.
+        """
+        ...
+
     # -- optimizer steps (in place) --------------------------------------------
     def sgd_step(
         self, param: Array, grad: Array, momentum_buf: Array | None,

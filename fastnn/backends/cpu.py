@@ -20,23 +20,48 @@ import warnings
 
 from fastnn import _C
 
+# No native kernels for these (memory-bound and off the hot path): the CPU runs
+# the NumPy code that numpy_ref and cuda share.
+from fastnn.backends._array_ops import (
+    dropout_masked,
+    log_softmax,
+    log_softmax_backward,
+    mse_loss,
+    mse_loss_backward,
+    sigmoid,
+    sigmoid_backward,
+    tanh,
+    tanh_backward,
+)
+
 __all__ = [
     "adam_step",
     "avg_pool2d",
     "avg_pool2d_backward",
+    "batch_norm2d",
+    "batch_norm2d_backward",
     "conv2d",
     "conv2d_backward_input",
     "conv2d_backward_weight",
     "conv2d_relu_max_pool2d",
     "conv2d_relu_max_pool2d_backward",
+    "dropout_masked",
     "is_available",
+    "log_softmax",
+    "log_softmax_backward",
     "matmul",
     "max_pool2d",
     "max_pool2d_backward",
+    "mse_loss",
+    "mse_loss_backward",
     "relu",
     "relu_backward",
     "sgd_step",
+    "sigmoid",
+    "sigmoid_backward",
     "softmax_cross_entropy",
+    "tanh",
+    "tanh_backward",
 ]
 
 # FASTNN_ISA asked for an ISA this CPU cannot run (or an unknown name): the
@@ -68,3 +93,5 @@ relu_backward = _C.relu_backward
 softmax_cross_entropy = _C.softmax_cross_entropy
 sgd_step = _C.sgd_step
 adam_step = _C.adam_step
+batch_norm2d = _C.batch_norm2d
+batch_norm2d_backward = _C.batch_norm2d_backward

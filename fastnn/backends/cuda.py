@@ -118,9 +118,10 @@ def device_info() -> dict:
 # The ops
 # --------------------------------------------------------------------------- #
 
-#: op -> (module of fastnn.backends._cuda whose function of the same name launches
-#: its kernels, the array arguments to check for device placement). The
-#: launchers take the contract's arguments in the contract's order.
+#: op -> (module of fastnn.backends._cuda (or a dotted module path) whose function
+#: of the same name launches its kernels, the array arguments to check for device
+#: placement). The launchers take the contract's arguments in the contract's order.
+_ARRAY_OPS = "fastnn.backends._array_ops"
 _OPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "conv2d": ("conv", ("x", "weight", "bias")),
     "conv2d_backward_input": ("conv", ("grad_out", "weight")),
@@ -135,7 +136,24 @@ _OPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "softmax_cross_entropy": ("elementwise", ("logits", "labels")),
     "sgd_step": ("elementwise", ("param", "grad", "momentum_buf")),
     "adam_step": ("elementwise", ("param", "grad", "exp_avg", "exp_avg_sq")),
+    # CuPy array expressions shared with numpy_ref (NumPy under the simulator).
+    "sigmoid": (_ARRAY_OPS, ("x",)),
+    "sigmoid_backward": (_ARRAY_OPS, ("grad_out", "y")),
+    "tanh": (_ARRAY_OPS, ("x",)),
+    "tanh_backward": (_ARRAY_OPS, ("grad_out", "y")),
+    "log_softmax": (_ARRAY_OPS, ("x",)),
+    "log_softmax_backward": (_ARRAY_OPS, ("grad_out", "y")),
+    "mse_loss": (_ARRAY_OPS, ("input", "target")),
+    "mse_loss_backward": (_ARRAY_OPS, ("grad_out", "input", "target")),
+    "dropout_masked": (_ARRAY_OPS, ("x", "mask")),
+    "batch_norm2d": (_ARRAY_OPS, ("x", "weight", "bias", "mean", "var")),
+    "batch_norm2d_backward": (_ARRAY_OPS, ("grad_out", "x", "weight", "mean", "var")),
 }
+
+
+def launcher_module(module: str) -> str:
+    """The importable path of an ``_OPS`` row's module."""
+    return module if "." in module else f"fastnn.backends._cuda.{module}"
 
 
 def _make_op(name: str, module: str, arrays: tuple[str, ...]) -> Callable[..., Any]:
@@ -157,7 +175,7 @@ def _make_op(name: str, module: str, arrays: tuple[str, ...]) -> Callable[..., A
         for i, arg_name in checks:
             rt.check(args[i], arg_name)
         if launcher is None:  # the _cuda modules import Numba: only on first use
-            launcher = getattr(importlib.import_module(f"fastnn.backends._cuda.{module}"), name)
+            launcher = getattr(importlib.import_module(launcher_module(module)), name)
         return launcher(*args)
 
     op.__name__ = op.__qualname__ = name

@@ -21,44 +21,59 @@ import numpy as np
 
 from fastnn.backends import _composed
 
+# Activations, losses, dropout and BatchNorm other than relu are written once for
+# NumPy and CuPy (the cuda backend runs the same code): see _array_ops.
+from fastnn.backends._array_ops import (
+    batch_norm2d,
+    batch_norm2d_backward,
+    dropout_masked,
+    log_softmax,
+    log_softmax_backward,
+    mse_loss,
+    mse_loss_backward,
+    sigmoid,
+    sigmoid_backward,
+    tanh,
+    tanh_backward,
+)
+from fastnn.backends._array_ops import fresh as _out
+
 Pair = tuple[int, int]
 
 __all__ = [
     "adam_step",
     "avg_pool2d",
     "avg_pool2d_backward",
+    "batch_norm2d",
+    "batch_norm2d_backward",
     "conv2d",
     "conv2d_backward_input",
     "conv2d_backward_weight",
     "conv2d_relu_max_pool2d",
     "conv2d_relu_max_pool2d_backward",
+    "dropout_masked",
     "is_available",
+    "log_softmax",
+    "log_softmax_backward",
     "matmul",
     "max_pool2d",
     "max_pool2d_backward",
+    "mse_loss",
+    "mse_loss_backward",
     "relu",
     "relu_backward",
     "sgd_step",
+    "sigmoid",
+    "sigmoid_backward",
     "softmax_cross_entropy",
+    "tanh",
+    "tanh_backward",
 ]
 
 
 def is_available() -> bool:
     """The reference backend runs wherever NumPy does."""
     return True
-
-
-def _out(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """``a`` as a C-contiguous array of ``dtype`` that shares memory with no input.
-
-    ``a`` must be computed by the op (never an argument passed through), so a
-    base-owning, contiguous array of the right dtype is already fresh and is
-    returned as is; views (slices, transposes) are copied.
-    """
-    a = np.asarray(a)  # NumPy ufuncs return scalars, not arrays, for 0-d input
-    if a.base is None and a.flags.c_contiguous and a.dtype == dtype:
-        return a
-    return np.array(a, dtype=dtype, order="C", copy=True)
 
 
 # --------------------------------------------------------------------------- #

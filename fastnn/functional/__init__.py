@@ -11,28 +11,47 @@ Every argument is validated here, before any native code runs: bad input raises
 C-contiguous arrays of one dtype and plain int pairs (see
 :mod:`fastnn.backends`).
 
+Each differentiable op ``op`` has ``op_backward`` (gradients from the forward's
+inputs or output); ops whose backward needs more than that have
+``op_forward`` returning it too (``dropout_forward``: the mask,
+``batch_norm2d_forward``: the statistics).
+
 If any argument is a ``fastnn.Tensor``, the call is forwarded to the autograd
-layer, which registers its handlers in ``_TENSOR_HANDLERS``; this module never
-imports autograd.
+layer, which registers its handlers with :func:`register_tensor_handler`; this
+module never imports autograd.
 """
 
 from __future__ import annotations
 
-from fastnn.functional._args import _TENSOR_HANDLERS  # noqa: F401 - autograd registers here
+from fastnn.functional._args import (
+    _TENSOR_HANDLERS,  # noqa: F401 - the registry, for tests
+    register_tensor_handler,
+)
 from fastnn.functional.activations import (
-    cross_entropy,
-    dropout,
     log_softmax,
-    mse_loss,
+    log_softmax_backward,
     relu,
     relu_backward,
     sigmoid,
-    softmax_cross_entropy,
+    sigmoid_backward,
     tanh,
+    tanh_backward,
 )
 from fastnn.functional.conv import conv2d, conv2d_backward
+from fastnn.functional.dropout import dropout, dropout_backward, dropout_forward, dropout_mask
 from fastnn.functional.fused import conv2d_relu_max_pool2d, conv2d_relu_max_pool2d_backward
 from fastnn.functional.linalg import linear, linear_backward, matmul, matmul_backward
+from fastnn.functional.losses import (
+    cross_entropy,
+    mse_loss,
+    mse_loss_backward,
+    softmax_cross_entropy,
+)
+from fastnn.functional.normalization import (
+    batch_norm2d,
+    batch_norm2d_backward,
+    batch_norm2d_forward,
+)
 from fastnn.functional.optim_steps import adam_step, sgd_step
 from fastnn.functional.pool import avg_pool2d, avg_pool2d_backward, max_pool2d, max_pool2d_backward
 
@@ -40,24 +59,35 @@ __all__ = [
     "adam_step",
     "avg_pool2d",
     "avg_pool2d_backward",
+    "batch_norm2d",
+    "batch_norm2d_backward",
+    "batch_norm2d_forward",
     "conv2d",
     "conv2d_backward",
     "conv2d_relu_max_pool2d",
     "conv2d_relu_max_pool2d_backward",
     "cross_entropy",
     "dropout",
+    "dropout_backward",
+    "dropout_forward",
+    "dropout_mask",
     "linear",
     "linear_backward",
     "log_softmax",
+    "log_softmax_backward",
     "matmul",
     "matmul_backward",
     "max_pool2d",
     "max_pool2d_backward",
     "mse_loss",
+    "mse_loss_backward",
+    "register_tensor_handler",
     "relu",
     "relu_backward",
     "sgd_step",
     "sigmoid",
+    "sigmoid_backward",
     "softmax_cross_entropy",
     "tanh",
+    "tanh_backward",
 ]

@@ -22,6 +22,13 @@ Pair = "int | tuple[int, int]"
 #: name -> callable with the same signature, registered by fastnn.autograd.
 _TENSOR_HANDLERS: dict[str, Callable[..., Any]] = {}
 
+
+def register_tensor_handler(op: str, handler: Callable[..., Any]) -> None:
+    """Make ``handler`` (same signature as ``fastnn.functional.<op>``) run the call
+    whenever an argument is a ``fastnn.Tensor``; the autograd layer registers its
+    Functions here, so this package never imports it."""
+    _TENSOR_HANDLERS[op] = handler
+
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # Larger strides, paddings, dilations and kernels are never meaningful; the bound
 # keeps every backend's index arithmetic far from int64 overflow.
@@ -187,13 +194,19 @@ def _check_grad_out(op: str, grad_out: Array, expected: tuple[int, ...]) -> None
         )
 
 
-def _check_bias(op: str, bias: Any, out_channels: int, ref: Array) -> Array | None:
+def _check_bias(
+    op: str, bias: Any, out_channels: int, ref: Array, name: str = "bias", same_dtype: bool = True
+) -> Array | None:
+    """A per-channel vector ``name`` of shape (out_channels,) on ``ref``'s device, or None."""
     if bias is None:
         return None
-    bias = _as_float_array(bias, op, "bias")
+    bias = _as_float_array(bias, op, name)
     if _is_cupy(bias) != _is_cupy(ref):
-        raise TypeError(f"{op}: bias and x must both be NumPy or both CuPy arrays")
-    _same_dtype(op, ref, "x", bias, "bias")
+        raise TypeError(f"{op}: {name} and x must both be NumPy or both CuPy arrays")
+    if same_dtype:
+        _same_dtype(op, ref, "x", bias, name)
     if tuple(bias.shape) != (out_channels,):
-        raise ValueError(f"{op}: bias must have shape ({out_channels},), got {tuple(bias.shape)}")
+        raise ValueError(
+            f"{op}: {name} must have shape ({out_channels},), got {tuple(bias.shape)}"
+        )
     return _contig(bias)

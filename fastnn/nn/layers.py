@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from fastnn import autograd as ag
+from fastnn import functional as F
 from fastnn.autograd import Tensor
 from fastnn.nn import init
 from fastnn.nn.module import Module, Parameter
@@ -306,7 +307,7 @@ class BatchNorm2d(Module):
                 f"BatchNorm2d: expected input of shape (N, {self.num_features}, H, W), "
                 f"got {x.shape}"
             )
-        return ag.batch_norm2d(
+        return F.batch_norm2d(
             x, self.running_mean, self.running_var, self.weight, self.bias,
             training=self.training or not self.track_running_stats,
             momentum=self.momentum, eps=self.eps,

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from fastnn import functional as F
-from fastnn.autograd import _xp
+from fastnn._array import array_module as _xp
 from fastnn.optim.optimizer import Optimizer
 
 __all__ = ["Adam", "AdamW"]

@@ -1,0 +1,170 @@
+"""BatchNorm over NCHW input, as ``torch.nn.functional.batch_norm``, with its backward."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from fastnn._array import is_array
+from fastnn.functional._args import (
+    Array,
+    _as_float_array,
+    _check_bias,
+    _check_grad_out,
+    _contig,
+    _pick_backend,
+    _same_dtype,
+    _tensor_aware,
+)
+
+
+def _real(op: str, name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(v).__name__} {v!r}")
+    return float(v)
+
+
+def _x4d(op: str, x: Any) -> Array:
+    x = _as_float_array(x, op, "x")
+    if x.ndim != 4:
+        raise ValueError(f"{op}: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    return _contig(x)
+
+
+def _update_running_stats(
+    running_mean: Array, running_var: Array, mean: Array, var: Array, m: int,
+    momentum: float | None, num_batches_tracked: Array | None,
+) -> None:
+    """running = (1 - momentum) * running + momentum * batch, in place; the variance
+    with the unbiased batch variance; momentum None: a cumulative average."""
+    if num_batches_tracked is not None:
+        num_batches_tracked += 1
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("batch_norm2d: momentum=None needs num_batches_tracked")
+        mom = 1.0 / float(num_batches_tracked)
+    else:
+        mom = _real("batch_norm2d", "momentum", momentum)
+    running_mean *= 1 - mom
+    running_mean += mom * mean
+    running_var *= 1 - mom
+    running_var += (mom * m / max(m - 1, 1)) * var
+
+
+def _check_running(op: str, name: str, a: Any, c: int, x: Array) -> None:
+    """Running stats are updated in place, so they must already be arrays (any float
+    dtype) on x's device: a converted copy would silently drop the update."""
+    if a is None:
+        return
+    if not is_array(a):
+        raise TypeError(f"{op}: {name} must be a NumPy or CuPy array, got {type(a).__name__}")
+    _check_bias(op, a, c, x, name, same_dtype=False)
+
+
+@_tensor_aware
+def batch_norm2d_forward(
+    x: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    num_batches_tracked: Array | None = None,
+) -> tuple[Array, Array, Array]:
+    """:func:`batch_norm2d` returning ``(y, mean, var)``: the per-channel (C,) statistics
+    it normalised with (x's dtype), which :func:`batch_norm2d_backward` takes."""
+    op = "batch_norm2d"
+    x = _x4d(op, x)
+    c = x.shape[1]
+    weight = _check_bias(op, weight, c, x, "weight")
+    bias = _check_bias(op, bias, c, x, "bias")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: running_mean and running_var must both be arrays or both None")
+    for name, a in (("running_mean", running_mean), ("running_var", running_var)):
+        _check_running(op, name, a, c, x)
+    eps = _real(op, "eps", eps)
+    backend = _pick_backend(op, [x])
+    if not training:
+        if running_mean is None:
+            raise ValueError(f"{op}: running_mean and running_var must be given when not training")
+        mean = running_mean.astype(x.dtype, copy=True)
+        var = running_var.astype(x.dtype, copy=True)
+        return backend.batch_norm2d(x, weight, bias, mean, var, eps, False)
+    m = x.size // max(c, 1)
+    if m < 2:
+        raise ValueError(
+            f"{op}: expected more than 1 value per channel when training, "
+            f"got input of shape {tuple(x.shape)}"
+        )
+    y, mean, var = backend.batch_norm2d(x, weight, bias, None, None, eps, True)
+    if running_mean is not None:
+        _update_running_stats(running_mean, running_var, mean, var, m, momentum,
+                              num_batches_tracked)
+    return y, mean, var
+
+
+@_tensor_aware
+def batch_norm2d(
+    x: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    num_batches_tracked: Array | None = None,
+) -> Array:
+    """BatchNorm over NCHW ``x`` per channel, as ``torch.nn.functional.batch_norm``.
+
+    ``training``: normalise with the batch mean and biased variance over (N, H, W)
+    and, if running stats are given, update them in place:
+    ``running = (1 - momentum) * running + momentum * batch`` with the unbiased
+    batch variance (``momentum=None``: cumulative average, which needs
+    ``num_batches_tracked``, incremented in place). Else normalise with the
+    running stats (which must be given). ``weight``/``bias`` (C,) are optional.
+    """
+    return batch_norm2d_forward(x, running_mean, running_var, weight, bias, training, momentum,
+                                eps, num_batches_tracked)[0]
+
+
+@_tensor_aware
+def batch_norm2d_backward(
+    grad_out: Array,
+    x: Array,
+    weight: Array | None,
+    mean: Array,
+    var: Array,
+    eps: float = 1e-5,
+    training: bool = True,
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Array | None, Array | None, Array | None]:
+    """Gradients ``(grad_x, grad_weight, grad_bias)`` of :func:`batch_norm2d` (None where
+    ``output_mask`` says not needed, and grad_weight when ``weight`` is None).
+
+    ``mean``/``var`` are the statistics :func:`batch_norm2d_forward` returned and
+    ``training`` the mode it ran in (with batch statistics, grad_x includes their
+    dependence on x).
+    """
+    op = "batch_norm2d_backward"
+    x = _x4d(op, x)
+    c = x.shape[1]
+    grad_out = _as_float_array(grad_out, op, "grad_out")
+    _same_dtype(op, x, "x", grad_out, "grad_out")
+    _check_grad_out(op, grad_out, x.shape)
+    weight = _check_bias(op, weight, c, x, "weight")
+    mean = _check_bias(op, mean, c, x, "mean")
+    var = _check_bias(op, var, c, x, "var")
+    if mean is None or var is None:
+        raise TypeError(f"{op}: mean and var must be arrays (from batch_norm2d_forward)")
+    need_x, need_w, need_b = (bool(v) for v in output_mask)
+    need_w = need_w and weight is not None
+    if not (need_x or need_w or need_b):
+        return None, None, None
+    backend = _pick_backend(op, [grad_out, x])
+    return backend.batch_norm2d_backward(
+        _contig(grad_out), x, weight, mean, var, _real(op, "eps", eps), bool(training),
+        need_x, need_w, need_b,
+    )
