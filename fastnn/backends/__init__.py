@@ -9,6 +9,8 @@ first, so a backend may assume:
   images and OIHW for conv weights;
 * ``stride``, ``padding``, ``dilation``, ``kernel_size``, ``input_hw``,
   ``kernel_hw`` and ``out_hw`` are pairs of Python ints, padding is symmetric;
+* the geometry is one that :mod:`fastnn.geometry` (torch's rules) accepted and
+  ``out_hw`` is the size it computed: a backend never re-derives that policy;
 * shapes are consistent (channels, groups, grad_out shape) and N may be 0.
 
 Each op returns a new C-contiguous array of the input's dtype (the in-place
@@ -29,8 +31,16 @@ matmul(a, b, transpose_a=False, transpose_b=False) -> c
 max_pool2d(x, kernel_size, stride, padding, dilation, out_hw) -> y
     out_hw already applies ceil_mode; windows are clipped to the input, padded
     cells never win. NaN propagates.
+max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, out_hw)
+    -> (y, indices)
+    indices int64 (N,C,OH,OW): flat h*W+w index into each input plane of the
+    window's winner: scanning in row-major window order, a real cell wins when
+    it is greater than the running max or is NaN (the first maximum, or the
+    last NaN: torch's rule). A window with no real cell gives -inf and the
+    index of its first tap at or after the plane's top-left corner (torch's).
 max_pool2d_backward(grad_out, x, kernel_size, stride, padding, dilation) -> grad_x
-    Recomputes the argmax; ties go to the first maximum in row-major window order.
+    Recomputes each window's winner (as max_pool2d_with_indices) and routes
+    its gradient there.
 avg_pool2d(x, kernel_size, stride, padding, out_hw, count_include_pad,
            divisor_override) -> y
     divisor_override is an int or None. With count_include_pad the divisor counts

@@ -38,6 +38,7 @@ __all__ = [
     "matmul",
     "max_pool2d",
     "max_pool2d_backward",
+    "max_pool2d_with_indices",
     "relu",
     "relu_backward",
     "sgd_step",
@@ -99,8 +100,17 @@ def max_pool2d_backward(
     grad_out: np.ndarray, x: np.ndarray, kernel_size: Pair, stride: Pair,
     padding: Pair, dilation: Pair,
 ) -> np.ndarray:
-    """grad_out (N,C,OH,OW), x (N,C,H,W) -> grad_x; the first maximum (first NaN) wins."""
+    """grad_out (N,C,OH,OW), x (N,C,H,W) -> grad_x; the first maximum (last NaN) wins."""
     return _C.max_pool2d_backward(grad_out, x, kernel_size, stride, padding, dilation)
+
+
+def max_pool2d_with_indices(
+    x: np.ndarray, kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair,
+    out_hw: Pair,
+) -> tuple[np.ndarray, np.ndarray]:
+    """x (N,C,H,W) -> (y, int64 indices), both (N,C,OH,OW): flat h*W+w index in each
+    input plane of each window's first maximum (last NaN), as torch's."""
+    return _C.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, out_hw)
 
 
 def avg_pool2d(

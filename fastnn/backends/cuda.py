@@ -57,6 +57,7 @@ __all__ = [
     "matmul",
     "max_pool2d",
     "max_pool2d_backward",
+    "max_pool2d_with_indices",
     "relu",
     "relu_backward",
     "sgd_step",
@@ -227,11 +228,23 @@ def max_pool2d(
 def max_pool2d_backward(
     grad_out: Any, x: Any, kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair
 ) -> Any:
-    """grad_out (N, C, OH, OW), x (N, C, H, W) -> grad_x; ties go to the first maximum."""
+    """grad_out (N, C, OH, OW), x (N, C, H, W) -> grad_x; ties go to the first maximum,
+    NaNs to the last NaN (torch's rule)."""
     _checked(grad_out=grad_out, x=x)
     from fastnn.backends._cuda import pool
 
     return pool.max_pool2d_backward(grad_out, x, kernel_size, stride, padding, dilation)
+
+
+def max_pool2d_with_indices(
+    x: Any, kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair, out_hw: Pair
+) -> tuple[Any, Any]:
+    """x (N, C, H, W) -> (y, int64 indices), both (N, C, OH, OW): flat h*W+w index in
+    each input plane of each window's first maximum (last NaN), as torch's."""
+    _checked(x=x)
+    from fastnn.backends._cuda import pool
+
+    return pool.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, out_hw)
 
 
 def avg_pool2d(
