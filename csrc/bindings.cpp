@@ -462,12 +462,20 @@ void set_divisor(const char* op, Pool2dParams& p, bool count_include_pad,
   }
 }
 
+// The parameters of a max_pool2d forward over x (N, C, H, W).
+Pool2dParams max_pool_params(const char* op, const py::array& x, const Pair& kernel,
+                             const Pair& stride, const Pair& padding, const Pair& dilation,
+                             const Pair& out_hw) {
+  Pool2dParams p = pool_params(op, x, x.shape(2), x.shape(3), kernel, stride, padding, dilation);
+  set_pool_out(op, p, out_hw);
+  return p;
+}
+
 py::array max_pool2d(const py::handle& x_obj, const Pair& kernel, const Pair& stride,
                      const Pair& padding, const Pair& dilation, const Pair& out_hw) {
   const char* op = "max_pool2d";
   py::array x = float_arg(op, "x", x_obj, 4, "(N, C, H, W)");
-  Pool2dParams p = pool_params(op, x, x.shape(2), x.shape(3), kernel, stride, padding, dilation);
-  set_pool_out(op, p, out_hw);
+  const Pool2dParams p = max_pool_params(op, x, kernel, stride, padding, dilation, out_hw);
   return with_dtype(float_dtype(op, "x", x), [&](auto tag) {
     using T = decltype(tag);
     py::array y = new_array<T>({p.N, p.C, p.OH, p.OW});
@@ -485,8 +493,7 @@ py::tuple max_pool2d_with_indices(const py::handle& x_obj, const Pair& kernel,
                                   const Pair& out_hw) {
   const char* op = "max_pool2d_with_indices";
   py::array x = float_arg(op, "x", x_obj, 4, "(N, C, H, W)");
-  Pool2dParams p = pool_params(op, x, x.shape(2), x.shape(3), kernel, stride, padding, dilation);
-  set_pool_out(op, p, out_hw);
+  const Pool2dParams p = max_pool_params(op, x, kernel, stride, padding, dilation, out_hw);
   return with_dtype(float_dtype(op, "x", x), [&](auto tag) {
     using T = decltype(tag);
     py::array y = new_array<T>({p.N, p.C, p.OH, p.OW});

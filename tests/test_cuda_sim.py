@@ -165,9 +165,10 @@ for T in (numba.float32, numba.float64):
     check("im2col", conv._im2col_kernel(T), (A(T), A(T)) + (i64,) * 15, T)
     check("col2im", conv._col2im_kernel(T), (A(T), A(T)) + (i64,) * 15, T)
     check("direct", conv._direct_kernel(T, 1, 3, 3, True), (A(T),) * 4 + (i64,) * 14, T)
-    check("max_fwd", pool._max_fwd_kernel(T), (A(T), A(T)) + (i64,) * 13, T)
+    for idx in (False, True):
+        check(f"max_fwd-{idx}", pool._max_fwd_kernel(T, idx), (A(T), A(T), A(i64)) + (i64,) * 13,
+              T)
     check("max_bwd", pool._max_bwd_kernel(T), (A(T),) * 3 + (i64,) * 13, T)
-    check("max_idx", pool._max_idx_kernel(T), (A(T), A(T), A(i64)) + (i64,) * 13, T)
     check("avg_fwd", pool._avg_fwd_kernel(T), (A(T), A(T)) + (i64,) * 11 + (b1, b1, i64), T)
     check("avg_bwd", pool._avg_bwd_kernel(T), (A(T), A(T)) + (i64,) * 11 + (b1, b1, i64), T)
     check("relu", ew._relu_kernel(T), (A(T), A(T), i64), T)

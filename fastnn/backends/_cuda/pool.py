@@ -52,36 +52,9 @@ def _imax(a, b):
 
 
 @functools.cache
-def _max_fwd_kernel(T: Any) -> Any:
-    neg_inf = T(-math.inf)
-
-    @cuda.jit(cache=True)
-    def kernel(x, y, total, H, W, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw):
-        for idx in range(cuda.grid(1), total, cuda.gridsize(1)):
-            ow = idx % OW
-            t = idx // OW
-            oh = t % OH
-            nc = t // OH
-            h0 = oh * sh - ph
-            w0 = ow * sw - pw
-            best = neg_inf
-            for i in range(KH):
-                h = h0 + i * dh
-                if h >= 0 and h < H:
-                    for j in range(KW):
-                        w = w0 + j * dw
-                        if w >= 0 and w < W:
-                            v = x[(nc * H + h) * W + w]
-                            # v != v: a NaN replaces anything, and nothing beats NaN.
-                            if v > best or v != v:
-                                best = v
-            y[idx] = best
-
-    return kernel
-
-
-@functools.cache
-def _max_idx_kernel(T: Any) -> Any:
+def _max_fwd_kernel(T: Any, with_indices: bool) -> Any:
+    """y[idx] = the window max; with_indices (a compile-time constant) also writes
+    ind[idx] = the winner's flat index in its plane (``ind`` is ignored without it)."""
     neg_inf = T(-math.inf)
 
     @cuda.jit(cache=True)
@@ -106,11 +79,14 @@ def _max_idx_kernel(T: Any) -> Any:
                         w = w0 + j * dw
                         if w >= 0 and w < W:
                             v = x[(nc * H + h) * W + w]
-                            if v > best or v != v:  # first maximum, last NaN
+                            # v != v: a NaN replaces anything (the last NaN wins) and
+                            # only a NaN replaces a NaN; ties keep the first maximum.
+                            if v > best or v != v:
                                 best = v
                                 where = h * W + w
             y[idx] = best
-            ind[idx] = where
+            if with_indices:
+                ind[idx] = where
 
     return kernel
 
@@ -248,9 +224,10 @@ def max_pool2d(
     y = rt.empty((n, c, *out_hw), x.dtype)
     total = y.size
     if total:
-        rt.launch(_max_fwd_kernel(numba_type(x.dtype)), (_grid1d(total, rt),), _THREADS,
-                  x.reshape(-1), y.reshape(-1), total, h, w, *out_hw, *kernel_size,
-                  *stride, *padding, *dilation)
+        unused = rt.empty((1,), "int64")
+        rt.launch(_max_fwd_kernel(numba_type(x.dtype), False), (_grid1d(total, rt),),
+                  _THREADS, x.reshape(-1), y.reshape(-1), unused, total, h, w, *out_hw,
+                  *kernel_size, *stride, *padding, *dilation)
     return y
 
 
@@ -264,7 +241,7 @@ def max_pool2d_with_indices(
     ind = rt.empty((n, c, *out_hw), "int64")
     total = y.size
     if total:
-        rt.launch(_max_idx_kernel(numba_type(x.dtype)), (_grid1d(total, rt),), _THREADS,
+        rt.launch(_max_fwd_kernel(numba_type(x.dtype), True), (_grid1d(total, rt),), _THREADS,
                   x.reshape(-1), y.reshape(-1), ind.reshape(-1), total, h, w, *out_hw,
                   *kernel_size, *stride, *padding, *dilation)
     return y, ind
