@@ -414,16 +414,13 @@ py::array matmul(const py::handle& a_obj, const py::handle& b_obj, bool trans_a,
 
 // --- pooling ---------------------------------------------------------------------
 
-// torch's output length with and without ceil_mode (the last window must start
-// inside the input or the left padding).
-void pool_out_range(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d, int64_t& lo,
-                    int64_t& hi) {
-  const int64_t span = size + 2 * p - d * (k - 1) - 1;
-  lo = span / s + 1;
-  hi = (span + s - 1) / s + 1;
-  if ((hi - 1) * s >= size + p) --hi;
-}
-
+// Only memory-safety checks here: which geometries are accepted (padding at
+// most half the kernel, output size >= 1, ceil_mode's last-window rule, ...)
+// is fastnn.geometry's policy, applied by fastnn.functional before any kernel
+// runs. The kernels clip every window to the input, so any kernel, stride,
+// padding and dilation in range is safe; out_hw is bounded so that every
+// window starts inside the padded input, which bounds the kernels' row
+// buffers (their length grows with (OW-1)*stride).
 Pool2dParams pool_params(const char* op, const py::array& x_like, int64_t H, int64_t W,
                          const Pair& kernel, const Pair& stride, const Pair& padding,
                          const Pair& dilation) {
@@ -431,18 +428,6 @@ Pool2dParams pool_params(const char* op, const py::array& x_like, int64_t H, int
   check_pair(op, "stride", stride, 1);
   check_pair(op, "padding", padding, 0);
   check_pair(op, "dilation", dilation, 1);
-  for (int i = 0; i < 2; ++i) {
-    const int64_t eff = dilation[i] * (kernel[i] - 1) + 1;
-    if (2 * padding[i] > eff) {
-      throw py::value_error(std::string(op) + ": padding " + pair_str(padding[0], padding[1]) +
-                            " must be at most half of the (dilated) kernel size");
-    }
-    const int64_t size = i == 0 ? H : W;
-    if (eff > size + 2 * padding[i]) {
-      throw py::value_error(std::string(op) + ": the (dilated) kernel is larger than the "
-                            "padded input " + pair_str(H + 2 * padding[0], W + 2 * padding[1]));
-    }
-  }
   Pool2dParams p{};
   p.N = x_like.shape(0), p.C = x_like.shape(1), p.H = H, p.W = W;
   p.kh = kernel[0], p.kw = kernel[1], p.sh = stride[0], p.sw = stride[1];
@@ -453,18 +438,14 @@ Pool2dParams pool_params(const char* op, const py::array& x_like, int64_t H, int
 }
 
 void set_pool_out(const char* op, Pool2dParams& p, const Pair& out_hw) {
-  int64_t lo, hi;
+  check_pair(op, "out_hw", out_hw, 0);
+  const int64_t size[2] = {p.H, p.W}, s[2] = {p.sh, p.sw}, pad[2] = {p.ph, p.pw};
   for (int i = 0; i < 2; ++i) {
-    if (i == 0) {
-      pool_out_range(p.H, p.kh, p.sh, p.ph, p.dh, lo, hi);
-    } else {
-      pool_out_range(p.W, p.kw, p.sw, p.pw, p.dw, lo, hi);
-    }
-    if (out_hw[i] != lo && out_hw[i] != hi) {
+    // All operands are < 2^31, so the products cannot overflow.
+    if (out_hw[i] > 0 && (out_hw[i] - 1) * s[i] >= size[i] + 2 * pad[i]) {
       throw py::value_error(std::string(op) + ": out_hw " + pair_str(out_hw[0], out_hw[1]) +
-                            " does not fit the input; axis " + std::to_string(i) +
-                            " must be " + std::to_string(lo) + " (floor) or " +
-                            std::to_string(hi) + " (ceil_mode)");
+                            " does not fit the input: on axis " + std::to_string(i) +
+                            " its last window would start past the padded input");
     }
   }
   p.OH = out_hw[0];
@@ -482,12 +463,20 @@ void set_divisor(const char* op, Pool2dParams& p, bool count_include_pad,
   }
 }
 
+// The parameters of a max_pool2d forward over x (N, C, H, W).
+Pool2dParams max_pool_params(const char* op, const py::array& x, const Pair& kernel,
+                             const Pair& stride, const Pair& padding, const Pair& dilation,
+                             const Pair& out_hw) {
+  Pool2dParams p = pool_params(op, x, x.shape(2), x.shape(3), kernel, stride, padding, dilation);
+  set_pool_out(op, p, out_hw);
+  return p;
+}
+
 py::array max_pool2d(const py::handle& x_obj, const Pair& kernel, const Pair& stride,
                      const Pair& padding, const Pair& dilation, const Pair& out_hw) {
   const char* op = "max_pool2d";
   py::array x = float_arg(op, "x", x_obj, 4, "(N, C, H, W)");
-  Pool2dParams p = pool_params(op, x, x.shape(2), x.shape(3), kernel, stride, padding, dilation);
-  set_pool_out(op, p, out_hw);
+  const Pool2dParams p = max_pool_params(op, x, kernel, stride, padding, dilation, out_hw);
   return with_dtype(float_dtype(op, "x", x), [&](auto tag) {
     using T = decltype(tag);
     py::array y = new_array<T>({p.N, p.C, p.OH, p.OW});
@@ -497,6 +486,26 @@ py::array max_pool2d(const py::handle& x_obj, const Pair& kernel, const Pair& st
       table<T>().max_pool2d_forward(p, cptr<T>(x), yp);
     }
     return y;
+  });
+}
+
+py::tuple max_pool2d_with_indices(const py::handle& x_obj, const Pair& kernel,
+                                  const Pair& stride, const Pair& padding, const Pair& dilation,
+                                  const Pair& out_hw) {
+  const char* op = "max_pool2d_with_indices";
+  py::array x = float_arg(op, "x", x_obj, 4, "(N, C, H, W)");
+  const Pool2dParams p = max_pool_params(op, x, kernel, stride, padding, dilation, out_hw);
+  return with_dtype(float_dtype(op, "x", x), [&](auto tag) {
+    using T = decltype(tag);
+    py::array y = new_array<T>({p.N, p.C, p.OH, p.OW});
+    py::array ind = new_array<int64_t>({p.N, p.C, p.OH, p.OW});
+    T* yp = ptr<T>(y);
+    int64_t* ip = static_cast<int64_t*>(ind.mutable_data());
+    {
+      py::gil_scoped_release release;
+      table<T>().max_pool2d_with_indices_forward(p, cptr<T>(x), yp, ip);
+    }
+    return py::make_tuple(y, ind);
   });
 }
 
@@ -1030,7 +1039,12 @@ PYBIND11_MODULE(_C, m) {
         "x (N,C,H,W) -> y (N,C,OH,OW); out_hw applies ceil_mode. NaN propagates.");
   m.def("max_pool2d_backward", &max_pool2d_backward, py::arg("grad_out"), py::arg("x"),
         py::arg("kernel_size"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-        "grad_out (N,C,OH,OW), x -> grad_x (N,C,H,W); first maximum (first NaN) wins.");
+        "grad_out (N,C,OH,OW), x -> grad_x (N,C,H,W); first maximum (last NaN) wins.");
+  m.def("max_pool2d_with_indices", &max_pool2d_with_indices, py::arg("x"),
+        py::arg("kernel_size"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("out_hw"),
+        "x (N,C,H,W) -> (y, indices), both (N,C,OH,OW); indices are int64 flat h*W+w "
+        "indices of the first maximum (last NaN) in each input plane, as torch's.");
   m.def("avg_pool2d", &avg_pool2d, py::arg("x"), py::arg("kernel_size"), py::arg("stride"),
         py::arg("padding"), py::arg("out_hw"), py::arg("count_include_pad"),
         py::arg("divisor_override"), "x (N,C,H,W) -> y (N,C,OH,OW), torch's divisor rules.");

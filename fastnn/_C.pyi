@@ -49,12 +49,18 @@ def max_pool2d(
     x: np.ndarray, kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair,
     out_hw: Pair,
 ) -> np.ndarray:
-    """x (N,C,H,W) -> y (N,C,OH,OW); out_hw is torch's floor or ceil_mode size."""
+    """x (N,C,H,W) -> y (N,C,OH,OW); out_hw from fastnn.geometry (ceil_mode applied)."""
 def max_pool2d_backward(
     grad_out: np.ndarray, x: np.ndarray, kernel_size: Pair, stride: Pair,
     padding: Pair, dilation: Pair,
 ) -> np.ndarray:
-    """grad_out (N,C,OH,OW), x (N,C,H,W) -> grad_x (N,C,H,W)."""
+    """grad_out (N,C,OH,OW), x (N,C,H,W) -> grad_x (N,C,H,W); first maximum (last NaN) wins."""
+def max_pool2d_with_indices(
+    x: np.ndarray, kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair,
+    out_hw: Pair,
+) -> tuple[np.ndarray, np.ndarray]:
+    """x (N,C,H,W) -> (y, indices), both (N,C,OH,OW); int64 flat h*W+w indices of each
+    window's first maximum (last NaN) in its input plane, as torch's."""
 def conv2d_relu_max_pool2d(
     x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
     stride: Pair, padding: Pair, dilation: Pair, groups: int,

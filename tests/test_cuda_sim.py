@@ -31,6 +31,8 @@ import numpy as np
 import pytest
 from conftest import PKG_ROOT
 
+from fastnn.geometry import pool_out_size
+
 REPO = Path(__file__).resolve().parents[1]
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
@@ -163,7 +165,9 @@ for T in (numba.float32, numba.float64):
     check("im2col", conv._im2col_kernel(T), (A(T), A(T)) + (i64,) * 15, T)
     check("col2im", conv._col2im_kernel(T), (A(T), A(T)) + (i64,) * 15, T)
     check("direct", conv._direct_kernel(T, 1, 3, 3, True), (A(T),) * 4 + (i64,) * 14, T)
-    check("max_fwd", pool._max_fwd_kernel(T), (A(T), A(T)) + (i64,) * 13, T)
+    for idx in (False, True):
+        check(f"max_fwd-{idx}", pool._max_fwd_kernel(T, idx), (A(T), A(T), A(i64)) + (i64,) * 13,
+              T)
     check("max_bwd", pool._max_bwd_kernel(T), (A(T),) * 3 + (i64,) * 13, T)
     check("avg_fwd", pool._avg_fwd_kernel(T), (A(T), A(T)) + (i64,) * 11 + (b1, b1, i64), T)
     check("avg_bwd", pool._avg_bwd_kernel(T), (A(T), A(T)) + (i64,) * 11 + (b1, b1, i64), T)
@@ -486,17 +490,8 @@ def test_conv_strategy_choice() -> None:
 # ---- pooling ---------------------------------------------------------------
 
 
-def _pool_out(size, k, s, p, d, ceil):
-    """torch's pooling output size, ceil_mode included."""
-    num = size + 2 * p - d * (k - 1) - 1
-    out = (num + (s - 1 if ceil else 0)) // s + 1
-    if ceil and (out - 1) * s >= size + p:
-        out -= 1
-    return out
-
-
 def _out_hw(hw, k, s, p, d, ceil):
-    return tuple(_pool_out(hw[i], k[i], s[i], p[i], d[i], ceil) for i in range(2))
+    return tuple(pool_out_size(hw[i], k[i], s[i], p[i], d[i], ceil) for i in range(2))
 
 
 # (kernel, stride, padding, dilation, ceil_mode)
@@ -526,6 +521,29 @@ def test_max_pool2d(rng, case, dtype) -> None:
     _close(cb.max_pool2d(x, k, s, p, d, ohw), ref.max_pool2d(x, k, s, p, d, ohw))
     gy = rng.standard_normal((2, 3) + ohw).astype(dtype)
     _close(cb.max_pool2d_backward(gy, x, k, s, p, d), ref.max_pool2d_backward(gy, x, k, s, p, d))
+    y, ind = cb.max_pool2d_with_indices(x, k, s, p, d, ohw)
+    want_y, want_ind = ref.max_pool2d_with_indices(x, k, s, p, d, ohw)
+    _close(y, want_y)
+    assert ind.dtype == np.int64
+    np.testing.assert_array_equal(np.asarray(ind), want_ind)
+
+
+@sim
+def test_max_pool2d_with_indices_nan_and_empty_windows() -> None:
+    # Two NaNs in a window: the last one is the winner (torch's rule); ties go
+    # to the first maximum.
+    x = np.array([[[[np.nan, 1, np.nan, 2, 2]]]], np.float32)
+    geo = ((1, 3), (1, 1), (0, 1), (1, 1))
+    y, ind = cb.max_pool2d_with_indices(x, *geo, (1, 5))
+    np.testing.assert_array_equal(np.asarray(ind), [[[[0, 2, 2, 2, 3]]]])
+    np.testing.assert_array_equal(np.asarray(ind), ref.max_pool2d_with_indices(x, *geo, (1, 5))[1])
+    gy = np.ones((1, 1, 1, 5), np.float32)
+    _close(cb.max_pool2d_backward(gy, x, *geo), ref.max_pool2d_backward(gy, x, *geo))
+    # 1x1 input, kernel 3, dilation 2, padding 1, ceil_mode: the one window has
+    # no real cell: -inf and torch's index 2.
+    x = np.ones((1, 1, 1, 1), np.float64)
+    y, ind = cb.max_pool2d_with_indices(x, (3, 3), (3, 3), (1, 1), (2, 2), (1, 1))
+    assert np.asarray(y)[0, 0, 0, 0] == -np.inf and np.asarray(ind)[0, 0, 0, 0] == 2
 
 
 @sim

@@ -454,15 +454,21 @@ def test_max_pool2d_ties_go_to_first_maximum(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_max_pool2d_nan_propagates_and_first_nan_wins(dtype):
+def test_max_pool2d_nan_propagates_and_last_nan_wins(dtype):
     nan = np.nan
     x = np.array([[[[nan, 1, nan, 2], [0, 7, 1, 1]]]], dtype)
     geo = ((2, 2), (2, 2), (0, 0), (1, 1))
     y = R.max_pool2d(x, *geo, (1, 2))
     assert np.isnan(y[0, 0, 0, 0]) and np.isnan(y[0, 0, 0, 1])
     gx = R.max_pool2d_backward(np.array([[[[1, 2]]]], dtype), x, *geo)
-    # The contract's rule: the first NaN in row-major window order gets the gradient.
+    # The contract's (torch's) rule: the last NaN in row-major window order gets
+    # the gradient, and is the index max_pool2d_with_indices returns.
     np.testing.assert_array_equal(gx, [[[[1, 0, 2, 0], [0, 0, 0, 0]]]])
+    x[0, 0, 1, 0] = nan
+    gx = R.max_pool2d_backward(np.array([[[[1, 2]]]], dtype), x, *geo)
+    np.testing.assert_array_equal(gx, [[[[0, 0, 2, 0], [1, 0, 0, 0]]]])
+    _, ind = R.max_pool2d_with_indices(x, *geo, (1, 2))
+    np.testing.assert_array_equal(ind, [[[[4, 2]]]])
     # A NaN after a larger finite value still wins.
     x = np.array([[[[5, nan]]]], dtype)
     gx = R.max_pool2d_backward(np.ones((1, 1, 1, 1), dtype), x, (1, 2), (1, 2), (0, 0), (1, 1))

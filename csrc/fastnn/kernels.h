@@ -53,9 +53,13 @@ struct KernelTable {
   // y (N,C,OH,OW). Padded positions are -inf; NaN wins (propagates) as in torch.
   void (*max_pool2d_forward)(const Pool2dParams& p, const T* x, T* y);
   // gx (N,C,H,W), overwritten; each window's gradient goes to the first
-  // maximal element in row-major window order (torch's tie rule).
+  // maximal element in row-major window order, or to its last NaN (torch's rule).
   void (*max_pool2d_backward)(const Pool2dParams& p, const T* gy, const T* x,
                               T* gx);
+  // y and ind (N,C,OH,OW): each window's max and the flat index (h*W + w) in
+  // its input plane of the first maximum, or of the last NaN (torch's rule).
+  void (*max_pool2d_with_indices_forward)(const Pool2dParams& p, const T* x, T* y,
+                                          int64_t* ind);
   void (*avg_pool2d_forward)(const Pool2dParams& p, const T* x, T* y);
   void (*avg_pool2d_backward)(const Pool2dParams& p, const T* gy, T* gx);
 

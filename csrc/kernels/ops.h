@@ -150,6 +150,8 @@ void max_pool2d_forward(const Pool2dParams& p, const T* x, T* y);
 template <typename T>
 void max_pool2d_backward(const Pool2dParams& p, const T* gy, const T* x, T* gx);
 template <typename T>
+void max_pool2d_with_indices_forward(const Pool2dParams& p, const T* x, T* y, int64_t* ind);
+template <typename T>
 void avg_pool2d_forward(const Pool2dParams& p, const T* x, T* y);
 template <typename T>
 void avg_pool2d_backward(const Pool2dParams& p, const T* gy, T* gx);

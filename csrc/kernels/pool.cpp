@@ -11,13 +11,17 @@
 //   horizontally along the buffer, vectorized for column stride 1 and 2.
 //   Max is order-independent as a value (NaN propagates either way), so the
 //   result is exactly the window max.
-// * Other backward passes: max recomputes each window's argmax (first maximum
-//   in row-major window order, first NaN if any; padded cells never win) and
-//   scatters; avg spreads grad/divisor over the window's real cells, rows at a
-//   time.
+// * Other backward passes: max recomputes each window's winner (torch's rule:
+//   scanning in row-major window order, a cell wins when it is greater than
+//   the running max or is NaN -- the first maximum, or the last NaN; padded
+//   cells never win) and scatters; avg spreads grad/divisor over the window's
+//   real cells, rows at a time.
+// * max_pool2d with indices scans each window the same way (one output at a
+//   time; it is not on the training path).
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 
 #include "fastnn/parallel.h"
 #include "kernels/ops.h"
@@ -206,9 +210,9 @@ void max_bwd_2x2(const Pool2dParams& p, const T* gy, const T* x, T* gx, int64_t 
   using V = Vec<T>;
   using R = typename V::reg;
   const R zero = V::zero();
-  // First maximum in window order a, b, c, d wins; once the running max is NaN
-  // (the first NaN) nothing replaces it.
-  auto beats = [](R v, R m) { return V::mandnot(V::isnan(m), V::mor(V::gt(v, m), V::isnan(v))); };
+  // In window order a, b, c, d a cell replaces the running max when greater or
+  // NaN: the first maximum wins, or the last NaN.
+  auto beats = [](R v, R m) { return V::mor(V::gt(v, m), V::isnan(v)); };
   for (int64_t ch = c0; ch < c1; ++ch) {
     const T* xp = x + ch * p.H * p.W;
     const T* gp = gy + ch * p.OH * p.OW;
@@ -251,6 +255,53 @@ void max_bwd_2x2(const Pool2dParams& p, const T* gy, const T* x, T* gx, int64_t 
   }
 }
 
+// (max, flat index in the plane) of the window at (h0, w0) with real taps
+// [ilo, ihi) x [jlo, jhi): a cell wins when it is greater than the running max
+// (which starts at -inf) or is NaN, so the first maximum wins, or the last NaN
+// (torch's rule). A window with no real cell gives -inf and the index of its
+// first tap at or after the plane's top-left corner (torch's value).
+template <typename T>
+inline std::pair<T, int64_t> window_winner(const Pool2dParams& p, const T* xp, int64_t h0,
+                                           int64_t w0, int64_t ilo, int64_t ihi, int64_t jlo,
+                                           int64_t jhi) {
+  int64_t best = (h0 + ilo * p.dh) * p.W + (w0 + jlo * p.dw);
+  T m = -std::numeric_limits<T>::infinity();
+  for (int64_t i = ilo; i < ihi; ++i) {
+    const int64_t row = (h0 + i * p.dh) * p.W + w0;
+    for (int64_t j = jlo; j < jhi; ++j) {
+      const T v = xp[row + j * p.dw];
+      if (v > m || v != v) {
+        m = v;
+        best = row + j * p.dw;
+      }
+    }
+  }
+  return {m, best};
+}
+
+template <typename T>
+void max_with_indices(const Pool2dParams& p, const T* x, T* y, int64_t* ind, int64_t c0,
+                      int64_t c1) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const T* xp = x + c * p.H * p.W;
+    T* yp = y + c * p.OH * p.OW;
+    int64_t* ip = ind + c * p.OH * p.OW;
+    for (int64_t oh = 0; oh < p.OH; ++oh) {
+      const int64_t h0 = oh * p.sh - p.ph;
+      int64_t ilo, ihi;
+      window_taps(h0, p.kh, p.dh, p.H, ilo, ihi);
+      for (int64_t ow = 0; ow < p.OW; ++ow) {
+        const int64_t w0 = ow * p.sw - p.pw;
+        int64_t jlo, jhi;
+        window_taps(w0, p.kw, p.dw, p.W, jlo, jhi);
+        const std::pair<T, int64_t> win = window_winner(p, xp, h0, w0, ilo, ihi, jlo, jhi);
+        yp[oh * p.OW + ow] = win.first;
+        ip[oh * p.OW + ow] = win.second;
+      }
+    }
+  }
+}
+
 template <typename T>
 void max_bwd_general(const Pool2dParams& p, const T* gy, const T* x, T* gx, int64_t c0,
                      int64_t c1) {
@@ -269,19 +320,7 @@ void max_bwd_general(const Pool2dParams& p, const T* gy, const T* x, T* gx, int6
         int64_t jlo, jhi;
         window_taps(w0, p.kw, p.dw, p.W, jlo, jhi);
         if (jlo >= jhi) continue;
-        int64_t best = (h0 + ilo * p.dh) * p.W + (w0 + jlo * p.dw);
-        T m = xp[best];
-        for (int64_t i = ilo; i < ihi && m == m; ++i) {
-          const T* r = xp + (h0 + i * p.dh) * p.W + w0;
-          for (int64_t j = (i == ilo ? jlo + 1 : jlo); j < jhi; ++j) {
-            const T v = r[j * p.dw];
-            if (v > m || v != v) {
-              m = v;
-              best = (h0 + i * p.dh) * p.W + w0 + j * p.dw;
-              if (v != v) break;  // first NaN wins
-            }
-          }
-        }
+        const int64_t best = window_winner(p, xp, h0, w0, ilo, ihi, jlo, jhi).second;
         gxp[best] += gp[oh * p.OW + ow];
       }
     }
@@ -474,6 +513,13 @@ void max_pool2d_backward(const Pool2dParams& p, const T* gy, const T* x, T* gx) 
 }
 
 template <typename T>
+void max_pool2d_with_indices_forward(const Pool2dParams& p, const T* x, T* y, int64_t* ind) {
+  if (p.N * p.C * p.OH * p.OW == 0) return;
+  for_planes(p, p.H * p.W,
+             [&](int64_t c0, int64_t c1) { max_with_indices(p, x, y, ind, c0, c1); });
+}
+
+template <typename T>
 void avg_pool2d_forward(const Pool2dParams& p, const T* x, T* y) {
   if (p.N * p.C * p.OH * p.OW == 0) return;
   const bool fast = is_2x2_s2(p);
@@ -502,6 +548,8 @@ void avg_pool2d_backward(const Pool2dParams& p, const T* gy, T* gx) {
 #define FASTNN_INSTANTIATE(T)                                                              \
   template void max_pool2d_forward<T>(const Pool2dParams&, const T*, T*);                  \
   template void max_pool2d_backward<T>(const Pool2dParams&, const T*, const T*, T*);       \
+  template void max_pool2d_with_indices_forward<T>(const Pool2dParams&, const T*, T*,      \
+                                                   int64_t*);                              \
   template void avg_pool2d_forward<T>(const Pool2dParams&, const T*, T*);                  \
   template void avg_pool2d_backward<T>(const Pool2dParams&, const T*, T*);
 FASTNN_INSTANTIATE(float)

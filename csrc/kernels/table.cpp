@@ -13,6 +13,7 @@ void fill(KernelTable<T>& t) {
   t.conv2d_backward_weight = &conv2d_backward_weight<T>;
   t.max_pool2d_forward = &max_pool2d_forward<T>;
   t.max_pool2d_backward = &max_pool2d_backward<T>;
+  t.max_pool2d_with_indices_forward = &max_pool2d_with_indices_forward<T>;
   t.avg_pool2d_forward = &avg_pool2d_forward<T>;
   t.avg_pool2d_backward = &avg_pool2d_backward<T>;
   t.relu = &relu<T>;

@@ -107,8 +107,23 @@ class Backend(Protocol):
     ) -> Array:
         """grad_out (N,C,OH,OW), x (N,C,H,W) -> grad_x (N,C,H,W).
 
-        Recomputes the argmax; ties go to the first maximum in row-major window
-        order (the first NaN, when there is one).
+        Recomputes each window's winner (as max_pool2d_with_indices) and routes
+        its gradient there.
+        """
+        ...
+
+    def max_pool2d_with_indices(
+        self, x: Array, kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair,
+        out_hw: Pair,
+    ) -> tuple[Array, Array]:
+        """x (N,C,H,W) -> (y, indices), both (N,C,OH,OW); y as max_pool2d.
+
+        indices are int64 flat h*W+w indices into each input plane of the
+        window's winner: scanning in row-major window order, a real cell wins
+        when it is greater than the running max or is NaN (the first maximum, or
+        the last NaN: torch's rule). A window with no real cell gives -inf and
+        the index of its first tap at or after the plane's top-left corner
+        (torch's).
         """
         ...
 

@@ -52,6 +52,7 @@ __all__ = [
     "matmul",
     "max_pool2d",
     "max_pool2d_backward",
+    "max_pool2d_with_indices",
     "mse_loss",
     "mse_loss_backward",
     "relu",
@@ -84,6 +85,7 @@ conv2d_backward_weight = _C.conv2d_backward_weight
 matmul = _C.matmul
 max_pool2d = _C.max_pool2d
 max_pool2d_backward = _C.max_pool2d_backward
+max_pool2d_with_indices = _C.max_pool2d_with_indices
 avg_pool2d = _C.avg_pool2d
 avg_pool2d_backward = _C.avg_pool2d_backward
 conv2d_relu_max_pool2d = _C.conv2d_relu_max_pool2d

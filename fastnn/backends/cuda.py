@@ -129,6 +129,7 @@ _OPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "matmul": ("gemm", ("a", "b")),
     "max_pool2d": ("pool", ("x",)),
     "max_pool2d_backward": ("pool", ("grad_out", "x")),
+    "max_pool2d_with_indices": ("pool", ("x",)),
     "avg_pool2d": ("pool", ("x",)),
     "avg_pool2d_backward": ("pool", ("grad_out",)),
     "relu": ("elementwise", ("x",)),

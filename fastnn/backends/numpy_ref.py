@@ -37,6 +37,7 @@ from fastnn.backends._array_ops import (
     tanh_backward,
 )
 from fastnn.backends._array_ops import fresh as _out
+from fastnn.geometry import conv_out_size
 
 Pair = tuple[int, int]
 
@@ -58,6 +59,7 @@ __all__ = [
     "matmul",
     "max_pool2d",
     "max_pool2d_backward",
+    "max_pool2d_with_indices",
     "mse_loss",
     "mse_loss_backward",
     "relu",
@@ -79,11 +81,6 @@ def is_available() -> bool:
 # --------------------------------------------------------------------------- #
 # Window helpers shared by conv and pooling
 # --------------------------------------------------------------------------- #
-
-
-def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
-    """Floor-mode output length of a sliding window (torch's formula)."""
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
 def _tap(i: int, d: int, s: int, n_out: int) -> slice:
@@ -191,8 +188,8 @@ def conv2d(
     """
     n, _, h, w = x.shape
     o, cg, kh, kw = weight.shape
-    oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
-    ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
+    oh = conv_out_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = conv_out_size(w, kw, stride[1], padding[1], dilation[1])
     cols = _conv_columns(x, (kh, kw), stride, padding, dilation, groups, (oh, ow))
     wmat = weight.reshape(groups, o // groups, cg * kh * kw)
     y = cols @ wmat.transpose(0, 2, 1)  # (G, N*OH*OW, O/G)
@@ -302,22 +299,55 @@ def max_pool2d(
     return _out(cols.max(axis=0), x.dtype)
 
 
-def _first_max_mask(cols: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """One-hot (KH*KW, N, C, OH, OW) mask of each window's winning cell.
+def _max_winner_mask(cols: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """One-hot (KH*KW, N, C, OH, OW) mask of each window's winning cell, torch's rule.
 
-    The winner is the first real cell, in row-major window order, equal to the
-    window max; if the window holds a NaN the first NaN wins. A window with no
-    real cell has no winner (all False).
+    torch scans a window in row-major order and lets a real cell win when it is
+    greater than the running max or is NaN: the winner is the first maximum,
+    or the last NaN if the window holds any. A window with no real cell has no
+    winner (all False).
     """
     m = cols.max(axis=0)
-    nan_max = np.isnan(m)
-    winner = np.empty(cols.shape, dtype=bool)
-    taken = np.zeros(m.shape, dtype=bool)
+    winner = np.zeros(cols.shape, dtype=bool)
+    taken = np.isnan(m)  # NaN windows are settled by the second loop
     for k in range(cols.shape[0]):
-        is_max = np.where(nan_max, np.isnan(cols[k]), cols[k] == m) & valid[k]
-        winner[k] = is_max & ~taken
-        taken |= is_max
+        hit = (cols[k] == m) & valid[k] & ~taken
+        winner[k] = hit
+        taken |= hit
+    taken = ~np.isnan(m)
+    for k in reversed(range(cols.shape[0])):
+        hit = np.isnan(cols[k]) & valid[k] & ~taken
+        winner[k] |= hit
+        taken |= hit
     return winner
+
+
+def max_pool2d_with_indices(
+    x: np.ndarray, kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair,
+    out_hw: Pair,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`max_pool2d` and where each window's winner is.
+
+    x (N, C, H, W) -> (y, indices), both (N, C, OH, OW); indices are int64 flat
+    indices h*W + w into each input plane of the window's winner (the first
+    maximum, or the last NaN). A window with no real cell (possible with
+    ceil_mode or dilation) outputs -inf and torch's index for it: that of its
+    first tap at or after the plane's top-left corner, which lies outside the plane.
+    """
+    w = x.shape[3]
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    cols, valid, _, _ = _max_windows(x, kernel_size, stride, padding, dilation, out_hw)
+    winner = _max_winner_mask(cols, valid)
+    h0 = np.arange(out_hw[0], dtype=np.int64) * sh - ph  # window starts
+    w0 = np.arange(out_hw[1], dtype=np.int64) * sw - pw
+    tap_h = h0[None, :] + dh * np.arange(kh)[:, None]  # (KH, OH): input row of tap i
+    tap_w = w0[None, :] + dw * np.arange(kw)[:, None]  # (KW, OW)
+    flat = tap_h[:, None, :, None] * w + tap_w[None, :, None, :]  # (KH, KW, OH, OW)
+    idx = (winner * flat.reshape(kh * kw, 1, 1, *out_hw)).sum(axis=0)
+    first_h = h0 + dh * np.maximum(0, -(h0 // dh))
+    first_w = w0 + dw * np.maximum(0, -(w0 // dw))
+    idx = np.where(winner.any(axis=0), idx, first_h[:, None] * w + first_w[None, :])
+    return _out(cols.max(axis=0), x.dtype), _out(idx, np.dtype(np.int64))
 
 
 def max_pool2d_backward(
@@ -327,14 +357,14 @@ def max_pool2d_backward(
     """Gradient of max_pool2d with respect to x.
 
     grad_out (N, C, OH, OW), x (N, C, H, W) -> grad_x (N, C, H, W). The argmax
-    is recomputed from x; each window's gradient goes to its first maximum in
-    row-major window order (the first NaN if it holds one), and overlapping
-    windows accumulate.
+    is recomputed from x; each window's gradient goes to its winner (the first
+    maximum in row-major window order, or the last NaN if it holds any: torch's
+    rule), and overlapping windows accumulate.
     """
     h, w = x.shape[2:]
     out_hw = grad_out.shape[2:]
     cols, valid, pad_h, pad_w = _max_windows(x, kernel_size, stride, padding, dilation, out_hw)
-    winner = _first_max_mask(cols, valid)
+    winner = _max_winner_mask(cols, valid)
     gcols = np.where(winner, grad_out, grad_out.dtype.type(0))
     padded_hw = (h + sum(pad_h), w + sum(pad_w))
     gxp = _scatter_windows(gcols, padded_hw, kernel_size, stride, dilation)

@@ -30,6 +30,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from fastnn.geometry import conv_out_size as _out
+
 #: op families accepted by ``--ops`` (an op also matches its own full name).
 FAMILIES = ("conv2d", "matmul", "max_pool2d", "avg_pool2d", "elementwise", "train")
 BACKENDS = ("numpy", "cpu", "cuda", "torch")
@@ -89,10 +91,6 @@ def _family(op: str) -> str:
 # --------------------------------------------------------------------------- #
 # Case constructors
 # --------------------------------------------------------------------------- #
-
-
-def _out(size: int, k: int, s: int, p: int, d: int = 1) -> int:
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
 def conv_case(

@@ -1,10 +1,12 @@
 """torch.nn.functional-style API over fastnn's backends.
 
 Layouts follow PyTorch: activations are NCHW (or unbatched CHW), conv weights
-OIHW, ``linear`` weights (out_features, in_features). ``stride``, ``padding``
-and ``dilation`` are an int or a pair. Inputs may be NumPy arrays (C++ "cpu"
-backend), CuPy arrays ("cuda" backend), Python lists, or non-contiguous views;
-results are new C-contiguous arrays of the input's float dtype.
+OIHW, ``linear`` weights (out_features, in_features). ``kernel_size``,
+``stride``, ``padding`` and ``dilation`` are an int or a tuple/list of one or
+two ints, accepted and rejected exactly as torch does (:mod:`fastnn.geometry`).
+Inputs may be NumPy arrays (C++ "cpu" backend), CuPy arrays ("cuda" backend),
+Python lists, or non-contiguous views; results are new C-contiguous arrays of
+the input's float dtype.
 
 Every argument is validated here, before any native code runs: bad input raises
 ``ValueError`` or ``TypeError`` naming the argument. Backends then receive

@@ -15,6 +15,8 @@ import numpy as np
 from fastnn._array import array_module as _xp
 from fastnn._array import is_cupy as _is_cupy
 from fastnn.backends import forced_backend, get_backend
+from fastnn.geometry import as_int as _int  # noqa: F401 - one home, re-exported here
+from fastnn.geometry import as_pair as _pair  # noqa: F401
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 Pair = "int | tuple[int, int]"
@@ -30,9 +32,6 @@ def register_tensor_handler(op: str, handler: Callable[..., Any]) -> None:
     _TENSOR_HANDLERS[op] = handler
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-# Larger strides, paddings, dilations and kernels are never meaningful; the bound
-# keeps every backend's index arithmetic far from int64 overflow.
-_MAX_GEOMETRY = 2**31
 
 
 # --------------------------------------------------------------------------
@@ -143,30 +142,11 @@ def _contig(a: Array) -> Array:
     return a if a.flags.c_contiguous else _xp(a).ascontiguousarray(a)
 
 
-def _int(v: Any, op: str, name: str) -> int:
-    if type(v) is int:  # the common case, without the slow ABC check below
-        return v
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (numbers.Integral,)):
-        raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__} {v!r}")
-    return int(v)
-
-
-def _pair(v: Any, op: str, name: str, minimum: int) -> tuple[int, int]:
-    if type(v) is int and minimum <= v < _MAX_GEOMETRY:  # the common case, fast
-        return (v, v)
-    if isinstance(v, (tuple, list)):
-        if len(v) != 2:
-            raise ValueError(f"{op}: {name} must be an int or a pair, got {v!r}")
-        out = (_int(v[0], op, name), _int(v[1], op, name))
-    else:
-        i = _int(v, op, name)
-        out = (i, i)
-    if min(out) < minimum:
-        kind = "positive" if minimum == 1 else "non-negative"
-        raise ValueError(f"{op}: {name} must be {kind}, got {v!r}")
-    if max(out) >= _MAX_GEOMETRY:
-        raise ValueError(f"{op}: {name} must be < 2**31, got {v!r}")
-    return out
+def _flag(v: Any, op: str, name: str) -> bool:
+    """A bool argument (ceil_mode, count_include_pad): torch rejects ints and None too."""
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(v).__name__}")
+    return bool(v)
 
 
 def _batched(x: Array, op: str, name: str = "x") -> tuple[Array, bool]:

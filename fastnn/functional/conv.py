@@ -12,12 +12,12 @@ from fastnn.functional._args import (
     _check_grad_out,
     _contig,
     _int,
-    _pair,
     _pick_backend,
     _same_dtype,
     _tensor_aware,
     _xp,
 )
+from fastnn.geometry import conv_geometry
 
 # --------------------------------------------------------------------------
 # conv2d
@@ -48,6 +48,8 @@ class _ConvArgs:
         o, cg, kh, kw = weight.shape
         if c % groups:
             raise ValueError(f"{op}: input channels {c} are not divisible by groups={groups}")
+        if o == 0:  # torch needs at least `groups` output channels
+            raise ValueError(f"{op}: weight must have at least one output channel, got 0")
         if o % groups:
             raise ValueError(f"{op}: weight out-channels {o} not divisible by groups={groups}")
         if cg * groups != c:
@@ -55,33 +57,9 @@ class _ConvArgs:
                 f"{op}: x has {c} channels but weight expects {cg * groups} "
                 f"(weight.shape[1]={cg} x groups={groups})"
             )
-        stride = _pair(stride, op, "stride", 1)
-        dilation = _pair(dilation, op, "dilation", 1)
-        extra = (0, 0)  # asymmetric "same" padding: extra zeros at the bottom/right
-        if isinstance(padding, str):
-            if padding == "valid":
-                pad = (0, 0)
-            elif padding == "same":
-                if stride != (1, 1):
-                    raise ValueError(f"{op}: padding='same' requires stride=1, got {stride}")
-                total = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))
-                pad = (total[0] // 2, total[1] // 2)
-                extra = (total[0] - 2 * pad[0], total[1] - 2 * pad[1])
-            else:
-                raise ValueError(
-                    f"{op}: padding must be 'same', 'valid', an int or a pair, got {padding!r}"
-                )
-        else:
-            pad = _pair(padding, op, "padding", 0)
-        eff = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
-        hp, wp = h + 2 * pad[0] + extra[0], w + 2 * pad[1] + extra[1]
-        if eff[0] > hp or eff[1] > wp:
-            raise ValueError(
-                f"{op}: kernel size {eff[0]}x{eff[1]} (after dilation) is larger than the "
-                f"padded input {hp}x{wp}"
-            )
-        oh = (hp - eff[0]) // stride[0] + 1
-        ow = (wp - eff[1]) // stride[1] + 1
+        g = conv_geometry(op, (h, w), (kh, kw), stride, padding, dilation)
+        stride, pad, dilation, extra = g.stride, g.padding, g.dilation, g.extra
+        oh, ow = g.out_hw
         if extra != (0, 0):
             xp = _xp(x)
             x = xp.pad(x, ((0, 0), (0, 0), (0, extra[0]), (0, extra[1])))
@@ -111,7 +89,9 @@ def conv2d(
 
     x (N, C, H, W) or (C, H, W); weight (O, C/groups, KH, KW); bias (O,) or None.
     Returns (N, O, OH, OW) with OH = (H + 2*pad - dil*(KH-1) - 1) // stride + 1.
-    ``padding`` may also be ``"same"`` (stride 1 only) or ``"valid"``.
+    ``stride``, ``padding`` and ``dilation`` are an int or a tuple of one or two
+    ints; ``padding`` may also be ``"same"`` (stride 1 only) or ``"valid"``. The
+    accepted arguments are torch's (see :mod:`fastnn.geometry`).
     """
     a = _ConvArgs("conv2d", x, weight, stride, padding, dilation, groups)
     b = _check_bias("conv2d", bias, a.out_shape[1], a.x)

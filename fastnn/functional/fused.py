@@ -11,13 +11,15 @@ from fastnn.functional._args import (
     _check_bias,
     _check_grad_out,
     _contig,
+    _flag,
     _same_dtype,
     _tensor_aware,
     _xp,
 )
 from fastnn.functional.activations import relu, relu_backward
 from fastnn.functional.conv import _ConvArgs, conv2d, conv2d_backward
-from fastnn.functional.pool import _pool_geometry, max_pool2d, max_pool2d_backward
+from fastnn.functional.pool import max_pool2d, max_pool2d_backward
+from fastnn.geometry import pool_geometry
 
 # --------------------------------------------------------------------------
 # fused conv2d + ReLU + max_pool2d
@@ -29,8 +31,10 @@ def _fused_pool_geometry(
     dilation: Any, ceil_mode: Any,
 ) -> tuple[Pair, Pair, Pair, Pair, tuple[int, int, int, int]]:
     """max_pool2d's checks for a pool over the conv output (argument names prefixed)."""
-    return _pool_geometry(op, conv_out_shape, kernel_size, stride, padding, dilation,
-                          ceil_mode, prefix="pool_", what="conv output")
+    ceil_mode = _flag(ceil_mode, op, "pool_ceil_mode")
+    g = pool_geometry(op, conv_out_shape[2:], kernel_size, stride, padding, dilation,
+                      ceil_mode, prefix="pool_", what="conv output")
+    return g.kernel, g.stride, g.padding, g.dilation, (*conv_out_shape[:2], *g.out_hw)
 
 
 @_tensor_aware

@@ -36,6 +36,7 @@ from numba import cuda
 
 from fastnn.backends._cuda import gemm as _gemm
 from fastnn.backends._cuda.launch import Runtime, ceil_div, runtime
+from fastnn.geometry import conv_out_size
 
 Pair = tuple[int, int]
 
@@ -174,10 +175,6 @@ def use_direct(cg: int, kh: int, kw: int) -> bool:
     return cg * kh * kw <= DIRECT_MAX_TAPS
 
 
-def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
 def _is_pointwise(kh: int, kw: int, stride: Pair, padding: Pair) -> bool:
     """A 1x1 conv with stride 1 and no padding reads x as its own im2col matrix."""
     return kh == 1 and kw == 1 and stride == (1, 1) and padding == (0, 0)
@@ -202,8 +199,8 @@ def conv2d(
     rt = runtime()
     n, c, h, w = x.shape
     o, cg, kh, kw = weight.shape
-    oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
-    ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
+    oh = conv_out_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = conv_out_size(w, kw, stride[1], padding[1], dilation[1])
     y = rt.empty((n, o, oh, ow), x.dtype)
     if y.size == 0:
         return y

@@ -5,9 +5,11 @@ Semantics match :mod:`fastnn.backends.numpy_ref` (torch's):
 * windows are clipped to the input; ``out_hw`` already applies ceil_mode, so a
   window may run past the padded input;
 * max: padded cells never win, NaN propagates, a window with no real cell
-  outputs -inf; the backward pass recomputes each window's winner -- the first
-  maximum in row-major window order, or the first NaN -- and routes the
-  window's gradient there;
+  outputs -inf; the winner of a window is torch's -- scanning in row-major
+  window order a cell wins when it is greater than the running max or is NaN,
+  so the first maximum, or the last NaN. ``max_pool2d_with_indices`` returns
+  its flat index in the input plane; the backward pass recomputes it and
+  routes the window's gradient there;
 * avg: the divisor is ``divisor_override`` if given (any nonzero int,
   negative included, as torch allows), else the window size
   clipped to the padded input (count_include_pad) or the number of real cells;
@@ -50,11 +52,13 @@ def _imax(a, b):
 
 
 @functools.cache
-def _max_fwd_kernel(T: Any) -> Any:
+def _max_fwd_kernel(T: Any, with_indices: bool) -> Any:
+    """y[idx] = the window max; with_indices (a compile-time constant) also writes
+    ind[idx] = the winner's flat index in its plane (``ind`` is ignored without it)."""
     neg_inf = T(-math.inf)
 
     @cuda.jit(cache=True)
-    def kernel(x, y, total, H, W, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw):
+    def kernel(x, y, ind, total, H, W, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw):
         for idx in range(cuda.grid(1), total, cuda.gridsize(1)):
             ow = idx % OW
             t = idx // OW
@@ -62,7 +66,12 @@ def _max_fwd_kernel(T: Any) -> Any:
             nc = t // OH
             h0 = oh * sh - ph
             w0 = ow * sw - pw
+            # torch's index for a window with no real cell: its first tap at or
+            # after the plane's top-left corner.
+            hf = h0 + ((dh - 1 - h0) // dh) * dh if h0 < 0 else h0
+            wf = w0 + ((dw - 1 - w0) // dw) * dw if w0 < 0 else w0
             best = neg_inf
+            where = hf * W + wf
             for i in range(KH):
                 h = h0 + i * dh
                 if h >= 0 and h < H:
@@ -70,10 +79,14 @@ def _max_fwd_kernel(T: Any) -> Any:
                         w = w0 + j * dw
                         if w >= 0 and w < W:
                             v = x[(nc * H + h) * W + w]
-                            # v != v: a NaN replaces anything, and nothing beats NaN.
+                            # v != v: a NaN replaces anything (the last NaN wins) and
+                            # only a NaN replaces a NaN; ties keep the first maximum.
                             if v > best or v != v:
                                 best = v
+                                where = h * W + w
             y[idx] = best
+            if with_indices:
+                ind[idx] = where
 
     return kernel
 
@@ -99,7 +112,7 @@ def _max_bwd_kernel(T: Any) -> Any:
                         if tw >= 0 and tw % sw == 0 and tw // sw < OW:
                             ow = tw // sw
                             # Recompute the winner of window (oh, ow): the first real
-                            # cell, replaced by a strictly larger one or a first NaN.
+                            # cell, replaced by a strictly larger one or by any NaN.
                             h0 = oh * sh - ph
                             w0 = ow * sw - pw
                             best = zero
@@ -112,7 +125,7 @@ def _max_bwd_kernel(T: Any) -> Any:
                                         ww = w0 + jj * dw
                                         if ww >= 0 and ww < W:
                                             v = x[(nc * H + hh) * W + ww]
-                                            if bi < 0 or (best == best and (v > best or v != v)):
+                                            if bi < 0 or v > best or v != v:
                                                 best = v
                                                 bi = ii
                                                 bj = jj
@@ -211,10 +224,27 @@ def max_pool2d(
     y = rt.empty((n, c, *out_hw), x.dtype)
     total = y.size
     if total:
-        rt.launch(_max_fwd_kernel(numba_type(x.dtype)), (_grid1d(total, rt),), _THREADS,
-                  x.reshape(-1), y.reshape(-1), total, h, w, *out_hw, *kernel_size,
-                  *stride, *padding, *dilation)
+        unused = rt.empty((1,), "int64")
+        rt.launch(_max_fwd_kernel(numba_type(x.dtype), False), (_grid1d(total, rt),),
+                  _THREADS, x.reshape(-1), y.reshape(-1), unused, total, h, w, *out_hw,
+                  *kernel_size, *stride, *padding, *dilation)
     return y
+
+
+def max_pool2d_with_indices(
+    x: Any, kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair, out_hw: Pair
+) -> tuple[Any, Any]:
+    """x (N, C, H, W) -> (y, int64 flat indices into each H*W plane), both (N, C, OH, OW)."""
+    rt = runtime()
+    n, c, h, w = x.shape
+    y = rt.empty((n, c, *out_hw), x.dtype)
+    ind = rt.empty((n, c, *out_hw), "int64")
+    total = y.size
+    if total:
+        rt.launch(_max_fwd_kernel(numba_type(x.dtype), True), (_grid1d(total, rt),), _THREADS,
+                  x.reshape(-1), y.reshape(-1), ind.reshape(-1), total, h, w, *out_hw,
+                  *kernel_size, *stride, *padding, *dilation)
+    return y, ind
 
 
 def max_pool2d_backward(
