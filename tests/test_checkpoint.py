@@ -321,6 +321,32 @@ def test_resume_with_more_epochs_replans_the_schedule(
     assert shorter[:planned] == extended[:planned]
 
 
+@pytest.mark.mnist
+def test_resume_with_fewer_epochs_keeps_the_plan(mnist_dir: Path, tmp_path: Path) -> None:
+    """A 4-epoch cosine run interrupted after epoch 1 and resumed with epochs=2 stops
+    early on the 4-epoch schedule; resumed again with epochs=3 (still within the
+    plan) it goes on with that schedule, without re-planning."""
+    import io
+
+    from fastnn.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        model="seed", device=DEVICE, epochs=4, batch_size=64, limit_train=128, limit_test=64,
+        schedule="cosine", data_dir=str(mnist_dir), seed=2,
+    )
+    quiet, log = io.StringIO(), io.StringIO()
+    fresh = train(cfg, progress=False, out=quiet)
+    path, metrics = tmp_path / "run.npz", tmp_path / "m.json"
+    with pytest.raises(_Stop):
+        train(cfg, checkpoint=path, progress=False, out=quiet, on_epoch_end=_stop_after(1))
+    for total in (2, 3):
+        train(dataclasses.replace(cfg, epochs=total), checkpoint=path, resume=True,
+              metrics_json=metrics, progress=False, out=log)
+    assert "resume:" not in log.getvalue()
+    assert ckpt.load(path).metadata["planned_epochs"] == 4
+    assert _lrs(metrics) == [e["lr"] for e in fresh.epochs[:3]]
+
+
 def test_saved_files_get_normal_permissions(tmp_path: Path) -> None:
     path = ckpt.save(tmp_path / "c.npz", {"model": {}})
     ckpt.write_atomic(tmp_path / "m.json", lambda f: f.write(b"{}"))
@@ -330,3 +356,18 @@ def test_saved_files_get_normal_permissions(tmp_path: Path) -> None:
     for p in (path, tmp_path / "m.json"):
         assert (p.stat().st_mode & 0o777) == 0o666 & ~mask
     assert (tmp_path / "m.json").read_bytes() == b"{}"
+
+
+def test_write_atomic_bytes_mode_and_bad_content(tmp_path: Path) -> None:
+    """The one atomic-write helper (checkpoints, metrics JSON, downloads): bytes or a
+    writer callable, missing parents created, explicit permission bits, and nothing
+    written for content it cannot write."""
+    from fastnn._io import write_atomic
+
+    path = write_atomic(tmp_path / "sub" / "a.bin", b"abc", mode=0o640, suffix=".part")
+    assert path.read_bytes() == b"abc" and (path.stat().st_mode & 0o777) == 0o640
+    write_atomic(path, lambda f: f.write(b"xyz"))
+    assert path.read_bytes() == b"xyz"
+    with pytest.raises(TypeError, match="content"):
+        write_atomic(tmp_path / "sub" / "b.bin", "text")  # type: ignore[arg-type]
+    assert os.listdir(tmp_path / "sub") == ["a.bin"]

@@ -125,10 +125,10 @@ def train(
     model = _model_for(config.model, config.seed, device)
     opt = build_optimizer(config, model.parameters())
     sched = build_scheduler(config, opt)
-    start_epoch = 0
+    start_epoch, planned = 0, config.epochs
     if saved is not None:
         restored = restore(saved, model, opt, sched, config, checkpoint)
-        start_epoch = restored.epochs_done
+        start_epoch, planned = restored.epochs_done, restored.planned_epochs
         history = history[:start_epoch]
         log(f"resuming {config.model} from {checkpoint} at epoch {start_epoch}/{config.epochs}")
         if restored.note is not None:
@@ -146,6 +146,7 @@ def train(
         "seed": config.seed,
         "fastnn_version": fastnn.__version__,
         "config": dataclasses.asdict(config),
+        "planned_epochs": planned,
         "rng": {"scheme": _RNG_SCHEME},
     }
 

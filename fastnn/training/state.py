@@ -5,8 +5,9 @@ is extended past the total it was planned for.
 
 Checkpoint contents: states ``{"model", "optimizer", "scheduler"}`` and metadata
 ``{"model", "seed", "fastnn_version", "config", "rng", "epoch", "optimizer",
-"device", "metrics"}``; ``config["epochs"]`` is the total the schedule was
-planned for (see :mod:`fastnn.checkpoint` for the file format).
+"device", "metrics", "planned_epochs"}``; ``planned_epochs`` is the total the
+lr schedule is planned for (``config["epochs"]`` unless a resume shortened the
+run; see :mod:`fastnn.checkpoint` for the file format).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "optimizer_meta",
+    "planned_epochs",
     "restore",
     "resume_config",
     "save_epoch",
@@ -97,11 +99,23 @@ def resume_config(
 
 @dataclass(frozen=True)
 class Restored:
-    """What :func:`restore` did: epochs already done, and a line to print when the
-    schedule was re-planned over a larger total (else None)."""
+    """What :func:`restore` did: epochs already done, the total the schedule is now
+    planned for (store it as ``planned_epochs`` in later checkpoints), and a line to
+    print when the schedule was re-planned over a larger total (else None)."""
 
     epochs_done: int
+    planned_epochs: int
     note: str | None = None
+
+
+def planned_epochs(saved: ckpt.Checkpoint) -> int | None:
+    """The total the checkpoint's lr schedule was planned for: its ``planned_epochs``
+    metadata, else (older checkpoints) the run's ``config["epochs"]``."""
+    meta = saved.metadata
+    planned = meta.get("planned_epochs", meta.get("config", {}).get("epochs"))
+    if isinstance(planned, bool) or not isinstance(planned, int) or planned < 1:
+        return None
+    return planned
 
 
 def restore(
@@ -115,8 +129,9 @@ def restore(
     """Load ``saved`` into ``model``, ``opt`` and ``sched`` (``sched`` freshly built
     for ``config``, i.e. planned over ``config.epochs``).
 
-    With ``config.epochs`` at most the total the checkpoint was planned for, the
-    saved schedule continues unchanged (an interrupted run resumes exactly). With
+    With ``config.epochs`` at most the total the checkpoint was planned for
+    (:func:`planned_epochs`), the saved schedule continues unchanged (an
+    interrupted run resumes exactly; a smaller total just stops early). With
     a larger total, the schedule's plan (T_max, step size) is taken from ``sched``
     and only its progress from the checkpoint, and the optimizer's lr is reset to
     the new plan's value: the remaining epochs get the rates a run planned for the
@@ -124,13 +139,10 @@ def restore(
     when the states do not fit.
     """
     done = int(saved.metadata.get("epoch", 0))
-    planned = saved.metadata.get("config", {}).get("epochs")
+    planned = planned_epochs(saved)
     state = saved.states.get("scheduler")
     replan = (
-        sched is not None
-        and state is not None
-        and isinstance(planned, int)
-        and config.epochs > planned
+        sched is not None and state is not None and planned is not None and config.epochs > planned
     )
     note = None
     try:
@@ -152,7 +164,7 @@ def restore(
             f"{config.epochs} epochs; epoch {done + 1} lr {opt.param_groups[0]['lr']:.4g} "
             f"(the {planned}-epoch plan had {old_lr:.4g})"
         )
-    return Restored(done, note)
+    return Restored(done, config.epochs if planned is None else max(planned, config.epochs), note)
 
 
 def training_states(
