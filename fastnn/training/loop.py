@@ -19,7 +19,7 @@ import numpy as np
 
 import fastnn
 from fastnn import checkpoint as ckpt
-from fastnn.data import DataLoader, load_mnist
+from fastnn.data import MNIST, DataLoader, load_mnist
 from fastnn.metrics import (
     accuracy,
     classification_report,
@@ -52,9 +52,7 @@ def limit(a: np.ndarray, n: int | None) -> np.ndarray:
     return a if n is None else a[:n]
 
 
-def eval_loader(
-    data: Any, limit_test: int | None, batch_size: int, device: Device
-) -> DataLoader:
+def eval_loader(data: MNIST, limit_test: int | None, batch_size: int, device: Device) -> DataLoader:
     """Unshuffled batches of the first ``limit_test`` MNIST test images."""
     return DataLoader(
         limit(data.test_images, limit_test),
@@ -199,7 +197,8 @@ def train(
                 "device": device.name,
                 "metrics": {"epochs": history},
             }
-        save_epoch(checkpoint, states, meta, metrics_json, metrics_doc())
+        doc = metrics_doc() if metrics_json is not None else None
+        save_epoch(checkpoint, states, meta, metrics_json, doc)
         log(
             f"epoch {epoch + 1:>3}/{config.epochs}  loss {stats.loss:.4f}  "
             f"test acc {100 * ev.accuracy:6.2f}%  {stats.images_per_second:8.0f} img/s  "
