@@ -107,7 +107,6 @@ def targets() -> list[Target]:
     for c in elementwise_cases():
         out.append(Target("elementwise", c.op, [c], {}))
     out.append(Target("train", "train_step", [train_step_case(128)], {}))
-    out.append(Target("train", "train_step_kernels", [train_step_case(128, kernels=True)], {}))
     # The training issue's target: epoch time at least 3x faster than PyTorch (the
     # NumPy reference is left out: an epoch of it takes minutes).
     out.append(Target("train", "train_mnist (epoch)", [train_mnist_case(128, 200, ("heavy",))],

@@ -1,7 +1,7 @@
 """One seed-model training step at batch 128 with Adam (lr 1e-3): conv, relu, maxpool, two
-linears, cross-entropy, backward and update. Group train_step runs fastnn's Tensor/nn/optim
-stack (torch: nn.Module + autograd + optim); group train_step_kernels runs the same step
-written directly against the backend's ops (fastnn backends only).
+linears, cross-entropy, backward and update. Group train_step runs
+fastnn.training.train_step, the step ``fastnn train`` runs (torch: nn.Module + autograd +
+optim).
 
 Run: pytest benchmarks/test_bench_train.py --benchmark-only
 """

@@ -12,25 +12,24 @@ Layout of the archive (``np.savez``; read back with ``allow_pickle=False``):
 * one entry per array, named after its path in the tree, e.g.
   ``model/0.weight`` or ``optimizer/state/3/exp_avg``.
 
-Saving writes a temporary file in the destination directory, fsyncs it and
-renames it over the target with :func:`os.replace`, so a crash or Ctrl-C while
-saving leaves the previous checkpoint intact.
+Saving goes through :func:`fastnn._io.write_atomic` (re-exported here): a
+temporary file in the destination directory, fsynced and renamed over the
+target, so a crash or Ctrl-C while saving leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 from fastnn._array import is_cupy
+from fastnn._io import write_atomic
 
 __all__ = [
     "FORMAT",
@@ -139,58 +138,6 @@ def _decode(node: Any, arrays: dict[str, np.ndarray]) -> Any:
             return {k: _decode(v, arrays) for k, v in node["__items__"]}
         return {k: _decode(v, arrays) for k, v in node.items()}
     return node
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every OS/filesystem.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _file_mode() -> int:
-    """0o666 minus the umask: what open() would give, unlike mkstemp's 0o600."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-_FILE_MODE = _file_mode()
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
-    """Create ``path`` atomically: ``write(f)`` fills a temporary file in the same
-    directory, which is fsynced and renamed over ``path`` (:func:`os.replace`).
-
-    If anything fails (including KeyboardInterrupt) the temporary file is removed
-    and an existing ``path`` is left untouched.
-    """
-    path = Path(path)
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
-    return path
 
 
 def save(

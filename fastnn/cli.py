@@ -41,7 +41,7 @@ examples:
   fastnn train --model seed --epochs 5                  # baseline, ~98.5% test accuracy
   fastnn train --model strong --epochs 15 --augment --schedule cosine   # aims at >= 99.4%
   fastnn train --device numpy --limit-train 2000 --limit-test 500 --epochs 1   # smoke test
-  fastnn train --checkpoint run.npz --epochs 10 --resume   # continue an interrupted run
+  fastnn train --checkpoint run.npz --epochs 10 --resume   # continue (or extend) a run
 """
 
 
@@ -77,7 +77,7 @@ def _non_negative_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     from fastnn.models import MODELS
-    from fastnn.train import DEVICES, OPTIMIZERS, SCHEDULES, TrainConfig
+    from fastnn.training import DEVICES, OPTIMIZERS, SCHEDULES, TrainConfig
 
     d = TrainConfig()
     parser = argparse.ArgumentParser(
@@ -95,7 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--model", choices=sorted(MODELS), help=f"model preset (default {d.model})")
     t.add_argument("--device", choices=DEVICES, help=f"where to run (default {d.device})")
-    t.add_argument("--epochs", type=_positive_int, help=f"total epochs (default {d.epochs})")
+    t.add_argument(
+        "--epochs",
+        type=_positive_int,
+        help=f"total epochs (default {d.epochs}); with --resume, more than the run "
+        "was planned for extends it and re-plans the lr schedule",
+    )
     t.add_argument("--batch-size", type=_positive_int, help=f"default {d.batch_size}")
     t.add_argument("--lr", type=_non_negative_float, help=f"learning rate (default {d.lr})")
     t.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default {d.optimizer}")
@@ -153,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fastnn.train import TrainConfig, train
+    from fastnn.training import TrainConfig, train
 
     given = {
         k: getattr(args, k) for k in _TRAIN_DEFAULTS_FROM_CONFIG if getattr(args, k) is not None
@@ -173,7 +178,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from fastnn.train import evaluate_checkpoint
+    from fastnn.training import evaluate_checkpoint
 
     evaluate_checkpoint(
         args.checkpoint,
@@ -188,7 +193,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from fastnn.checkpoint import CheckpointError
     from fastnn.data import MNISTError
-    from fastnn.train import DeviceError
+    from fastnn.training import DeviceError
 
     # ValueError/TypeError cover bad option values (the validators name the option);
     # OSError covers unwritable checkpoint/metrics paths.

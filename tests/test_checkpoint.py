@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import zipfile
@@ -269,6 +270,83 @@ def test_resume_matches_uninterrupted_run(mnist_dir: Path, tmp_path: Path) -> No
     assert resumed.test_accuracy == full.test_accuracy
 
 
+def _lrs(metrics: Path) -> list[float]:
+    return [e["lr"] for e in json.loads(metrics.read_text())["epochs"]]
+
+
+@pytest.mark.mnist
+@pytest.mark.parametrize(("schedule", "planned", "total"), [("cosine", 2, 4), ("step", 3, 6)])
+def test_resume_with_more_epochs_replans_the_schedule(
+    mnist_dir: Path, tmp_path: Path, schedule: str, planned: int, total: int
+) -> None:
+    """A finished ``planned``-epoch run resumed with ``epochs=total`` trains the new
+    epochs at the rates a run planned for ``total`` from the start has (cosine 2 -> 4:
+    epoch 3 would otherwise run at lr 0 and epoch 4 climb back up); the extended
+    checkpoint then resumes exactly with the same total."""
+    import io
+
+    from fastnn.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        model="seed", device=DEVICE, epochs=planned, batch_size=64, limit_train=256,
+        limit_test=64, schedule=schedule, data_dir=str(mnist_dir), seed=1,
+    )
+    quiet = io.StringIO()
+    fresh_metrics, ext_metrics = tmp_path / "fresh.json", tmp_path / "ext.json"
+    train(dataclasses.replace(cfg, epochs=total), metrics_json=fresh_metrics, progress=False,
+          out=quiet)
+    train(cfg, checkpoint=tmp_path / "run.npz", progress=False, out=quiet)
+    # The lr the shorter plan set for its next epoch (cosine 2: 0.0), which extending must replace.
+    old_next = float(ckpt.load(tmp_path / "run.npz").optimizer_state["param_groups.0.lr"])
+    log = io.StringIO()
+    with pytest.raises(_Stop):  # interrupted one epoch into the extension
+        train(dataclasses.replace(cfg, epochs=total), checkpoint=tmp_path / "run.npz",
+              resume=True, metrics_json=ext_metrics, progress=False, out=log,
+              on_epoch_end=_stop_after(planned + 1))
+    fresh = _lrs(fresh_metrics)
+    assert fresh[planned] > 0 and fresh[planned] != old_next
+    assert _lrs(ext_metrics)[planned] == fresh[planned]
+    notes = [line for line in log.getvalue().splitlines() if line.startswith("resume:")]
+    assert len(notes) == 1 and f"from {planned} to {total} epochs" in notes[0], log.getvalue()
+    # The rest runs with the same total: no second re-plan, the saved plan continues.
+    log = io.StringIO()
+    train(dataclasses.replace(cfg, epochs=total), checkpoint=tmp_path / "run.npz", resume=True,
+          metrics_json=ext_metrics, progress=False, out=log)
+    assert "resume:" not in log.getvalue()
+    extended = _lrs(ext_metrics)
+    assert len(extended) == total
+    assert extended[planned:] == fresh[planned:]
+    # The first epochs keep the rates the shorter plan gave them.
+    shorter = [e["lr"] for e in ckpt.load(tmp_path / "run.npz").metadata["metrics"]["epochs"]]
+    assert shorter[:planned] == extended[:planned]
+
+
+@pytest.mark.mnist
+def test_resume_with_fewer_epochs_keeps_the_plan(mnist_dir: Path, tmp_path: Path) -> None:
+    """A 4-epoch cosine run interrupted after epoch 1 and resumed with epochs=2 stops
+    early on the 4-epoch schedule; resumed again with epochs=3 (still within the
+    plan) it goes on with that schedule, without re-planning."""
+    import io
+
+    from fastnn.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        model="seed", device=DEVICE, epochs=4, batch_size=64, limit_train=128, limit_test=64,
+        schedule="cosine", data_dir=str(mnist_dir), seed=2,
+    )
+    quiet, log = io.StringIO(), io.StringIO()
+    fresh = train(cfg, progress=False, out=quiet)
+    path, metrics = tmp_path / "run.npz", tmp_path / "m.json"
+    with pytest.raises(_Stop):
+        train(cfg, checkpoint=path, progress=False, out=quiet, on_epoch_end=_stop_after(1))
+    for total in (2, 3):
+        train(dataclasses.replace(cfg, epochs=total), checkpoint=path, resume=True,
+              metrics_json=metrics, progress=False, out=log)
+    assert "resume:" not in log.getvalue()
+    assert ckpt.load(path).metadata["planned_epochs"] == 4
+    assert _lrs(metrics) == [e["lr"] for e in fresh.epochs[:3]]
+
+
 def test_saved_files_get_normal_permissions(tmp_path: Path) -> None:
     path = ckpt.save(tmp_path / "c.npz", {"model": {}})
     ckpt.write_atomic(tmp_path / "m.json", lambda f: f.write(b"{}"))
@@ -278,3 +356,18 @@ def test_saved_files_get_normal_permissions(tmp_path: Path) -> None:
     for p in (path, tmp_path / "m.json"):
         assert (p.stat().st_mode & 0o777) == 0o666 & ~mask
     assert (tmp_path / "m.json").read_bytes() == b"{}"
+
+
+def test_write_atomic_bytes_mode_and_bad_content(tmp_path: Path) -> None:
+    """The one atomic-write helper (checkpoints, metrics JSON, downloads): bytes or a
+    writer callable, missing parents created, explicit permission bits, and nothing
+    written for content it cannot write."""
+    from fastnn._io import write_atomic
+
+    path = write_atomic(tmp_path / "sub" / "a.bin", b"abc", mode=0o640, suffix=".part")
+    assert path.read_bytes() == b"abc" and (path.stat().st_mode & 0o777) == 0o640
+    write_atomic(path, lambda f: f.write(b"xyz"))
+    assert path.read_bytes() == b"xyz"
+    with pytest.raises(TypeError, match="content"):
+        write_atomic(tmp_path / "sub" / "b.bin", "text")  # type: ignore[arg-type]
+    assert os.listdir(tmp_path / "sub") == ["a.bin"]

@@ -11,6 +11,7 @@ import pytest
 import fastnn
 from fastnn import nn
 from fastnn.autograd import Tensor
+from fastnn.data import DataLoader
 from fastnn.metrics import (
     accuracy,
     classification_report,
@@ -19,7 +20,15 @@ from fastnn.metrics import (
     precision_recall_fscore_support,
 )
 from fastnn.models import MODELS, build_model, reseed_dropout
-from fastnn.train import DeviceError, TrainConfig, resolve_device, train
+from fastnn.train import (
+    DeviceError,
+    TrainConfig,
+    build_optimizer,
+    resolve_device,
+    run_epoch,
+    train,
+    train_step,
+)
 
 NATIVE = "cpu" in fastnn.available_backends()
 
@@ -191,3 +200,53 @@ def test_numpy_backend_learns(mnist_dir: Path) -> None:
 def test_cuda_learns(mnist_dir: Path) -> None:
     acc = _run(mnist_dir, model="seed", device="cuda", limit_train=6000, limit_test=1000)
     assert acc > 0.85
+
+
+# --- the step and the epoch runner (what fastnn train and fastnn bench both run) ---------------
+def _toy_images(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable toy data: the label is which quarter of the image is bright."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, n)
+    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+    for i, lab in enumerate(labels):
+        r, c = divmod(int(lab), 2)
+        images[i, 14 * r : 14 * r + 14, 14 * c : 14 * c + 14] += 200
+    return images, labels
+
+
+def test_train_step_updates_and_lowers_the_loss(host_backend: str) -> None:
+    model = build_model("seed", 0)
+    opt = build_optimizer(TrainConfig(), model.parameters())
+    images, labels = _toy_images(32)
+    x, y = next(iter(DataLoader(images, labels, 32)))
+    before = model.state_dict()["0.weight"].copy()
+    with fastnn.backend(host_backend):
+        losses = [float(train_step(model, opt, x, y).data) for _ in range(5)]
+    assert not np.array_equal(before, model.state_dict()["0.weight"])
+    assert losses[-1] < losses[0]
+
+
+def test_run_epoch_counts_and_reseeds(host_backend: str) -> None:
+    images, labels = _toy_images(40)
+    loader = DataLoader(images, labels, 16, shuffle=True, seed=3)
+
+    def epoch_of(seed_model: int, **kw) -> tuple:
+        model = build_model("seed", seed_model)
+        opt = build_optimizer(TrainConfig(), model.parameters())
+        stats = run_epoch(model, opt, loader, host_backend, **kw)
+        return stats, model.state_dict()["4.weight"]
+
+    full, w_full = epoch_of(0, epoch=2)
+    assert (full.steps, full.images) == (3, 40) and full.seconds > 0 and full.loss > 0
+    assert full.images_per_second == pytest.approx(40 / full.seconds)
+    short, _ = epoch_of(0, epoch=2, max_steps=2)
+    assert (short.steps, short.images) == (2, 32)
+    # epoch=2 again: the same shuffle, so the same weights; another epoch shuffles otherwise.
+    again, w_again = epoch_of(0, epoch=2)
+    other, w_other = epoch_of(0, epoch=5)
+    np.testing.assert_array_equal(w_full, w_again)
+    assert again.loss == full.loss and not np.array_equal(w_full, w_other)
+    with pytest.raises(ValueError, match="max_steps"):
+        model = build_model("seed", 0)
+        run_epoch(model, build_optimizer(TrainConfig(), model.parameters()), loader,
+                  host_backend, max_steps=0)

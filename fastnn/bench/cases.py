@@ -12,9 +12,9 @@ zero-argument callable for one backend:
 * ``torch`` -- PyTorch on the CPU as a peer, calling the same ATen kernels its
   autograd runs in training.
 
-Training cases run the seed model through fastnn's own Tensor/nn/optim stack
-(``train_step``, ``train_mnist``) or directly on a backend's ops
-(``train_step_kernels``).
+Training cases (``train_step``, ``train_mnist``) run the very step ``fastnn
+train`` runs (:func:`fastnn.training.train_step`, :func:`~fastnn.training.run_epoch`);
+their setup lives in :mod:`fastnn.bench.train_cases`.
 
 Layouts: activations NCHW, conv weights OIHW, matrices row-major; all inputs are
 standard-normal of the chosen float dtype, drawn from a fixed seed.
@@ -23,9 +23,7 @@ standard-normal of the chosen float dtype, drawn from a fixed seed.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -162,20 +160,18 @@ def seed_flops(n: int) -> float:
     return 2 * conv + 3 * fc1 + 3 * fc2
 
 
-def train_step_case(n: int = 128, tags: tuple[str, ...] = (), kernels: bool = False) -> Case:
+def train_step_case(n: int = 128, tags: tuple[str, ...] = ()) -> Case:
     """One seed-model Adam step (forward, backward, update) on a fixed batch of ``n``
-    images, through fastnn's Tensor/nn/optim stack (torch: nn.Module + autograd +
-    optim). ``kernels``: ``train_step_kernels``, the same step written directly
-    against the backend's ops (fastnn backends only) -- what the stack adds is the
-    difference."""
-    op = "train_step_kernels" if kernels else "train_step"
-    return Case(op, f"seed N{n}", {"N": n}, "images_s", seed_flops(n), 0.0, tags, images=n)
+    images: :func:`fastnn.training.train_step`, the step ``fastnn train`` runs
+    (torch: nn.Module + autograd + optim)."""
+    return Case("train_step", f"seed N{n}", {"N": n}, "images_s", seed_flops(n), 0.0, tags,
+                images=n)
 
 
 def train_mnist_case(n: int = 128, steps: int = 200, tags: tuple[str, ...] = ()) -> Case:
     """``steps`` consecutive seed-model Adam steps over shuffled MNIST batches (real data
-    when found, else random data of MNIST's shape) through fastnn's DataLoader and
-    Tensor/nn/optim stack, as ``fastnn train`` runs them; ``epoch_s`` in the report
+    when found, else random data of MNIST's shape): :func:`fastnn.training.run_epoch`
+    over a DataLoader, as ``fastnn train`` runs an epoch; ``epoch_s`` in the report
     scales it to 60,000 images."""
     return Case("train_mnist", f"seed N{n} {steps} steps", {"N": n, "steps": steps},
                 "images_s", seed_flops(n) * steps, 0.0, tags, images=n * steps)
@@ -235,7 +231,6 @@ def standard_cases() -> list[Case]:
     out += [pool_case(op, *MNIST_POOL, tags=("mnist", "quick")) for op in POOL_PASSES]
     out += elementwise_cases(("elementwise", "quick"))
     out.append(train_step_case(128, ("train", "quick")))
-    out.append(train_step_case(128, ("train",), kernels=True))
     out.append(train_mnist_case(128, 200, ("train",)))
     return out
 
@@ -268,8 +263,7 @@ def tiny_cases() -> list[Case]:
     out += [pool_case(op, 2, 3, 8, tags=("tiny",)) for op in POOL_PASSES]
     out += [elementwise_case(op, (4, 10) if op == "softmax_xent" else (2, 3, 8, 8), ("tiny",))
             for op in ("relu_fwd", "relu_bwd", "softmax_xent", "sgd_step", "adam_step")]
-    out += [train_step_case(4, ("tiny",)), train_step_case(4, ("tiny",), kernels=True),
-            train_mnist_case(8, 3, ("tiny",))]
+    out += [train_step_case(4, ("tiny",)), train_mnist_case(8, 3, ("tiny",))]
     return out
 
 
@@ -344,10 +338,10 @@ def prepare(case: Case, backend: str, dtype: str = "float32") -> Prepared:
     if backend not in ("numpy", "cpu", "cuda"):
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     mod, put, timer = _fastnn_backend(backend)
-    if case.op == "train_step_kernels":
-        return _prepare_kernel_step(case, mod, put, timer, dtype)
     if case.family == "train":
-        return _prepare_train(case, backend, dtype)
+        from fastnn.bench import train_cases
+
+        return train_cases.prepare(case, backend, dtype)
     builders = {"conv2d": _conv, "matmul": _matmul, "max_pool2d": _pool, "avg_pool2d": _pool,
                 "elementwise": _elementwise}
     if case.family == "matmul" and backend == "numpy":
@@ -460,179 +454,6 @@ def _elementwise(case: Case, mod: Any, put: Callable, dtype: str) -> Callable[[]
         mod.adam_step(x, g, m, v, step[0], 1e-3, 0.9, 0.999, 1e-8, 0.0, False)
 
     return adam
-
-
-# --------------------------------------------------------------------------- #
-# Training
-# --------------------------------------------------------------------------- #
-
-
-def seed_params(dtype: str) -> dict[str, np.ndarray]:
-    """Seed-model parameters with torch's default init scale (uniform +-1/sqrt(fan_in))."""
-    rng = np.random.default_rng(12)
-
-    def u(shape: tuple[int, ...], fan_in: int) -> np.ndarray:
-        bound = 1.0 / math.sqrt(fan_in)
-        return rng.uniform(-bound, bound, shape).astype(dtype)
-
-    f, h = SEED_FEATURES, SEED_HIDDEN
-    return {"w1": u((32, 1, 3, 3), 9), "b1": u((32,), 9),
-            "w2": u((h, f), f), "b2": u((h,), f),
-            "w3": u((10, h), h), "b3": u((10,), h)}
-
-
-class KernelSeedTrainer:
-    """The seed model's Adam step written directly against one backend's ops.
-
-    This is the kernel-level cost of a step (what a perfect autograd would add
-    nothing to): conv -> relu -> maxpool -> linear -> relu -> linear -> softmax
-    cross-entropy, the backward passes the step needs (no input gradient for
-    the first conv), and Adam (lr 1e-3, ``fastnn train``'s default) on every
-    parameter.
-    """
-
-    def __init__(self, mod: Any, put: Callable, dtype: str, lr: float = 1e-3) -> None:
-        self.mod, self.lr, self.t = mod, lr, 0
-        self.p = {k: put(v) for k, v in seed_params(dtype).items()}
-        self.m = {k: put(np.zeros_like(v)) for k, v in seed_params(dtype).items()}
-        self.v = {k: put(np.zeros_like(v)) for k, v in seed_params(dtype).items()}
-
-    def step(self, x: Any, labels: Any) -> Any:
-        mod, p = self.mod, self.p
-        one, zero = (1, 1), (0, 0)
-        n = x.shape[0]
-        a1 = mod.relu(mod.conv2d(x, p["w1"], p["b1"], one, zero, one, 1))
-        p1 = mod.max_pool2d(a1, (2, 2), (2, 2), zero, one, (13, 13))
-        f = p1.reshape(n, SEED_FEATURES)
-        a2 = mod.relu(mod.matmul(f, p["w2"], False, True) + p["b2"])
-        z = mod.matmul(a2, p["w3"], False, True) + p["b3"]
-        loss, gz = mod.softmax_cross_entropy(z, labels)
-        grads = {"w3": mod.matmul(gz, a2, True, False), "b3": gz.sum(0)}
-        gh = mod.relu_backward(mod.matmul(gz, p["w3"], False, False), a2)
-        grads["w2"], grads["b2"] = mod.matmul(gh, f, True, False), gh.sum(0)
-        gp1 = mod.matmul(gh, p["w2"], False, False).reshape(p1.shape)
-        ga1 = mod.relu_backward(mod.max_pool2d_backward(gp1, a1, (2, 2), (2, 2), zero, one), a1)
-        grads["w1"] = mod.conv2d_backward_weight(ga1, x, (3, 3), one, zero, one, 1)
-        grads["b1"] = ga1.sum((0, 2, 3))
-        self.t += 1
-        for name, g in grads.items():
-            mod.adam_step(p[name], g, self.m[name], self.v[name], self.t, self.lr,
-                          0.9, 0.999, 1e-8, 0.0, False)
-        return loss
-
-
-def mnist_dir() -> Path | None:
-    """``$FASTNN_DATA_DIR``, else ``<repo>/../shared/data/mnist``, if it holds all four
-    MNIST files (the benchmarks never download)."""
-    from fastnn.data.mnist import FILES, find_file
-
-    dirs = [os.environ.get("FASTNN_DATA_DIR") or None,
-            Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist"]
-    for d in dirs:
-        if d is not None and all(find_file(Path(d), name) for name in FILES.values()):
-            return Path(d)
-    return None
-
-
-def mnist_train_arrays(limit: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
-    """uint8 images (n, 28, 28), int64 labels (n,) and a source note: real MNIST when
-    found (never downloaded here), else seeded random data of the same shape."""
-    d = None
-    try:
-        d = mnist_dir()
-    except ImportError:
-        pass
-    if d is not None:
-        from fastnn.data.mnist import load_mnist
-
-        data = load_mnist(d, download=False)
-        images, labels = data.train_images, data.train_labels.astype(np.int64)
-        if limit is not None:
-            images, labels = images[:limit], labels[:limit]
-        return images, labels, "mnist"
-    n = 60000 if limit is None else limit
-    rng = np.random.default_rng(13)
-    return (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
-            rng.integers(0, 10, n).astype(np.int64), "random")
-
-
-def normalize_images(images: np.ndarray) -> np.ndarray:
-    """uint8 (n, 28, 28) -> float32 (n, 1, 28, 28) with MNIST's mean/std."""
-    x = images.astype(np.float32).reshape(-1, 1, 28, 28) / 255.0
-    return (x - 0.1307) / 0.3081
-
-
-def _prepare_kernel_step(case: Case, mod: Any, put: Callable, timer: str,
-                         dtype: str) -> Prepared:
-    n = case.params["N"]
-    trainer = KernelSeedTrainer(mod, put, dtype)
-    x = put(_rand((n, 1, 28, 28), dtype, 14))
-    y = put(np.random.default_rng(15).integers(0, 10, n).astype(np.int64))
-    return Prepared(lambda: trainer.step(x, y), timer)
-
-
-def _prepare_train(case: Case, backend: str, dtype: str) -> Prepared:
-    """The seed model through fastnn's own stack: ``models.build_model("seed")``,
-    ``Tensor``, ``F.cross_entropy``, ``optim.Adam`` (lr 1e-3, as ``fastnn train``), under
-    ``fastnn.backend(backend)``; train_mnist also uses ``DataLoader``."""
-    try:
-        import fastnn
-        from fastnn import functional as F
-        from fastnn import optim
-        from fastnn.autograd import Tensor
-        from fastnn.data.loader import DataLoader
-        from fastnn.models import build_model
-    except ImportError as exc:
-        raise Unsupported(f"fastnn's training stack does not import: {exc}") from exc
-    if dtype != "float32":
-        raise Unsupported("the seed model trains in float32")
-    arrays = "cuda" if backend == "cuda" else "cpu"
-    model = build_model("seed", 0).to(arrays)
-    model.train()
-    opt = optim.Adam(model.parameters(), lr=1e-3)
-    timer = "cupy" if backend == "cuda" else "wall"
-    n = case.params["N"]
-
-    def step(x: Any, y: Any) -> Any:
-        logits = model(Tensor(x))
-        loss = F.cross_entropy(logits, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return loss
-
-    if case.op == "train_step":
-        x = _rand((n, 1, 28, 28), dtype, 14)
-        y = np.random.default_rng(15).integers(0, 10, n).astype(np.int64)
-        if arrays == "cuda":
-            import cupy
-
-            x, y = cupy.asarray(x), cupy.asarray(y)
-
-        def one_step() -> Any:
-            with fastnn.backend(backend):
-                return step(x, y)
-
-        return Prepared(one_step, timer)
-
-    images, labels, source = mnist_train_arrays()
-    loader = DataLoader(images, labels, n, shuffle=True, seed=0, drop_last=True, device=arrays)
-    batches: list[Any] = [iter(loader)]
-
-    def run(n_steps: int) -> Any:
-        loss = None
-        with fastnn.backend(backend):
-            for _ in range(n_steps):
-                try:
-                    xb, yb = next(batches[0])
-                except StopIteration:  # next epoch
-                    batches[0] = iter(loader)
-                    xb, yb = next(batches[0])
-                loss = step(xb, yb)
-        return loss
-
-    return Prepared(lambda: run(case.params["steps"]), timer, note=source, single_shot=True,
-                    warmup_fn=lambda: run(3))
 
 
 def output_arrays(out: Any) -> list[np.ndarray]:

@@ -252,16 +252,10 @@ def run_cases(
     return results
 
 
-#: ops that only fastnn's backends have (no torch counterpart).
-FASTNN_ONLY = ("train_step_kernels",)
-
-
 def participants(case: Case, backends: Iterable[str], numpy_heavy: bool = False) -> list[str]:
     """The backends that run ``case``: all, except the slow ``numpy`` reference on
-    ``heavy`` cases unless ``numpy_heavy``, and torch on fastnn-only ops."""
-    return [b for b in backends
-            if (numpy_heavy or b != "numpy" or "heavy" not in case.tags)
-            and (b != "torch" or case.op not in FASTNN_ONLY)]
+    ``heavy`` cases unless ``numpy_heavy``."""
+    return [b for b in backends if numpy_heavy or b != "numpy" or "heavy" not in case.tags]
 
 
 def make_runners(

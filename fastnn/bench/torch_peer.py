@@ -21,10 +21,10 @@ from fastnn.bench.cases import (
     _rand,
     conv_arrays,
     matmul_arrays,
-    mnist_train_arrays,
     pool_arrays,
-    seed_params,
 )
+from fastnn.bench.train_cases import mnist_train_arrays, seed_weights, step_batch
+from fastnn.data.loader import MNIST_MEAN, MNIST_STD
 
 
 def _torch() -> Any:
@@ -50,8 +50,6 @@ def prepare(case: Case, dtype: str = "float32") -> Prepared:
         "conv2d": _conv, "matmul": _matmul, "max_pool2d": _pool, "avg_pool2d": _pool,
         "elementwise": _elementwise,
     }
-    if case.op == "train_step_kernels":
-        raise Unsupported("train_step_kernels is fastnn-only (torch's step is train_step)")
     if case.family == "train":
         return _train(torch, case, dtype)
     return Prepared(builders[case.family](torch, case, dtype), "wall")
@@ -127,18 +125,15 @@ def _elementwise(torch: Any, case: Case, dtype: str) -> Callable[[], Any]:
 
 
 def seed_model(torch: Any, dtype: str) -> Any:
-    """The seed model in torch, with the same initial weights as fastnn's kernel step."""
+    """The seed model in torch, starting from the same weights as fastnn's training
+    cases (the layer indices match fastnn's ``state_dict`` keys)."""
     nn = torch.nn
     model = nn.Sequential(
         nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
         nn.Linear(SEED_FEATURES, SEED_HIDDEN), nn.ReLU(), nn.Linear(SEED_HIDDEN, 10),
     ).to(getattr(torch, dtype))
-    p = seed_params(dtype)
-    with torch.no_grad():
-        for layer, (w, b) in zip((model[0], model[4], model[6]),
-                                 (("w1", "b1"), ("w2", "b2"), ("w3", "b3"))):
-            layer.weight.copy_(torch.from_numpy(p[w]))
-            layer.bias.copy_(torch.from_numpy(p[b]))
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v, dtype=dtype))
+                           for k, v in seed_weights().items()})
     return model
 
 
@@ -156,13 +151,12 @@ def _train(torch: Any, case: Case, dtype: str) -> Prepared:
         return loss
 
     if case.op == "train_step":
-        x = torch.from_numpy(_rand((n, 1, 28, 28), dtype, 14))
-        y = torch.from_numpy(np.random.default_rng(15).integers(0, 10, n).astype(np.int64))
+        x, y = (torch.from_numpy(a) for a in step_batch(n, dtype))
         return Prepared(lambda: step(x, y), "wall")
     images, labels, source = mnist_train_arrays()
     images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
     order = torch.from_numpy(np.random.default_rng(16).permutation(images.shape[0]))
-    mean, std = 0.1307 * 255, 0.3081 * 255
+    mean, std = MNIST_MEAN * 255, MNIST_STD * 255  # on raw 0..255 pixels
     cursor = [0]
 
     def run(n_steps: int) -> Any:

@@ -2,8 +2,8 @@
 
 Each missing file is fetched as ``<mirror>/<name>.gz`` from the mirrors in
 order until one yields content whose decompressed SHA-256 matches. The bytes
-are written to a temporary file in the destination directory, fsynced, and
-moved into place with :func:`os.replace`, so an interrupted download never
+are written with :func:`fastnn._io.write_atomic` (a ``.part`` file next to the
+target, fsynced and renamed into place), so an interrupted download never
 leaves a half-written file under the real name.
 """
 
@@ -13,13 +13,13 @@ import gzip
 import hashlib
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
+from fastnn._io import write_atomic
 from fastnn.data.mnist import (
     ENV_DATA_DIR,
     FILES,
@@ -46,15 +46,6 @@ ENV_MIRRORS = "FASTNN_MNIST_MIRRORS"
 # A generous cap: the largest official file is ~9.9 MB compressed. It keeps a
 # misbehaving server from filling memory.
 _MAX_BYTES = 64 * 1024 * 1024
-
-
-def _file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-_FILE_MODE = _file_mode()
 
 
 class MNISTDownloadError(MNISTError):
@@ -93,26 +84,6 @@ def _verify(payload: bytes, url: str, name: str, sha256: str | None) -> None:
             raise MNISTError(f"{url}: checksum mismatch: got {digest}, expected {sha256.lower()}")
     magic = IMAGES_MAGIC if "images" in name else LABELS_MAGIC
     parse_idx(raw, url, magic)
-
-
-def _write_atomic(directory: Path, filename: str, payload: bytes) -> Path:
-    target = directory / filename
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{filename}.", suffix=".part")
-    try:
-        os.fchmod(fd, _FILE_MODE)  # mkstemp's 0o600 would make the cache private
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        # Leave no partial file behind on any failure, including Ctrl-C.
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return target
 
 
 def _existing_ok(path: Path, name: str, sha256: str | None) -> bool:
@@ -167,7 +138,7 @@ def download_mnist(
                 errors.append(f"  {url}: {reason}")
                 continue
             filename = f"{name}.gz" if payload[:2] == b"\x1f\x8b" else name
-            _write_atomic(dest, filename, payload)
+            write_atomic(dest / filename, payload, suffix=".part")
             if existing is not None and existing.name != filename:
                 # A stale corrupt .gz would shadow the fresh raw file in find_file.
                 existing.unlink(missing_ok=True)

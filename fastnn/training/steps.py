@@ -1,0 +1,168 @@
+"""The pieces of a training run that touch data: one optimisation step
+(:func:`train_step`), one pass over a loader (:func:`run_epoch`), and inference
+(:func:`predict`, :func:`evaluate`).
+
+``fastnn train`` and ``fastnn bench`` (the ``train_step`` and ``train_mnist``
+cases) both call these, so the benchmark times exactly the step users run.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+import fastnn
+from fastnn import functional as F
+from fastnn import optim
+from fastnn._array import to_host
+from fastnn.autograd import Tensor, no_grad
+from fastnn.data import DataLoader
+from fastnn.metrics import accuracy
+from fastnn.models import reseed_dropout
+
+__all__ = [
+    "EpochStats",
+    "EvalResult",
+    "evaluate",
+    "predict",
+    "progress_enabled",
+    "run_epoch",
+    "train_step",
+]
+
+
+def train_step(model: Any, opt: optim.Optimizer, x: Any, y: Any) -> Tensor:
+    """One optimisation step on the batch ``x`` float32 ``(B, 1, H, W)`` (NCHW),
+    ``y`` int64 ``(B,)``: forward, mean cross-entropy, backward, ``opt.step()``.
+
+    Runs on whatever backend the caller selected (``with fastnn.backend(...)``).
+    Returns the 0-d loss Tensor; its array stays on the batch's device, so the
+    step does not wait for a GPU unless the caller reads it.
+    """
+    logits = model(Tensor(x))
+    loss = F.cross_entropy(logits, y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """What :func:`run_epoch` measured: mean training loss over ``images`` images
+    in ``steps`` steps, and the wall time of the pass (data loading included)."""
+
+    loss: float
+    images: int
+    steps: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def progress_enabled(progress: bool | None) -> bool:
+    """``progress`` if given, else on only when stdout and stderr are terminals."""
+    if progress is not None:
+        return progress
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def _bar(iterable: Any, enabled: bool, **kwargs: Any) -> Any:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, file=sys.stderr, leave=False, dynamic_ncols=True, **kwargs)
+
+
+def run_epoch(
+    model: Any,
+    opt: optim.Optimizer,
+    loader: DataLoader,
+    backend: str,
+    *,
+    epoch: int | None = None,
+    seed: int = 0,
+    max_steps: int | None = None,
+    progress: bool = False,
+    desc: str = "",
+) -> EpochStats:
+    """Train ``model`` in train mode for one pass over ``loader`` with
+    :func:`train_step`, every op under ``fastnn.backend(backend)``.
+
+    ``epoch``: reseed the loader's shuffle/augmentation and the model's dropout
+    for this epoch (from ``seed``), so a resumed run repeats the uninterrupted
+    one; None continues the loader's own epoch counter. ``max_steps``: stop after
+    that many batches (benchmarks). ``progress``: a tqdm bar titled ``desc``.
+    """
+    if max_steps is not None and (
+        isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1
+    ):
+        raise ValueError(f"max_steps must be a positive int or None, got {max_steps!r}")
+    if epoch is not None:
+        loader.set_epoch(epoch)
+        reseed_dropout(model, seed, epoch)
+    model.train()
+    total = len(loader) if max_steps is None else min(len(loader), max_steps)
+    bar = _bar(loader, progress, total=total, desc=desc, unit="batch")
+    loss_sum: Any = 0.0
+    seen = steps = 0
+    t0 = time.perf_counter()
+    try:
+        with fastnn.backend(backend):
+            for x, y in bar:
+                loss = train_step(model, opt, x, y)
+                # Summed on the device: reading the loss every step would sync a GPU.
+                loss_sum = loss_sum + loss.data.astype(np.float64) * len(y)
+                seen += len(y)
+                steps += 1
+                if progress and steps % 25 == 0:
+                    bar.set_postfix(loss=f"{float(loss.data):.4f}")
+                if steps == max_steps:
+                    break
+        mean_loss = float(loss_sum) / max(seen, 1)  # syncs a GPU before the clock stops
+        seconds = time.perf_counter() - t0
+    finally:
+        if progress:
+            bar.close()
+    return EpochStats(mean_loss, seen, steps, seconds)
+
+
+def predict(model: Any, loader: DataLoader, backend: str) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``model`` in eval mode over ``loader``; return ``(y_true, y_pred)`` (host int64)."""
+    model.eval()
+    trues, preds = [], []
+    with fastnn.backend(backend), no_grad():
+        for x, y in loader:
+            logits = model(Tensor(x))
+            preds.append(logits.data.argmax(axis=1))
+            trues.append(y)
+    if not trues:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    xp = sys.modules["cupy"] if loader.device == "cuda" else np
+    return to_host(xp.concatenate(trues)), to_host(xp.concatenate(preds)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What :func:`evaluate` returns: accuracy, host labels and predictions, wall time."""
+
+    accuracy: float
+    y_true: np.ndarray
+    y_pred: np.ndarray
+    seconds: float
+
+
+def evaluate(model: Any, loader: DataLoader, backend: str) -> EvalResult:
+    """:func:`predict` over ``loader``, timed, with its accuracy."""
+    t0 = time.perf_counter()
+    y_true, y_pred = predict(model, loader, backend)
+    seconds = time.perf_counter() - t0
+    return EvalResult(accuracy(y_true, y_pred), y_true, y_pred, seconds)
+
