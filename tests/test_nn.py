@@ -428,3 +428,26 @@ def test_gpu_init_matches_host_draws():
     b = np.empty((8, 4), np.float32)
     init.kaiming_uniform_(b, rng=np.random.default_rng(0))
     np.testing.assert_array_equal(a.get(), b)
+
+
+def test_maxpool2d_module_return_indices_matches_functional() -> None:
+    x = np.random.default_rng(3).standard_normal((2, 3, 7, 7)).astype(np.float32)
+    out, idx = nn.MaxPool2d(3, stride=2, padding=1, return_indices=True)(Tensor(x))
+    ref, ref_idx = F.max_pool2d(x, 3, stride=2, padding=1, return_indices=True)
+    np.testing.assert_array_equal(out.data, ref)
+    np.testing.assert_array_equal(idx, ref_idx)
+    assert idx.dtype == np.int64
+    # Each index points at the plane cell holding the window's maximum.
+    planes = x.reshape(2, 3, -1)
+    np.testing.assert_array_equal(
+        np.take_along_axis(planes, idx.reshape(2, 3, -1), axis=2).reshape(out.shape), ref
+    )
+
+
+def test_conv2d_module_accepts_torch_argument_forms() -> None:
+    conv = nn.Conv2d(1, 2, kernel_size=(3,), stride=[1], padding=(1,))
+    assert conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+    with pytest.raises(ValueError, match="kernel_size"):
+        nn.Conv2d(1, 2, kernel_size=(3, 3, 3))
+    with pytest.raises(TypeError, match="stride"):
+        nn.Conv2d(1, 2, 3, stride=1.5)

@@ -1,10 +1,12 @@
-"""Activations, losses, dropout and BatchNorm written once with array methods
-that NumPy and CuPy share.
+"""Elementwise ops, losses, dropout, BatchNorm and the optimizer steps, written
+once with array methods that NumPy and CuPy share.
 
-``numpy_ref`` exports these as the reference, and ``cuda`` runs them on CuPy
-arrays (or on NumPy arrays under Numba's simulator): they are memory-bound,
-off the conv/GEMM hot path, and one readable version serves both. The ``cpu``
-backend has native BatchNorm kernels and uses the rest as they are.
+``numpy_ref`` exports all of these as the reference. ``cuda`` runs the
+activations, losses, dropout and BatchNorm on CuPy arrays (or on NumPy arrays
+under Numba's simulator): they are memory-bound, off the conv/GEMM hot path,
+and one readable version serves both; it has its own kernels for relu, the
+softmax cross-entropy and the optimizer steps. The ``cpu`` backend has native
+kernels for those and for BatchNorm, and uses the rest as they are.
 
 Arguments arrive validated (see the contract in :mod:`fastnn.backends`):
 C-contiguous arrays of one float dtype, ``dim`` a non-negative int, BatchNorm
@@ -14,6 +16,7 @@ arrays of the input's dtype.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -23,6 +26,7 @@ from fastnn._array import array_module
 Array = Any  # numpy.ndarray or cupy.ndarray
 
 __all__ = [
+    "adam_step",
     "batch_norm2d",
     "batch_norm2d_backward",
     "dropout_masked",
@@ -30,8 +34,12 @@ __all__ = [
     "log_softmax_backward",
     "mse_loss",
     "mse_loss_backward",
+    "relu",
+    "relu_backward",
+    "sgd_step",
     "sigmoid",
     "sigmoid_backward",
+    "softmax_cross_entropy",
     "tanh",
     "tanh_backward",
 ]
@@ -182,3 +190,94 @@ def batch_norm2d_backward(
     gw = fresh(sum_gx.astype(dt), dt) if need_w else None
     gb = fresh(sum_g.astype(dt), dt) if need_b else None
     return gx, gw, gb
+
+
+# --------------------------------------------------------------------------- #
+# Activations and loss
+# --------------------------------------------------------------------------- #
+
+
+def relu(x: Array) -> Array:
+    """max(x, 0) elementwise; NaN stays NaN (as torch.relu)."""
+    return fresh(array_module(x).maximum(x, x.dtype.type(0)), x.dtype)
+
+
+def relu_backward(grad_out: Array, y: Array) -> Array:
+    """grad_out where the relu output y > 0, else 0 (same shape as y)."""
+    return fresh(array_module(y).where(y > 0, grad_out, grad_out.dtype.type(0)), grad_out.dtype)
+
+
+def softmax_cross_entropy(
+    logits: Array, labels: Array
+) -> tuple[Array, Array]:
+    """Mean softmax cross-entropy and its gradient.
+
+    logits (N, K) float, labels (N,) int64 in [0, K) -> (loss, grad_logits):
+    loss is a 0-d array (the batch mean, NaN when N = 0, as torch's mean over
+    an empty batch), grad_logits (N, K) = (softmax(logits) - onehot) / N.
+    """
+    xp = array_module(logits)
+    dtype = logits.dtype
+    n = logits.shape[0]
+    if n == 0:
+        return xp.array(np.nan, dtype=dtype), xp.zeros(logits.shape, dtype=dtype)
+    # log-sum-exp with the row max subtracted, so large logits cannot overflow.
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+    rows = xp.arange(n)
+    # Accumulate in float64: a float32 sum of near-max losses would overflow.
+    loss = -log_probs[rows, labels].mean(dtype=np.float64)
+    grad = xp.exp(log_probs)
+    grad[rows, labels] -= 1
+    grad /= dtype.type(n)
+    return xp.array(loss, dtype=dtype), fresh(grad, dtype)
+
+
+# --------------------------------------------------------------------------- #
+# Optimizer steps (in place)
+# --------------------------------------------------------------------------- #
+
+
+def sgd_step(
+    param: Array, grad: Array, momentum_buf: Array | None,
+    lr: float, momentum: float, weight_decay: float, nesterov: bool,
+) -> None:
+    """One torch.optim.SGD step (dampening 0), in place on param and momentum_buf.
+
+    g = grad + wd*param; buf = momentum*buf + g; g = g + momentum*buf if
+    nesterov else buf; param -= lr*g. momentum_buf may be None when momentum == 0.
+    """
+    # Python floats are "weak" scalars, so float32 arrays stay float32 below.
+    g = grad + weight_decay * param if weight_decay != 0 else grad
+    if momentum != 0:
+        if momentum_buf is None:
+            raise ValueError("momentum_buf must be an array when momentum != 0")
+        momentum_buf *= momentum
+        momentum_buf += g
+        g = g + momentum * momentum_buf if nesterov else momentum_buf
+    param -= lr * g
+
+
+def adam_step(
+    param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array,
+    step: int, lr: float, beta1: float, beta2: float, eps: float,
+    weight_decay: float, decoupled: bool,
+) -> None:
+    """One torch.optim.Adam (decoupled=False) / AdamW (decoupled=True) step, in place.
+
+    ``step`` is the 1-based count of this step (for the bias corrections).
+    Adam adds wd*param to the gradient; AdamW first scales param by 1 - lr*wd.
+    """
+    if weight_decay != 0:
+        if decoupled:
+            param *= 1 - lr * weight_decay
+        else:
+            grad = grad + weight_decay * param
+    exp_avg *= beta1
+    exp_avg += (1 - beta1) * grad
+    exp_avg_sq *= beta2
+    exp_avg_sq += (1 - beta2) * grad * grad
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    denom = array_module(exp_avg_sq).sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
+    param -= (lr / bias_correction1) * exp_avg / denom

@@ -14,16 +14,16 @@ work in place and return None.
 
 from __future__ import annotations
 
-import math
 import sys
 
 import numpy as np
 
 from fastnn.backends import _composed
 
-# Activations, losses, dropout and BatchNorm other than relu are written once for
-# NumPy and CuPy (the cuda backend runs the same code): see _array_ops.
+# Elementwise ops, losses, dropout, BatchNorm and the optimizer steps are written
+# once for NumPy and CuPy (cuda runs some of them too): see _array_ops.
 from fastnn.backends._array_ops import (
+    adam_step,
     batch_norm2d,
     batch_norm2d_backward,
     dropout_masked,
@@ -31,8 +31,12 @@ from fastnn.backends._array_ops import (
     log_softmax_backward,
     mse_loss,
     mse_loss_backward,
+    relu,
+    relu_backward,
+    sgd_step,
     sigmoid,
     sigmoid_backward,
+    softmax_cross_entropy,
     tanh,
     tanh_backward,
 )
@@ -463,96 +467,6 @@ def avg_pool2d_backward(
     padded_hw = (h + sum(pad_h), w + sum(pad_w))
     gxp = _scatter_windows(gcols, padded_hw, kernel_size, stride, (1, 1))
     return _out(gxp[:, :, pad_h[0]:pad_h[0] + h, pad_w[0]:pad_w[0] + w], grad_out.dtype)
-
-
-# --------------------------------------------------------------------------- #
-# Activations and loss
-# --------------------------------------------------------------------------- #
-
-
-def relu(x: np.ndarray) -> np.ndarray:
-    """max(x, 0) elementwise; NaN stays NaN (as torch.relu)."""
-    return _out(np.maximum(x, x.dtype.type(0)), x.dtype)
-
-
-def relu_backward(grad_out: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """grad_out where the relu output y > 0, else 0 (same shape as y)."""
-    return _out(np.where(y > 0, grad_out, grad_out.dtype.type(0)), grad_out.dtype)
-
-
-def softmax_cross_entropy(
-    logits: np.ndarray, labels: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mean softmax cross-entropy and its gradient.
-
-    logits (N, K) float, labels (N,) int64 in [0, K) -> (loss, grad_logits):
-    loss is a 0-d array (the batch mean, NaN when N = 0, as torch's mean over
-    an empty batch), grad_logits (N, K) = (softmax(logits) - onehot) / N.
-    """
-    dtype = logits.dtype
-    n = logits.shape[0]
-    if n == 0:
-        return np.array(np.nan, dtype=dtype), np.zeros(logits.shape, dtype=dtype)
-    # log-sum-exp with the row max subtracted, so large logits cannot overflow.
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    rows = np.arange(n)
-    # Accumulate in float64: a float32 sum of near-max losses would overflow.
-    loss = -log_probs[rows, labels].mean(dtype=np.float64)
-    grad = np.exp(log_probs)
-    grad[rows, labels] -= 1
-    grad /= dtype.type(n)
-    return np.array(loss, dtype=dtype), _out(grad, dtype)
-
-
-# --------------------------------------------------------------------------- #
-# Optimizer steps (in place)
-# --------------------------------------------------------------------------- #
-
-
-def sgd_step(
-    param: np.ndarray, grad: np.ndarray, momentum_buf: np.ndarray | None,
-    lr: float, momentum: float, weight_decay: float, nesterov: bool,
-) -> None:
-    """One torch.optim.SGD step (dampening 0), in place on param and momentum_buf.
-
-    g = grad + wd*param; buf = momentum*buf + g; g = g + momentum*buf if
-    nesterov else buf; param -= lr*g. momentum_buf may be None when momentum == 0.
-    """
-    # Python floats are "weak" scalars, so float32 arrays stay float32 below.
-    g = grad + weight_decay * param if weight_decay != 0 else grad
-    if momentum != 0:
-        if momentum_buf is None:
-            raise ValueError("momentum_buf must be an array when momentum != 0")
-        momentum_buf *= momentum
-        momentum_buf += g
-        g = g + momentum * momentum_buf if nesterov else momentum_buf
-    param -= lr * g
-
-
-def adam_step(
-    param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
-    step: int, lr: float, beta1: float, beta2: float, eps: float,
-    weight_decay: float, decoupled: bool,
-) -> None:
-    """One torch.optim.Adam (decoupled=False) / AdamW (decoupled=True) step, in place.
-
-    ``step`` is the 1-based count of this step (for the bias corrections).
-    Adam adds wd*param to the gradient; AdamW first scales param by 1 - lr*wd.
-    """
-    if weight_decay != 0:
-        if decoupled:
-            param *= 1 - lr * weight_decay
-        else:
-            grad = grad + weight_decay * param
-    exp_avg *= beta1
-    exp_avg += (1 - beta1) * grad
-    exp_avg_sq *= beta2
-    exp_avg_sq += (1 - beta2) * grad * grad
-    bias_correction1 = 1 - beta1**step
-    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
-    denom = np.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
-    param -= (lr / bias_correction1) * exp_avg / denom
 
 
 # --------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from fastnn._array import is_cupy, to_host
 from fastnn.geometry import conv_out_size as _out
 
 #: op families accepted by ``--ops`` (an op also matches its own full name).
@@ -464,8 +465,8 @@ def output_arrays(out: Any) -> list[np.ndarray]:
     for a in items:
         if a is None:
             continue
-        if hasattr(a, "get") and type(a).__module__.startswith("cupy"):
-            a = a.get()
+        if is_cupy(a):
+            a = to_host(a)
         elif type(a).__module__.startswith("torch"):
             a = a.detach().cpu().numpy()
         arrays.append(np.asarray(a))

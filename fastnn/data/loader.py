@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fastnn._array import is_cupy
+from fastnn._array import array_module, is_cupy
 
 __all__ = ["MNIST_MEAN", "MNIST_STD", "DataLoader", "normalize"]
 
@@ -30,10 +30,8 @@ def _lut(mean: float, std: float) -> np.ndarray:
 def normalize(images: Any, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> Any:
     """uint8 images (any shape) -> float32 ``((x / 255) - mean) / std`` (NumPy or CuPy)."""
     lut = _lut(mean, std)
-    if type(images).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        lut = cupy.asarray(lut)
+    if is_cupy(images):
+        lut = array_module(images).asarray(lut)
     return lut[images]
 
 

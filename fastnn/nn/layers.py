@@ -20,6 +20,7 @@ import numpy as np
 from fastnn import autograd as ag
 from fastnn import functional as F
 from fastnn.autograd import Tensor
+from fastnn.geometry import as_pair
 from fastnn.nn import init
 from fastnn.nn.module import Module, Parameter
 
@@ -46,10 +47,6 @@ def _positive_int(v: Any, owner: str, name: str) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
         raise ValueError(f"{owner}: {name} must be a positive int, got {v!r}")
     return int(v)
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    return (v, v) if isinstance(v, (int, np.integer)) else tuple(v)
 
 
 def _float_dtype(dtype: Any, owner: str) -> np.dtype:
@@ -120,13 +117,11 @@ class Conv2d(Module):
                 f"Conv2d: in_channels ({in_channels}) and out_channels ({out_channels}) "
                 f"must be divisible by groups ({groups})"
             )
-        self.kernel_size = _pair(kernel_size)
-        if len(self.kernel_size) != 2 or min(self.kernel_size) < 1:
-            raise ValueError(f"Conv2d: kernel_size must be a positive int or pair, "
-                             f"got {kernel_size!r}")
-        self.stride = _pair(stride)
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
-        self.dilation = _pair(dilation)
+        self.kernel_size = as_pair(kernel_size, "Conv2d", "kernel_size", 1)
+        self.stride = as_pair(stride, "Conv2d", "stride", 1)
+        self.padding = padding if isinstance(padding, str) else as_pair(
+            padding, "Conv2d", "padding", 0)
+        self.dilation = as_pair(dilation, "Conv2d", "dilation", 1)
         dt = _float_dtype(dtype, "Conv2d")
         kh, kw = self.kernel_size
         self.weight = Parameter(np.empty((out_channels, in_channels // groups, kh, kw), dtype=dt))
@@ -156,22 +151,27 @@ class Conv2d(Module):
 
 
 class MaxPool2d(Module):
-    """Max pooling (stride defaults to kernel_size)."""
+    """Max pooling (stride defaults to kernel_size). With ``return_indices`` the
+    call returns ``(out, indices)`` as :func:`fastnn.functional.max_pool2d` does
+    (keyword it: torch puts it before ``ceil_mode``, fastnn after)."""
 
     def __init__(self, kernel_size: Any, stride: Any = None, padding: Any = 0,
-                 dilation: Any = 1, ceil_mode: bool = False) -> None:
+                 dilation: Any = 1, ceil_mode: bool = False,
+                 return_indices: bool = False) -> None:
         super().__init__()
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.dilation, self.ceil_mode = dilation, ceil_mode
+        self.return_indices = return_indices
 
-    def forward(self, x: Any) -> Tensor:
+    def forward(self, x: Any) -> Any:
         return ag.MaxPool2d.apply(x, kernel_size=self.kernel_size, stride=self.stride,
                                   padding=self.padding, dilation=self.dilation,
-                                  ceil_mode=self.ceil_mode)
+                                  ceil_mode=self.ceil_mode, return_indices=self.return_indices)
 
     def extra_repr(self) -> str:
         return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
-                f"dilation={self.dilation}, ceil_mode={self.ceil_mode}")
+                f"dilation={self.dilation}, ceil_mode={self.ceil_mode}"
+                + (", return_indices=True" if self.return_indices else ""))
 
 
 class AvgPool2d(Module):

@@ -31,6 +31,8 @@ import threading
 import warnings
 from typing import Any
 
+from fastnn._array import is_cupy
+
 _lock = threading.Lock()
 _runtime: Runtime | None = None
 _reason: str | None = None
@@ -77,7 +79,7 @@ class Runtime:
                 raise TypeError(
                     f"{name}: the CUDA simulator takes NumPy arrays, got {type(a).__name__}"
                 )
-        elif not type(a).__module__.startswith("cupy"):
+        elif not is_cupy(a):
             raise TypeError(
                 f"{name}: the cuda backend takes CuPy arrays, got {type(a).__name__}; "
                 "move it to the GPU with cupy.asarray(...)"
