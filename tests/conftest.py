@@ -80,17 +80,18 @@ def rng() -> np.random.Generator:
 
 # --- MNIST location (data/CLI tests) -------------------------------------------------
 def find_mnist_dir() -> Path | None:
-    """FASTNN_DATA_DIR, else ../shared/data/mnist beside the repo; None if absent."""
-    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    """FASTNN_DATA_DIR, else ../shared/data/mnist beside the repo; None if absent.
+
+    Unlike the product's search, never the user cache: tests must not depend on
+    (or download into) a developer's own files.
+    """
+    from fastnn.data.mnist import has_mnist_files
+
     candidates = []
     if os.environ.get("FASTNN_DATA_DIR"):
         candidates.append(Path(os.environ["FASTNN_DATA_DIR"]))
     candidates.append(REPO.parent / "shared" / "data" / "mnist")
-    for d in candidates:
-        if all((d / n).exists() or (d / f"{n}.gz").exists() for n in names):
-            return d
-    return None
+    return next((d for d in candidates if has_mnist_files(d)), None)
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,7 @@ __all__ = [
     "default_cache_dir",
     "find_file",
     "find_mnist_dir",
+    "has_mnist_files",
     "load_mnist",
     "parse_idx",
     "read_idx",
@@ -185,7 +186,8 @@ def find_file(directory: Path, name: str) -> Path | None:
     return None
 
 
-def _has_all(directory: Path) -> bool:
+def has_mnist_files(directory: Path) -> bool:
+    """Whether ``directory`` holds all four MNIST files (gzipped or not)."""
     return all(find_file(directory, name) is not None for name in FILES.values())
 
 
@@ -196,7 +198,7 @@ def find_mnist_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     through to ``$FASTNN_DATA_DIR`` and the cache rather than mixing sources.
     """
     for directory in candidate_dirs(data_dir):
-        if _has_all(directory):
+        if has_mnist_files(directory):
             return directory
     return None
 
