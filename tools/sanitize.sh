@@ -37,7 +37,9 @@ ubsan=$(runtime libubsan.so)
 for lib in "$asan" "$ubsan"; do
   [[ -f $lib ]] || { echo "sanitize.sh: sanitizer runtime $lib not found (gcc needed)" >&2; exit 2; }
 done
-ldd "$so" | grep -q libasan || { echo "sanitize.sh: $so is not linked with ASan" >&2; exit 2; }
+# Not grep -q: under pipefail its early exit can SIGPIPE ldd and fail the check.
+ldd "$so" | grep libasan >/dev/null || {
+  echo "sanitize.sh: $so is not linked with ASan" >&2; exit 2; }
 
 # --- private package copy --------------------------------------------------------
 work=$(mktemp -d "${TMPDIR:-/tmp}/fastnn-asan.XXXXXX")
