@@ -125,7 +125,9 @@ def max_window_cells(h_, w_, oh, ow, k, s, p, d):
 
 
 def loop_max_pool2d(x, k, s, p, d, out_hw):
-    """(y, argmax) with the contract's rule: first maximum wins, the first NaN beats all."""
+    """(y, argmax) with the contract's (torch's) rule: scanning in row-major window
+    order, a cell wins when it is greater than the running max or is NaN, so the
+    first maximum wins and the last NaN beats all."""
     n_, c_, h_, w_ = x.shape
     y = np.full((n_, c_) + tuple(out_hw), -np.inf)
     arg = {}
@@ -136,7 +138,7 @@ def loop_max_pool2d(x, k, s, p, d, out_hw):
                     best, where = -math.inf, None
                     for hh, ww in max_window_cells(h_, w_, oh, ow, k, s, p, d):
                         v = float(x[n, c, hh, ww])
-                        if where is None or (not math.isnan(best) and (v > best or math.isnan(v))):
+                        if where is None or v > best or math.isnan(v):
                             best, where = v, (hh, ww)
                     y[n, c, oh, ow] = best
                     arg[n, c, oh, ow] = where
@@ -720,3 +722,22 @@ def test_adam_step_matches_loops(dtype, wd, decoupled):
     for got, ex in ((param, ex_p), (m, ex_m), (v, ex_v)):
         assert got.dtype == dtype
         np.testing.assert_allclose(got.ravel(), ex, **tol(dtype))
+
+
+@pytest.mark.parametrize("row, winners", [
+    ([np.nan, 1.0, np.nan], [0, 2]),   # each window's only NaN
+    ([np.nan, np.nan, 1.0], [1, 1]),   # the last NaN of the first window
+    ([1.0, np.nan, np.nan], [1, 2]),
+    ([2.0, 2.0, 1.0], [0, 1]),         # ties: the first maximum
+])
+def test_max_pool2d_nan_and_tie_winners(row, winners):
+    """Worked cases of the winner rule (each checked against torch 2.13 by hand)."""
+    x = np.array(row, np.float32).reshape(1, 1, 1, 3)
+    geo = ((1, 2), (1, 1), (0, 0), (1, 1))
+    _, idx = R.max_pool2d_with_indices(x, *geo, (1, 2))
+    assert idx.ravel().tolist() == winners
+    _, arg = loop_max_pool2d(x, *geo, (1, 2))
+    assert [arg[0, 0, 0, j][1] for j in range(2)] == winners
+    gy = np.ones((1, 1, 1, 2), np.float32)
+    expected = np.bincount(winners, minlength=3).astype(np.float32)
+    np.testing.assert_array_equal(R.max_pool2d_backward(gy, x, *geo).ravel(), expected)
