@@ -5,6 +5,10 @@ and ``bench`` (delegates to :mod:`fastnn.bench.cli`). Expected failures (missing
 or corrupt data or checkpoint, unusable device, bad option values) print one
 ``fastnn: error: ...`` line to stderr and exit 1; set ``FASTNN_DEBUG=1`` for the
 traceback. Ctrl-C exits 130; the last checkpoint written stays intact.
+
+``mpiexec -n N fastnn train ...`` trains data-parallel on N ranks (see
+:mod:`fastnn.distributed`); an error on any rank prints its line and aborts the
+whole job, so no rank is left waiting for the others.
 """
 
 from __future__ import annotations
@@ -193,12 +197,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from fastnn.checkpoint import CheckpointError
     from fastnn.data import MNISTError
+    from fastnn.distributed import DistributedError
     from fastnn.training import DeviceError
 
     # ValueError/TypeError cover bad option values (the validators name the option);
     # OSError covers unwritable checkpoint/metrics paths.
     return (
         CheckpointError,
+        DistributedError,
         MNISTError,
         DeviceError,
         ValueError,
@@ -225,7 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     handlers: dict[str, Any] = {"train": _train, "evaluate": _evaluate}
+    world = None
     try:
+        if args.command == "train":
+            world = _join_world(args)
         if getattr(args, "threads", None):
             import fastnn
 
@@ -238,5 +247,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("FASTNN_DEBUG") == "1":
             raise
         msg = str(exc) or type(exc).__name__
-        print(f"fastnn: error: {msg}", file=sys.stderr)
+        where = f"[rank {world.rank}/{world.size}] " if world is not None and world.size > 1 else ""
+        print(f"fastnn: error: {where}{msg}", file=sys.stderr)
+        if world is not None and world.size > 1:
+            # The other ranks may be waiting in a collective: end them too.
+            world.abort(1)
         return 1
+
+
+def _join_world(args: argparse.Namespace) -> Any:
+    """The MPI world of ``fastnn train`` (one process unless started by mpiexec).
+    Without --threads or OMP_NUM_THREADS, the ranks on a machine share its cores."""
+    from fastnn import distributed
+
+    world = distributed.init()
+    if world.size > 1 and not args.threads and "OMP_NUM_THREADS" not in os.environ:
+        args.threads = max(1, (os.cpu_count() or 1) // world.local_size)
+    return world
