@@ -46,6 +46,7 @@ examples:
   fastnn train --model strong --epochs 15 --augment --schedule cosine   # aims at >= 99.4%
   fastnn train --device numpy --limit-train 2000 --limit-test 500 --epochs 1   # smoke test
   fastnn train --checkpoint run.npz --epochs 10 --resume   # continue (or extend) a run
+  mpiexec -n 2 fastnn train --threads 1      # data-parallel on 2 MPI ranks (same trajectory)
 """
 
 
@@ -130,7 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--metrics-json", metavar="PATH", help="write per-epoch metrics as JSON")
     t.add_argument("--limit-train", type=_positive_int, metavar="N", help="use the first N images")
     t.add_argument("--limit-test", type=_positive_int, metavar="N", help="test on the first N")
-    t.add_argument("--threads", type=_positive_int, help="threads for the C++ kernels")
+    t.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="threads for the C++ kernels (under MPI: the machine's cores / its ranks)",
+    )
+    t.add_argument(
+        "--nprocs",
+        type=_positive_int,
+        metavar="N",
+        help="data-parallel on N MPI ranks on this machine: runs `mpiexec -n N` on this "
+        "command (needs fastnn[distributed]); same as starting it with mpiexec yourself",
+    )
     bar = t.add_mutually_exclusive_group()
     bar.add_argument(
         "--progress",
@@ -233,6 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers: dict[str, Any] = {"train": _train, "evaluate": _evaluate}
     world = None
     try:
+        if args.command == "train" and (args.nprocs or 1) > 1:
+            from fastnn.distributed import launched_size
+
+            if launched_size() is None:  # else we are one of the ranks it started
+                return _launch(args.nprocs, args_list)
         if args.command == "train":
             world = _join_world(args)
         if getattr(args, "threads", None):
@@ -253,6 +270,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The other ranks may be waiting in a collective: end them too.
             world.abort(1)
         return 1
+
+
+def _launch(n: int, argv: list[str]) -> int:
+    """Run this command on ``n`` MPI ranks with mpiexec; its exit status."""
+    import shutil
+    import subprocess
+
+    from fastnn.distributed import INSTALL_HINT, DistributedError
+
+    mpiexec = os.environ.get("FASTNN_MPIEXEC") or shutil.which("mpiexec")
+    if mpiexec is None or shutil.which(mpiexec) is None:
+        raise DistributedError(f"--nprocs needs mpiexec, which is not on PATH: {INSTALL_HINT}")
+    cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "fastnn", *argv]
+    rc = subprocess.run(cmd, check=False).returncode
+    if rc not in (0, 1, 130):  # 1 and 130: a rank already said why
+        # A rank killed by a signal: mpiexec ended the others and said which on stdout.
+        print(
+            f"fastnn: error: the {n}-rank MPI job stopped with status {rc}: a rank died or "
+            "was killed (see mpiexec's message); the last checkpoint written is intact",
+            file=sys.stderr,
+        )
+    return rc
 
 
 def _join_world(args: argparse.Namespace) -> Any:

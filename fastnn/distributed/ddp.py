@@ -247,12 +247,22 @@ class DistributedDataParallel:
         else:
             b.xp.multiply(p.grad.reshape(-1), self._weight, out=view)
         b.ready += 1
-        if b.ready == len(b.params):
-            b.request = self._reducer.start(b.buffer)
-            if all(x.request is not None for x in self._buckets):
-                self._finish()
-            else:
-                self._reducer.poke([x.request for x in self._buckets if x.request is not None])
+        if b.ready < len(b.params):
+            return
+        # MPI matches collectives by call order, so every rank must start the
+        # buckets in the same order (hooks may complete them out of order: a
+        # Linear's weight before its bias, or all at once on a rank without data).
+        started = []
+        for x in self._buckets:
+            if x.request is None:
+                if x.buffer is None or x.ready < len(x.params):
+                    break
+                x.request = self._reducer.start(x.buffer)
+            started.append(x.request)
+        if len(started) == len(self._buckets):
+            self._finish()
+        else:
+            self._reducer.poke(started)
 
     def _finish(self) -> None:
         t0 = time.perf_counter()
