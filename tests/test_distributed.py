@@ -22,7 +22,7 @@ from fastnn.models import build_model
 def test_share_bounds_cover_in_order_and_balance(n, size):
     shares = [share_bounds(n, r, size) for r in range(size)]
     assert shares[0][0] == 0 and shares[-1][1] == n
-    for (lo, hi), (lo2, _) in zip(shares, shares[1:]):
+    for (_, hi), (lo2, _) in zip(shares, shares[1:]):
         assert hi == lo2
     lengths = [hi - lo for lo, hi in shares]
     assert max(lengths) - min(lengths) <= 1

@@ -85,7 +85,7 @@ def broadcast_parameters(module: Any, world: World | None = None, root: int = 0)
 
 
 class _Bucket:
-    __slots__ = ("params", "offsets", "numel", "buffer", "ready", "request", "xp", "dtype")
+    __slots__ = ("params", "offsets", "numel", "buffer", "filled", "request", "xp", "dtype")
 
     def __init__(self, params: list[Any]) -> None:
         self.params = params
@@ -97,9 +97,15 @@ class _Bucket:
         self.numel = n
         self.xp = array_module(params[0].data)
         self.dtype = params[0].data.dtype
-        self.buffer: Any = None
-        self.ready = 0
+        # One buffer for the wrapper's life (a fresh one per step costs page faults);
+        # parameters' reduced .grad are views of it, valid until the next backward.
+        self.buffer = self.xp.empty(n, dtype=self.dtype)
+        self.filled: set[int] = set()
         self.request: Any = None
+
+    @property
+    def ready(self) -> bool:
+        return len(self.filled) == len(self.params)
 
     def view(self, p: Any) -> Any:
         off = self.offsets[id(p)]
@@ -209,7 +215,7 @@ class DistributedDataParallel:
         return iter(self.module)
 
     def _arm(self, local: int | None, global_batch: int | None) -> None:
-        if self._armed and any(b.ready for b in self._buckets):
+        if self._armed and any(b.filled for b in self._buckets):
             raise DistributedError(
                 "DistributedDataParallel: the previous step's gradients were not all "
                 "reduced (call reduce_without_batch() or synchronize() after a partial backward)"
@@ -227,8 +233,7 @@ class DistributedDataParallel:
                 )
             self._weight = local / global_batch
         for b in self._buckets:
-            b.buffer = None
-            b.ready = 0
+            b.filled.clear()
             b.request = None
         self._armed = True
 
@@ -238,16 +243,13 @@ class DistributedDataParallel:
         if not self._armed:
             return  # a backward that did not go through this wrapper's forward
         b = self._bucket_of[id(p)]
-        if b.buffer is None:
-            # Zeros, so a parameter whose hook never runs (not in the graph) adds 0.
-            b.buffer = b.xp.zeros(b.numel, dtype=b.dtype)
         view = b.view(p)
         if p.grad is None:
             view[...] = 0
         else:
             b.xp.multiply(p.grad.reshape(-1), self._weight, out=view)
-        b.ready += 1
-        if b.ready < len(b.params):
+        b.filled.add(id(p))
+        if not b.ready:
             return
         # MPI matches collectives by call order, so every rank must start the
         # buckets in the same order (hooks may complete them out of order: a
@@ -255,7 +257,7 @@ class DistributedDataParallel:
         started = []
         for x in self._buckets:
             if x.request is None:
-                if x.buffer is None or x.ready < len(x.params):
+                if not x.ready:
                     break
                 x.request = self._reducer.start(x.buffer)
             started.append(x.request)
@@ -274,7 +276,7 @@ class DistributedDataParallel:
                 p.grad = b.view(p).reshape(p.data.shape)
                 p._owned_grad = None
             b.request = None
-            b.ready = 0
+            b.filled.clear()
         self._armed = False
 
     def synchronize(self) -> None:
@@ -284,8 +286,9 @@ class DistributedDataParallel:
             return
         for b in self._buckets:
             if b.request is None:
-                if b.buffer is None:
-                    b.buffer = b.xp.zeros(b.numel, dtype=b.dtype)
+                for p in b.params:
+                    if id(p) not in b.filled:
+                        b.view(p)[...] = 0  # not in this step's graph: contributes 0
                 b.request = self._reducer.start(b.buffer)
         self._finish()
 
