@@ -39,6 +39,9 @@ def _timeout_from_env() -> float | None:
     return None if t <= 0 else t
 
 
+_yield = getattr(os, "sched_yield", lambda: time.sleep(0))
+
+
 class _MPIReducer:
     """Sum-Allreduce of host (NumPy) buffers through MPI."""
 
@@ -60,6 +63,9 @@ class _MPIReducer:
             return
         deadline = time.perf_counter() + timeout
         while not self.MPI.Request.Testall(reqs):
+            # Give the core away between polls: where ranks share cores with each
+            # other (or other jobs), spinning would delay the rank we wait for.
+            _yield()
             if time.perf_counter() > deadline:
                 raise DistributedError(
                     f"gradient Allreduce did not complete within {timeout:g} s: another "
