@@ -146,8 +146,11 @@ def assert_same_params(a: Path, b: Path, rtol: float = 1e-4) -> None:
     pa, pb = _params(a), _params(b)
     assert pa.keys() == pb.keys()
     for k in pa:
+        # Relative to the tensor's scale: an entry near zero may differ by more
+        # than 1e-4 of itself after Adam normalises a gradient that is mostly noise.
         rel = np.linalg.norm(pa[k] - pb[k]) / np.linalg.norm(pa[k])
-        assert rel <= rtol, (k, rel)
+        worst = np.abs(pa[k] - pb[k]).max() / np.abs(pa[k]).max()
+        assert rel <= rtol and worst <= rtol, (k, rel, worst)
 
 
 def _accuracy(path: Path) -> float:
