@@ -227,6 +227,9 @@ class Tensor:
     def register_post_accumulate_grad_hook(self, hook: Callable[[Tensor], None]) -> _HookHandle:
         """Call ``hook(self)`` in every backward pass once this leaf's ``.grad`` is final
         (after its last contribution from that pass), as torch's hook of that name.
+        Unlike torch's, it also runs when the leaf is in the graph but no gradient
+        reached it (``.grad`` may then be None), so a caller hears once per pass
+        from every leaf of the graph.
 
         Hooks of a leaf run in registration order; ``handle.remove()`` unregisters.
         Data-parallel training uses it to start reducing gradients while backward
