@@ -265,7 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         msg = str(exc) or type(exc).__name__
         where = f"[rank {world.rank}/{world.size}] " if world is not None and world.size > 1 else ""
-        print(f"fastnn: error: {where}{msg}", file=sys.stderr)
+        # One write: lines from several ranks sharing stderr must not interleave.
+        sys.stderr.write(f"fastnn: error: {where}{msg}\n")
+        sys.stderr.flush()
         if world is not None and world.size > 1:
             # The other ranks may be waiting in a collective: end them too.
             world.abort(1)

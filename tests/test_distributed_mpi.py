@@ -286,3 +286,19 @@ def test_ranks_with_different_settings_stop_at_start(env, tmp_path, mnist_dir, o
     assert f"{key} (rank 0: " in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert "epoch   1/1" not in r.stdout
+
+
+@pytest.mark.mnist
+def test_an_error_on_rank_0_alone_aborts_every_rank(env, tmp_path, mnist_dir):
+    # Only rank 0 writes the checkpoint; the others would wait for it forever in
+    # the next epoch's first reduction unless the error aborts the job.
+    env["FASTNN_DATA_DIR"] = str(mnist_dir)
+    (tmp_path / "dir.npz").mkdir()
+    t0 = time.monotonic()
+    r = mpirun(env, 2, sys.executable, *TRAIN, "--limit-train", "256", "--epochs", "3",
+               "--checkpoint", str(tmp_path / "dir.npz"), timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert time.monotonic() - t0 < 60
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("fastnn: error:")]
+    assert len(errors) == 1 and errors[0].startswith("fastnn: error: [rank 0/2] "), r.stderr
+    assert "epoch   2/3" not in r.stdout
