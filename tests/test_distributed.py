@@ -165,3 +165,23 @@ def test_nprocs_without_mpiexec_says_what_to_install(tmp_path):
                        cwd=PKG_ROOT, env=env, capture_output=True, text=True, timeout=60)
     line = _one_line_error(r)
     assert "mpiexec" in line and 'pip install "fastnn[distributed]"' in line
+
+
+@pytest.mark.parametrize("local_size, omp, given, want", [
+    (2, None, None, "split"), (1, None, None, None), (2, "3", None, None), (2, None, 5, 5),
+])
+def test_ranks_share_the_machines_cores_by_default(monkeypatch, local_size, omp, given, want):
+    import argparse
+
+    from fastnn import cli
+
+    world = dist.World(0, 2 if local_size > 1 else 1, None, 0, local_size)
+    monkeypatch.setattr(dist, "init", lambda: world)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    args = argparse.Namespace(threads=given)
+    assert cli._join_world(args) is world
+    assert args.threads == (8 // local_size if want == "split" else want)
