@@ -5,6 +5,10 @@ and ``bench`` (delegates to :mod:`fastnn.bench.cli`). Expected failures (missing
 or corrupt data or checkpoint, unusable device, bad option values) print one
 ``fastnn: error: ...`` line to stderr and exit 1; set ``FASTNN_DEBUG=1`` for the
 traceback. Ctrl-C exits 130; the last checkpoint written stays intact.
+
+``mpiexec -n N fastnn train ...`` trains data-parallel on N ranks (see
+:mod:`fastnn.distributed`); an error on any rank prints its line and aborts the
+whole job, so no rank is left waiting for the others.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ examples:
   fastnn train --model strong --epochs 15 --augment --schedule cosine   # aims at >= 99.4%
   fastnn train --device numpy --limit-train 2000 --limit-test 500 --epochs 1   # smoke test
   fastnn train --checkpoint run.npz --epochs 10 --resume   # continue (or extend) a run
+  mpiexec -n 2 fastnn train --threads 1      # data-parallel on 2 MPI ranks (same trajectory)
 """
 
 
@@ -126,7 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--metrics-json", metavar="PATH", help="write per-epoch metrics as JSON")
     t.add_argument("--limit-train", type=_positive_int, metavar="N", help="use the first N images")
     t.add_argument("--limit-test", type=_positive_int, metavar="N", help="test on the first N")
-    t.add_argument("--threads", type=_positive_int, help="threads for the C++ kernels")
+    t.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="threads for the C++ kernels (under MPI: the machine's cores / its ranks)",
+    )
+    t.add_argument(
+        "--nprocs",
+        type=_positive_int,
+        metavar="N",
+        help="data-parallel on N MPI ranks on this machine: runs `mpiexec -n N` on this "
+        "command (needs fastnn[distributed]); same as starting it with mpiexec yourself",
+    )
     bar = t.add_mutually_exclusive_group()
     bar.add_argument(
         "--progress",
@@ -193,12 +209,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from fastnn.checkpoint import CheckpointError
     from fastnn.data import MNISTError
+    from fastnn.distributed import DistributedError
     from fastnn.training import DeviceError
 
     # ValueError/TypeError cover bad option values (the validators name the option);
     # OSError covers unwritable checkpoint/metrics paths.
     return (
         CheckpointError,
+        DistributedError,
         MNISTError,
         DeviceError,
         ValueError,
@@ -225,7 +243,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     handlers: dict[str, Any] = {"train": _train, "evaluate": _evaluate}
+    world = None
     try:
+        if args.command == "train" and (args.nprocs or 1) > 1:
+            from fastnn.distributed import launched_size
+
+            if launched_size() is None:  # else we are one of the ranks it started
+                return _launch(args.nprocs, args_list)
+        if args.command == "train":
+            world = _join_world(args)
         if getattr(args, "threads", None):
             import fastnn
 
@@ -238,5 +264,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("FASTNN_DEBUG") == "1":
             raise
         msg = str(exc) or type(exc).__name__
-        print(f"fastnn: error: {msg}", file=sys.stderr)
+        where = f"[rank {world.rank}/{world.size}] " if world is not None and world.size > 1 else ""
+        # One write: lines from several ranks sharing stderr must not interleave.
+        sys.stderr.write(f"fastnn: error: {where}{msg}\n")
+        sys.stderr.flush()
+        if world is not None and world.size > 1:
+            # The other ranks may be waiting in a collective: end them too.
+            world.abort(1)
         return 1
+
+
+def _launch(n: int, argv: list[str]) -> int:
+    """Run this command on ``n`` MPI ranks with mpiexec; its exit status."""
+    import shutil
+    import subprocess
+
+    from fastnn.distributed import INSTALL_HINT, DistributedError
+
+    mpiexec = os.environ.get("FASTNN_MPIEXEC") or shutil.which("mpiexec")
+    if mpiexec is None or shutil.which(mpiexec) is None:
+        raise DistributedError(f"--nprocs needs mpiexec, which is not on PATH: {INSTALL_HINT}")
+    cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "fastnn", *argv]
+    rc = subprocess.run(cmd, check=False).returncode
+    if rc not in (0, 1, 130):  # 1 and 130: a rank already said why
+        # A rank killed by a signal: mpiexec ended the others and said which on stdout.
+        print(
+            f"fastnn: error: the {n}-rank MPI job stopped with status {rc}: a rank died or "
+            "was killed (see mpiexec's message); the last checkpoint written is intact",
+            file=sys.stderr,
+        )
+    return rc
+
+
+def _join_world(args: argparse.Namespace) -> Any:
+    """The MPI world of ``fastnn train`` (one process unless started by mpiexec).
+    Without --threads or OMP_NUM_THREADS, the ranks on a machine share its cores."""
+    from fastnn import distributed
+
+    world = distributed.init()
+    if world.size > 1 and not args.threads and "OMP_NUM_THREADS" not in os.environ:
+        args.threads = max(1, (os.cpu_count() or 1) // world.local_size)
+    return world

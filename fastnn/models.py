@@ -84,16 +84,19 @@ def build_model(name: str, seed: int = 0) -> nn.Module:
     return model
 
 
-def reseed_dropout(model: nn.Module, seed: int, epoch: int) -> None:
+def reseed_dropout(model: nn.Module, seed: int, epoch: int, stream: int = 0) -> None:
     """Reset the dropout generators for ``epoch`` (NumPy masks use ``model.dropout_rng``,
     CuPy masks CuPy's global generator), so epoch ``e`` draws the same masks in
-    every run with the same ``seed``."""
+    every run with the same ``seed``. ``stream`` > 0 (a data-parallel rank) gives
+    an independent generator, so ranks do not draw the same masks."""
     rng = getattr(model, "dropout_rng", None)
+    key = [seed, epoch, 1] if stream == 0 else [seed, epoch, 1, stream]
     if isinstance(rng, np.random.Generator):
-        rng.bit_generator.state = np.random.default_rng([seed, epoch, 1]).bit_generator.state
+        rng.bit_generator.state = np.random.default_rng(key).bit_generator.state
     if any(isinstance(m, nn.Dropout) for m in model.modules()):
         import sys
 
         cupy = sys.modules.get("cupy")  # only matters if CuPy arrays are in use
         if cupy is not None:
-            cupy.random.seed(int(seed) * 1_000_003 + int(epoch))
+            base = int(seed) * 1_000_003 + int(epoch)
+            cupy.random.seed(base if stream == 0 else base * 1_009 + int(stream))

@@ -201,12 +201,42 @@ def _accumulate_leaf(t: Tensor, g: Array, handed_out: set[int]) -> None:
         t.grad = t._owned_grad = _as_array(cur + g)
 
 
+def _run_post_hooks(leaf: Tensor) -> None:
+    for hook in list(leaf._post_hooks.values()):
+        hook(leaf)
+
+
+def _hooked_leaf_uses(order: list[Context]) -> dict[int, int]:
+    """For each leaf with post-accumulate hooks: how many graph edges reach it, so
+    its hooks run after the last one (a leaf used twice gets two contributions)."""
+    uses: dict[int, int] = {}
+    for node in order:
+        for p in node.parents:
+            if p is not None and type(p) is not Context and p._post_hooks:
+                uses[id(p)] = uses.get(id(p), 0) + 1
+    return uses
+
+
+def _count_down(parents: list[Any], uses: dict[int, int]) -> None:
+    """One node's edges are done: run the hooks of leaves that got their last one
+    (also when no gradient flowed along it, so a hook runs once per pass)."""
+    for p in parents:
+        k = id(p)
+        if k in uses:
+            uses[k] -= 1
+            if uses[k] == 0:
+                del uses[k]
+                _run_post_hooks(p)
+
+
 def run_backward(root: Tensor, seed: Array, retain_graph: bool, user_seed: bool) -> None:
     handed_out: set[int] = set()
     if user_seed:
         handed_out.add(id(_base(seed)))
     if root._ctx is None:
         _accumulate_leaf(root, seed, handed_out)
+        if root._post_hooks:
+            _run_post_hooks(root)
         return
     if root._ctx.parents is None:
         raise RuntimeError(
@@ -214,6 +244,7 @@ def run_backward(root: Tensor, seed: Array, retain_graph: bool, user_seed: bool)
             "retain_graph=True to the first call to backward twice"
         )
     order = _toposort(root._ctx)
+    uses = _hooked_leaf_uses(order)
     grads: dict[int, Array] = {id(root._ctx): seed}
     owned: set[int] = set()  # accumulation buffers this engine allocated
     for node in order:
@@ -245,6 +276,8 @@ def run_backward(root: Tensor, seed: Array, retain_graph: bool, user_seed: bool)
                 else:
                     grads[k] = _as_array(cur + gi)
                     owned.add(k)
+        if uses:
+            _count_down(parents, uses)
         if not retain_graph:
             node.parents = None
             node.saved_tensors = ()

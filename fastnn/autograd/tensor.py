@@ -98,7 +98,9 @@ class Tensor:
     ``relu``/``sigmoid``/``tanh``/``exp``/``log``/``abs``/``log_softmax``.
     """
 
-    __slots__ = ("data", "grad", "requires_grad", "_ctx", "_owned_grad", "__weakref__")
+    __slots__ = (
+        "data", "grad", "requires_grad", "_ctx", "_owned_grad", "_post_hooks", "__weakref__"
+    )
 
     # fastnn.functional recognises Tensors by this flag (it never imports us).
     _fastnn_tensor = True
@@ -126,6 +128,7 @@ class Tensor:
         self.requires_grad = bool(requires_grad)
         self._ctx: Any = None
         self._owned_grad: Array | None = None
+        self._post_hooks: dict[int, Callable[[Tensor], None]] | None = None
 
     @classmethod
     def _make(cls, data: Array, ctx: Any) -> Tensor:
@@ -136,6 +139,7 @@ class Tensor:
         t.requires_grad = ctx is not None
         t._ctx = ctx
         t._owned_grad = None
+        t._post_hooks = None
         return t
 
     # ---- properties -------------------------------------------------------
@@ -219,6 +223,29 @@ class Tensor:
         else:
             self.grad = _xp(self.data).zeros_like(self.data)
             self._owned_grad = self.grad
+
+    def register_post_accumulate_grad_hook(self, hook: Callable[[Tensor], None]) -> _HookHandle:
+        """Call ``hook(self)`` in every backward pass once this leaf's ``.grad`` is final
+        (after its last contribution from that pass), as torch's hook of that name.
+        Unlike torch's, it also runs when the leaf is in the graph but no gradient
+        reached it (``.grad`` may then be None), so a caller hears once per pass
+        from every leaf of the graph.
+
+        Hooks of a leaf run in registration order; ``handle.remove()`` unregisters.
+        Data-parallel training uses it to start reducing gradients while backward
+        still runs (:mod:`fastnn.distributed`).
+        """
+        if self._ctx is not None:
+            raise RuntimeError("register_post_accumulate_grad_hook: only leaf Tensors have one")
+        if not callable(hook):
+            raise TypeError(
+                f"register_post_accumulate_grad_hook: hook must be callable, got {hook!r}"
+            )
+        if self._post_hooks is None:
+            self._post_hooks = {}
+        handle = _HookHandle(self._post_hooks)
+        self._post_hooks[handle.id] = hook
+        return handle
 
     # ---- backward ---------------------------------------------------------
 
@@ -365,6 +392,20 @@ class Tensor:
     def argmax(self, axis: int | None = None) -> Tensor:
         """Indices of the maxima (not differentiable)."""
         return Tensor._make(_as_array(self.data.argmax(axis=axis)), None)
+
+
+class _HookHandle:
+    """What :meth:`Tensor.register_post_accumulate_grad_hook` returns."""
+
+    _next = [0]
+
+    def __init__(self, hooks: dict[int, Any]) -> None:
+        self._hooks = hooks
+        self.id = self._next[0]
+        self._next[0] += 1
+
+    def remove(self) -> None:
+        self._hooks.pop(self.id, None)
 
 
 def tensor(data: Any, requires_grad: bool = False, dtype: Any = None) -> Tensor:

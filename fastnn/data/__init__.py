@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastnn.data.download import DEFAULT_MIRRORS, MNISTDownloadError, download_mnist
-from fastnn.data.loader import MNIST_MEAN, MNIST_STD, DataLoader, normalize
+from fastnn.data.loader import MNIST_MEAN, MNIST_STD, DataLoader, normalize, share_bounds
 from fastnn.data.mnist import (
     FILES,
     MNIST,
@@ -31,4 +31,5 @@ __all__ = [
     "load_mnist",
     "normalize",
     "read_idx",
+    "share_bounds",
 ]

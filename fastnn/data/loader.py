@@ -16,7 +16,7 @@ import numpy as np
 
 from fastnn._array import array_module, is_cupy
 
-__all__ = ["MNIST_MEAN", "MNIST_STD", "DataLoader", "normalize"]
+__all__ = ["MNIST_MEAN", "MNIST_STD", "DataLoader", "normalize", "share_bounds"]
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -33,6 +33,20 @@ def normalize(images: Any, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> 
     if is_cupy(images):
         lut = array_module(images).asarray(lut)
     return lut[images]
+
+
+def share_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous share ``[lo, hi)`` of ``n`` items split over ``size``
+    ranks: the first ``n % size`` ranks get one item more, so the shares are
+    disjoint, cover ``0..n`` in order, and differ in length by at most one."""
+    for name, v in (("n", n), ("rank", rank), ("size", size)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{name} must be an int, got {v!r}")
+    if size < 1 or not 0 <= rank < size or n < 0:
+        raise ValueError(f"need n >= 0 and 0 <= rank < size, got n={n}, rank={rank}, size={size}")
+    q, r = divmod(int(n), int(size))
+    lo = rank * q + min(rank, r)
+    return lo, lo + q + (rank < r)
 
 
 class DataLoader:
@@ -52,6 +66,11 @@ class DataLoader:
     drop_last : drop the final incomplete batch.
     device : ``"cpu"`` yields NumPy arrays, ``"cuda"`` CuPy arrays (needs cupy).
     mean, std : normalisation applied after scaling pixels to [0, 1].
+    shard : ``(rank, world_size)`` for data-parallel training: every global batch
+        (``batch_size`` samples, same shuffle and augmentation as one process) is
+        cut into ``world_size`` contiguous shares (:func:`share_bounds`) and only
+        rank ``rank``'s share is yielded; it may be empty when the last batch has
+        fewer samples than ranks. :meth:`global_batch_len` gives the full size.
 
     Iterating uses the current :attr:`epoch` and then advances it; call
     :meth:`set_epoch` to jump (e.g. when resuming training).
@@ -70,6 +89,7 @@ class DataLoader:
         device: str = "cpu",
         mean: float = MNIST_MEAN,
         std: float = MNIST_STD,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -81,6 +101,9 @@ class DataLoader:
             or augment_shift < 0
         ):
             raise ValueError(f"augment_shift must be a non-negative int, got {augment_shift!r}")
+        if not isinstance(shard, tuple) or len(shard) != 2:
+            raise TypeError(f"shard must be a (rank, world_size) tuple, got {shard!r}")
+        share_bounds(0, *shard)  # validates rank and world_size
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         images = np.asarray(images) if not is_cupy(images) else images
@@ -104,6 +127,7 @@ class DataLoader:
         self.augment_shift = int(augment_shift)
         self.drop_last = bool(drop_last)
         self.device = device
+        self.shard = (int(shard[0]), int(shard[1]))
         self.epoch = 0
 
         if device == "cuda":
@@ -126,6 +150,13 @@ class DataLoader:
     def num_samples(self) -> int:
         """Images in the dataset (not counting any dropped last batch)."""
         return int(self._images.shape[0])
+
+    def global_batch_len(self, step: int) -> int:
+        """Samples in global batch ``step`` (all ranks' shares together)."""
+        stop = (self.num_samples // self.batch_size) * self.batch_size if self.drop_last else (
+            self.num_samples
+        )
+        return max(0, min(self.batch_size, stop - step * self.batch_size))
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration use ``epoch``'s shuffle and augmentation."""
@@ -157,8 +188,11 @@ class DataLoader:
         )
         order_dev = xp.asarray(order) if order is not None else None
         stop = (n // self.batch_size) * self.batch_size if self.drop_last else n
-        for start in range(0, stop, self.batch_size):
-            end = min(start + self.batch_size, stop)
+        for first in range(0, stop, self.batch_size):
+            start, end = first, min(first + self.batch_size, stop)
+            if self.shard[1] > 1:
+                lo, hi = share_bounds(end - start, *self.shard)
+                start, end = first + lo, first + hi
             if order_dev is None:
                 images = self._images[start:end]
                 labels = self._labels[start:end]

@@ -19,7 +19,9 @@ import numpy as np
 
 import fastnn
 from fastnn import checkpoint as ckpt
+from fastnn import distributed
 from fastnn.data import MNIST, DataLoader, load_mnist
+from fastnn.distributed import World
 from fastnn.metrics import (
     accuracy,
     classification_report,
@@ -28,6 +30,14 @@ from fastnn.metrics import (
 )
 from fastnn.models import MODELS, build_model
 from fastnn.training.config import Device, TrainConfig, TrainResult, resolve_device
+from fastnn.training.parallel import (
+    check_ranks_agree,
+    gather_eval,
+    load_on_root,
+    quiet_stream,
+    sum_epoch,
+    test_share,
+)
 from fastnn.training.state import (
     build_optimizer,
     build_scheduler,
@@ -52,19 +62,35 @@ def limit(a: np.ndarray, n: int | None) -> np.ndarray:
     return a if n is None else a[:n]
 
 
-def eval_loader(data: MNIST, limit_test: int | None, batch_size: int, device: Device) -> DataLoader:
-    """Unshuffled batches of the first ``limit_test`` MNIST test images."""
-    return DataLoader(
-        limit(data.test_images, limit_test),
-        limit(data.test_labels, limit_test),
-        batch_size,
-        device=device.arrays,
-    )
+def limit_count(a: np.ndarray, n: int | None) -> int:
+    """``len(limit(a, n))``."""
+    return len(a) if n is None else min(len(a), n)
 
 
-def _model_for(name: str, seed: int, device: Device) -> Any:
+def eval_loader(
+    data: MNIST,
+    limit_test: int | None,
+    batch_size: int,
+    device: Device,
+    world: World | None = None,
+) -> DataLoader:
+    """Unshuffled batches of the first ``limit_test`` MNIST test images (with a
+    ``world``, this rank's contiguous part of them)."""
+    images = limit(data.test_images, limit_test)
+    labels = limit(data.test_labels, limit_test)
+    if world is not None and world.size > 1:
+        part = test_share(world, len(labels))
+        images, labels = images[part], labels[part]
+    return DataLoader(images, labels, batch_size, device=device.arrays)
+
+
+def _model_for(name: str, seed: int, device: Device, world: World | None = None) -> Any:
     model = build_model(name, seed)
     if device.arrays == "cuda":
+        if world is not None and world.size > 1:
+            from fastnn.distributed.nccl import select_device
+
+            select_device(world)  # one GPU per rank on each machine
         model.to("cuda")
     return model
 
@@ -79,6 +105,7 @@ def train(
     explicit: Iterable[str] = (),
     out: TextIO | None = None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    world: World | None = None,
 ) -> TrainResult:
     """Train ``config.model`` on MNIST for ``config.epochs`` epochs (total, counting
     epochs done before a resume).
@@ -91,8 +118,18 @@ def train(
     ``metrics_json``: rewritten after every epoch with ``{"epochs": [...], ...}``.
     ``progress``: tqdm bar (None: only when stdout and stderr are TTYs).
     Prints one line per epoch and a classification report to ``out`` (stdout).
+
+    ``world`` (default :func:`fastnn.distributed.init`: the MPI world when started
+    by ``mpiexec -n N``, else one process): with N > 1 ranks, ``batch_size`` is the
+    global batch and each rank trains on its share of every batch, so the run
+    follows the single-process trajectory (up to summation order; BatchNorm batch
+    statistics are per rank, dropout masks differ). Only rank 0 prints, shows the
+    bar and writes the checkpoint and metrics; evaluation is split across ranks.
     """
-    out = out if out is not None else sys.stdout
+    world = world if world is not None else distributed.init()
+    out = out if out is not None else (sys.stdout if world.is_root else quiet_stream())
+    if not world.is_root:
+        progress = False
 
     def log(msg: str) -> None:
         print(msg, file=out, flush=True)
@@ -102,7 +139,7 @@ def train(
     if resume:
         if checkpoint is None:
             raise ValueError("resume needs a checkpoint path (--checkpoint PATH)")
-        saved = ckpt.load(checkpoint)
+        saved = load_on_root(world, checkpoint)
         config = resume_config(config, saved, explicit, log)
         history = list(saved.metadata.get("metrics", {}).get("epochs", []))
     config.validate()
@@ -117,10 +154,12 @@ def train(
         seed=config.seed,
         augment_shift=config.augment,
         device=device.arrays,
+        shard=(world.rank, world.size),
     )
-    tests = eval_loader(data, config.limit_test, config.eval_batch_size, device)
+    tests = eval_loader(data, config.limit_test, config.eval_batch_size, device, world)
 
-    model = _model_for(config.model, config.seed, device)
+    model = _model_for(config.model, config.seed, device, world)
+    check_ranks_agree(world, config, model)
     opt = build_optimizer(config, model.parameters())
     sched = build_scheduler(config, opt)
     start_epoch, planned = 0, config.epochs
@@ -134,9 +173,14 @@ def train(
     else:
         log(
             f"training {config.model} on {train_loader.num_samples} images "
-            f"(test {tests.num_samples}), device {device.name}, {config.optimizer} "
-            f"lr {config.lr}, batch {config.batch_size}, {config.epochs} epochs"
+            f"(test {limit_count(data.test_labels, config.limit_test)}), device {device.name}, "
+            f"{config.optimizer} lr {config.lr}, batch {config.batch_size}, {config.epochs} epochs"
+            + (f", {world.size} MPI ranks" if world.size > 1 else "")
         )
+    # After restore: every rank holds the same state; the wrapper broadcasts
+    # rank 0's anyway, so a rank can never start from different weights.
+    ddp = distributed.DistributedDataParallel(model, world) if world.size > 1 else None
+    step_model = ddp if ddp is not None else model
 
     show = progress_enabled(progress)
     meta_base = {
@@ -159,8 +203,10 @@ def train(
     y_true = y_pred = np.zeros(0, np.int64)
     for epoch in range(start_epoch, config.epochs):
         lr = opt.param_groups[0]["lr"]
+        if ddp is not None:
+            ddp.comm_seconds = 0.0
         stats = run_epoch(
-            model,
+            step_model,
             opt,
             train_loader,
             device.backend,
@@ -169,9 +215,12 @@ def train(
             progress=show,
             desc=f"epoch {epoch + 1}/{config.epochs}",
         )
+        stats = sum_epoch(world, stats)
         if sched is not None:
             sched.step()
-        ev = evaluate(model, tests, device.backend)
+        if ddp is not None:
+            ddp.average_buffers()  # BatchNorm running statistics: one model to test and save
+        ev = gather_eval(world, evaluate(model, tests, device.backend))
         y_true, y_pred = ev.y_true, ev.y_pred
         record = {
             "epoch": epoch + 1,
@@ -184,11 +233,18 @@ def train(
             "train_images": stats.images,
             "test_images": int(len(y_true)),
         }
+        comm = ""
+        if ddp is not None:
+            # Rank 0's wait for gradient reductions that backward did not hide.
+            record["ranks"] = world.size
+            record["comm_wait_seconds"] = ddp.comm_seconds
+            record["comm_wait_share"] = ddp.comm_seconds / stats.seconds if stats.seconds else 0.0
+            comm = f", comm wait {100 * record['comm_wait_share']:.1f}%"
         history.append(record)
         if not np.isfinite(stats.loss):
             raise FloatingPointError(f"training diverged: loss {stats.loss} in epoch {epoch + 1}")
         states = meta = None
-        if checkpoint is not None:
+        if checkpoint is not None and world.is_root:
             states = training_states(model, opt, sched)
             meta = {
                 **meta_base,
@@ -197,24 +253,26 @@ def train(
                 "device": device.name,
                 "metrics": {"epochs": history},
             }
-        doc = metrics_doc() if metrics_json is not None else None
-        save_epoch(checkpoint, states, meta, metrics_json, doc)
+        if world.is_root:
+            doc = metrics_doc() if metrics_json is not None else None
+            save_epoch(checkpoint, states, meta, metrics_json, doc)
         log(
             f"epoch {epoch + 1:>3}/{config.epochs}  loss {stats.loss:.4f}  "
             f"test acc {100 * ev.accuracy:6.2f}%  {stats.images_per_second:8.0f} img/s  "
-            f"{stats.seconds:6.2f} s (eval {ev.seconds:.2f} s)"
+            f"{stats.seconds:6.2f} s (eval {ev.seconds:.2f} s{comm})"
         )
         if on_epoch_end is not None:
             on_epoch_end(record)
 
     if start_epoch >= config.epochs:
         log(f"checkpoint already at epoch {start_epoch} >= --epochs {config.epochs}; evaluating")
-        y_true, y_pred = predict(model, tests, device.backend)
+        ev = gather_eval(world, evaluate(model, tests, device.backend))
+        y_true, y_pred = ev.y_true, ev.y_pred
     acc = accuracy(y_true, y_pred)
     report = classification_report(y_true, y_pred, labels=list(range(10)), digits=4)
     log(f"\ntest accuracy {100 * acc:.2f}% ({int((y_true == y_pred).sum())}/{len(y_true)})")
     log(report)
-    if metrics_json is not None:
+    if metrics_json is not None and world.is_root:
         doc = metrics_doc()
         doc["final_test_accuracy"] = acc
         write_json_atomic(metrics_json, doc)

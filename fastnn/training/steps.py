@@ -35,18 +35,35 @@ __all__ = [
 ]
 
 
-def train_step(model: Any, opt: optim.Optimizer, x: Any, y: Any) -> Tensor:
+def train_step(
+    model: Any, opt: optim.Optimizer, x: Any, y: Any, *, global_batch: int | None = None
+) -> Tensor | None:
     """One optimisation step on the batch ``x`` float32 ``(B, 1, H, W)`` (NCHW),
     ``y`` int64 ``(B,)``: forward, mean cross-entropy, backward, ``opt.step()``.
 
     Runs on whatever backend the caller selected (``with fastnn.backend(...)``).
     Returns the 0-d loss Tensor; its array stays on the batch's device, so the
     step does not wait for a GPU unless the caller reads it.
+
+    ``global_batch``: ``model`` is a :class:`~fastnn.distributed.DistributedDataParallel`
+    and ``x`` this rank's share of a batch of that many samples; the gradients
+    are averaged over ranks, weighted by share. An empty share still takes part
+    in the reduction and the step (returns None: no loss).
     """
-    logits = model(Tensor(x))
+    if global_batch is None:
+        logits = model(Tensor(x))
+    elif len(y) == 0:
+        opt.zero_grad()
+        model.reduce_without_batch()
+        opt.step()
+        return None
+    else:
+        logits = model(Tensor(x), global_batch=global_batch)
     loss = F.cross_entropy(logits, y)
     opt.zero_grad()
     loss.backward()
+    if global_batch is not None:
+        model.synchronize()  # a no-op unless some parameter got no gradient
     opt.step()
     return loss
 
@@ -107,17 +124,26 @@ def run_epoch(
         raise ValueError(f"max_steps must be a positive int or None, got {max_steps!r}")
     if epoch is not None:
         loader.set_epoch(epoch)
-        reseed_dropout(model, seed, epoch)
+        reseed_dropout(model, seed, epoch, stream=loader.shard[0])
     model.train()
     total = len(loader) if max_steps is None else min(len(loader), max_steps)
     bar = _bar(loader, progress, total=total, desc=desc, unit="batch")
     loss_sum: Any = 0.0
     seen = steps = 0
+    sharded = loader.shard[1] > 1
     t0 = time.perf_counter()
     try:
         with fastnn.backend(backend):
             for x, y in bar:
-                loss = train_step(model, opt, x, y)
+                if sharded:
+                    loss = train_step(model, opt, x, y, global_batch=loader.global_batch_len(steps))
+                    if loss is None:
+                        steps += 1
+                        if steps == max_steps:
+                            break
+                        continue
+                else:
+                    loss = train_step(model, opt, x, y)
                 # Summed on the device: reading the loss every step would sync a GPU.
                 loss_sum = loss_sum + loss.data.astype(np.float64) * len(y)
                 seen += len(y)
