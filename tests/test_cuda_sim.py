@@ -281,6 +281,45 @@ def test_matmul_medium_and_large_tiles(knobs, rng, config, shape, ta, tb) -> Non
 
 
 @sim
+@pytest.mark.parametrize("ta,tb", _TRANS)
+@pytest.mark.parametrize("config", ["small", "medium", "large"])
+def test_matmul_vector_loads(knobs, rng, config, ta, tb) -> None:
+    # Every contiguous dimension a multiple of 4 and aligned NumPy buffers: both
+    # operands take the vector path, whose simulator twins (vector.py) raise on any
+    # access a GPU would fault on as misaligned. A copy one element into a buffer
+    # is misaligned: that operand must fall back to scalar loads, still correct.
+    knobs.setattr(_gemm, "force_config", config)
+    seen = []
+    original = _gemm._gemm_kernel
+
+    def spy(*args):
+        seen.append(args[4:6])
+        return original(*args)
+
+    knobs.setattr(_gemm, "_gemm_kernel", spy)
+    a, b = _operands(rng, 12, 20, 24, ta, tb, np.float32)
+    _close(cb.matmul(a, b, ta, tb), ref.matmul(a, b, ta, tb))
+    shifted = np.empty(a.size + 1, np.float32)[1:].reshape(a.shape)
+    shifted[...] = a
+    _close(cb.matmul(shifted, b, ta, tb), ref.matmul(a, b, ta, tb))
+    assert seen == [(True, True), (False, True)], seen
+
+
+@sim
+def test_vector_twins_reject_misaligned_access() -> None:
+    from fastnn.backends._cuda import vector
+
+    src = np.arange(9, dtype=np.float32)
+    dst = np.zeros(4, np.float32)
+    vector.load_vec(dst, 0, src, 4, 4)
+    np.testing.assert_array_equal(dst, [4, 5, 6, 7])
+    with pytest.raises(AssertionError, match="not 16-byte aligned"):
+        vector.load_vec(dst, 0, src, 1, 4)
+    with pytest.raises(AssertionError, match="not 8-byte aligned"):
+        vector.store_vec(src, 3, dst, 0, 2)
+
+
+@sim
 @pytest.mark.parametrize("ta,tb", [(False, False), (True, True)])
 def test_matmul_batched(rng, ta, tb) -> None:
     a, b = _operands(rng, 5, 7, 6, ta, tb, np.float64, batch=3)
