@@ -260,7 +260,8 @@ def _operands(rng, m, n, k, ta, tb, dtype, batch=None):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(37, 33, 19), (34, 36, 20)], ids=["odd", "even"])
 def test_matmul_small_tiles(knobs, rng, shape, dtype, ta, tb) -> None:
-    # 32x32 tiles: 2x2 blocks, K spans 2 tiles of 16; "even" takes the wide loads.
+    # 32x32 tiles: 2x2 blocks, K spans 2 tiles of 16; "even" takes the vector loads
+    # where a contiguous dimension is a multiple of 4 (float32; 2 for float64).
     knobs.setattr(_gemm, "force_config", "small")
     m, n, k = shape
     a, b = _operands(rng, m, n, k, ta, tb, dtype)

@@ -113,6 +113,56 @@ def _kstep(acc, fa, fb, As, Bs, rowa, rowb, TM, TN, SM, SN, SHV):  # noqa: N803
             acc[i * TN + j] = cuda.fma(fa[i], fb[j], acc[i * TN + j])
 
 
+@cuda.jit(device=True, inline="always")
+def _fetch(regs, X, off, k0, o0, row0, col, K, LEN, U, V, OS, K_ROWS, zero):  # noqa: N803
+    """Load this thread's share of one operand tile into ``regs``: U groups of V values.
+
+    The operand (flat ``X`` from ``off``) is stored (LEN, K) row-major, or
+    (K, LEN) when ``K_ROWS`` (LEN is M for A, N for B; ``o0`` the tile's start
+    along it, ``k0`` along k). Group u is row ``row0 + u*OS`` of the stored
+    tile, elements ``col .. col+V-1`` of that row, read with one vector load
+    (V > 1: the caller checked alignment). A group past the matrix edge is
+    zero: with V > 1 the contiguous length is a multiple of V, so a group is
+    all in or all out.
+    """
+    for u in range(U):
+        row = row0 + u * OS
+        if K_ROWS:  # stored (K, LEN): rows are k, groups run along m / n
+            ok = k0 + row < K and o0 + col < LEN
+            src = off + (k0 + row) * LEN + o0 + col
+        else:  # stored (LEN, K): rows are m / n, groups run along k
+            ok = o0 + row < LEN and k0 + col < K
+            src = off + (o0 + row) * K + k0 + col
+        if ok:
+            vector.load_vec(regs, u * V, X, src, V)
+        else:
+            for v in range(V):
+                regs[u * V + v] = zero
+
+
+@cuda.jit(device=True, inline="always")
+def _park(S, regs, base, P, row0, col, U, V, OS, K_ROWS, SHV):  # noqa: N803
+    """Store ``_fetch``'s groups into the k-major shared tile ``S`` (rows of P from ``base``).
+
+    A group along m / n (``K_ROWS``) is consecutive in the tile's k-row: one
+    vector store when ``SHV``. A group along k is a column of the tile: V
+    scalar stores, P apart.
+    """
+    for u in range(U):
+        row = row0 + u * OS
+        if K_ROWS:
+            dst = base + row * P + col
+            if SHV:
+                vector.store_vec(S, dst, regs, u * V, V)
+            else:
+                for v in range(V):
+                    S[dst + v] = regs[u * V + v]
+        else:
+            dst = base + col * P + row
+            for v in range(V):
+                S[dst + v * P] = regs[u * V + v]
+
+
 def _jit_options(T: Any, threads: int) -> dict[str, Any]:
     """``cuda.jit`` options of a GEMM kernel with ``threads`` per block.
 
@@ -236,34 +286,9 @@ def _gemm_kernel(
         for t in range(t_begin - 1, t_end):
             nxt = t + 1 < t_end
             if nxt:
-                # ---- fetch the A tile (BM x BK) into registers
-                for u in range(UA):
-                    row = a_row + u * OA
-                    if TRANS_A:  # stored (K, M): rows are k, groups run along m
-                        ok = k0 + row < K and m0 + a_col < M
-                        src = aoff + (k0 + row) * M + m0 + a_col
-                    else:  # stored (M, K): rows are m, groups run along k
-                        ok = m0 + row < M and k0 + a_col < K
-                        src = aoff + (m0 + row) * K + k0 + a_col
-                    if ok:  # (a wide group is all in or all out)
-                        vector.load_vec(ra, u * VA, A, src, VA)
-                    else:
-                        for v in range(VA):
-                            ra[u * VA + v] = zero
-                # ---- fetch the B tile (BK x BN) into registers
-                for u in range(UB):
-                    row = b_row + u * OB
-                    if TRANS_B:  # stored (N, K): rows are n, groups run along k
-                        ok = n0 + row < N and k0 + b_col < K
-                        src = boff + (n0 + row) * K + k0 + b_col
-                    else:  # stored (K, N): rows are k, groups run along n
-                        ok = k0 + row < K and n0 + b_col < N
-                        src = boff + (k0 + row) * N + n0 + b_col
-                    if ok:
-                        vector.load_vec(rb, u * VB, B, src, VB)
-                    else:
-                        for v in range(VB):
-                            rb[u * VB + v] = zero
+                # ---- fetch the A (BM x BK) and B (BK x BN) tiles into registers
+                _fetch(ra, A, aoff, k0, m0, a_row, a_col, K, M, UA, VA, OA, TRANS_A, zero)
+                _fetch(rb, B, boff, k0, n0, b_row, b_col, K, N, UB, VB, OB, not TRANS_B, zero)
                 k0 += BK
                 if k0 >= K:
                     k0 = 0
@@ -291,32 +316,8 @@ def _gemm_kernel(
             # ---- park the fetched tile in the other buffer (k-major)
             if nxt:
                 sb = (t + 1 - t_begin) & 1
-                for u in range(UA):
-                    row = a_row + u * OA
-                    if TRANS_A:  # a group is consecutive m: one vector store
-                        dst = (sb * BK + row) * PA + a_col
-                        if SHV:
-                            vector.store_vec(As, dst, ra, u * VA, VA)
-                        else:
-                            for v in range(VA):
-                                As[dst + v] = ra[u * VA + v]
-                    else:  # a group is consecutive k: a column of the tile
-                        dst = (sb * BK + a_col) * PA + row
-                        for v in range(VA):
-                            As[dst + v * PA] = ra[u * VA + v]
-                for u in range(UB):
-                    row = b_row + u * OB
-                    if TRANS_B:
-                        dst = (sb * BK + b_col) * PB + row
-                        for v in range(VB):
-                            Bs[dst + v * PB] = rb[u * VB + v]
-                    else:
-                        dst = (sb * BK + row) * PB + b_col
-                        if SHV:
-                            vector.store_vec(Bs, dst, rb, u * VB, VB)
-                        else:
-                            for v in range(VB):
-                                Bs[dst + v] = rb[u * VB + v]
+                _park(As, ra, sb * BK * PA, PA, a_row, a_col, UA, VA, OA, TRANS_A, SHV)
+                _park(Bs, rb, sb * BK * PB, PB, b_row, b_col, UB, VB, OB, not TRANS_B, SHV)
             cuda.syncthreads()
 
         # ---- epilogue: guarded stores (C is dense (S, NB, M, N))
