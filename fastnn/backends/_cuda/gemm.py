@@ -85,6 +85,17 @@ def numba_type(dtype: Any) -> Any:
 
 
 @cuda.jit(device=True, inline="always")
+def _frag(f, S, row, T4, stride, SHV):  # noqa: N803
+    """``f[4g:4g+4] = S[row + g*stride : +4]`` for g < T4: one vector read each when ``SHV``."""
+    for g in range(T4):
+        if SHV:
+            vector.load_vec(f, 4 * g, S, row + g * stride, 4)
+        else:
+            for v in range(4):
+                f[4 * g + v] = S[row + g * stride + v]
+
+
+@cuda.jit(device=True, inline="always")
 def _kstep(acc, fa, fb, As, Bs, rowa, rowb, TM, TN, SM, SN, SHV):  # noqa: N803
     """One k step of a GEMM thread: TM values of A and TN of B from shared memory, TM*TN FMAs.
 
@@ -96,18 +107,8 @@ def _kstep(acc, fa, fb, As, Bs, rowa, rowb, TM, TN, SM, SN, SHV):  # noqa: N803
     unrolls into straight-line register code. (Module-level, not a closure of
     the kernel factory: see ``vector``'s note on the cache.)
     """
-    for g in range(TM // 4):
-        if SHV:
-            vector.load_vec(fa, 4 * g, As, rowa + g * SM, 4)
-        else:
-            for v in range(4):
-                fa[4 * g + v] = As[rowa + g * SM + v]
-    for g in range(TN // 4):
-        if SHV:
-            vector.load_vec(fb, 4 * g, Bs, rowb + g * SN, 4)
-        else:
-            for v in range(4):
-                fb[4 * g + v] = Bs[rowb + g * SN + v]
+    _frag(fa, As, rowa, TM // 4, SM, SHV)
+    _frag(fb, Bs, rowb, TN // 4, SN, SHV)
     for i in range(TM):
         for j in range(TN):
             acc[i * TN + j] = cuda.fma(fa[i], fb[j], acc[i * TN + j])
