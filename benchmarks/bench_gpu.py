@@ -12,13 +12,17 @@ Reports, for float32 unless noted:
 * first-call JIT latency: a fresh process with an empty Numba cache
   (compile), then a second process with that cache (load);
 * GEMM kernel resources: registers and local memory per thread (spills) and
-  the wide (.v2) global loads in the PTX.
+  the vector (.v4 / .v2) global and shared loads in the PTX;
+* launch overhead (``bench_launch.py``): microseconds per launch of an empty
+  Numba kernel with 1 and 4 CuPy arguments, and of ``F.relu`` on a small array.
 
 Timing uses CUDA events around a loop of calls on the current stream, so it
 includes the host's launch overhead whenever the GPU outruns it. TF32 is off
 everywhere: ``CUPY_TF32=0`` (set here before CuPy is imported) and torch's
 ``allow_tf32`` flags. Results print to stdout and, with ``--out DIR`` (default
-``$OUT``), go to ``DIR/bench_gpu.json`` and ``DIR/bench_gpu.txt``.
+``$OUT``), go to ``DIR/bench_gpu.json`` and ``DIR/bench_gpu.txt``, both
+rewritten after every section (a run cut short keeps what it measured;
+``"complete": false`` until the end).
 
 Usage (from anywhere; fastnn must be importable): ``python benchmarks/bench_gpu.py``
 """
@@ -395,7 +399,9 @@ def bench_jit(b: Bench) -> dict:
 
 
 def kernel_resources() -> list[dict]:
-    """Registers, local memory (spills) and wide loads of the GEMM kernels compiled so far."""
+    """Registers, local memory (spills) and vector loads of the GEMM kernels compiled so far."""
+    import re
+
     from numba import float32
 
     from fastnn.backends._cuda import gemm as G
@@ -404,7 +410,8 @@ def kernel_resources() -> list[dict]:
     rows = []
     for cfg_name in ("large", "medium", "small"):
         for flags in ((False, False, True, True, False), (False, True, False, False, False),
-                      (True, False, True, True, False), (False, True, True, True, False)):
+                      (True, False, True, True, False), (False, True, True, True, False),
+                      (False, False, True, True, True), (True, True, True, True, False)):
             k = G._gemm_kernel(float32, G.CONFIGS[cfg_name], *flags)
             if not getattr(k, "overloads", None):
                 continue
@@ -414,10 +421,12 @@ def kernel_resources() -> list[dict]:
                 row["regs"] = list(k.get_regs_per_thread().values())
                 row["local_bytes"] = list(k.get_local_mem_per_thread().values())
                 asm = "\n".join(k.inspect_asm().values())
-                row["ld_global_v2"] = asm.count("ld.global.v2") + asm.count("ld.global.nc.v2")
-                row["ld_global_f32"] = asm.count("ld.global.f32") + asm.count("ld.global.nc.f32")
-                row["ld_local"] = asm.count("ld.local")
-                row["fma_f32"] = asm.count("fma.rn.f32")
+                for key, pat in (("ld_global_v4", r"ld\.global(\.nc)?\.v4"),
+                                 ("ld_global_v2", r"ld\.global(\.nc)?\.v2"),
+                                 ("ld_global_f32", r"ld\.global(\.nc)?\.f32"),
+                                 ("ld_shared_v4", r"ld\.shared\.v4"),
+                                 ("ld_local", r"ld\.local"), ("fma_f32", r"fma\.rn\.f32")):
+                    row[key] = len(re.findall(pat, asm))
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {exc}"
             rows.append(row)
@@ -425,6 +434,18 @@ def kernel_resources() -> list[dict]:
     if not rows:
         log("(none compiled)")
     return rows
+
+
+def bench_launch_overhead(doc: dict) -> None:
+    from bench_launch import format_rows, launch_overhead
+
+    log("\n## launch overhead (us per launch, host side; see bench_launch.py)")
+    doc["launch"] = launch_overhead()
+    for row in format_rows(doc["launch"]):
+        log(row)
+    errors = [k for k, v in doc["launch"].items() if "error" in v]
+    if errors:
+        raise RuntimeError(f"launch cases failed: {errors}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -437,10 +458,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     t_start = time.perf_counter()
+    doc: dict = {"complete": False, "sections": {}, "results": []}
+
+    def save() -> None:
+        """(Re)write the JSON and text reports: called after every section."""
+        if not args.out:
+            return
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "bench_gpu.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
+        with open(os.path.join(args.out, "bench_gpu.txt"), "w") as f:
+            f.write("\n".join(LINES) + "\n")
+
     try:
         import cupy
     except ImportError as exc:
         log(f"bench_gpu needs CuPy: {exc}")
+        doc["error"] = f"CuPy unavailable: {exc}"
+        save()
         return 1
 
     import fastnn
@@ -448,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not cb.is_available():
         log(f"cuda backend unavailable: {cb.device_info()}")
+        doc["error"] = f"cuda backend unavailable: {cb.device_info()}"
+        save()
         return 1
     torch = None
     if not args.no_torch:
@@ -462,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             pass
     info = cb.device_info()
+    doc["device"] = info
     log("# fastnn GPU benchmark")
     log(f"fastnn {fastnn.__version__}; " + "; ".join(f"{k}={v}" for k, v in info.items()))
     log(f"CUPY_TF32={os.environ.get('CUPY_TF32')}; cupy {cupy.__version__}; torch "
@@ -469,23 +509,34 @@ def main(argv: list[str] | None = None) -> int:
            if torch is not None else "absent (no torch column)"))
 
     b = Bench(torch)
+    doc["results"] = b.results  # (the same list: rows appear as they are measured)
     rng = np.random.default_rng(0)
-    sections = [("matmul", lambda: bench_matmul(b, rng, args.size)),
+
+    def resources() -> None:
+        doc["kernel_resources"] = kernel_resources()
+
+    def jit() -> None:
+        doc["jit"] = bench_jit(b)
+
+    sections = [("launch", lambda: bench_launch_overhead(doc)),
+                ("matmul", lambda: bench_matmul(b, rng, args.size)),
                 ("mnist_layers", lambda: bench_mnist_layers(b, rng, args.batch)),
-                ("train_step", lambda: bench_train_step(b, rng, args.batch))]
+                ("train_step", lambda: bench_train_step(b, rng, args.batch)),
+                ("kernel_resources", resources)]
+    if not args.no_jit:
+        sections.append(("jit", jit))
     failed = []
     for name, fn in sections:
+        t0 = time.perf_counter()
         try:
             fn()
+            doc["sections"][name] = {"ok": True}
         except Exception as exc:  # noqa: BLE001 - one broken section must not hide the rest
             failed.append(name)
             log(f"section {name} failed: {type(exc).__name__}: {exc}")
-    resources = []
-    try:
-        resources = kernel_resources()
-    except Exception as exc:  # noqa: BLE001
-        log(f"kernel resources unavailable: {exc}")
-    jit = {} if args.no_jit else bench_jit(b)
+            doc["sections"][name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        doc["sections"][name]["seconds"] = time.perf_counter() - t0
+        save()
 
     head = [r for r in b.results if r["op"] == "matmul_NN" and r.get("peer") == "cublas"
             and r["dtype"] == "float32"]
@@ -495,13 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     errors = [r for r in b.results if "fastnn_error" in r]
     log(f"bench_gpu: {len(b.results)} rows, {len(errors)} fastnn errors, "
         f"failed sections {failed or 'none'}, {time.perf_counter() - t_start:.0f} s")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "bench_gpu.json"), "w") as f:
-            json.dump({"device": info, "results": b.results, "kernel_resources": resources,
-                       "jit": jit}, f, indent=1, default=str)
-        with open(os.path.join(args.out, "bench_gpu.txt"), "w") as f:
-            f.write("\n".join(LINES) + "\n")
+    doc["complete"] = True
+    save()
     return 1 if errors or failed else 0
 
 

@@ -57,11 +57,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     in_sim = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
     keep, dropped = [], []
     for item in items:
-        if "gpu" in item.keywords and not GPU:
+        # Markers, not item.keywords: keywords also hold the names of the parent
+        # directories, so a checkout in a folder called "gpu" would skip everything.
+        if item.get_closest_marker("gpu") is not None and not GPU:
             item.add_marker(skip_gpu)
         # Simulator tests need NUMBA_ENABLE_CUDASIM=1 before numba's import; in an
         # ordinary run test_cuda_sim.py::test_simulator_suite runs them in a child.
-        (dropped if "sim_only" in item.keywords and not in_sim else keep).append(item)
+        sim_only = item.get_closest_marker("sim_only") is not None
+        (dropped if sim_only and not in_sim else keep).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep

@@ -6,6 +6,9 @@ Numba's CUDA simulator) is usable; :mod:`fastnn.backends.cuda` does that lazily.
 
 * ``launch``      -- runtime detection, CuPy stream hand-off, kernel launching.
 * ``gemm``        -- tiled, register-blocked GEMM (batched, split-K, fused bias).
+* ``vector``      -- 64/128-bit vector loads and stores (an intrinsic; a checked
+  scalar twin under the simulator).
+* ``variants``    -- every kernel variant with its launch signature (tests, JIT stage).
 * ``conv``        -- im2col / col2im and a direct kernel for small-channel convs.
 * ``pool``        -- max and average pooling, forward and backward.
 * ``elementwise`` -- relu, softmax cross-entropy, SGD and Adam steps.

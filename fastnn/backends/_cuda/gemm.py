@@ -19,16 +19,26 @@ Kernel design (the classic SGEMM structure):
   TN FMAs instead of one.
 * A and B tiles (BK deep) are staged in shared memory, A stored k-major
   (``As[k][m]``) so the inner loop reads a column of A and a row of B. Rows of
-  the padded tile are BM + 4 wide so the transposing stores hit distinct banks.
-  Thread (tx, ty) owns rows ``ty + i*TY`` and columns ``tx + j*TX``: reads of B
-  and the final stores of C are consecutive across a warp (no bank conflicts,
-  coalesced writes).
+  the padded tile are BM + 4 wide so the transposing stores hit distinct banks
+  and every row start stays 16-byte aligned.
+* Thread (tx, ty) owns runs of 4 consecutive rows (``g*SM + 4*ty + 0..3``)
+  and columns (``g*SN + 4*tx + 0..3``), so one k step reads its operands with
+  (TM + TN)/4 ``ld.shared.v4.f32`` (16-byte) loads; a warp's reads cover
+  distinct or identical (broadcast) 16-byte words, free of bank conflicts.
+* The k loop is unrolled by hand (8 steps per pass, ``_kstep`` inlined), so
+  ptxas can issue the next step's shared reads during the current FMAs.
 * Double buffering: the next tile is fetched from global memory into registers
   before the current tile is multiplied, then stored into the other shared
   buffer, so global latency overlaps the FMAs and one barrier per tile suffices.
-* Wide loads: when the contiguous dimension of an operand is even (and the
-  data 8/16-byte aligned), the operand is read through a complex64/complex128
-  view, i.e. two floats (or doubles) per load instruction.
+* Wide loads: when an operand's contiguous dimension and batch strides are
+  multiples of the group width (``vector_width``: 4 floats, 2 doubles, 2 floats
+  on the 64x64 tile) and its base is aligned to it, each thread fetches its
+  share of a tile with ``ld.global.v4.f32`` / ``.v2`` vector loads
+  (:mod:`.vector`); otherwise with scalar loads. Groups along m / n are parked
+  in shared memory with one vector store.
+* Registers: the float32 kernels fit 128 registers per thread with no spills
+  (launch bounds enforce it, ``tests/test_cuda_ptx.py`` checks it with ptxas),
+  so two 256-thread blocks of the large tile share an SM.
 * Split-K: when the output has too few tiles to fill the GPU (a weight
   gradient is a small matrix reduced over a long batch), the reduction is cut
   into S slices written to a workspace and summed by a second kernel, which
@@ -45,6 +55,7 @@ from typing import Any
 import numpy as np
 from numba import cuda, float32, float64
 
+from fastnn.backends._cuda import vector
 from fastnn.backends._cuda.launch import Runtime, ceil_div, runtime
 
 #: name -> (BM, BN, BK, TM, TN); 256, 256 and 64 threads per block.
@@ -60,6 +71,7 @@ force_splits: int | None = None
 
 _MAX_GRID_YZ = 65535
 _PAD = 4
+_MAX_REGS = 128
 
 
 def numba_type(dtype: Any) -> Any:
@@ -72,6 +84,113 @@ def numba_type(dtype: Any) -> Any:
     raise TypeError(f"the cuda backend supports float32 and float64, got {dtype}")
 
 
+@cuda.jit(device=True, inline="always")
+def _frag(f, S, row, T4, stride, SHV):  # noqa: N803
+    """``f[4g:4g+4] = S[row + g*stride : +4]`` for g < T4: one vector read each when ``SHV``."""
+    for g in range(T4):
+        if SHV:
+            vector.load_vec(f, 4 * g, S, row + g * stride, 4)
+        else:
+            for v in range(4):
+                f[4 * g + v] = S[row + g * stride + v]
+
+
+@cuda.jit(device=True, inline="always")
+def _kstep(acc, fa, fb, As, Bs, rowa, rowb, TM, TN, SM, SN, SHV):  # noqa: N803
+    """One k step of a GEMM thread: TM values of A and TN of B from shared memory, TM*TN FMAs.
+
+    ``As``/``Bs`` are flat shared tiles; this thread's values for the step are
+    ``TM // 4`` runs of 4 at ``rowa + g*SM`` (``TN // 4`` at ``rowb + g*SN``),
+    read with 16-byte vector loads when ``SHV``. ``acc`` is (TM, TN) row-major,
+    ``fa``/``fb`` hold the step's operands. Inlined into the kernel at the Numba
+    IR level, so the loop bounds are the caller's constants and every loop here
+    unrolls into straight-line register code. (Module-level, not a closure of
+    the kernel factory: see ``vector``'s note on the cache.)
+    """
+    _frag(fa, As, rowa, TM // 4, SM, SHV)
+    _frag(fb, Bs, rowb, TN // 4, SN, SHV)
+    for i in range(TM):
+        for j in range(TN):
+            acc[i * TN + j] = cuda.fma(fa[i], fb[j], acc[i * TN + j])
+
+
+@cuda.jit(device=True, inline="always")
+def _fetch(regs, X, off, k0, o0, row0, col, K, LEN, U, V, OS, K_ROWS, zero):  # noqa: N803
+    """Load this thread's share of one operand tile into ``regs``: U groups of V values.
+
+    The operand (flat ``X`` from ``off``) is stored (LEN, K) row-major, or
+    (K, LEN) when ``K_ROWS`` (LEN is M for A, N for B; ``o0`` the tile's start
+    along it, ``k0`` along k). Group u is row ``row0 + u*OS`` of the stored
+    tile, elements ``col .. col+V-1`` of that row, read with one vector load
+    (V > 1: the caller checked alignment). A group past the matrix edge is
+    zero: with V > 1 the contiguous length is a multiple of V, so a group is
+    all in or all out.
+    """
+    for u in range(U):
+        row = row0 + u * OS
+        if K_ROWS:  # stored (K, LEN): rows are k, groups run along m / n
+            ok = k0 + row < K and o0 + col < LEN
+            src = off + (k0 + row) * LEN + o0 + col
+        else:  # stored (LEN, K): rows are m / n, groups run along k
+            ok = o0 + row < LEN and k0 + col < K
+            src = off + (o0 + row) * K + k0 + col
+        if ok:
+            vector.load_vec(regs, u * V, X, src, V)
+        else:
+            for v in range(V):
+                regs[u * V + v] = zero
+
+
+@cuda.jit(device=True, inline="always")
+def _park(S, regs, base, P, row0, col, U, V, OS, K_ROWS, SHV):  # noqa: N803
+    """Store ``_fetch``'s groups into the k-major shared tile ``S`` (rows of P from ``base``).
+
+    A group along m / n (``K_ROWS``) is consecutive in the tile's k-row: one
+    vector store when ``SHV``. A group along k is a column of the tile: V
+    scalar stores, P apart.
+    """
+    for u in range(U):
+        row = row0 + u * OS
+        if K_ROWS:
+            dst = base + row * P + col
+            if SHV:
+                vector.store_vec(S, dst, regs, u * V, V)
+            else:
+                for v in range(V):
+                    S[dst + v] = regs[u * V + v]
+        else:
+            dst = base + col * P + row
+            for v in range(V):
+                S[dst + v * P] = regs[u * V + v]
+
+
+def _jit_options(T: Any, threads: int) -> dict[str, Any]:
+    """``cuda.jit`` options of a GEMM kernel with ``threads`` per block.
+
+    float32: launch bounds cap registers at 128 per thread (65536 per SM), so
+    that two 256-thread blocks of the large tile fit on an SM. The kernels
+    need no more than that; the bound keeps a compiler change from silently
+    halving the occupancy (ptxas would spill instead, which the PTX test
+    reports). float64 accumulators alone take 2*TM*TN registers: no bound.
+    """
+    if not vector.LAUNCH_BOUNDS or T != float32:
+        return {}
+    return {"launch_bounds": (threads, max(1, 65536 // (threads * _MAX_REGS)))}
+
+
+def vector_width(T: Any, cfg: tuple[int, int, int, int, int], operand: str) -> int:
+    """Elements per global vector load of a wide ``operand`` ("a" or "b") tile fetch.
+
+    Each thread stages ``BM*BK/threads`` (or ``BN*BK/threads``) values of a
+    tile; they are fetched in groups of this many consecutive elements (at
+    most 16 bytes, one ``ld.global.v4.f32`` / ``.v2.f64``). A wide operand's
+    contiguous dimension, strides and base address must be multiples of it.
+    """
+    bm, bn, bk, tm, tn = cfg
+    staged = (bm if operand == "a" else bn) * bk // ((bm // tm) * (bn // tn))
+    return vector.chunk_elems(staged, np.dtype(T.name).itemsize)
+
+
 @functools.cache
 def _gemm_kernel(
     T: Any, cfg: tuple[int, int, int, int, int], TRANS_A: bool, TRANS_B: bool,
@@ -81,18 +200,40 @@ def _gemm_kernel(
     TX = BN // TN  # threads along n
     TY = BM // TM  # threads along m
     NT = TX * TY
-    LA = BM * BK // NT  # A values each thread stages per tile
+    # Tile fetch: each thread stages LA (LB) values per tile as UA (UB) groups of
+    # VA (VB) consecutive elements of the operand's contiguous dimension; a group
+    # is one vector load when the operand is wide, else VA = 1 (scalar loads).
+    LA = BM * BK // NT
     LB = BN * BK // NT
-    LA2 = LA // 2
-    LB2 = LB // 2
-    HBK = BK // 2
-    HBM = BM // 2
-    HBN = BN // 2
+    VA = vector_width(T, cfg, "a") if WIDE_A else 1
+    VB = vector_width(T, cfg, "b") if WIDE_B else 1
+    UA = LA // VA
+    UB = LB // VB
+    # Groups per row of the stored tile (its contiguous dimension: k, or m / n
+    # when transposed), and rows between a thread's successive groups.
+    QA = (BM if TRANS_A else BK) // VA
+    QB = (BK if TRANS_B else BN) // VB
+    OA = NT // QA
+    OB = NT // QB
+    # Shared tiles, k-major and flat: As[buf][k][m] at (buf*BK + k)*PA + m. Rows are
+    # padded by 4 so that the transposing stores hit distinct banks while every row
+    # start stays 16-byte aligned for the vector reads.
     PA = BM + _PAD
     PB = BN + _PAD
+    SA = 2 * BK * PA
+    TMN = TM * TN
+    SB = 2 * BK * PB
+    # Thread (tx, ty) owns TM/4 runs of 4 consecutive rows, run g starting at
+    # g*SM + 4*ty, and TN/4 runs of 4 consecutive columns (g*SN + 4*tx), so its
+    # operands for one k step are (TM + TN)/4 vector reads of shared memory.
+    SM = BM // (TM // 4)
+    SN = BN // (TN // 4)
+    SHV = vector.SHARED_VECTORS
+    ALIGN_KW = vector.SHARED_ALIGN_KW
+    ALIGN = vector.SMEM_ALIGN
     zero = T(0)
 
-    @cuda.jit(cache=True)
+    @cuda.jit(cache=True, **_jit_options(T, NT))
     def kernel(A, B, C, bias, M, N, K, G, sAo, sAi, sAr, sBo, sBi, sBr, sbias, R, S, NB,
                b0, m_base):
         tid = cuda.threadIdx.x
@@ -103,10 +244,8 @@ def _gemm_kernel(
         z = cuda.blockIdx.z
         b = b0 + z // S
         s = z % S
-        bo = b // G
-        bi = b - bo * G
-        a_base = bo * sAo + bi * sAi
-        b_base = bo * sBo + bi * sBi
+        b_out = b // G
+        b_in = b - b_out * G
         KT = (K + BK - 1) // BK
         total = R * KT
         per = (total + S - 1) // S
@@ -115,182 +254,88 @@ def _gemm_kernel(
         if t_end > total:  # (builtin min/max are avoided in kernels: see launch.py)
             t_end = total
 
-        As = cuda.shared.array((2, BK, PA), T)
-        Bs = cuda.shared.array((2, BK, PB), T)
-        acc = cuda.local.array((TM, TN), T)
-        ar = cuda.local.array(TM, T)
-        br = cuda.local.array(TN, T)
+        if ALIGN_KW:  # (a compile-time constant: the other branch is pruned before typing)
+            As = cuda.shared.array(SA, T, alignment=ALIGN)
+            Bs = cuda.shared.array(SB, T, alignment=ALIGN)
+        else:
+            As = cuda.shared.array(SA, T)
+            Bs = cuda.shared.array(SB, T)
+        acc = cuda.local.array(TMN, T)
+        fa = cuda.local.array(TM, T)
+        fb = cuda.local.array(TN, T)
         ra = cuda.local.array(LA, T)
         rb = cuda.local.array(LB, T)
-        for i in range(TM):
-            for j in range(TN):
-                acc[i, j] = zero
+        for i in range(TMN):
+            acc[i] = zero
+
+        # This thread's groups in a fetched tile: row a_row + u*OA of the stored
+        # (BM x BK, or BK x BM when transposed) tile, columns a_col .. a_col+VA-1.
+        a_row = tid // QA
+        a_col = (tid % QA) * VA
+        b_row = tid // QB
+        b_col = (tid % QB) * VB
+
+        # The tile being fetched: product r, k offset k0, operand offsets aoff/boff.
+        # Advanced incrementally (no division per tile).
+        r = t_begin // KT if KT > 0 else 0  # (K == 0: no tiles, C = 0)
+        k0 = (t_begin - r * KT) * BK
+        aoff = b_out * sAo + b_in * sAi + r * sAr
+        boff = b_out * sBo + b_in * sBi + r * sBr
 
         # Iteration t multiplies tile t (if t >= t_begin) while tile t + 1 is
         # fetched into registers and then parked in the other shared buffer.
         for t in range(t_begin - 1, t_end):
             nxt = t + 1 < t_end
             if nxt:
-                r = (t + 1) // KT
-                k0 = (t + 1 - r * KT) * BK
-                aoff = a_base + r * sAr
-                boff = b_base + r * sBr
-                # ---- fetch A tile (BM x BK) into registers
-                if WIDE_A:
-                    for u in range(LA2):
-                        p = tid + u * NT
-                        if TRANS_A:  # stored (K, M): pairs along m
-                            gm = m0 + 2 * (p % HBM)
-                            gk = k0 + p // HBM
-                            if gm < M and gk < K:
-                                va = A[(aoff + gk * M + gm) >> 1]
-                                ra[2 * u] = va.real
-                                ra[2 * u + 1] = va.imag
-                            else:
-                                ra[2 * u] = zero
-                                ra[2 * u + 1] = zero
-                        else:  # stored (M, K): pairs along k
-                            gk = k0 + 2 * (p % HBK)
-                            gm = m0 + p // HBK
-                            if gm < M and gk < K:
-                                va = A[(aoff + gm * K + gk) >> 1]
-                                ra[2 * u] = va.real
-                                ra[2 * u + 1] = va.imag
-                            else:
-                                ra[2 * u] = zero
-                                ra[2 * u + 1] = zero
-                else:
-                    for u in range(LA):
-                        idx = tid + u * NT
-                        if TRANS_A:
-                            gm = m0 + idx % BM
-                            gk = k0 + idx // BM
-                            if gm < M and gk < K:
-                                ra[u] = A[aoff + gk * M + gm]
-                            else:
-                                ra[u] = zero
-                        else:
-                            gk = k0 + idx % BK
-                            gm = m0 + idx // BK
-                            if gm < M and gk < K:
-                                ra[u] = A[aoff + gm * K + gk]
-                            else:
-                                ra[u] = zero
-                # ---- fetch B tile (BK x BN) into registers
-                if WIDE_B:
-                    for u in range(LB2):
-                        p = tid + u * NT
-                        if TRANS_B:  # stored (N, K): pairs along k
-                            gk = k0 + 2 * (p % HBK)
-                            gn = n0 + p // HBK
-                            if gn < N and gk < K:
-                                vb = B[(boff + gn * K + gk) >> 1]
-                                rb[2 * u] = vb.real
-                                rb[2 * u + 1] = vb.imag
-                            else:
-                                rb[2 * u] = zero
-                                rb[2 * u + 1] = zero
-                        else:  # stored (K, N): pairs along n
-                            gn = n0 + 2 * (p % HBN)
-                            gk = k0 + p // HBN
-                            if gn < N and gk < K:
-                                vb = B[(boff + gk * N + gn) >> 1]
-                                rb[2 * u] = vb.real
-                                rb[2 * u + 1] = vb.imag
-                            else:
-                                rb[2 * u] = zero
-                                rb[2 * u + 1] = zero
-                else:
-                    for u in range(LB):
-                        idx = tid + u * NT
-                        if TRANS_B:
-                            gk = k0 + idx % BK
-                            gn = n0 + idx // BK
-                            if gn < N and gk < K:
-                                rb[u] = B[boff + gn * K + gk]
-                            else:
-                                rb[u] = zero
-                        else:
-                            gn = n0 + idx % BN
-                            gk = k0 + idx // BN
-                            if gn < N and gk < K:
-                                rb[u] = B[boff + gk * N + gn]
-                            else:
-                                rb[u] = zero
+                # ---- fetch the A (BM x BK) and B (BK x BN) tiles into registers
+                _fetch(ra, A, aoff, k0, m0, a_row, a_col, K, M, UA, VA, OA, TRANS_A, zero)
+                _fetch(rb, B, boff, k0, n0, b_row, b_col, K, N, UB, VB, OB, not TRANS_B, zero)
+                k0 += BK
+                if k0 >= K:
+                    k0 = 0
+                    aoff += sAr
+                    boff += sBr
 
             # ---- multiply the current tile
             if t >= t_begin:
                 cb = (t - t_begin) & 1
-                for kk in range(BK):
-                    for i in range(TM):
-                        ar[i] = As[cb, kk, ty + i * TY]
-                    for j in range(TN):
-                        br[j] = Bs[cb, kk, tx + j * TX]
-                    for i in range(TM):
-                        for j in range(TN):
-                            acc[i, j] = cuda.fma(ar[i], br[j], acc[i, j])
+                # The k loop unrolled by hand, 8 steps per pass (BK is 8 or 16): left
+                # to itself LLVM unrolls only 2, and straight-line steps let ptxas
+                # issue the next step's shared reads during this step's FMAs.
+                for k8 in range(0, BK, 8):
+                    ra0 = (cb * BK + k8) * PA + 4 * ty
+                    rb0 = (cb * BK + k8) * PB + 4 * tx
+                    _kstep(acc, fa, fb, As, Bs, ra0, rb0, TM, TN, SM, SN, SHV)
+                    _kstep(acc, fa, fb, As, Bs, ra0 + PA, rb0 + PB, TM, TN, SM, SN, SHV)
+                    _kstep(acc, fa, fb, As, Bs, ra0 + 2 * PA, rb0 + 2 * PB, TM, TN, SM, SN, SHV)
+                    _kstep(acc, fa, fb, As, Bs, ra0 + 3 * PA, rb0 + 3 * PB, TM, TN, SM, SN, SHV)
+                    _kstep(acc, fa, fb, As, Bs, ra0 + 4 * PA, rb0 + 4 * PB, TM, TN, SM, SN, SHV)
+                    _kstep(acc, fa, fb, As, Bs, ra0 + 5 * PA, rb0 + 5 * PB, TM, TN, SM, SN, SHV)
+                    _kstep(acc, fa, fb, As, Bs, ra0 + 6 * PA, rb0 + 6 * PB, TM, TN, SM, SN, SHV)
+                    _kstep(acc, fa, fb, As, Bs, ra0 + 7 * PA, rb0 + 7 * PB, TM, TN, SM, SN, SHV)
 
-            # ---- park the fetched tile in the other buffer
+            # ---- park the fetched tile in the other buffer (k-major)
             if nxt:
                 sb = (t + 1 - t_begin) & 1
-                if WIDE_A:
-                    for u in range(LA2):
-                        p = tid + u * NT
-                        if TRANS_A:
-                            mm = 2 * (p % HBM)
-                            kk = p // HBM
-                            As[sb, kk, mm] = ra[2 * u]
-                            As[sb, kk, mm + 1] = ra[2 * u + 1]
-                        else:
-                            kk = 2 * (p % HBK)
-                            mm = p // HBK
-                            As[sb, kk, mm] = ra[2 * u]
-                            As[sb, kk + 1, mm] = ra[2 * u + 1]
-                else:
-                    for u in range(LA):
-                        idx = tid + u * NT
-                        if TRANS_A:
-                            As[sb, idx // BM, idx % BM] = ra[u]
-                        else:
-                            As[sb, idx % BK, idx // BK] = ra[u]
-                if WIDE_B:
-                    for u in range(LB2):
-                        p = tid + u * NT
-                        if TRANS_B:
-                            kk = 2 * (p % HBK)
-                            nn = p // HBK
-                            Bs[sb, kk, nn] = rb[2 * u]
-                            Bs[sb, kk + 1, nn] = rb[2 * u + 1]
-                        else:
-                            nn = 2 * (p % HBN)
-                            kk = p // HBN
-                            Bs[sb, kk, nn] = rb[2 * u]
-                            Bs[sb, kk, nn + 1] = rb[2 * u + 1]
-                else:
-                    for u in range(LB):
-                        idx = tid + u * NT
-                        if TRANS_B:
-                            Bs[sb, idx % BK, idx // BK] = rb[u]
-                        else:
-                            Bs[sb, idx // BN, idx % BN] = rb[u]
+                _park(As, ra, sb * BK * PA, PA, a_row, a_col, UA, VA, OA, TRANS_A, SHV)
+                _park(Bs, rb, sb * BK * PB, PB, b_row, b_col, UB, VB, OB, not TRANS_B, SHV)
             cuda.syncthreads()
 
-        # ---- epilogue: guarded, coalesced stores (C is dense (S, NB, M, N))
+        # ---- epilogue: guarded stores (C is dense (S, NB, M, N))
         coff = (s * NB + b) * M * N
         for i in range(TM):
-            gm = m0 + ty + i * TY
+            gm = m0 + (i // 4) * SM + 4 * ty + i % 4
             if gm < M:
+                bv = zero
                 if HAS_BIAS:
-                    bv = bias[bi * sbias + gm]
-                    for j in range(TN):
-                        gn = n0 + tx + j * TX
-                        if gn < N:
-                            C[coff + gm * N + gn] = acc[i, j] + bv
-                else:  # (acc + 0 is not folded away: -0.0 + 0 is +0.0)
-                    for j in range(TN):
-                        gn = n0 + tx + j * TX
-                        if gn < N:
-                            C[coff + gm * N + gn] = acc[i, j]
+                    bv = bias[b_in * sbias + gm]
+                for j in range(TN):
+                    gn = n0 + (j // 4) * SN + 4 * tx + j % 4
+                    if gn < N:
+                        if HAS_BIAS:
+                            C[coff + gm * N + gn] = acc[i * TN + j] + bv
+                        else:  # (acc + 0 is not folded away: -0.0 + 0 is +0.0)
+                            C[coff + gm * N + gn] = acc[i * TN + j]
 
     return kernel
 
@@ -324,14 +369,18 @@ def choose_config(m: int, n: int, batch: int, rt: Runtime) -> str:
     return "small"
 
 
-def _wide_view(a: Any, contiguous_len: int, strides: tuple[int, ...], rt: Runtime) -> Any:
-    """``a`` viewed as complex (two floats per element) when pairs never straddle, else None."""
-    itemsize = a.dtype.itemsize
-    if contiguous_len % 2 or a.size % 2 or any(s % 2 for s in strides):
-        return None
-    if not rt.is_aligned(a, 2 * itemsize):
-        return None
-    return a.view(np.complex64 if itemsize == 4 else np.complex128)
+def _is_wide(
+    a: Any, width: int, contiguous_len: int, strides: tuple[int, ...], rt: Runtime
+) -> bool:
+    """Whether ``a`` may be fetched in aligned groups of ``width`` elements (vector loads).
+
+    Every group starts at a multiple of ``width`` from ``a``'s base (the
+    contiguous dimension and all batch strides are multiples of it) and never
+    straddles the end of a row, and the base is ``width * itemsize`` aligned.
+    """
+    if contiguous_len % width or any(s % width for s in strides):
+        return False
+    return rt.is_aligned(a, width * a.dtype.itemsize)
 
 
 def gemm(
@@ -373,14 +422,9 @@ def gemm(
     if splits > 1 and bias is not None:
         raise ValueError("gemm: split-K with a fused bias is not supported")
 
-    a_wide = _wide_view(a, m if trans_a else k, a_strides, rt)
-    b_wide = _wide_view(b, k if trans_b else n, b_strides, rt)
-    kernel = _gemm_kernel(
-        T, cfg, bool(trans_a), bool(trans_b), a_wide is not None, b_wide is not None,
-        bias is not None,
-    )
-    a_arg = a if a_wide is None else a_wide
-    b_arg = b if b_wide is None else b_wide
+    wide_a = _is_wide(a, vector_width(T, cfg, "a"), m if trans_a else k, a_strides, rt)
+    wide_b = _is_wide(b, vector_width(T, cfg, "b"), k if trans_b else n, b_strides, rt)
+    kernel = _gemm_kernel(T, cfg, bool(trans_a), bool(trans_b), wide_a, wide_b, bias is not None)
     out = c if splits == 1 else rt.empty(splits * batch * m * n, c.dtype)
     # Any array of T stands in for a missing bias (never read). Not ``c``: the
     # simulator copies each argument back after the launch, so an output passed
@@ -396,7 +440,7 @@ def gemm(
             nb = min(per_z, batch - b0)
             rt.launch(
                 kernel, (grid_x, gy, nb * splits), threads,
-                a_arg, b_arg, out, bias_arg, m, n, k, groups,
+                a, b, out, bias_arg, m, n, k, groups,
                 a_strides[0], a_strides[1], a_strides[2],
                 b_strides[0], b_strides[1], b_strides[2],
                 bias_stride, reduce, splits, batch, b0, mt0 * bm,
