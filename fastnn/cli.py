@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--limit-train", type=_positive_int, metavar="N", help="use the first N images")
     t.add_argument("--limit-test", type=_positive_int, metavar="N", help="test on the first N")
     t.add_argument("--threads", type=_positive_int, help="threads for the C++ kernels")
+    t.add_argument(
+        "--cuda-graph", action="store_true",
+        help="--device cuda: capture one training step as a CUDA graph and replay it "
+             "(falls back, with a note, where capture is unavailable)",
+    )
     bar = t.add_mutually_exclusive_group()
     bar.add_argument(
         "--progress",
@@ -166,6 +171,8 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(data_dir=args.data_dir, **given)
     if args.resume and not args.checkpoint:
         raise ValueError("--resume needs --checkpoint PATH")
+    if args.cuda_graph and config.device != "cuda":
+        raise ValueError("--cuda-graph needs --device cuda")
     train(
         config,
         checkpoint=args.checkpoint,
@@ -173,6 +180,7 @@ def _train(args: argparse.Namespace) -> int:
         metrics_json=args.metrics_json,
         progress=args.progress,
         explicit=set(given),
+        cuda_graph=args.cuda_graph,
     )
     return 0
 

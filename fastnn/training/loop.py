@@ -79,6 +79,7 @@ def train(
     explicit: Iterable[str] = (),
     out: TextIO | None = None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    cuda_graph: bool = False,
 ) -> TrainResult:
     """Train ``config.model`` on MNIST for ``config.epochs`` epochs (total, counting
     epochs done before a resume).
@@ -91,6 +92,8 @@ def train(
     ``metrics_json``: rewritten after every epoch with ``{"epochs": [...], ...}``.
     ``progress``: tqdm bar (None: only when stdout and stderr are TTYs).
     Prints one line per epoch and a classification report to ``out`` (stdout).
+    ``cuda_graph``: replay the fused cuda step as a CUDA graph (see
+    :func:`fastnn.training.run_epoch`).
     """
     out = out if out is not None else sys.stdout
 
@@ -168,6 +171,7 @@ def train(
             seed=config.seed,
             progress=show,
             desc=f"epoch {epoch + 1}/{config.epochs}",
+            cuda_graph=cuda_graph,
         )
         if sched is not None:
             sched.step()

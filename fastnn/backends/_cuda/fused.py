@@ -30,10 +30,14 @@ import functools
 import math
 from typing import Any
 
+import numba
 from numba import cuda, float64
 
-_TS = 16  # GEMM tile edge: 16 x 16 threads, one output each
-_NTH = 128  # threads of the reducing kernels (a power of two)
+# The simulator runs one Python thread per CUDA thread: smaller blocks there
+# keep the tests fast and still span several tiles.
+_SIM = bool(numba.config.ENABLE_CUDASIM)
+_TS = 8 if _SIM else 16  # GEMM tile edge: TS x TS threads, one output each
+_NTH = 32 if _SIM else 128  # threads of the reducing kernels (a power of two)
 
 
 def gemm_tiles(m: int, n: int) -> int:

@@ -20,11 +20,12 @@ import functools
 import math
 from typing import Any
 
+import numba
 from numba import cuda, float64
 
 from fastnn.backends._cuda.launch import BoundLaunch, ceil_div, runtime
 
-_THREADS = 256
+_THREADS = 64 if numba.config.ENABLE_CUDASIM else 256  # fewer Python threads when simulated
 
 #: Layout of ``hyper`` for each optimizer.
 ADAM_HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay")
