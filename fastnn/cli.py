@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="threads for the C++ kernels (under MPI: the machine's cores / its ranks)",
     )
     t.add_argument(
+        "--cuda-graph", action="store_true",
+        help="--device cuda: capture one training step as a CUDA graph and replay it "
+             "(falls back, with a note, where capture is unavailable)",
+    )
+    t.add_argument(
         "--nprocs",
         type=_positive_int,
         metavar="N",
@@ -182,6 +187,8 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(data_dir=args.data_dir, **given)
     if args.resume and not args.checkpoint:
         raise ValueError("--resume needs --checkpoint PATH")
+    if args.cuda_graph and config.device != "cuda":
+        raise ValueError("--cuda-graph needs --device cuda")
     train(
         config,
         checkpoint=args.checkpoint,
@@ -189,6 +196,7 @@ def _train(args: argparse.Namespace) -> int:
         metrics_json=args.metrics_json,
         progress=args.progress,
         explicit=set(given),
+        cuda_graph=args.cuda_graph,
     )
     return 0
 

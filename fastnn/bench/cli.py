@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--count-launches", action="store_true",
+                   help="with --ops train --backends cuda: kernel launches and host us per "
+                        "seed-model step (counted, not executed, under the CUDA simulator)")
     return p
 
 
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if not cases:
         print("fastnn bench: no cases selected", file=sys.stderr)
         return 2
+    if args.count_launches:
+        return _count_launches(args, ops)
     if args.list:
         for c in cases:
             print(f"{c.op:28s} {c.shape:32s} {','.join(c.tags)}")
@@ -175,6 +180,27 @@ def main(argv: list[str] | None = None) -> int:
         except (RuntimeError, ValueError) as exc:
             print(f"fastnn bench: {exc}", file=sys.stderr)
             return 1
+    return 0
+
+
+def _count_launches(args: argparse.Namespace, ops: list[str] | None) -> int:
+    """``--count-launches``: the cuda training step's launches and host time."""
+    from fastnn.bench import launches
+
+    if _split(args.backends) != ["cuda"] or not ops or not all(o.startswith("train") for o in ops):
+        print("fastnn bench: --count-launches needs --ops train --backends cuda", file=sys.stderr)
+        return 2
+    from fastnn.backends._cuda.launch import runtime_or_none
+
+    rt, why = runtime_or_none()  # a GPU, or Numba's simulator (NUMBA_ENABLE_CUDASIM=1)
+    if rt is None:
+        print(f"fastnn bench: the cuda backend is unavailable: {why}", file=sys.stderr)
+        return 2
+    doc = launches.count_train_launches()
+    print(launches.format_counts(doc))
+    if args.json:
+        report.write_json(args.json, {"count_launches": doc, "machine": machine_mod.machine_info()})
+        print(f"wrote {args.json}")
     return 0
 
 

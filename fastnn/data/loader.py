@@ -175,10 +175,11 @@ class DataLoader:
         cols = off[:, 1, None, None] + xp.arange(w)[None, None, :]
         return padded[xp.arange(b)[:, None, None], rows, cols]
 
-    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+    def _epoch_plan(self) -> tuple[Any, Any, int]:
+        """Start an epoch: (order on the device or None, shifts or None, stop)."""
         epoch = self.epoch
         self.epoch += 1
-        xp, n = self._xp, self.num_samples
+        n = self.num_samples
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(n) if self.shuffle else None
         shifts = (
@@ -186,13 +187,38 @@ class DataLoader:
             if self.augment_shift
             else None
         )
-        order_dev = xp.asarray(order) if order is not None else None
+        order_dev = self._xp.asarray(order) if order is not None else None
         stop = (n // self.batch_size) * self.batch_size if self.drop_last else n
+        return order_dev, shifts, stop
+
+    def _ranges(self, stop: int) -> Iterator[tuple[int, int]]:
+        """[start, end) of each batch in the epoch's order: with ``shard``, this
+        rank's share of each global batch."""
         for first in range(0, stop, self.batch_size):
             start, end = first, min(first + self.batch_size, stop)
             if self.shard[1] > 1:
                 lo, hi = share_bounds(end - start, *self.shard)
                 start, end = first + lo, first + hi
+            yield start, end
+
+    def index_batches(self) -> Iterator[Any]:
+        """Iterate over the rows of each batch instead of the batch: int64 index
+        arrays (device arrays for ``device="cuda"``) into the dataset, in the
+        order ``iter(self)`` would use (and advancing :attr:`epoch` the same way).
+        Augmentation is not applied: ValueError when ``augment_shift`` is set.
+        The fused cuda step reads the uint8 images through these rows."""
+        if self.augment_shift:
+            raise ValueError("index_batches: augment_shift must be 0")
+        order_dev, _, stop = self._epoch_plan()
+        if order_dev is None:
+            order_dev = self._xp.arange(self.num_samples, dtype=np.int64)
+        for start, end in self._ranges(stop):
+            yield order_dev[start:end]
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        order_dev, shifts, stop = self._epoch_plan()
+        xp = self._xp
+        for start, end in self._ranges(stop):
             if order_dev is None:
                 images = self._images[start:end]
                 labels = self._labels[start:end]

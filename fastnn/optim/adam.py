@@ -38,26 +38,55 @@ class Adam(Optimizer):
         if group["weight_decay"] < 0:
             raise ValueError(f"{name}: weight_decay must be >= 0, got {group['weight_decay']!r}")
 
-    def step(self) -> None:
-        """Update every parameter that has a gradient, in place."""
+    _flat_state = ("exp_avg", "exp_avg_sq")
+
+    def _param_step(self, g: dict[str, Any]) -> None:
         decoupled = self._decoupled
-        for g in self.param_groups:
-            lr, (b1, b2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]
-            for p in g["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                st = self.state.get(p)
-                if st is None:
-                    xp = _xp(p.data)
-                    st = self.state[p] = {
-                        "step": 0,
-                        "exp_avg": xp.zeros_like(p.data),
-                        "exp_avg_sq": xp.zeros_like(p.data),
-                    }
-                st["step"] += 1
-                F.adam_step(p.data, grad, st["exp_avg"], st["exp_avg_sq"], st["step"], lr,
-                            b1, b2, eps, wd, decoupled)
+        lr, (b1, b2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]
+        for p in g["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            st = self.state.get(p)
+            if st is None:
+                xp = _xp(p.data)
+                st = self.state[p] = {
+                    "step": 0,
+                    "exp_avg": xp.zeros_like(p.data),
+                    "exp_avg_sq": xp.zeros_like(p.data),
+                }
+            st["step"] += 1
+            F.adam_step(p.data, grad, st["exp_avg"], st["exp_avg_sq"], st["step"], lr,
+                        b1, b2, eps, wd, decoupled)
+
+    def _flat_group_step(self, layout: Any, grp: Any, g: dict[str, Any]) -> bool:
+        state = self.state
+        steps = {state[p]["step"] if p in state else 0 for p in grp.params}
+        if len(steps) != 1:
+            return False
+        for p in grp.params:
+            if p not in state:
+                sv = layout.views[p][2]
+                for v in sv.values():
+                    v[...] = 0
+                state[p] = {"step": 0, **sv}
+        layout.sync_step(grp, steps.pop())
+        lr, (b1, b2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]
+        layout.set_hyper(grp, (float(lr), b1, b2, float(eps), float(wd)))
+        key = (wd != 0 and not self._decoupled, wd != 0 and self._decoupled)
+
+        def bind(grp: Any) -> Any:
+            from fastnn.backends._cuda.multi_tensor import adam_launch
+
+            param, grad, st = layout.slices(grp)
+            return adam_launch(param, grad, st["exp_avg"], st["exp_avg_sq"], grp.hyper,
+                               grp.counter, *key)
+
+        layout.run(grp, key, bind)
+        grp.step += 1
+        for p in grp.params:
+            state[p]["step"] = grp.step
+        return True
 
 
 class AdamW(Adam):

@@ -22,6 +22,7 @@ import numpy as np
 
 from fastnn._array import to_host
 from fastnn.autograd import Tensor
+from fastnn.optim import flat
 
 __all__ = ["Optimizer", "l1_penalty"]
 
@@ -89,7 +90,60 @@ class Optimizer:
                 p.zero_grad(set_to_none)
 
     def step(self) -> None:
+        """Update every parameter that has a gradient, in place: one multi-tensor
+        launch per group on the cuda backend (:mod:`fastnn.optim.flat`), else
+        the per-parameter kernels."""
+        if self._flat_step():
+            return
+        for g in self.param_groups:
+            self._param_step(g)
+
+    #: names of the per-parameter state arrays the flat layout keeps (subclasses).
+    _flat_state: tuple[str, ...] = ()
+
+    def _param_step(self, group: dict[str, Any]) -> None:
+        """One step of ``group`` with the per-parameter kernels (subclasses)."""
         raise NotImplementedError
+
+    def _flat_group_step(self, layout: flat.FlatLayout, grp: Any, group: dict[str, Any]) -> bool:
+        """One multi-tensor step of ``group``; False: use :meth:`_param_step` (subclasses)."""
+        return False
+
+    def flat_layout(self) -> flat.FlatLayout | None:
+        """The flat buffers on the cuda backend (built on first use), or None where the
+        parameters cannot share one (mixed dtypes) or the arrays are not on it."""
+        params = self._all_params()
+        if not flat.wanted(params[0].data) or type(self)._flat_group_step is \
+                Optimizer._flat_group_step:
+            return None
+        layout = self.__dict__.get("_flat")
+        if layout is None or (layout and len(layout.views) != len(params)):
+            layout = flat.FlatLayout.build(self, self._flat_state) or False
+            self._flat = layout
+        if not layout:
+            return None
+        if not layout.is_intact(self):
+            layout.repair(self)
+        return layout
+
+    def _flat_step(self, launch: bool = True) -> bool:
+        """The multi-tensor step; ``launch=False`` does its host bookkeeping (state,
+        step counts, hyper-parameters on the device) without launching, for a
+        CUDA graph that replays the launch. False: not on the flat path."""
+        layout = self.flat_layout()
+        if layout is None:
+            return False
+        layout.launching = launch
+        try:
+            for grp, g in zip(layout.groups, self.param_groups):
+                if not (layout.gather_grads(grp) and self._flat_group_step(layout, grp, g)):
+                    if not launch:
+                        raise RuntimeError("the flat optimizer step cannot be replayed: "
+                                           "a group needs the per-parameter path")
+                    self._param_step(g)
+        finally:
+            layout.launching = True
+        return True
 
     # ---- state ------------------------------------------------------------
 

@@ -33,19 +33,40 @@ class SGD(Optimizer):
         if group["nesterov"] and group["momentum"] <= 0:
             raise ValueError("SGD: nesterov requires momentum > 0")
 
-    def step(self) -> None:
-        """Update every parameter that has a gradient, in place."""
-        for g in self.param_groups:
-            lr, mom, wd, nest = g["lr"], g["momentum"], g["weight_decay"], g["nesterov"]
-            for p in g["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                buf = None
-                if mom != 0:
-                    st = self.state.setdefault(p, {})
-                    buf = st.get("momentum_buffer")
-                    if buf is None:
-                        # Zeros make the first step buf = g, which is torch's clone(g).
-                        buf = st["momentum_buffer"] = _xp(p.data).zeros_like(p.data)
-                F.sgd_step(p.data, grad, buf, lr, mom, wd, nest)
+    _flat_state = ("momentum_buffer",)
+
+    def _param_step(self, g: dict[str, Any]) -> None:
+        lr, mom, wd, nest = g["lr"], g["momentum"], g["weight_decay"], g["nesterov"]
+        for p in g["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            buf = None
+            if mom != 0:
+                st = self.state.setdefault(p, {})
+                buf = st.get("momentum_buffer")
+                if buf is None:
+                    # Zeros make the first step buf = g, which is torch's clone(g).
+                    buf = st["momentum_buffer"] = _xp(p.data).zeros_like(p.data)
+            F.sgd_step(p.data, grad, buf, lr, mom, wd, nest)
+
+    def _flat_group_step(self, layout: Any, grp: Any, g: dict[str, Any]) -> bool:
+        lr, mom, wd, nest = g["lr"], g["momentum"], g["weight_decay"], g["nesterov"]
+        if mom != 0:
+            for p in grp.params:
+                st = self.state.setdefault(p, {})
+                if "momentum_buffer" not in st:
+                    v = layout.views[p][2]["momentum_buffer"]
+                    v[...] = 0
+                    st["momentum_buffer"] = v
+        layout.set_hyper(grp, (float(lr), float(mom), float(wd)))
+        key = (wd != 0, mom != 0, bool(nest))
+
+        def bind(grp: Any) -> Any:
+            from fastnn.backends._cuda.multi_tensor import sgd_launch
+
+            param, grad, st = layout.slices(grp)
+            return sgd_launch(param, grad, st["momentum_buffer"], grp.hyper, *key)
+
+        layout.run(grp, key, bind)
+        return True

@@ -106,6 +106,7 @@ def train(
     out: TextIO | None = None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     world: World | None = None,
+    cuda_graph: bool = False,
 ) -> TrainResult:
     """Train ``config.model`` on MNIST for ``config.epochs`` epochs (total, counting
     epochs done before a resume).
@@ -125,6 +126,8 @@ def train(
     follows the single-process trajectory (up to summation order; BatchNorm batch
     statistics are per rank, dropout masks differ). Only rank 0 prints, shows the
     bar and writes the checkpoint and metrics; evaluation is split across ranks.
+    ``cuda_graph``: replay the fused cuda step as a CUDA graph (see
+    :func:`fastnn.training.run_epoch`).
     """
     world = world if world is not None else distributed.init()
     out = out if out is not None else (sys.stdout if world.is_root else quiet_stream())
@@ -214,6 +217,7 @@ def train(
             seed=config.seed,
             progress=show,
             desc=f"epoch {epoch + 1}/{config.epochs}",
+            cuda_graph=cuda_graph,
         )
         stats = sum_epoch(world, stats)
         if sched is not None:

@@ -23,6 +23,8 @@ from fastnn.autograd import Tensor, no_grad
 from fastnn.data import DataLoader
 from fastnn.metrics import accuracy
 from fastnn.models import reseed_dropout
+from fastnn.training.cuda_graph import fused_graph_step
+from fastnn.training.cuda_step import fused_step_for
 
 __all__ = [
     "EpochStats",
@@ -49,8 +51,17 @@ def train_step(
     and ``x`` this rank's share of a batch of that many samples; the gradients
     are averaged over ranks, weighted by share. An empty share still takes part
     in the reduction and the step (returns None: no loss).
+
+    On the cuda backend, models and optimizers of the fused step's pattern
+    (:mod:`fastnn.training.cuda_step`, the ``seed`` preset among them) run as
+    eight launches with no autograd graph; the returned loss then has no
+    ``grad_fn``. (Not under ``global_batch``: the distributed step needs the
+    per-parameter gradient hooks.)
     """
     if global_batch is None:
+        fused = fused_step_for(model, opt)
+        if fused is not None:
+            return Tensor(fused.run(x, y))
         logits = model(Tensor(x))
     elif len(y) == 0:
         opt.zero_grad()
@@ -109,6 +120,7 @@ def run_epoch(
     max_steps: int | None = None,
     progress: bool = False,
     desc: str = "",
+    cuda_graph: bool = False,
 ) -> EpochStats:
     """Train ``model`` in train mode for one pass over ``loader`` with
     :func:`train_step`, every op under ``fastnn.backend(backend)``.
@@ -117,6 +129,9 @@ def run_epoch(
     for this epoch (from ``seed``), so a resumed run repeats the uninterrupted
     one; None continues the loader's own epoch counter. ``max_steps``: stop after
     that many batches (benchmarks). ``progress``: a tqdm bar titled ``desc``.
+    ``cuda_graph``: replay each step as a CUDA graph where the fused cuda step
+    applies (:mod:`fastnn.training.cuda_graph`; a one-line note where it cannot).
+    A sharded loader (MPI ranks) trains its share of each global batch.
     """
     if max_steps is not None and (
         isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1
@@ -127,35 +142,55 @@ def run_epoch(
         reseed_dropout(model, seed, epoch, stream=loader.shard[0])
     model.train()
     total = len(loader) if max_steps is None else min(len(loader), max_steps)
-    bar = _bar(loader, progress, total=total, desc=desc, unit="batch")
     loss_sum: Any = 0.0
     seen = steps = 0
     sharded = loader.shard[1] > 1
     t0 = time.perf_counter()
+    bar = None
     try:
         with fastnn.backend(backend):
-            for x, y in bar:
-                if sharded:
-                    loss = train_step(model, opt, x, y, global_batch=loader.global_batch_len(steps))
-                    if loss is None:
-                        steps += 1
-                        if steps == max_steps:
-                            break
-                        continue
+            # The fused cuda step trains on the loader's uint8 rows (no batch launches).
+            fused = None
+            if not (loader.augment_shift or sharded):
+                fused = fused_step_for(model, opt, loader)
+            if fused is not None and fused.images is not None:
+                step_fn = fused_graph_step(fused) if cuda_graph else fused.run_indices
+                fused.loss_acc[...] = 0
+                batches: Any = loader.index_batches()
+            else:
+                if cuda_graph:
+                    print("note: --cuda-graph: this model/optimizer/loader is outside the "
+                          "fused cuda step; running eagerly", file=sys.stderr)
+                fused, batches = None, loader
+            bar = _bar(batches, progress, total=total, desc=desc, unit="batch")
+            loss = None
+            for batch in bar:
+                if fused is not None:
+                    step_fn(batch)
+                    n = len(batch)
                 else:
-                    loss = train_step(model, opt, x, y)
-                # Summed on the device: reading the loss every step would sync a GPU.
-                loss_sum = loss_sum + loss.data.astype(np.float64) * len(y)
-                seen += len(y)
+                    x, y = batch
+                    if sharded:
+                        global_batch = loader.global_batch_len(steps)
+                        loss = train_step(model, opt, x, y, global_batch=global_batch)
+                    else:
+                        loss = train_step(model, opt, x, y)
+                    if loss is not None:  # None: this rank's share was empty
+                        # Summed on the device: reading the loss every step would sync a GPU.
+                        loss_sum = loss_sum + loss.data.astype(np.float64) * len(y)
+                    n = len(y)
+                seen += n
                 steps += 1
-                if progress and steps % 25 == 0:
+                if progress and steps % 25 == 0 and loss is not None:
                     bar.set_postfix(loss=f"{float(loss.data):.4f}")
                 if steps == max_steps:
                     break
+            if fused is not None:
+                loss_sum = fused.loss_acc[0]
         mean_loss = float(loss_sum) / max(seen, 1)  # syncs a GPU before the clock stops
         seconds = time.perf_counter() - t0
     finally:
-        if progress:
+        if progress and bar is not None:
             bar.close()
     return EpochStats(mean_loss, seen, steps, seconds)
 

@@ -12,6 +12,9 @@ Numba's CUDA simulator) is usable; :mod:`fastnn.backends.cuda` does that lazily.
 * ``conv``        -- im2col / col2im and a direct kernel for small-channel convs.
 * ``pool``        -- max and average pooling, forward and backward.
 * ``elementwise`` -- relu, softmax cross-entropy, SGD and Adam steps.
+* ``fused``       -- the fused training step's kernels (conv+ReLU+pool from
+  uint8, linear with bias/ReLU epilogues, one-kernel softmax-CE, backwards).
+* ``multi_tensor``-- one-launch Adam/SGD over flat buffers (graph-replayable).
 
 Kernels are generated per dtype and per compile-time configuration by small
 factory functions (``functools.lru_cache``-d), so every literal inside a kernel

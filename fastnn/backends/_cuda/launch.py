@@ -23,12 +23,28 @@ Kernel-writing rules for this package (each one fixes a real failure mode):
 Arrays cross into Numba through ``__cuda_array_interface__`` with
 ``sync=False``: by default Numba would synchronize the producer's stream on the
 host for every kernel argument, which would stall the CPU on every launch.
+
+Host cost. ``Runtime.launch`` converts every argument and lets Numba resolve
+the overload from the argument types on each call (tens of microseconds on a
+GPU). Hot paths that launch the same kernels on the same buffers every step
+(the fused training step, the multi-tensor optimizer) build a
+:class:`BoundLaunch` once instead: the device-array views are made once (and
+cached per buffer by :meth:`Runtime.device_view`), the compiled overload is
+picked once, the kernel arguments are marshalled once, and each call is a bare
+driver launch on the current stream.
+
+Launch recording. ``with rt.recording(execute=False) as rec:`` counts every
+launch (both paths) in ``rec`` without running it: that is how launches per
+training step and the Python cost of a step are measured without a GPU
+(``fastnn bench --count-launches``). ``execute=True`` counts and runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from fastnn._array import is_cupy
@@ -66,6 +82,10 @@ class Runtime:
         self.xp = xp
         self.num_sms = num_sms
         self._streams: dict[int, Any] = {}
+        self._views: dict[tuple, Any] = {}
+        #: Set by :meth:`recording`: the list launches are appended to, and
+        #: whether they also run.
+        self.record: LaunchRecord | None = None
 
     # -- arrays ------------------------------------------------------------
     def check(self, a: Any, name: str) -> None:
@@ -98,6 +118,44 @@ class Runtime:
             return a.data.ptr % nbytes == 0
         return a.ctypes.data % nbytes == 0
 
+    def device_view(self, a: Any) -> Any:
+        """Numba's device-array view of CuPy array ``a``, cached per buffer.
+
+        Keyed by (pointer, shape, strides, dtype): a view describes memory, not
+        an owner, so a buffer recycled by CuPy's pool at the same address and
+        layout reuses its view. The cache is bounded (cleared when it grows
+        past 4096 entries). Under the simulator arrays pass through.
+        """
+        if self.sim or not hasattr(a, "__cuda_array_interface__"):
+            return a
+        key = (a.data.ptr, a.shape, a.strides, a.dtype.char)
+        v = self._views.get(key)
+        if v is None:
+            if len(self._views) > 4096:
+                self._views.clear()
+            v = self._views[key] = self.cuda.as_cuda_array(a, sync=False)
+        return v
+
+    @contextlib.contextmanager
+    def recording(self, execute: bool = False) -> Iterator[LaunchRecord]:
+        """Count every kernel launch inside the block; run them only if ``execute``."""
+        prev = self.record
+        rec = self.record = LaunchRecord(execute)
+        try:
+            yield rec
+        finally:
+            self.record = prev
+
+    def _recorded(self, kernel: Any, grid: tuple[int, ...], block: Any,
+                  bound: BoundLaunch | None = None) -> bool:
+        """Note a launch when recording; True when it must not run."""
+        rec = self.record
+        if rec is None:
+            return False
+        rec.append((_kernel_name(kernel), grid, block))
+        rec.bound.append(bound)
+        return not rec.execute
+
     # -- launching ---------------------------------------------------------
     def stream(self) -> Any:
         """Numba's handle on CuPy's current stream (cached per stream pointer)."""
@@ -119,7 +177,7 @@ class Runtime:
         sync (see the module docstring); scalars pass through and are typed by
         Numba (pass ``T(value)`` for a float of the array's dtype).
         """
-        if min(grid) <= 0:
+        if min(grid) <= 0 or self._recorded(kernel, grid, block):
             return
         if self.sim:
             kernel[grid, block](*args)
@@ -130,6 +188,110 @@ class Runtime:
             for a in args
         ]
         kernel[grid, block, self.stream()](*dev_args)
+
+    def copy_into(self, dst: Any, src: Any) -> None:
+        """``dst[...] = src`` (same dtype and size, ``dst`` contiguous): one
+        device-to-device memcpy on the current stream, no kernel (recorded as a
+        copy in :meth:`recording`)."""
+        if dst.dtype != src.dtype or dst.size != src.size:
+            raise ValueError(f"copy_into: cannot copy {src.dtype}{tuple(src.shape)} into "
+                             f"{dst.dtype}{tuple(dst.shape)}")
+        rec = self.record
+        if rec is not None:
+            rec.copies += 1
+            if not rec.execute:
+                return
+        if self.sim:
+            dst.reshape(-1)[...] = src.reshape(-1)
+            return
+        if not src.flags.c_contiguous:
+            src = self.xp.ascontiguousarray(src)
+        dst.data.copy_from_device_async(src.data, src.nbytes)
+
+    def bind(self, kernel: Any, grid: tuple[int, ...], block: int | tuple[int, ...],
+             *args: Any) -> BoundLaunch:
+        """A :class:`BoundLaunch` of ``kernel[grid, block](*args)`` (see there)."""
+        return BoundLaunch(self, kernel, grid, block, args)
+
+
+class LaunchRecord(list):
+    """Launches seen inside :meth:`Runtime.recording`: ``(kernel name, grid, block)``."""
+
+    def __init__(self, execute: bool) -> None:
+        super().__init__()
+        self.execute = execute
+        self.copies = 0  # device-to-device copies (Runtime.copy_into)
+        #: the BoundLaunch of each entry (None for Runtime.launch): replayable.
+        self.bound: list[BoundLaunch | None] = []
+
+
+def _kernel_name(kernel: Any) -> str:
+    fn = getattr(kernel, "py_func", None) or getattr(kernel, "fn", None) or kernel
+    # Kernels come from factories: "_adam_kernel.<locals>.kernel" -> "_adam_kernel".
+    return getattr(fn, "__qualname__", type(kernel).__name__).split(".<locals>")[0]
+
+
+class BoundLaunch:
+    """One kernel launch whose grid, block and arguments are fixed once.
+
+    Calling it launches the kernel on CuPy's current stream. On a GPU the
+    compiled overload is chosen (and compiled, if the disk cache misses) at
+    construction, from the types of the cached device views, and the kernel
+    arguments are marshalled once: a call is one driver launch, with no
+    per-call typing or conversion. It relies on Numba's ``_Kernel`` internals
+    (``_prepare_args``, ``_codelibrary``); when they are missing (another
+    numba-cuda version) it falls back to an ordinary dispatcher launch on the
+    cached views, still without per-call conversion. Arguments must stay alive
+    and at the same address for the life of the launch (static buffers).
+    """
+
+    def __init__(self, rt: Runtime, kernel: Any, grid: tuple[int, ...],
+                 block: int | tuple[int, ...], args: tuple[Any, ...]) -> None:
+        self.rt = rt
+        self.kernel = kernel
+        self.grid = tuple(int(g) for g in grid)
+        self.block = block
+        self.args = args  # keeps the buffers alive
+        self.empty = min(self.grid) <= 0
+        self._dev_args = tuple(rt.device_view(a) for a in args)
+        self._fast: Any = None
+        self._launchers: dict[int, Any] = {}
+        if not rt.sim and not self.empty:
+            self._fast = self._prepare()
+
+    def _prepare(self) -> Any:
+        try:
+            from numba.cuda.cudadrv import driver
+
+            argtypes = tuple(self.kernel.typeof_pyval(a) for a in self._dev_args)
+            compiled = self.kernel.compile(argtypes)
+            kernelargs: list[Any] = []
+            retr: list[Any] = []
+            for t, v in zip(compiled.argument_types, self._dev_args):
+                compiled._prepare_args(t, v, 0, retr, kernelargs)
+            if retr:  # host arrays need write-back: not a static launch
+                return None
+            handle = compiled._codelibrary.get_cufunc().handle
+            block = self.block if isinstance(self.block, tuple) else (self.block,)
+            dims = (*self.grid, *(1,) * (3 - len(self.grid)), *block, *(1,) * (3 - len(block)))
+            return driver, handle, dims, kernelargs
+        except Exception:  # noqa: BLE001 - any mismatch: use the dispatcher path
+            return None
+
+    def __call__(self) -> None:
+        rt = self.rt
+        if self.empty or rt._recorded(self.kernel, self.grid, self.block, self):
+            return
+        if rt.sim:
+            self.kernel[self.grid, self.block](*self.args)
+            return
+        stream = rt.stream()
+        fast = self._fast
+        if fast is not None:
+            driver, handle, dims, kernelargs = fast
+            driver.launch_kernel(handle, *dims, 0, stream.handle, kernelargs)
+            return
+        self.kernel[self.grid, self.block, stream](*self._dev_args)
 
 
 def _probe() -> tuple[Runtime | None, str | None]:
