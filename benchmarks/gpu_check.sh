@@ -274,6 +274,8 @@ main() {
   stage install install
   if [ -f "$WORK/source-tree" ]; then
     export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+    # Running without the native module is the point of this fallback.
+    unset FASTNN_REQUIRE_NATIVE
     INSTALL_MODE="source-tree"
   else
     INSTALL_MODE="installed"
