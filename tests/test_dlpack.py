@@ -8,7 +8,11 @@ import pytest
 import fastnn.functional as F
 from fastnn._array import from_dlpack, wrap_like
 
-torch = pytest.importorskip("torch", reason="torch is not installed")
+try:
+    import torch
+except ImportError:  # the NumPy-producer tests still run
+    torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="torch is not installed")
 
 
 class Producer:
@@ -24,6 +28,7 @@ class Producer:
         return (self.device, 0)
 
 
+@needs_torch
 def test_torch_view_and_wrap_back_share_memory():
     t = torch.randn(3, 4)
     a = from_dlpack(t, "op", "x")
@@ -32,6 +37,7 @@ def test_torch_view_and_wrap_back_share_memory():
     assert isinstance(back, torch.Tensor) and back.data_ptr() == t.data_ptr()
 
 
+@needs_torch
 def test_round_trip_through_functional_shares_memory():
     # dropout in eval mode returns its input: torch -> NumPy view -> torch, one buffer.
     t = torch.randn(2, 3)
@@ -53,8 +59,10 @@ def test_numpy_in_numpy_out():
     assert type(F.max_pool2d(x, 2)) is np.ndarray
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@needs_torch
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_torch_in_torch_out_equals_torch(dtype):
+    dtype = getattr(torch, dtype)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 9, 8, dtype=dtype, generator=g)
     w = torch.randn(4, 3, 3, 3, dtype=dtype, generator=g)
@@ -75,18 +83,21 @@ def test_torch_in_torch_out_equals_torch(dtype):
     torch.testing.assert_close(F.linear(a, m, b), tf.linear(a, m, b), **tol)
 
 
+@needs_torch
 def test_mixed_torch_and_numpy_arguments_give_torch():
     x = torch.randn(3, 5)
     w = np.random.default_rng(1).standard_normal((2, 5)).astype(np.float32)
     assert type(F.linear(x, w)) is torch.Tensor
 
 
+@needs_torch
 def test_in_place_optimizer_step_updates_the_torch_tensor():
     p, g = torch.ones(4), torch.full((4,), 2.0)
     F.sgd_step(p, g, None, lr=0.25)
     torch.testing.assert_close(p, torch.full((4,), 0.5))
 
 
+@needs_torch
 def test_requires_grad_is_refused_with_a_pointer_to_fastnn_torch():
     x = torch.randn(2, 3, requires_grad=True)
     with pytest.raises(TypeError, match=r"relu: x .*requires grad.*fastnn\.torch"):
@@ -96,12 +107,13 @@ def test_requires_grad_is_refused_with_a_pointer_to_fastnn_torch():
 
 def test_bad_producers_raise_named_errors():
     with pytest.raises(TypeError, match="max_pool2d: x must be float32 or float64"):
-        F.max_pool2d(torch.ones(1, 1, 4, 4, dtype=torch.int64), 2)
+        F.max_pool2d(Producer(np.ones((1, 1, 4, 4), np.int64)), 2)
     with pytest.raises(TypeError, match="relu: x lives on DLPack device type 8"):
         F.relu(Producer(np.ones(3, np.float32), device=8))
 
 
 @pytest.mark.gpu
+@needs_torch
 def test_cuda_producers_share_memory_and_keep_their_kind():
     import cupy
 

@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import pytest
-
-from tests.conftest import PKG_ROOT
+from conftest import PKG_ROOT
 
 torch = pytest.importorskip("torch", reason="torch is not installed")
 import fastnn.torch  # noqa: E402,F401 - registers torch.ops.fastnn.*
