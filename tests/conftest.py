@@ -50,6 +50,14 @@ def pytest_configure(config: pytest.Config) -> None:
             "FASTNN_REQUIRE_NATIVE=1 but fastnn._C does not import: the C++ extension "
             "was not built/installed"
         )
+    if os.environ.get("FASTNN_REQUIRE_TORCH") == "1":
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            raise pytest.UsageError(
+                "FASTNN_REQUIRE_TORCH=1 but torch is not installed: fastnn.torch's tests "
+                "would skip (install torch==2.13.0)"
+            )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

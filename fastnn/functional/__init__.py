@@ -6,7 +6,11 @@ OIHW, ``linear`` weights (out_features, in_features). ``kernel_size``,
 two ints, accepted and rejected exactly as torch does (:mod:`fastnn.geometry`).
 Inputs may be NumPy arrays (C++ "cpu" backend), CuPy arrays ("cuda" backend),
 Python lists, or non-contiguous views; results are new C-contiguous arrays of
-the input's float dtype.
+the input's float dtype. Other DLPack producers (torch tensors, JAX arrays) are
+viewed without a copy (host memory as NumPy, CUDA memory as CuPy) and results
+come back as the first such argument's kind: torch in, torch out. A torch
+tensor that requires grad is a TypeError (no torch autograd is recorded here;
+``fastnn.torch`` has the differentiable ops).
 
 Every argument is validated here, before any native code runs: bad input raises
 ``ValueError`` or ``TypeError`` naming the argument. Backends then receive

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import numbers
 import sys
@@ -13,7 +14,10 @@ from typing import Any, Callable
 import numpy as np
 
 from fastnn._array import array_module as _xp
+from fastnn._array import from_dlpack as _from_dlpack
 from fastnn._array import is_cupy as _is_cupy
+from fastnn._array import is_dlpack_foreign as _is_dlpack_foreign
+from fastnn._array import wrap_like as _wrap_like
 from fastnn.backends import forced_backend, get_backend
 from fastnn.geometry import as_int as _int  # noqa: F401 - one home, re-exported here
 from fastnn.geometry import as_pair as _pair  # noqa: F401
@@ -50,21 +54,46 @@ def _is_tensor(a: Any) -> bool:
 
 
 def _tensor_aware(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Forward the call to the autograd handler when any argument is a Tensor."""
+    """Forward the call to the autograd handler when any argument is a Tensor; view
+    DLPack producers (torch tensors, JAX arrays) as NumPy/CuPy arrays and give the
+    results back as the first such argument's kind (torch in, torch out)."""
     name = fn.__name__
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if any(_is_tensor(a) for a in args) or any(_is_tensor(v) for v in kwargs.values()):
-            handler = _TENSOR_HANDLERS.get(name)
-            if handler is None:
-                raise TypeError(f"{name}: fastnn.Tensor inputs are not supported")
-            return handler(*args, **kwargs)
+        foreign = False
+        for a in (*args, *kwargs.values()) if kwargs else args:
+            t = type(a)
+            if t in _PLAIN_TYPES:
+                continue
+            if getattr(t, "_fastnn_tensor", False):
+                handler = _TENSOR_HANDLERS.get(name)
+                if handler is None:
+                    raise TypeError(f"{name}: fastnn.Tensor inputs are not supported")
+                return handler(*args, **kwargs)
+            foreign = foreign or _is_dlpack_foreign(a)
+        if foreign:
+            return _call_through_dlpack(fn, name, args, kwargs)
         return fn(*args, **kwargs)
 
     return wrapper
 
 
+def _call_through_dlpack(
+    fn: Callable[..., Any], op: str, args: tuple, kwargs: dict[str, Any]
+) -> Any:
+    """``fn`` on zero-copy NumPy/CuPy views of the DLPack arguments; the result
+    wrapped back as the first one's kind (the one wrap-back point)."""
+    params = list(inspect.signature(fn).parameters)
+    like = next(a for a in (*args, *kwargs.values()) if _is_dlpack_foreign(a))
+    args = tuple(
+        _from_dlpack(a, op, params[i] if i < len(params) else f"argument {i}")
+        if _is_dlpack_foreign(a) else a
+        for i, a in enumerate(args)
+    )
+    kwargs = {k: _from_dlpack(v, op, k) if _is_dlpack_foreign(v) else v
+              for k, v in kwargs.items()}
+    return _wrap_like(fn(*args, **kwargs), like)
 
 
 _warned_no_cpu = False

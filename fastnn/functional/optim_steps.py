@@ -14,6 +14,7 @@ from fastnn.functional._args import (
     _int,
     _is_cupy,
     _pick_backend,
+    _tensor_aware,
 )
 
 # --------------------------------------------------------------------------
@@ -49,6 +50,7 @@ def _finite(op: str, **values: float) -> None:
             raise ValueError(f"{op}: {name} must be a finite number, got {v!r}")
 
 
+@_tensor_aware
 def sgd_step(
     param: Array,
     grad: Array,
@@ -71,6 +73,7 @@ def sgd_step(
     )
 
 
+@_tensor_aware
 def adam_step(
     param: Array,
     grad: Array,

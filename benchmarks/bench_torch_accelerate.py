@@ -1,0 +1,182 @@
+"""The seed model in plain PyTorch vs the same model after ``fastnn.torch.accelerate``.
+
+Both start from the same weights (``torch.manual_seed(0)``), see the same batches
+in the same order (batch 128, Adam lr 1e-3) and train ``--epochs`` MNIST epochs,
+interleaved every ``CHUNK`` batches so load changes on a shared machine hit both
+alike. Reports each epoch's wall time, the per-epoch speedup (median of the
+pairs), the test accuracy after the last epoch, and one more epoch of three fresh
+models interleaved: torch, accelerated, and accelerated under
+``torch.compile(fullgraph=True)`` (inductor; compile time reported separately).
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE PYTHONPATH=$PWD \\
+        python benchmarks/bench_torch_accelerate.py --epochs 5 --md out.md
+
+Needs torch and the MNIST files (``$FASTNN_DATA_DIR``; never downloaded here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import numpy as np
+import torch
+
+import fastnn
+import fastnn.torch as ft
+from fastnn.data.loader import MNIST_MEAN, MNIST_STD
+from fastnn.data.mnist import load_mnist
+
+BATCH = 128
+CHUNK = 10  # batches per turn when runs are interleaved
+
+
+def seed_model() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(32 * 13 * 13, 128), nn.ReLU(), nn.Linear(128, 10),
+    )
+
+
+def tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    x = (images.astype(np.float32) / 255.0 - MNIST_MEAN) / MNIST_STD
+    return torch.from_numpy(x.reshape(-1, 1, 28, 28)), torch.from_numpy(labels.astype(np.int64))
+
+
+class Run:
+    """A model, its optimizer and its per-epoch times."""
+
+    def __init__(self, name: str, model: torch.nn.Module, forward=None) -> None:
+        self.name, self.model = name, model
+        self.forward = forward or model
+        self.opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        self.times: list[float] = []
+
+    def step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(self.forward(xb), yb).backward()
+        self.opt.step()
+
+    @torch.no_grad()
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.model.eval()
+        hits = sum(int((self.model(x[i:i + 1000]).argmax(1) == y[i:i + 1000]).sum())
+                   for i in range(0, x.shape[0], 1000))
+        return 100.0 * hits / x.shape[0]
+
+
+def interleaved_epoch(runs: list[Run], x: torch.Tensor, y: torch.Tensor, epoch: int) -> None:
+    """One epoch for each run, same batch order, interleaved every CHUNK batches
+    (rotating who goes first), so load changes on a shared machine hit all runs
+    alike; each run's epoch time is the sum of its chunks."""
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(epoch))
+    starts = list(range(0, x.shape[0], BATCH))
+    spent = [0.0] * len(runs)
+    for r in runs:
+        r.model.train()
+    for c, first in enumerate(range(0, len(starts), CHUNK)):
+        for k in range(len(runs)):
+            j = (k + c) % len(runs)
+            t0 = time.perf_counter()
+            for i in starts[first:first + CHUNK]:
+                idx = order[i:i + BATCH]
+                runs[j].step(x[idx], y[idx])
+            spent[j] += time.perf_counter() - t0
+    for r, t in zip(runs, spent):
+        r.times.append(t)
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines()
+                    if ln.startswith("Model name"))
+    except Exception:  # noqa: BLE001 - no lscpu
+        return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile run")
+    ap.add_argument("--md", help="also write the markdown table here")
+    ap.add_argument("--limit", type=int, help="train on the first N images (a smoke run)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    fastnn.set_num_threads(args.threads)
+
+    data = load_mnist(download=False)
+    x, y = tensors(data.train_images[:args.limit], data.train_labels[:args.limit])
+    xt, yt = tensors(data.test_images, data.test_labels)
+    plain = Run("torch", seed_model())
+    accel_model = copy.deepcopy(plain.model)
+    report = ft.accelerate(accel_model)
+    print(report)
+    accel = Run("torch + accelerate", accel_model)
+    load = [os.getloadavg()[0]]
+    for e in range(args.epochs):
+        interleaved_epoch([plain, accel], x, y, e)
+        print(f"epoch {e + 1}: torch {plain.times[-1]:.2f} s, accelerated "
+              f"{accel.times[-1]:.2f} s", flush=True)
+        load.append(os.getloadavg()[0])
+    ratios = [p / a for p, a in zip(plain.times, accel.times)]
+    acc = {r.name: r.accuracy(xt, yt) for r in (plain, accel)}
+
+    rows = [
+        ("torch (eager)", statistics.median(plain.times), acc["torch"], "1.00x"),
+        ("torch + fastnn.torch.accelerate (eager)", statistics.median(accel.times),
+         acc["torch + accelerate"], f"{statistics.median(ratios):.2f}x"),
+    ]
+    compile_note = ""
+    if not args.no_compile:
+        # A fresh epoch of three fresh models, interleaved the same way: torch, the
+        # accelerated model, and the accelerated model compiled.
+        fresh = [Run("torch", seed_model()), Run("eager", seed_model())]
+        ft.accelerate(fresh[1].model)
+        model = seed_model()
+        ft.accelerate(model)
+        compiled = Run("compiled", model, torch.compile(model, fullgraph=True))
+        t0 = time.perf_counter()
+        compiled.step(x[:BATCH], y[:BATCH])  # the compile itself, timed apart
+        compile_s = time.perf_counter() - t0
+        interleaved_epoch([*fresh, compiled], x, y, 0)
+        t_torch, t_eager, dt = fresh[0].times[0], fresh[1].times[0], compiled.times[0]
+        rows.append(("torch + accelerate + torch.compile(fullgraph=True), 1 epoch", dt,
+                     compiled.accuracy(xt, yt), f"{t_torch / dt:.2f}x"))
+        compile_note = (f"Compiled: a separate epoch of fresh models, interleaved: torch "
+                        f"{t_torch:.2f} s, accelerated eager {t_eager:.2f} s "
+                        f"({t_torch / t_eager:.2f}x), accelerated compiled {dt:.2f} s; "
+                        f"inductor compile {compile_s:.1f} s before the first step (not in "
+                        f"the epoch); its accuracy is after that single epoch.")
+        load.append(os.getloadavg()[0])
+
+    lines = [
+        f"CPU: {cpu_name()}, {args.threads} threads (torch.set_num_threads and "
+        f"fastnn.set_num_threads), torch {torch.__version__}; 1-minute load average "
+        f"{min(load):.1f}-{max(load):.1f} during the run.",
+        "",
+        "| model | s / epoch (median) | test accuracy after the epochs | speedup vs torch |",
+        "| --- | ---: | ---: | ---: |",
+        *(f"| {n} | {t:.2f} | {a:.2f}% | {s} |" for n, t, a, s in rows),
+        "",
+        f"{args.epochs} epochs each, interleaved every {CHUNK} batches; per-epoch ratios "
+        f"{', '.join(f'{r:.2f}' for r in ratios)} (speedup = median ratio). "
+        f"Accuracy difference {acc['torch + accelerate'] - acc['torch']:+.2f} points. "
+        f"{compile_note}",
+    ]
+    print("\n".join(lines))
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

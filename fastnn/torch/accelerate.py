@@ -1,0 +1,125 @@
+"""``accelerate(model)``: put fastnn's kernels into an existing torch model, in place.
+
+Modules are converted by changing their class to the fastnn subclass: the
+module object, its parameters, buffers, hooks and ``state_dict`` keys stay the
+same, so optimizers built before the call keep working. Inside an
+``nn.Sequential``, a Conv2d -> ReLU -> MaxPool2d run becomes one
+:class:`~fastnn.torch.nn.Conv2dReLUMaxPool2d` (the conv's object) followed by
+two ``nn.Identity`` (the Sequential's length and indices, hence its
+``state_dict`` keys, are unchanged). Only exact instances of the torch classes
+are converted: a subclass may override ``forward``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fastnn.torch import nn as fnn
+
+__all__ = ["AccelerateReport", "accelerate"]
+
+# torch class -> fastnn class
+_SWAPS: dict[type, type] = {
+    torch.nn.Conv2d: fnn.Conv2d,
+    torch.nn.MaxPool2d: fnn.MaxPool2d,
+    torch.nn.AvgPool2d: fnn.AvgPool2d,
+    torch.nn.Linear: fnn.Linear,
+}
+_FLOATS = (torch.float32, torch.float64)
+
+
+@dataclass
+class AccelerateReport:
+    """What :func:`accelerate` did: ``swapped`` (name, torch class, fastnn class),
+    ``fused`` (names of the conv, ReLU and pool), ``skipped`` (name, reason)."""
+
+    swapped: list[tuple[str, str, str]] = field(default_factory=list)
+    fused: list[tuple[str, str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"fastnn.torch.accelerate: {len(self.swapped)} swapped, "
+                 f"{len(self.fused)} fused, {len(self.skipped)} left to torch"]
+        lines += [f"  fused    {c} + {r} + {p} -> Conv2dReLUMaxPool2d" for c, r, p in self.fused]
+        lines += [f"  swapped  {n or '<model>'}: {a} -> fastnn.torch.nn.{b}"
+                  for n, a, b in self.swapped]
+        lines += [f"  skipped  {n or '<model>'}: {why}" for n, why in self.skipped]
+        return "\n".join(lines)
+
+
+def _why_not(module: torch.nn.Module) -> str | None:
+    """Why fastnn cannot run ``module`` (an exact instance of a supported class), or None."""
+    params = list(module.parameters(recurse=False))
+    bad = [p.dtype for p in params if p.dtype not in _FLOATS]
+    if bad:
+        return f"dtype {bad[0]} (fastnn runs float32 and float64)"
+    if any(p.device.type not in ("cpu", "cuda") for p in params):
+        return f"device {params[0].device}"
+    if isinstance(module, torch.nn.Conv2d) and fnn.conv_padding(module) is None:
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} (fastnn pads with zeros)"
+        return "padding='same' with an even dilated kernel (asymmetric padding)"
+    return None
+
+
+def _has_hooks(m: torch.nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None))
+
+
+def _fuse_sequentials(model: torch.nn.Module, report: AccelerateReport) -> None:
+    for name, seq in model.named_modules():
+        if not isinstance(seq, torch.nn.Sequential):
+            continue
+        keys = list(seq._modules)
+        i = 0
+        while i + 2 < len(keys):
+            conv, relu, pool = (seq._modules[k] for k in keys[i:i + 3])
+            if (type(conv) in (torch.nn.Conv2d, fnn.Conv2d) and type(relu) is torch.nn.ReLU
+                    and type(pool) is torch.nn.MaxPool2d and not pool.return_indices
+                    and _why_not(conv) is None and not _has_hooks(relu)
+                    and not _has_hooks(pool)):
+                conv.__class__ = fnn.Conv2dReLUMaxPool2d
+                conv.set_pool(pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                              pool.ceil_mode)
+                seq._modules[keys[i + 1]] = torch.nn.Identity()
+                seq._modules[keys[i + 2]] = torch.nn.Identity()
+                report.fused.append(tuple(f"{name}.{k}" if name else k for k in keys[i:i + 3]))
+                i += 3
+            else:
+                i += 1
+
+
+def accelerate(model: torch.nn.Module, verbose: bool = False) -> AccelerateReport:
+    """Swap every supported module of ``model`` for its fastnn version, in place.
+
+    Supported: ``Conv2d``, ``MaxPool2d``, ``AvgPool2d``, ``Linear`` (exact
+    classes, float32/float64 parameters, zero padding); Conv2d -> ReLU ->
+    MaxPool2d runs inside ``nn.Sequential`` are fused. Everything else is left
+    to torch and listed in the report's ``skipped`` with the reason. Calls the
+    swapped modules cannot run exactly (other dtypes or devices at run time)
+    still fall back to torch's forward. Returns the report (printed when
+    ``verbose``). Calling it twice changes nothing more.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"accelerate: model must be a torch.nn.Module, got {type(model).__name__}")
+    report = AccelerateReport()
+    _fuse_sequentials(model, report)
+    for name, m in model.named_modules():
+        target = _SWAPS.get(type(m))
+        if target is None:
+            if type(m).__module__ != fnn.__name__ and isinstance(m, tuple(_SWAPS)):
+                report.skipped.append((name, f"{type(m).__name__} subclasses a torch module "
+                                             "and may override forward"))
+            continue
+        why = _why_not(m)
+        if why is not None:
+            report.skipped.append((name, f"{type(m).__name__}: {why}"))
+            continue
+        report.swapped.append((name, type(m).__name__, target.__name__))
+        m.__class__ = target
+    if verbose:
+        print(report)
+    return report

@@ -1,0 +1,192 @@
+"""fastnn.torch.nn drop-in modules, fastnn.torch.accelerate and torch.compile."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed")
+import fastnn.torch as ft  # noqa: E402
+from fastnn.torch import nn as fnn  # noqa: E402
+
+tnn = torch.nn
+
+
+def seed_model() -> torch.nn.Sequential:
+    """The seed model from plain torch modules."""
+    torch.manual_seed(0)
+    return tnn.Sequential(
+        tnn.Conv2d(1, 32, 3), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Flatten(),
+        tnn.Linear(32 * 13 * 13, 128), tnn.ReLU(), tnn.Linear(128, 10),
+    )
+
+
+def _calls(monkeypatch) -> dict[str, int]:
+    """Count the fastnn ops a forward reaches (to tell fastnn from the fallback)."""
+    counts: dict[str, int] = {}
+    import fastnn.functional as F
+
+    for name in ("conv2d", "conv2d_relu_max_pool2d", "max_pool2d", "avg_pool2d", "linear"):
+        real = getattr(F, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(F, name, spy)
+    return counts
+
+
+MODULES = [
+    (tnn.Conv2d, fnn.Conv2d, dict(in_channels=4, out_channels=6, kernel_size=3, stride=2,
+                                  padding=1, dilation=1, groups=2), (2, 4, 9, 9)),
+    (tnn.Conv2d, fnn.Conv2d, dict(in_channels=3, out_channels=4, kernel_size=(3, 1),
+                                  padding="same", bias=False), (2, 3, 7, 6)),
+    (tnn.MaxPool2d, fnn.MaxPool2d, dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+     (2, 3, 8, 9)),
+    (tnn.MaxPool2d, fnn.MaxPool2d, dict(kernel_size=2, return_indices=True), (2, 3, 8, 9)),
+    (tnn.AvgPool2d, fnn.AvgPool2d, dict(kernel_size=3, stride=2, padding=1,
+                                        count_include_pad=False, divisor_override=None),
+     (2, 3, 8, 9)),
+    (tnn.Linear, fnn.Linear, dict(in_features=7, out_features=5), (3, 4, 7)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("torch_cls,fast_cls,kwargs,shape", MODULES)
+def test_drop_in_module_equals_torch(torch_cls, fast_cls, kwargs, shape, dtype, monkeypatch):
+    ref = torch_cls(**kwargs).to(dtype)
+    mod = fast_cls(**kwargs).to(dtype)
+    mod.load_state_dict(ref.state_dict())
+    assert list(mod.state_dict()) == list(ref.state_dict())
+    counts = _calls(monkeypatch)
+    x = torch.randn(*shape, dtype=dtype)
+    xr = x.clone().requires_grad_()
+    x.requires_grad_()
+    got, want = mod(x), ref(xr)
+    assert sum(counts.values()) == 1  # fastnn ran, not the fallback
+    got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol)
+    got[0].sum().backward()
+    want[0].sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, **tol)
+    for (n, p), (_, q) in zip(mod.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **tol, msg=n)
+
+
+@pytest.mark.parametrize(
+    "module,x",
+    [
+        (fnn.Conv2d(2, 3, 3, padding_mode="reflect", padding=1), torch.randn(1, 2, 6, 6)),
+        (fnn.Conv2d(2, 3, 2, padding="same"), torch.randn(1, 2, 6, 6)),  # asymmetric
+        (fnn.Conv2d(2, 3, 3).to(torch.bfloat16), torch.randn(1, 2, 6, 6, dtype=torch.bfloat16)),
+        (fnn.MaxPool2d(2), torch.randn(1, 2, 6, 6, dtype=torch.float16)),
+        (fnn.AvgPool2d(2), torch.randn(1, 2, 6, 6, dtype=torch.bfloat16)),
+        (fnn.Linear(4, 3), torch.randn(2, 4).double()),  # dtype mismatch: torch's error
+    ],
+    ids=["reflect", "same-even", "conv-bf16", "maxpool-f16", "avgpool-bf16", "mixed-dtype"],
+)
+def test_unsupported_calls_fall_back_to_torch(module, x, monkeypatch):
+    counts = _calls(monkeypatch)
+    base = next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn"))
+    try:
+        want = base.forward(module, x)
+    except RuntimeError as exc:  # torch rejects it: so must the module, the same way
+        with pytest.raises(RuntimeError, match=re.escape(str(exc)[:30])):
+            module(x)
+    else:
+        torch.testing.assert_close(module(x), want)
+    assert counts == {}
+
+
+def test_accelerate_seed_model_in_place():
+    model = seed_model()
+    x = torch.randn(6, 1, 28, 28)
+    want = model(x)
+    keys = model.state_dict()
+    params = [id(p) for p in model.parameters()]
+    report = ft.accelerate(model)
+    assert report.fused == [("0", "1", "2")]
+    assert [s[0] for s in report.swapped] == ["4", "6"]
+    assert report.skipped == []
+    assert type(model[0]) is fnn.Conv2dReLUMaxPool2d
+    assert isinstance(model[1], tnn.Identity) and isinstance(model[2], tnn.Identity)
+    assert type(model[4]) is fnn.Linear
+    assert [id(p) for p in model.parameters()] == params  # optimizers stay valid
+    assert list(model.state_dict()) == list(keys)
+    torch.testing.assert_close(model(x), want)
+    assert "1 fused" in str(report)
+    assert ft.accelerate(model).swapped == []  # idempotent
+
+
+def test_accelerate_leaves_what_it_cannot_handle_and_says_why():
+    class MyConv(tnn.Conv2d):
+        pass
+
+    model = tnn.Sequential(
+        tnn.Conv2d(1, 2, 3, padding=1, padding_mode="circular"), tnn.ReLU(), tnn.MaxPool2d(2),
+        MyConv(2, 2, 1), tnn.Linear(3, 3).to(torch.bfloat16), tnn.AvgPool2d(2),
+        tnn.Sequential(tnn.Conv2d(2, 2, 1), tnn.ReLU(), tnn.MaxPool2d(2, return_indices=True)),
+    )
+    report = ft.accelerate(model)
+    skipped = dict(report.skipped)
+    assert "padding_mode='circular'" in skipped["0"]
+    assert "subclasses" in skipped["3"]
+    assert "bfloat16" in skipped["4"]
+    assert report.fused == []  # circular padding, and a pool that returns indices
+    assert type(model[0]) is tnn.Conv2d and type(model[3]) is MyConv
+    assert type(model[4]) is tnn.Linear and type(model[5]) is fnn.AvgPool2d
+    assert type(model[6][0]) is fnn.Conv2d and type(model[6][2]) is fnn.MaxPool2d
+
+
+def test_accelerate_keeps_hooked_relu_unfused():
+    model = seed_model()
+    seen = []
+    model[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    report = ft.accelerate(model)
+    assert report.fused == [] and type(model[0]) is fnn.Conv2d
+    model(torch.randn(2, 1, 28, 28))
+    assert seen == [torch.Size([2, 32, 26, 26])]
+
+
+def test_accelerate_rejects_non_modules():
+    with pytest.raises(TypeError, match="model"):
+        ft.accelerate([tnn.Linear(2, 2)])
+
+
+def test_accelerated_model_trains_like_torch():
+    ref = seed_model()
+    model = copy.deepcopy(ref)
+    ft.accelerate(model)
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in (ref, model)]
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        x, y = torch.randn(16, 1, 28, 28, generator=gen), torch.randint(0, 10, (16,),
+                                                                       generator=gen)
+        for m, opt in zip((ref, model), opts):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_fullgraph_equals_eager():
+    # backend="aot_eager" traces exactly what inductor sees (dynamo graph, fake
+    # tensors, the joint forward/backward graph) without its C++ build, which takes
+    # ~30 s here; benchmarks/bench_torch_accelerate.py runs the inductor build.
+    model = seed_model()
+    ft.accelerate(model)
+    twin = copy.deepcopy(model)
+    x = torch.randn(8, 1, 28, 28)
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    want, got = model(x), compiled(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    want.sum().backward()
+    got.sum().backward()
+    for p, q in zip(twin.parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
