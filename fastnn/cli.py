@@ -272,11 +272,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("FASTNN_DEBUG") == "1":
             raise
         msg = str(exc) or type(exc).__name__
-        where = f"[rank {world.rank}/{world.size}] " if world is not None and world.size > 1 else ""
+        multi = world is not None and world.size > 1
+        if multi and getattr(exc, "collective", False):
+            # Every rank raised this together: rank 0 says it once, and all end
+            # normally. (MPI_Abort could kill the launcher's output forwarding
+            # before the message got through.)
+            if world.rank == 0:
+                sys.stderr.write(f"fastnn: error: {msg}\n")
+                sys.stderr.flush()
+            return 1
+        where = f"[rank {world.rank}/{world.size}] " if multi else ""
         # One write: lines from several ranks sharing stderr must not interleave.
         sys.stderr.write(f"fastnn: error: {where}{msg}\n")
         sys.stderr.flush()
-        if world is not None and world.size > 1:
+        if multi:
             # The other ranks may be waiting in a collective: end them too.
             world.abort(1)
         return 1

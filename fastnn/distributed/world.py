@@ -29,7 +29,15 @@ _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 class DistributedError(RuntimeError):
-    """MPI is missing, or the ranks of a job disagree or stopped answering."""
+    """MPI is missing, or the ranks of a job disagree or stopped answering.
+
+    ``collective``: every rank raised it at the same point (a check on gathered
+    values), so no rank waits in a collective and the job can end normally.
+    """
+
+    def __init__(self, message: str, *, collective: bool = False) -> None:
+        super().__init__(message)
+        self.collective = collective
 
 
 def launched_size() -> int | None:
@@ -110,7 +118,8 @@ class World:
                 diffs.append(f"{key} ({per_rank})")
         if diffs:
             raise DistributedError(
-                f"the {self.size} ranks were started with different {what}: " + "; ".join(diffs)
+                f"the {self.size} ranks were started with different {what}: " + "; ".join(diffs),
+                collective=True,
             )
 
 
