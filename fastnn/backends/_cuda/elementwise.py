@@ -146,24 +146,52 @@ def _softmax_ce_kernels(T: Any) -> tuple[Any, Any]:
     return rows, mean
 
 
+# One element of each optimizer update, shared by these per-array kernels and
+# the multi-tensor kernels (multi_tensor.py). Module-level device functions, not
+# closures: a captured dispatcher would change Numba's on-disk cache key in every
+# process. The flags are constants in every caller, so NVVM folds the branches.
+@cuda.jit(device=True)
+def sgd_update(param, grad, buf, i, lr, momentum, wd, has_wd, has_momentum, nesterov):
+    p = param[i]
+    g = grad[i]
+    if has_wd:
+        g = g + wd * p
+    if has_momentum:
+        b = momentum * buf[i]
+        b = b + g
+        buf[i] = b
+        if nesterov:
+            g = g + momentum * b
+        else:
+            g = b
+    param[i] = p - lr * g
+
+
+@cuda.jit(device=True)
+def adam_update(param, grad, m, v, i, wd, shrink, beta1, one_m_b1, beta2, one_m_b2,
+                step_size, bc2_sqrt, eps, l2, decoupled):
+    p = param[i]
+    g = grad[i]
+    if decoupled:
+        p = p * shrink  # AdamW: p *= 1 - lr*wd before the update
+    if l2:
+        g = g + wd * p
+    mi = beta1 * m[i]
+    mi = mi + one_m_b1 * g
+    vi = beta2 * v[i]
+    vi = vi + one_m_b2 * g * g
+    m[i] = mi
+    v[i] = vi
+    denom = math.sqrt(vi) / bc2_sqrt + eps
+    param[i] = p - step_size * mi / denom
+
+
 @functools.cache
 def _sgd_kernel(T: Any, HAS_WD: bool, HAS_MOMENTUM: bool, NESTEROV: bool) -> Any:
     @cuda.jit(cache=True)
     def kernel(param, grad, buf, n, lr, momentum, wd):
         for i in range(cuda.grid(1), n, cuda.gridsize(1)):
-            p = param[i]
-            g = grad[i]
-            if HAS_WD:
-                g = g + wd * p
-            if HAS_MOMENTUM:
-                b = momentum * buf[i]
-                b = b + g
-                buf[i] = b
-                if NESTEROV:
-                    g = g + momentum * b
-                else:
-                    g = b
-            param[i] = p - lr * g
+            sgd_update(param, grad, buf, i, lr, momentum, wd, HAS_WD, HAS_MOMENTUM, NESTEROV)
 
     return kernel
 
@@ -174,20 +202,8 @@ def _adam_kernel(T: Any, L2: bool, DECOUPLED: bool) -> Any:
     def kernel(param, grad, m, v, n, wd, shrink, beta1, one_m_b1, beta2, one_m_b2,
                step_size, bc2_sqrt, eps):
         for i in range(cuda.grid(1), n, cuda.gridsize(1)):
-            p = param[i]
-            g = grad[i]
-            if DECOUPLED:
-                p = p * shrink  # AdamW: p *= 1 - lr*wd before the update
-            if L2:
-                g = g + wd * p
-            mi = beta1 * m[i]
-            mi = mi + one_m_b1 * g
-            vi = beta2 * v[i]
-            vi = vi + one_m_b2 * g * g
-            m[i] = mi
-            v[i] = vi
-            denom = math.sqrt(vi) / bc2_sqrt + eps
-            param[i] = p - step_size * mi / denom
+            adam_update(param, grad, m, v, i, wd, shrink, beta1, one_m_b1, beta2, one_m_b2,
+                        step_size, bc2_sqrt, eps, L2, DECOUPLED)
 
     return kernel
 

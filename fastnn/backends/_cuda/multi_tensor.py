@@ -23,6 +23,7 @@ from typing import Any
 import numba
 from numba import cuda, float64
 
+from fastnn.backends._cuda.elementwise import adam_update, sgd_update
 from fastnn.backends._cuda.launch import BoundLaunch, ceil_div, runtime
 
 _THREADS = 64 if numba.config.ENABLE_CUDASIM else 256  # fewer Python threads when simulated
@@ -50,20 +51,8 @@ def _adam_kernel(T: Any, L2: bool, DECOUPLED: bool) -> Any:
         wd = T(hyper[4])
         shrink = T(float64(1) - lr * hyper[4])
         for i in range(cuda.grid(1), n, cuda.gridsize(1)):
-            p = param[i]
-            g = grad[i]
-            if DECOUPLED:
-                p = p * shrink
-            if L2:
-                g = g + wd * p
-            mi = beta1 * m[i]
-            mi = mi + one_m_b1 * g
-            vi = beta2 * v[i]
-            vi = vi + one_m_b2 * g * g
-            m[i] = mi
-            v[i] = vi
-            denom = math.sqrt(vi) / bc2_sqrt + eps
-            param[i] = p - step_size * mi / denom
+            adam_update(param, grad, m, v, i, wd, shrink, beta1, one_m_b1, beta2, one_m_b2,
+                        step_size, bc2_sqrt, eps, L2, DECOUPLED)
         # Every block has read counter[0] before it takes a ticket; the last
         # ticket stores the new count and resets the ticket for the next launch.
         cuda.syncthreads()
@@ -85,19 +74,7 @@ def _sgd_kernel(T: Any, HAS_WD: bool, HAS_MOMENTUM: bool, NESTEROV: bool) -> Any
         momentum = T(hyper[1])
         wd = T(hyper[2])
         for i in range(cuda.grid(1), n, cuda.gridsize(1)):
-            p = param[i]
-            g = grad[i]
-            if HAS_WD:
-                g = g + wd * p
-            if HAS_MOMENTUM:
-                b = momentum * buf[i]
-                b = b + g
-                buf[i] = b
-                if NESTEROV:
-                    g = g + momentum * b
-                else:
-                    g = b
-            param[i] = p - lr * g
+            sgd_update(param, grad, buf, i, lr, momentum, wd, HAS_WD, HAS_MOMENTUM, NESTEROV)
 
     return kernel
 
