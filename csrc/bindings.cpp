@@ -575,26 +575,73 @@ FusedArgs fused_args(const char* op, const py::handle& x_obj, const py::handle& 
   return a;
 }
 
-py::array conv2d_relu_max_pool2d(const py::handle& x_obj, const py::handle& w_obj,
-                                 const py::handle& b_obj, const Pair& stride,
-                                 const Pair& padding, const Pair& dilation, int64_t groups,
-                                 const Pair& pool_kernel, const Pair& pool_stride,
-                                 const Pair& pool_padding, const Pair& pool_dilation,
-                                 const Pair& pool_out_hw) {
+// The forward's window codes, checked against the pool so that the backward
+// never writes outside the conv-output gradient: uint8 (N, O, POH, POW),
+// C-contiguous, every code < KH*KW or 255.
+py::array argmax_arg(const char* op, const py::handle& obj, const Pool2dParams& pp) {
+  py::array a = as_array(op, "argmax", obj);
+  if (!a.dtype().is(py::dtype::of<uint8_t>())) {
+    throw py::type_error(std::string(op) + ": argmax must be uint8 (the forward's codes), got " +
+                         dtype_str(a));
+  }
+  const bool shape_ok = a.ndim() == 4 && a.shape(0) == pp.N && a.shape(1) == pp.C &&
+                        a.shape(2) == pp.OH && a.shape(3) == pp.OW;
+  if (!shape_ok) {
+    throw py::value_error(std::string(op) + ": argmax must have shape (" +
+                          std::to_string(pp.N) + ", " + std::to_string(pp.C) + ", " +
+                          std::to_string(pp.OH) + ", " + std::to_string(pp.OW) + "), got " +
+                          shape_str(a));
+  }
+  check_contiguous(op, "argmax", a);
+  const auto* c = static_cast<const uint8_t*>(a.data());
+  const int64_t n = pp.N * pp.C * pp.OH * pp.OW;
+  const int taps = int(pp.kh * pp.kw);
+  // 255 + 1 wraps to 0, so one unsigned max (which vectorises) finds a bad code.
+  uint8_t top = 0;
+  {
+    py::gil_scoped_release release;
+    for (int64_t i = 0; i < n; ++i) top = std::max<uint8_t>(top, uint8_t(c[i] + 1));
+  }
+  if (top > taps) {
+    throw py::value_error(std::string(op) + ": argmax holds codes other than 0.." +
+                          std::to_string(taps - 1) + " and 255 (not this op's forward output)");
+  }
+  return a;
+}
+
+py::object conv2d_relu_max_pool2d(const py::handle& x_obj, const py::handle& w_obj,
+                                  const py::handle& b_obj, const Pair& stride,
+                                  const Pair& padding, const Pair& dilation, int64_t groups,
+                                  const Pair& pool_kernel, const Pair& pool_stride,
+                                  const Pair& pool_padding, const Pair& pool_dilation,
+                                  const Pair& pool_out_hw, bool return_argmax) {
   const char* op = "conv2d_relu_max_pool2d";
   FusedArgs a = fused_args(op, x_obj, w_obj, b_obj, stride, padding, dilation, groups,
                            pool_kernel, pool_stride, pool_padding, pool_dilation);
   set_pool_out(op, a.pp, pool_out_hw);
-  return with_dtype(float_dtype(op, "x", a.x), [&](auto tag) {
+  if (return_argmax && a.pp.kh * a.pp.kw > 255) {
+    throw py::value_error(std::string(op) + ": return_argmax needs a pool window of at most "
+                          "255 taps, got " + std::to_string(a.pp.kh) + "x" +
+                          std::to_string(a.pp.kw));
+  }
+  return with_dtype(float_dtype(op, "x", a.x), [&](auto tag) -> py::object {
     using T = decltype(tag);
     py::array y = new_array<T>({a.pp.N, a.pp.C, a.pp.OH, a.pp.OW});
+    py::array codes;
+    uint8_t* cp = nullptr;
+    if (return_argmax) {
+      codes = new_array<uint8_t>({a.pp.N, a.pp.C, a.pp.OH, a.pp.OW});
+      cp = static_cast<uint8_t*>(codes.mutable_data());
+    }
     const T* bp = a.b ? cptr<T>(*a.b) : nullptr;
     T* yp = ptr<T>(y);
     {
       py::gil_scoped_release release;
-      table<T>().conv2d_relu_maxpool_forward(a.cp, a.pp, cptr<T>(a.x), cptr<T>(a.w), bp, yp);
+      table<T>().conv2d_relu_maxpool_forward(a.cp, a.pp, cptr<T>(a.x), cptr<T>(a.w), bp, yp,
+                                             cp);
     }
-    return y;
+    if (return_argmax) return py::make_tuple(y, codes);
+    return std::move(y);
   });
 }
 
@@ -602,7 +649,8 @@ py::tuple conv2d_relu_max_pool2d_backward(
     const py::handle& gy_obj, const py::handle& x_obj, const py::handle& w_obj,
     const py::handle& b_obj, const Pair& stride, const Pair& padding, const Pair& dilation,
     int64_t groups, const Pair& pool_kernel, const Pair& pool_stride, const Pair& pool_padding,
-    const Pair& pool_dilation, bool need_x, bool need_w, bool need_b) {
+    const Pair& pool_dilation, bool need_x, bool need_w, bool need_b,
+    const py::handle& argmax_obj) {
   const char* op = "conv2d_relu_max_pool2d_backward";
   py::array gy = float_arg(op, "grad_out", gy_obj, 4, "(N, O, POH, POW)");
   FusedArgs a = fused_args(op, x_obj, w_obj, b_obj, stride, padding, dilation, groups,
@@ -610,6 +658,8 @@ py::tuple conv2d_relu_max_pool2d_backward(
   same_dtype(op, a.x, "x", gy, "grad_out");
   check_pool_grad(op, gy, a.pp);
   set_pool_out(op, a.pp, {gy.shape(2), gy.shape(3)});
+  std::optional<py::array> codes;
+  if (!argmax_obj.is_none()) codes = argmax_arg(op, argmax_obj, a.pp);
   return with_dtype(float_dtype(op, "x", a.x), [&](auto tag) {
     using T = decltype(tag);
     const Conv2dParams& p = a.cp;
@@ -631,10 +681,11 @@ py::tuple conv2d_relu_max_pool2d_backward(
       gb = t;
     }
     const T* bp = a.b ? cptr<T>(*a.b) : nullptr;
+    const uint8_t* cp = codes ? static_cast<const uint8_t*>(codes->data()) : nullptr;
     if (gxp || gwp || gbp) {
       py::gil_scoped_release release;
       table<T>().conv2d_relu_maxpool_backward(p, a.pp, cptr<T>(gy), cptr<T>(a.x), cptr<T>(a.w),
-                                              bp, gxp, gwp, gbp);
+                                              bp, cp, gxp, gwp, gbp);
     }
     return py::make_tuple(gx, gw, gb);
   });
@@ -1056,15 +1107,20 @@ PYBIND11_MODULE(_C, m) {
         py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
         py::arg("groups"), py::arg("pool_kernel_size"), py::arg("pool_stride"),
         py::arg("pool_padding"), py::arg("pool_dilation"), py::arg("pool_out_hw"),
+        py::arg("return_argmax") = false,
         "max_pool2d(relu(conv2d(x, weight, bias))) in one pass, bit-identical to the three "
-        "ops; the conv output is never materialised.");
+        "ops; the conv output is never materialised. With return_argmax, (y, argmax): uint8 "
+        "(N,O,POH,POW), each pooled output's winning window tap kh*KW+kw, or 255 where no "
+        "gradient passes (max <= 0 or NaN).");
   m.def("conv2d_relu_max_pool2d_backward", &conv2d_relu_max_pool2d_backward,
         py::arg("grad_out"), py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("groups"),
         py::arg("pool_kernel_size"), py::arg("pool_stride"), py::arg("pool_padding"),
         py::arg("pool_dilation"), py::arg("need_x"), py::arg("need_w"), py::arg("need_b"),
+        py::arg("argmax") = py::none(),
         "Gradients (grad_x, grad_w, grad_b) of conv2d_relu_max_pool2d (None where not "
-        "needed); recomputes the conv output image by image.");
+        "needed); routed by the forward's argmax when given, else by recomputing the conv "
+        "output image by image.");
   m.def("relu", &relu, py::arg("x"), "max(x, 0); NaN stays NaN.");
   m.def("relu_backward", &relu_backward, py::arg("grad_out"), py::arg("y"),
         "grad_out where y > 0, else 0.");

@@ -65,17 +65,19 @@ def conv2d_relu_max_pool2d(
     x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
     stride: Pair, padding: Pair, dilation: Pair, groups: int,
     pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
-    pool_out_hw: Pair,
-) -> np.ndarray:
+    pool_out_hw: Pair, return_argmax: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """max_pool2d(relu(conv2d(x, weight, bias))) -> (N,O,POH,POW), bit-identical to the
-    three ops; the conv output is never materialised."""
+    three ops; the conv output is never materialised. return_argmax: (y, argmax uint8
+    (N,O,POH,POW): the winning window tap kh*KW+kw, 255 where no gradient passes)."""
 def conv2d_relu_max_pool2d_backward(
     grad_out: np.ndarray, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
     stride: Pair, padding: Pair, dilation: Pair, groups: int,
     pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
-    need_x: bool, need_w: bool, need_b: bool,
+    need_x: bool, need_w: bool, need_b: bool, argmax: np.ndarray | None = None,
 ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-    """(grad_x, grad_w, grad_b) of conv2d_relu_max_pool2d, None where not needed."""
+    """(grad_x, grad_w, grad_b) of conv2d_relu_max_pool2d, None where not needed; routed
+    by the forward's argmax when given, else by recomputing the conv."""
 def avg_pool2d(
     x: np.ndarray, kernel_size: Pair, stride: Pair, padding: Pair, out_hw: Pair,
     count_include_pad: bool, divisor_override: int | None,

@@ -168,13 +168,98 @@ def test_backward_special_values_per_image(host_backend, rng, ow, threads):
             y_want = _unfused(x, wt, b, {}, {"pool_kernel_size": 2})
             gx, gw, gb = F.conv2d_relu_max_pool2d_backward(gy, x, wt, b, pool_kernel_size=2)
             want = _unfused_grads(gy, x, wt, b, {}, {"pool_kernel_size": 2})
+            y2, codes = F.conv2d_relu_max_pool2d(x, wt, b, pool_kernel_size=2,
+                                                 return_argmax=True)
+            by_codes = F.conv2d_relu_max_pool2d_backward(gy, x, wt, b, pool_kernel_size=2,
+                                                         argmax=codes)
+        with fastnn.backend("numpy"), np.errstate(invalid="ignore"):
+            _, codes_ref = F.conv2d_relu_max_pool2d(x, wt, b, pool_kernel_size=2,
+                                                    return_argmax=True)
     finally:
         fastnn.set_num_threads(old)
     np.testing.assert_array_equal(y.view(np.uint32), y_want.view(np.uint32))  # -0.0 too
+    np.testing.assert_array_equal(y2.view(np.uint32), y.view(np.uint32))
+    np.testing.assert_array_equal(codes, codes_ref)
+    for got, recomputed in zip(by_codes, (gx, gw, gb)):
+        np.testing.assert_array_equal(got, recomputed)
     np.testing.assert_array_equal(gx, want[0])
     np.testing.assert_array_equal(np.isnan(gw), np.isnan(want[1]))
     _close(np.nan_to_num(gw), np.nan_to_num(want[1]), np.float32)
     _close(gb, want[2], np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_argmax_codes_and_backward_by_them(host_backend, rng, case, dtype):
+    """return_argmax gives the reference's codes (the first maximum's window tap,
+    255 where no gradient passes), and the backward routed by them equals the
+    recomputing backward: bit for bit on one backend, as the codes are the
+    same decisions."""
+    x, wt, b = _data(rng, case, dtype)
+    ck, pk = case[5], case[6]
+    b[0] = -1e3  # channel 0: nothing > 0, no gradient anywhere
+    with fastnn.backend(host_backend):
+        y, codes = F.conv2d_relu_max_pool2d(x, wt, b, **ck, **pk, return_argmax=True)
+        np.testing.assert_array_equal(y, F.conv2d_relu_max_pool2d(x, wt, b, **ck, **pk))
+        gy = rng.standard_normal(y.shape).astype(dtype)
+        want = F.conv2d_relu_max_pool2d_backward(gy, x, wt, b, **ck, **pk)
+        got = F.conv2d_relu_max_pool2d_backward(gy, x, wt, b, **ck, **pk, argmax=codes)
+    with fastnn.backend("numpy"):
+        _, codes_ref = F.conv2d_relu_max_pool2d(x, wt, b, **ck, **pk, return_argmax=True)
+    assert codes.dtype == np.uint8 and codes.shape == y.shape
+    np.testing.assert_array_equal(codes, codes_ref)
+    assert (codes == 255).any() and (codes != 255).any()
+    np.testing.assert_array_equal(codes == 255, ~(y > 0))
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_argmax_codes_by_hand():
+    """Codes are kh * KW + kw of the first maximum, on a window small enough to read."""
+    x = np.array([[[[1.0, 3.0, -1.0, -2.0],
+                    [3.0, 2.0, -3.0, -4.0],
+                    [0.0, 0.0, 5.0, 1.0],
+                    [0.0, 7.0, 1.0, 4.0]]]])
+    wt = np.ones((1, 1, 1, 1))
+    for backend in ("numpy", "cpu"):
+        with fastnn.backend(backend):
+            _, codes = F.conv2d_relu_max_pool2d(x, wt, None, pool_kernel_size=2,
+                                                return_argmax=True)
+        np.testing.assert_array_equal(codes[0, 0], [[1, 255], [3, 0]], err_msg=backend)
+
+
+def test_argmax_bad_values_raise(host_backend, rng):
+    x = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)
+    wt = rng.standard_normal((3, 1, 3, 3)).astype(np.float32)
+    with fastnn.backend(host_backend):
+        y, codes = F.conv2d_relu_max_pool2d(x, wt, None, pool_kernel_size=2, pool_padding=1,
+                                            return_argmax=True)
+        gy = np.ones_like(y)
+
+        def bwd(argmax):
+            return F.conv2d_relu_max_pool2d_backward(gy, x, wt, None, pool_kernel_size=2,
+                                                     pool_padding=1, argmax=argmax)
+
+        with pytest.raises(TypeError, match="argmax must be uint8"):
+            bwd(codes.astype(np.int64))
+        with pytest.raises(TypeError, match="argmax"):
+            bwd(codes.tolist())
+        with pytest.raises(ValueError, match="argmax must have the output's shape"):
+            bwd(codes[:1])
+        with pytest.raises(ValueError, match="pool window of at most 255 taps"):
+            F.conv2d_relu_max_pool2d(np.zeros((1, 1, 20, 20), np.float32), wt, None,
+                                     pool_kernel_size=(16, 16), return_argmax=True)
+    if host_backend == "cpu":
+        forged = codes.copy()
+        forged[0, 0, 0, 0] = 4  # not a tap of a 2x2 window
+        with fastnn.backend("cpu"), pytest.raises(ValueError, match="argmax holds codes"):
+            bwd(forged)
+        # Tap 0 of the first window is in the padding: ignored, never written.
+        forged = codes.copy()
+        forged[:, :, 0, 0] = 0
+        with fastnn.backend("cpu"):
+            gx, gw, gb = bwd(forged)
+        assert np.isfinite(gx).all() and np.isfinite(gw).all()
 
 
 def test_unbatched_and_empty(host_backend, rng):

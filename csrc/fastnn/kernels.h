@@ -97,15 +97,19 @@ struct KernelTable {
   // Fused conv2d + bias + ReLU + max_pool2d (csrc/kernels/fused.cpp). The pool
   // geometry takes the conv output as its input (pp.N = N, pp.C = O,
   // pp.H = OH, pp.W = OW). y (N,O,POH,POW) = max_pool2d(relu(conv2d(x))) bit for
-  // bit, without materialising the conv output.
+  // bit, without materialising the conv output. codes (N,O,POH,POW) uint8, when
+  // not null, gets each pooled output's winning window tap (kh*KW + kw) or 255
+  // where no gradient passes (max <= 0, or NaN).
   void (*conv2d_relu_maxpool_forward)(const Conv2dParams& cp, const Pool2dParams& pp,
-                                      const T* x, const T* w, const T* b, T* y);
-  // Gradients of the fused op from gy (N,O,POH,POW); recomputes the conv output
-  // image by image. gx (N,C,H,W), gw (O,C/g,KH,KW), gb (O,) may each be null
+                                      const T* x, const T* w, const T* b, T* y,
+                                      uint8_t* codes);
+  // Gradients of the fused op from gy (N,O,POH,POW): routed by the forward's
+  // codes when given, else by recomputing the conv output image by image (b is
+  // read only then). gx (N,C,H,W), gw (O,C/g,KH,KW), gb (O,) may each be null
   // (not wanted); the others are overwritten.
   void (*conv2d_relu_maxpool_backward)(const Conv2dParams& cp, const Pool2dParams& pp,
                                        const T* gy, const T* x, const T* w, const T* b,
-                                       T* gx, T* gw, T* gb);
+                                       const uint8_t* codes, T* gx, T* gw, T* gb);
 };
 
 #define FASTNN_DECLARE_ISA(ns)            \

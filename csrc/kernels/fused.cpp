@@ -6,9 +6,13 @@
 // (128 x 32 x 26 x 26 float32 = 11 MB for MNIST). Here each thread takes whole
 // images and keeps one image's conv output in a per-thread scratch buffer that
 // stays in L2: forward runs conv -> relu -> pool on it and writes only the
-// pooled output; backward recomputes the image's conv output (cheaper than
-// storing and re-reading it), runs pool backward and relu backward on it in
-// cache and feeds the result straight to the conv backward kernels.
+// pooled output, plus (when asked) one byte per pooled output naming the window
+// tap that gets its gradient. Backward either reads those bytes (one pass that
+// scatters the pooled gradient into the conv-output gradient: no conv, 1/16 of
+// the bytes of the pooled output's float32 indices) or, without them,
+// recomputes the image's conv output and runs pool backward and relu backward
+// on it in cache; either way the result goes straight to the conv backward
+// kernels.
 //
 // The per-image steps call the same kernels as the unfused path (nested
 // parallel_for calls run serially on the worker), so the forward output is
@@ -66,32 +70,94 @@ void add_channel_sums(const T* g, int64_t C, int64_t P, T* acc) {
 // past the last row.
 constexpr int64_t kRowSlack = 32;
 
+// See window_codes.
+constexpr uint8_t kNoGrad = 255;
+
 // Whether the pool is the 2x2 stride-2 unpadded one and tiles the conv output
 // exactly (no leftover row or column).
 inline bool exact_2x2_pool(const Conv2dParams& cp, const Pool2dParams& pp) {
   return is_2x2_s2(pp) && cp.OH == 2 * pp.OH && cp.OW == 2 * pp.OW;
 }
 
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// The taps a b / c d of the 16 2x2 windows of a row pair (rows r0 and r0 + W,
+// W <= 32), each window in the same lane of all four. In-lane shuffles put
+// windows 0 1 8 9 2 3 10 11 .. in lanes 0..15 (kWindowOrder); they cost less
+// than two-source permutes into window order.
+struct Taps2x2 {
+  __m512 a, b, c, d;
+};
+inline Taps2x2 load_taps_2x2(const float* r0, int64_t W) {
+  const __m512 l0 = _mm512_loadu_ps(r0), h0 = _mm512_loadu_ps(r0 + 16);
+  const __m512 l1 = _mm512_loadu_ps(r0 + W), h1 = _mm512_loadu_ps(r0 + W + 16);
+  return {_mm512_shuffle_ps(l0, h0, 0x88), _mm512_shuffle_ps(l0, h0, 0xdd),
+          _mm512_shuffle_ps(l1, h1, 0x88), _mm512_shuffle_ps(l1, h1, 0xdd)};
+}
+inline __m512i window_order() {
+  return _mm512_setr_epi32(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15);
+}
+
+// Which tap of each window gets its gradient through relu and the pool: ub,
+// uc, ud = b, c or d is the first maximum (a when none is set); live = the
+// window gets one at all. relu keeps values > 0 and their order, so wherever
+// relu passes a gradient the first maximum of relu(m) is the first maximum of
+// m; a window holding a NaN gets none (the pool picks the NaN, whose relu is
+// not > 0). So plain ordered compares find the winner, and one unordered test
+// clears NaN windows: 6 compares instead of 10 and 8 mask ops.
+struct Winner2x2 {
+  __mmask16 ub, uc, ud, live;
+};
+inline Winner2x2 winner_2x2(const Taps2x2& t) {
+  const __mmask16 nan =
+      _mm512_cmp_ps_mask(t.a, t.b, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(t.c, t.d, _CMP_UNORD_Q);
+  const __mmask16 ub = _mm512_cmp_ps_mask(t.b, t.a, _CMP_GT_OQ);
+  __m512 mx = _mm512_mask_blend_ps(ub, t.a, t.b);
+  const __mmask16 uc = _mm512_cmp_ps_mask(t.c, mx, _CMP_GT_OQ);
+  mx = _mm512_mask_blend_ps(uc, mx, t.c);
+  const __mmask16 ud = _mm512_cmp_ps_mask(t.d, mx, _CMP_GT_OQ);
+  mx = _mm512_mask_blend_ps(ud, mx, t.d);
+  return {ub, uc, ud, static_cast<__mmask16>(_mm512_cmp_ps_mask(mx, _mm512_setzero_ps(),
+                                                                _CMP_GT_OQ) & ~nan)};
+}
+
+// Stores the gradient gr (in window_order lanes) of a row pair's windows at
+// its winning taps: rows g0 and g0 + W, whole vectors (see the callers).
+inline void store_taps_2x2(float* g0, int64_t W, __m512 gr, __mmask16 ka, __mmask16 kb,
+                           __mmask16 kc, __mmask16 kd) {
+  const __m512 ga = _mm512_maskz_mov_ps(ka, gr), gb = _mm512_maskz_mov_ps(kb, gr);
+  const __m512 gc = _mm512_maskz_mov_ps(kc, gr), gd = _mm512_maskz_mov_ps(kd, gr);
+  _mm512_storeu_ps(g0, _mm512_unpacklo_ps(ga, gb));
+  _mm512_storeu_ps(g0 + 16, _mm512_unpackhi_ps(ga, gb));
+  _mm512_storeu_ps(g0 + W, _mm512_unpacklo_ps(gc, gd));
+  _mm512_storeu_ps(g0 + W + 16, _mm512_unpackhi_ps(gc, gd));
+}
+#endif
+
 // y (C, OH, OW) = max_pool2d(relu(m), 2x2, stride 2) of the conv output m
 // (C, 2*OH, 2*OW), bit for bit the relu and max_pool2d passes (the same
 // selects and max operations on the same values, in the same order) in one
-// pass whose loads are whole vectors. Returns false, doing nothing, unless
+// pass whose loads are whole vectors; codes (C, OH, OW), when given, gets the
+// window codes (window_codes below). Returns false, doing nothing, unless
 // this is a float AVX-512 build and a pooled row fits one vector (OW <= 16).
 // m needs kRowSlack floats past C*H*W (loads run past a row's end).
 template <typename T>
-bool relu_maxpool2x2_forward(const T*, int64_t, int64_t, int64_t, T*) {
+bool relu_maxpool2x2_forward(const T*, int64_t, int64_t, int64_t, T*, uint8_t*) {
   return false;
 }
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
 template <>
 bool relu_maxpool2x2_forward<float>(const float* __restrict m, int64_t C, int64_t OH, int64_t OW,
-                                    float* __restrict y) {
+                                    float* __restrict y, uint8_t* __restrict codes) {
   using V = simd::Vec<float>;
   using R = V::reg;
   if (OW > V::L) return false;
   const int64_t W = 2 * OW;
   const R zero = V::zero();
   auto relu = [&](R v) { return V::select(V::gt(zero, v), zero, v); };  // as relu_inplace
+  // The inverse of window_order(): back from the taps' lanes to window order.
+  const __m512i unorder =
+      _mm512_setr_epi32(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+  const __mmask16 cols = static_cast<__mmask16>((1u << OW) - 1u);
   for (int64_t row = 0; row < C * OH; ++row) {
     const float* r0 = m + row * 2 * W;
     R e, o;
@@ -99,6 +165,15 @@ bool relu_maxpool2x2_forward<float>(const float* __restrict m, int64_t C, int64_
                     simd::max_nan<float>(relu(V::loadu(r0 + V::L)), relu(V::loadu(r0 + W + V::L))),
                     e, o);
     V::storep(y + row * OW, simd::max_nan<float>(e, o), OW);
+    if (codes) {
+      const Winner2x2 w = winner_2x2(load_taps_2x2(r0, W));
+      __m512i c = _mm512_maskz_mov_epi32(w.ub, _mm512_set1_epi32(1));
+      c = _mm512_mask_mov_epi32(c, w.uc, _mm512_set1_epi32(2));
+      c = _mm512_mask_mov_epi32(c, w.ud, _mm512_set1_epi32(3));
+      c = _mm512_mask_mov_epi32(_mm512_set1_epi32(kNoGrad), w.live, c);
+      _mm512_mask_cvtepi32_storeu_epi8(codes + row * OW, cols,
+                                       _mm512_permutexvar_epi32(unorder, c));
+    }
   }
   return true;
 }
@@ -109,18 +184,12 @@ bool relu_maxpool2x2_forward<float>(const float* __restrict m, int64_t C, int64_
 // channel c's gradient when gb is given. Returns false, doing nothing, unless
 // this is a float AVX-512 build and a pooled row fits one vector (OW <= 16).
 //
-// One pass instead of relu, max_pool2d_backward and relu_backward: a window's
-// gradient goes to its first maximum, and only if that maximum is > 0. relu
-// keeps values > 0 and their order, so wherever relu passes a gradient the
-// first maximum of relu(m) is the first maximum of m; a window holding a NaN
-// gets none (pool backward picks the NaN, whose relu is not > 0). So plain
-// ordered compares find the winner, and one unordered test zeroes NaN windows
-// -- 6 compares instead of 10 and 8 mask ops; with in-lane shuffles for the
-// even/odd split (the pooled gradient permuted once into their lane order)
-// instead of 8 two-source permutes, a row pair takes 24 cycles instead of 33.
-// Each row pair is loaded and stored as whole vectors: a row's store runs
-// past its end into the next row, which a later store (rows go in address
-// order) overwrites. m and gm need kRowSlack floats past C*H*W.
+// One pass instead of relu, max_pool2d_backward and relu_backward (winner_2x2);
+// with the pooled gradient permuted once into the taps' lane order, a row pair
+// takes 24 cycles instead of 33. Each row pair is loaded and stored as whole
+// vectors: a row's store runs past its end into the next row, which a later
+// store (rows go in address order) overwrites. m and gm need kRowSlack floats
+// past C*H*W.
 template <typename T>
 bool relu_maxpool2x2_backward(const T*, const T*, int64_t, int64_t, int64_t, T*, T*) {
   return false;
@@ -131,49 +200,128 @@ bool relu_maxpool2x2_backward<float>(const float* __restrict m, const float* __r
                                      int64_t C, int64_t OH, int64_t OW, float* __restrict gm,
                                      float* __restrict gb) {
   if (OW > 16) return false;
-  const __m512 zero = _mm512_setzero_ps();
   const int64_t W = 2 * OW;
-  // Window j of a row pair is in lane j of the pooled gradient; the shuffles
-  // below put windows 0 1 8 9 2 3 10 11 .. in lanes 0..15.
-  const __m512i order = _mm512_setr_epi32(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15);
+  const __m512i order = window_order();
   const __mmask16 cols = static_cast<__mmask16>((1u << OW) - 1u);
   for (int64_t ch = 0; ch < C; ++ch) {
-    __m512 sum = zero;
+    __m512 sum = _mm512_setzero_ps();
     for (int64_t oh = 0; oh < OH; ++oh) {
-      const float* r0 = m + (ch * OH + oh) * 2 * W;
-      float* g0 = gm + (ch * OH + oh) * 2 * W;
-      const __m512 l0 = _mm512_loadu_ps(r0), h0 = _mm512_loadu_ps(r0 + 16);
-      const __m512 l1 = _mm512_loadu_ps(r0 + W), h1 = _mm512_loadu_ps(r0 + W + 16);
-      // Window taps a b / c d, each window in the same lane of all four.
-      const __m512 a = _mm512_shuffle_ps(l0, h0, 0x88), b = _mm512_shuffle_ps(l0, h0, 0xdd);
-      const __m512 c = _mm512_shuffle_ps(l1, h1, 0x88), d = _mm512_shuffle_ps(l1, h1, 0xdd);
-      const __mmask16 nan = _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q) |
-                            _mm512_cmp_ps_mask(c, d, _CMP_UNORD_Q);
-      const __mmask16 ub = _mm512_cmp_ps_mask(b, a, _CMP_GT_OQ);
-      __m512 mx = _mm512_mask_blend_ps(ub, a, b);
-      const __mmask16 uc = _mm512_cmp_ps_mask(c, mx, _CMP_GT_OQ);
-      mx = _mm512_mask_blend_ps(uc, mx, c);
-      const __mmask16 ud = _mm512_cmp_ps_mask(d, mx, _CMP_GT_OQ);
-      mx = _mm512_mask_blend_ps(ud, mx, d);
-      const __mmask16 live = _mm512_cmp_ps_mask(mx, zero, _CMP_GT_OQ) & ~nan;
+      const int64_t row = ch * OH + oh;
+      const Winner2x2 w = winner_2x2(load_taps_2x2(m + row * 2 * W, W));
       // Lanes past OW load 0, so they add nothing to the sum.
       const __m512 gr = _mm512_maskz_mov_ps(
-          live, _mm512_permutexvar_ps(order, _mm512_maskz_loadu_ps(cols, g + (ch * OH + oh) * OW)));
+          w.live, _mm512_permutexvar_ps(order, _mm512_maskz_loadu_ps(cols, g + row * OW)));
       sum = _mm512_add_ps(sum, gr);
-      const __m512 gd = _mm512_maskz_mov_ps(ud, gr);
-      const __m512 gc = _mm512_maskz_mov_ps(uc & ~ud, gr);
-      const __m512 gb_ = _mm512_maskz_mov_ps(ub & ~uc & ~ud, gr);
-      const __m512 ga = _mm512_maskz_mov_ps(~ub & ~uc & ~ud, gr);
-      _mm512_storeu_ps(g0, _mm512_unpacklo_ps(ga, gb_));
-      _mm512_storeu_ps(g0 + 16, _mm512_unpackhi_ps(ga, gb_));
-      _mm512_storeu_ps(g0 + W, _mm512_unpacklo_ps(gc, gd));
-      _mm512_storeu_ps(g0 + W + 16, _mm512_unpackhi_ps(gc, gd));
+      store_taps_2x2(gm + row * 2 * W, W, gr, ~w.ub & ~w.uc & ~w.ud, w.ub & ~w.uc & ~w.ud,
+                     w.uc & ~w.ud, w.ud);
     }
     if (gb) gb[ch] += _mm512_reduce_add_ps(sum);
   }
   return true;
 }
 #endif
+
+// As relu_maxpool2x2_backward, but the winners come from the forward's codes
+// (C, OH, OW) instead of the conv output: no m, and the same gm and gb.
+template <typename T>
+bool codes2x2_backward(const uint8_t*, const T*, int64_t, int64_t, int64_t, T*, T*) {
+  return false;
+}
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+template <>
+bool codes2x2_backward<float>(const uint8_t* __restrict codes, const float* __restrict g,
+                              int64_t C, int64_t OH, int64_t OW, float* __restrict gm,
+                              float* __restrict gb) {
+  if (OW > 16) return false;
+  const int64_t W = 2 * OW;
+  const __m512i order = window_order();
+  const __mmask16 cols = static_cast<__mmask16>((1u << OW) - 1u);
+  for (int64_t ch = 0; ch < C; ++ch) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t oh = 0; oh < OH; ++oh) {
+      const int64_t row = ch * OH + oh;
+      // Lanes past OW read code 0 and gradient 0: they store zeros past the row.
+      const __m512i c = _mm512_permutexvar_epi32(
+          order, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(cols, codes + row * OW)));
+      const __mmask16 ka = _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(0));
+      const __mmask16 kb = _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(1));
+      const __mmask16 kc = _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(2));
+      const __mmask16 kd = _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(3));
+      const __m512 gr = _mm512_maskz_mov_ps(
+          ka | kb | kc | kd,
+          _mm512_permutexvar_ps(order, _mm512_maskz_loadu_ps(cols, g + row * OW)));
+      sum = _mm512_add_ps(sum, gr);
+      store_taps_2x2(gm + row * 2 * W, W, gr, ka, kb, kc, kd);
+    }
+    if (gb) gb[ch] += _mm512_reduce_add_ps(sum);
+  }
+  return true;
+}
+#endif
+
+// One byte per pooled output: the window tap (kh * KW + kw) whose conv output
+// gets the pooled output's gradient, or kNoGrad when none does. A window's
+// gradient goes to its first maximum of relu(m) and survives relu backward
+// only if that maximum is > 0, so a window whose values are all <= 0, or that
+// holds a NaN (the pooled output is then NaN, and NaN > 0 is false), gets none.
+
+// codes (N*C planes of OH x OW) for the relu'd conv output r (N*C planes of
+// H x W), in the pool's geometry p; the tap order (kh-major) is max_pool2d's.
+template <typename T>
+void window_codes(const Pool2dParams& p, const T* r, uint8_t* codes) {
+  const int64_t planes = p.N * p.C;
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    const T* rp = r + pl * p.H * p.W;
+    uint8_t* cp = codes + pl * p.OH * p.OW;
+    for (int64_t oh = 0; oh < p.OH; ++oh) {
+      for (int64_t ow = 0; ow < p.OW; ++ow) {
+        bool nan = false;
+        T best = T(0);
+        int code = kNoGrad;
+        for (int64_t kh = 0; kh < p.kh; ++kh) {
+          const int64_t ih = oh * p.sh - p.ph + kh * p.dh;
+          if (ih < 0 || ih >= p.H) continue;
+          for (int64_t kw = 0; kw < p.kw; ++kw) {
+            const int64_t iw = ow * p.sw - p.pw + kw * p.dw;
+            if (iw < 0 || iw >= p.W) continue;
+            const T v = rp[ih * p.W + iw];
+            if (v != v) {
+              nan = true;
+            } else if (v > best) {
+              best = v;
+              code = int(kh * p.kw + kw);
+            }
+          }
+        }
+        cp[oh * p.OW + ow] = nan ? kNoGrad : uint8_t(code);
+      }
+    }
+  }
+}
+
+// gm (N*C planes of H x W) = the conv-output gradient of the pooled gradient g
+// (N*C planes of OH x OW) routed by codes; overlapping windows add up.
+template <typename T>
+void scatter_codes(const Pool2dParams& p, const T* g, const uint8_t* codes, T* gm) {
+  const int64_t planes = p.N * p.C;
+  std::fill(gm, gm + planes * p.H * p.W, T(0));
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    T* gp = gm + pl * p.H * p.W;
+    const T* g0 = g + pl * p.OH * p.OW;
+    const uint8_t* c0 = codes + pl * p.OH * p.OW;
+    for (int64_t oh = 0; oh < p.OH; ++oh) {
+      for (int64_t ow = 0; ow < p.OW; ++ow) {
+        const int c = c0[oh * p.OW + ow];
+        if (c == kNoGrad) continue;
+        const int64_t ih = oh * p.sh - p.ph + (c / p.kw) * p.dh;
+        const int64_t iw = ow * p.sw - p.pw + (c % p.kw) * p.dw;
+        // The forward never names a padding tap; a forged code must not write there.
+        if (ih < 0 || ih >= p.H || iw < 0 || iw >= p.W) continue;
+        gp[ih * p.W + iw] += g0[oh * p.OW + ow];
+      }
+    }
+  }
+}
 
 // Below this many images per thread the per-image split leaves threads idle;
 // the batch-level kernels (which split rows/planes) are used instead.
@@ -183,7 +331,7 @@ inline bool per_image(int64_t N) { return N >= 2 * static_cast<int64_t>(get_num_
 
 template <typename T>
 void conv2d_relu_maxpool_forward(const Conv2dParams& cp, const Pool2dParams& pp, const T* x,
-                                 const T* w, const T* b, T* y) {
+                                 const T* w, const T* b, T* y, uint8_t* codes) {
   const int64_t in_img = cp.C * cp.H * cp.W;
   const int64_t mid_img = cp.O * cp.OH * cp.OW;
   const int64_t out_img = pp.C * pp.OH * pp.OW;
@@ -193,6 +341,7 @@ void conv2d_relu_maxpool_forward(const Conv2dParams& cp, const Pool2dParams& pp,
     conv2d_forward<T>(cp, x, w, b, mid.get());
     relu_inplace(mid.get(), cp.N * mid_img);
     max_pool2d_forward<T>(pp, mid.get(), y);
+    if (codes) window_codes(pp, mid.get(), codes);
     return;
   }
   Conv2dParams c1 = cp;
@@ -203,10 +352,12 @@ void conv2d_relu_maxpool_forward(const Conv2dParams& cp, const Pool2dParams& pp,
   parallel_for(cp.N, 1, [&](int64_t n0, int64_t n1) {
     Scratch<T> mid(kSlotFusedMid, mid_img + kRowSlack);
     for (int64_t n = n0; n < n1; ++n) {
+      uint8_t* cn = codes ? codes + n * out_img : nullptr;
       conv2d_forward<T>(c1, x + n * in_img, w, b, mid.get());
-      if (!exact || !relu_maxpool2x2_forward(mid.get(), cp.O, pp.OH, pp.OW, y + n * out_img)) {
+      if (!exact || !relu_maxpool2x2_forward(mid.get(), cp.O, pp.OH, pp.OW, y + n * out_img, cn)) {
         relu_inplace(mid.get(), mid_img);
         max_pool2d_forward<T>(p1, mid.get(), y + n * out_img);
+        if (cn) window_codes(p1, mid.get(), cn);
       }
     }
   });
@@ -214,7 +365,8 @@ void conv2d_relu_maxpool_forward(const Conv2dParams& cp, const Pool2dParams& pp,
 
 template <typename T>
 void conv2d_relu_maxpool_backward(const Conv2dParams& cp, const Pool2dParams& pp, const T* gy,
-                                  const T* x, const T* w, const T* b, T* gx, T* gw, T* gb) {
+                                  const T* x, const T* w, const T* b, const uint8_t* codes,
+                                  T* gx, T* gw, T* gb) {
   const int64_t in_img = cp.C * cp.H * cp.W;
   const int64_t P = cp.OH * cp.OW;
   const int64_t mid_img = cp.O * P;
@@ -227,11 +379,16 @@ void conv2d_relu_maxpool_backward(const Conv2dParams& cp, const Pool2dParams& pp
     return;
   }
   if (!per_image(cp.N)) {
-    Buffer<T> mid(cp.N * mid_img), gmid(cp.N * mid_img);
-    conv2d_forward<T>(cp, x, w, b, mid.get());
-    relu_inplace(mid.get(), cp.N * mid_img);
-    max_pool2d_backward<T>(pp, gy, mid.get(), gmid.get());
-    relu_backward_inplace(gmid.get(), mid.get(), cp.N * mid_img);
+    Buffer<T> gmid(cp.N * mid_img);
+    if (codes) {
+      scatter_codes(pp, gy, codes, gmid.get());
+    } else {
+      Buffer<T> mid(cp.N * mid_img);
+      conv2d_forward<T>(cp, x, w, b, mid.get());
+      relu_inplace(mid.get(), cp.N * mid_img);
+      max_pool2d_backward<T>(pp, gy, mid.get(), gmid.get());
+      relu_backward_inplace(gmid.get(), mid.get(), cp.N * mid_img);
+    }
     if (gx) conv2d_backward_input<T>(cp, gmid.get(), w, gx);
     if (gw) conv2d_backward_weight<T>(cp, gmid.get(), x, gw);
     if (gb) {
@@ -250,19 +407,29 @@ void conv2d_relu_maxpool_backward(const Conv2dParams& cp, const Pool2dParams& pp
   const bool exact = exact_2x2_pool(cp, pp);
   sum_over_image_ranges(kSlotFusedSums, cp.N, sums_len, sums.get(),
                         [&](int64_t n0, int64_t n1, T* acc_w) {
-    Scratch<T> mid(kSlotFusedMid, mid_img + kRowSlack);
     Scratch<T> gmid(kSlotFusedGrad, mid_img + kRowSlack);
     Scratch<T> gw1(kSlotFusedW, wsize);
     T* acc_b = acc_w + wsize;
+    T* gbn = gb ? acc_b : nullptr;
     for (int64_t n = n0; n < n1; ++n) {
       const T* xn = x + n * in_img;
-      conv2d_forward<T>(c1, xn, w, b, mid.get());
-      if (!exact || !relu_maxpool2x2_backward(mid.get(), gy + n * out_img, cp.O, pp.OH, pp.OW,
-                                               gmid.get(), gb ? acc_b : nullptr)) {
-        relu_inplace(mid.get(), mid_img);
-        max_pool2d_backward<T>(p1, gy + n * out_img, mid.get(), gmid.get());
-        relu_backward_inplace(gmid.get(), mid.get(), mid_img);
-        if (gb) add_channel_sums(gmid.get(), cp.O, P, acc_b);
+      const T* gyn = gy + n * out_img;
+      if (codes) {
+        const uint8_t* cn = codes + n * out_img;
+        if (!exact || !codes2x2_backward(cn, gyn, cp.O, pp.OH, pp.OW, gmid.get(), gbn)) {
+          scatter_codes(p1, gyn, cn, gmid.get());
+          if (gb) add_channel_sums(gmid.get(), cp.O, P, acc_b);
+        }
+      } else {
+        Scratch<T> mid(kSlotFusedMid, mid_img + kRowSlack);
+        conv2d_forward<T>(c1, xn, w, b, mid.get());
+        if (!exact || !relu_maxpool2x2_backward(mid.get(), gyn, cp.O, pp.OH, pp.OW, gmid.get(),
+                                                 gbn)) {
+          relu_inplace(mid.get(), mid_img);
+          max_pool2d_backward<T>(p1, gyn, mid.get(), gmid.get());
+          relu_backward_inplace(gmid.get(), mid.get(), mid_img);
+          if (gb) add_channel_sums(gmid.get(), cp.O, P, acc_b);
+        }
       }
       if (gx) conv2d_backward_input<T>(c1, gmid.get(), w, gx + n * in_img);
       if (gw) {
@@ -277,10 +444,10 @@ void conv2d_relu_maxpool_backward(const Conv2dParams& cp, const Pool2dParams& pp
 
 #define FASTNN_INSTANTIATE(T)                                                                  \
   template void conv2d_relu_maxpool_forward<T>(const Conv2dParams&, const Pool2dParams&,       \
-                                               const T*, const T*, const T*, T*);              \
+                                               const T*, const T*, const T*, T*, uint8_t*);    \
   template void conv2d_relu_maxpool_backward<T>(const Conv2dParams&, const Pool2dParams&,      \
-                                                const T*, const T*, const T*, const T*, T*, T*, \
-                                                T*);
+                                                const T*, const T*, const T*, const T*,        \
+                                                const uint8_t*, T*, T*, T*);
 FASTNN_INSTANTIATE(float)
 FASTNN_INSTANTIATE(double)
 #undef FASTNN_INSTANTIATE

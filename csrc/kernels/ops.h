@@ -159,10 +159,11 @@ void avg_pool2d_backward(const Pool2dParams& p, const T* gy, T* gx);
 // --- fused.cpp ---------------------------------------------------------------
 template <typename T>
 void conv2d_relu_maxpool_forward(const Conv2dParams& cp, const Pool2dParams& pp, const T* x,
-                                 const T* w, const T* b, T* y);
+                                 const T* w, const T* b, T* y, uint8_t* codes);
 template <typename T>
 void conv2d_relu_maxpool_backward(const Conv2dParams& cp, const Pool2dParams& pp, const T* gy,
-                                  const T* x, const T* w, const T* b, T* gx, T* gw, T* gb);
+                                  const T* x, const T* w, const T* b, const uint8_t* codes,
+                                  T* gx, T* gw, T* gb);
 
 // --- batchnorm.cpp -----------------------------------------------------------
 template <typename T>

@@ -96,7 +96,7 @@ class Conv2d(Function):
 
 class Conv2dReLUMaxPool2d(Function):
     """max_pool2d(relu(conv2d(x))) as one node: nothing conv-output-sized is kept for
-    backward (only x, weight and bias; the backward recomputes the conv)."""
+    backward (x, weight, bias and the pool's argmax codes, one byte per output)."""
 
     op, inputs = "conv2d_relu_max_pool2d", ("x", "weight", "bias")
 
@@ -110,13 +110,17 @@ class Conv2dReLUMaxPool2d(Function):
         ctx.save_for_backward(x, weight, bias)
         ctx.args = (stride, padding, dilation, groups, pool_kernel_size, pool_stride,
                     pool_padding, pool_dilation, pool_ceil_mode)
-        return F.conv2d_relu_max_pool2d(x, weight, bias, *ctx.args)
+        if not any(ctx.needs_input_grad):  # inference: no backward, no codes
+            return F.conv2d_relu_max_pool2d(x, weight, bias, *ctx.args)
+        y, ctx.argmax = F.conv2d_relu_max_pool2d(x, weight, bias, *ctx.args, return_argmax=True)
+        return y
 
     @staticmethod
     def backward(ctx: Context, g: Array) -> tuple:
         x, w, b = ctx.saved_tensors
         return F.conv2d_relu_max_pool2d_backward(g, x, w, b, *ctx.args,
-                                                 output_mask=ctx.needs_input_grad)
+                                                 output_mask=ctx.needs_input_grad,
+                                                 argmax=ctx.argmax)
 
 
 # --------------------------------------------------------------------------

@@ -9,9 +9,31 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, Callable
 
+from fastnn._array import array_module
 from fastnn.backends import contract
 
 Pair = tuple[int, int]
+
+#: The window code of a pooled output through which no gradient passes.
+NO_GRAD = 255
+
+
+def window_codes(
+    y: Any, indices: Any, conv_w: int, stride: Pair, padding: Pair, dilation: Pair,
+    kernel_w: int,
+) -> Any:
+    """The fused op's ``argmax`` (uint8, y's shape) from ``max_pool2d_with_indices``
+    over the relu'd conv output: each pooled output's winning window tap
+    ``kh * KW + kw``, or :data:`NO_GRAD` where relu backward stops the gradient
+    (``y <= 0``, or NaN). ``indices`` are flat ``h * conv_w + w`` positions."""
+    xp = array_module(indices)
+    oh = stride[0] * xp.arange(y.shape[2], dtype=indices.dtype)[:, None] - padding[0]
+    ow = stride[1] * xp.arange(y.shape[3], dtype=indices.dtype)[None, :] - padding[1]
+    kh = (indices // conv_w - oh) // dilation[0]
+    kw = (indices % conv_w - ow) // dilation[1]
+    codes = (kh * kernel_w + kw).astype("uint8")
+    codes[~(y > 0)] = NO_GRAD
+    return codes
 
 
 def fused_conv_relu_pool(ops: ModuleType) -> tuple[Callable[..., Any], Callable[..., Any]]:
@@ -22,20 +44,25 @@ def fused_conv_relu_pool(ops: ModuleType) -> tuple[Callable[..., Any], Callable[
         x: Any, weight: Any, bias: Any | None,
         stride: Pair, padding: Pair, dilation: Pair, groups: int,
         pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
-        pool_out_hw: Pair,
+        pool_out_hw: Pair, return_argmax: bool = False,
     ) -> Any:
         r = ops.relu(ops.conv2d(x, weight, bias, stride, padding, dilation, groups))
-        return ops.max_pool2d(
-            r, pool_kernel_size, pool_stride, pool_padding, pool_dilation, pool_out_hw
-        )
+        pool = (pool_kernel_size, pool_stride, pool_padding, pool_dilation, pool_out_hw)
+        if not return_argmax:
+            return ops.max_pool2d(r, *pool)
+        y, indices = ops.max_pool2d_with_indices(r, *pool)
+        return y, window_codes(y, indices, r.shape[3], pool_stride, pool_padding,
+                               pool_dilation, pool_kernel_size[1])
 
     def conv2d_relu_max_pool2d_backward(
         grad_out: Any, x: Any, weight: Any, bias: Any | None,
         stride: Pair, padding: Pair, dilation: Pair, groups: int,
         pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
-        need_x: bool, need_w: bool, need_b: bool,
+        need_x: bool, need_w: bool, need_b: bool, argmax: Any | None = None,
     ) -> tuple[Any | None, Any | None, Any | None]:
-        # Recompute the relu'd conv output, then pool, relu and conv backward.
+        # Recompute the relu'd conv output, then pool, relu and conv backward. The
+        # forward's argmax would only save the recompute (the cpu kernel uses it);
+        # the composed path stays the readable reference, and ignores it.
         r = ops.relu(ops.conv2d(x, weight, bias, stride, padding, dilation, groups))
         g = ops.relu_backward(
             ops.max_pool2d_backward(grad_out, r, pool_kernel_size, pool_stride, pool_padding,

@@ -151,13 +151,16 @@ class Backend(Protocol):
         self, x: Array, weight: Array, bias: Array | None,
         stride: Pair, padding: Pair, dilation: Pair, groups: int,
         pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
-        pool_out_hw: Pair,
-    ) -> Array:
+        pool_out_hw: Pair, return_argmax: bool = False,
+    ) -> Array | tuple[Array, Array]:
         """max_pool2d(relu(conv2d(x, weight, bias, ...)), pool_...) -> (N,O,POH,POW).
 
         Bit-identical to the three ops. ``cpu`` fuses them without materialising
         the (N,O,OH,OW) conv output; ``numpy`` and ``cuda`` compose the
-        separate ops (``fastnn.backends._composed``).
+        separate ops (``fastnn.backends._composed``). With ``return_argmax``,
+        returns ``(y, argmax)``: uint8 (N,O,POH,POW), each pooled output's
+        winning window tap ``kh * KW + kw`` (the first maximum), or 255 where
+        no gradient passes (the maximum is <= 0, or NaN).
         """
         ...
 
@@ -165,12 +168,15 @@ class Backend(Protocol):
         self, grad_out: Array, x: Array, weight: Array, bias: Array | None,
         stride: Pair, padding: Pair, dilation: Pair, groups: int,
         pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
-        need_x: bool, need_w: bool, need_b: bool,
+        need_x: bool, need_w: bool, need_b: bool, argmax: Array | None = None,
     ) -> tuple[Array | None, Array | None, Array | None]:
         """(grad_x, grad_w, grad_b) of conv2d_relu_max_pool2d from grad_out (N,O,POH,POW).
 
-        Each is None unless its ``need_`` flag is set. Recomputes the relu'd
-        conv output (``cpu``: image by image) rather than keeping it.
+        Each is None unless its ``need_`` flag is set. ``argmax``: the forward's
+        codes (``return_argmax``); ``cpu`` routes the gradient by them instead
+        of recomputing the conv (``bias`` is then unused). Without them, or on
+        ``numpy`` and ``cuda``, the relu'd conv output is recomputed (``cpu``:
+        image by image) rather than kept.
         """
         ...
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastnn._array import array_module, is_array
+from fastnn.backends import _composed
 from fastnn.functional._args import (
     Array,
     Pair,
@@ -37,6 +39,21 @@ def _fused_pool_geometry(
     return g.kernel, g.stride, g.padding, g.dilation, (*conv_out_shape[:2], *g.out_hw)
 
 
+def _argmax_codes(op: str, argmax: Any, a: _ConvArgs, out_shape: tuple[int, ...]) -> Array:
+    """The forward's codes, on x's device, batched like x, C-contiguous uint8."""
+    xp = _xp(a.x)
+    if not is_array(argmax) or array_module(argmax) is not xp:
+        raise TypeError(f"{op}: argmax must be the {xp.__name__} array that the forward returned "
+                        f"(return_argmax=True), got {type(argmax).__name__}")
+    if argmax.dtype != xp.uint8:
+        raise TypeError(f"{op}: argmax must be uint8 (the forward's codes), got {argmax.dtype}")
+    codes = argmax[None] if a.unbatched and argmax.ndim == 3 else argmax
+    if tuple(codes.shape) != tuple(out_shape):
+        raise ValueError(f"{op}: argmax must have the output's shape {tuple(out_shape)}, "
+                         f"got {tuple(argmax.shape)}")
+    return _contig(codes)
+
+
 @_tensor_aware
 def conv2d_relu_max_pool2d(
     x: Array,
@@ -51,28 +68,46 @@ def conv2d_relu_max_pool2d(
     pool_padding: Pair = 0,
     pool_dilation: Pair = 1,
     pool_ceil_mode: bool = False,
-) -> Array:
+    return_argmax: bool = False,
+) -> Array | tuple[Array, Array]:
     """``max_pool2d(relu(conv2d(x, weight, bias, ...)), pool_kernel_size, ...)`` in one op.
 
     x (N, C, H, W) or (C, H, W); weight (O, C/groups, KH, KW); bias (O,) or None.
     Returns (N, O, POH, POW), bit-identical to the three separate ops. On the cpu
     backend the (N, O, OH, OW) conv output is never materialised; the other
     backends compose the separate ops.
+
+    ``return_argmax``: return ``(y, argmax)``, where argmax (uint8, y's shape)
+    names each pooled output's winning window tap ``kh * KW + kw`` (its first
+    maximum), or 255 where no gradient passes (the maximum is <= 0, or NaN).
+    Passed to :func:`conv2d_relu_max_pool2d_backward`, it spares the backward
+    the conv recompute; it is 1/4 the size of a float32 output.
     """
     op = "conv2d_relu_max_pool2d"
+    return_argmax = _flag(return_argmax, op, "return_argmax")
     a = _ConvArgs(op, x, weight, stride, padding, dilation, groups)
     b = _check_bias(op, bias, a.out_shape[1], a.x)
     k, s, p, d, out_shape = _fused_pool_geometry(
         op, a.out_shape, pool_kernel_size, pool_stride, pool_padding, pool_dilation,
         pool_ceil_mode,
     )
+    if return_argmax and k[0] * k[1] > _composed.NO_GRAD:
+        raise ValueError(f"{op}: return_argmax needs a pool window of at most "
+                         f"{_composed.NO_GRAD} taps, got pool_kernel_size {k}")
     if 0 in out_shape or a.x.shape[1] == 0:
         # Degenerate shapes: the separate ops already handle them.
-        y = conv2d(a.x, a.weight, b, a.stride, a.padding, a.dilation, a.groups)
-        return a.unbatch(max_pool2d(relu(y), k, s, p, d, bool(pool_ceil_mode)))
+        conv = conv2d(a.x, a.weight, b, a.stride, a.padding, a.dilation, a.groups)
+        if not return_argmax:
+            return a.unbatch(max_pool2d(relu(conv), k, s, p, d, bool(pool_ceil_mode)))
+        y, ind = max_pool2d(relu(conv), k, s, p, d, bool(pool_ceil_mode), return_indices=True)
+        codes = _composed.window_codes(y, ind, conv.shape[3], s, p, d, k[1])
+        return a.unbatch(y), a.unbatch(codes)
     y = a.backend.conv2d_relu_max_pool2d(
-        a.x, a.weight, b, a.stride, a.padding, a.dilation, a.groups, k, s, p, d, out_shape[2:]
+        a.x, a.weight, b, a.stride, a.padding, a.dilation, a.groups, k, s, p, d, out_shape[2:],
+        return_argmax,
     )
+    if return_argmax:
+        return a.unbatch(y[0]), a.unbatch(y[1])
     return a.unbatch(y)
 
 
@@ -93,14 +128,17 @@ def conv2d_relu_max_pool2d_backward(
     pool_ceil_mode: bool = False,
     *,
     output_mask: tuple[bool, bool, bool] = (True, True, True),
+    argmax: Array | None = None,
 ) -> tuple[Array | None, Array | None, Array | None]:
     """Gradients ``(grad_x, grad_weight, grad_bias)`` of :func:`conv2d_relu_max_pool2d`.
 
-    grad_out has the fused output's shape (N, O, POH, POW). The forward is
-    recomputed (``bias`` is needed for that), so nothing but the inputs has to
-    be kept between forward and backward. An entry is None where
-    ``output_mask`` is False. Same values as backpropagating through the three
-    separate ops, up to the summation order of grad_weight/grad_bias.
+    grad_out has the fused output's shape (N, O, POH, POW). ``argmax``: the
+    forward's (``return_argmax=True``); the cpu backend then routes the
+    gradient by it. Without it the forward is recomputed (``bias`` is needed
+    for that), so nothing but the inputs has to be kept between forward and
+    backward. An entry is None where ``output_mask`` is False. Same values as
+    backpropagating through the three separate ops, up to the summation order
+    of grad_weight/grad_bias.
     """
     op = "conv2d_relu_max_pool2d_backward"
     grad_out = _as_float_array(grad_out, op, "grad_out")
@@ -114,6 +152,8 @@ def conv2d_relu_max_pool2d_backward(
     gy = grad_out[None] if a.unbatched and grad_out.ndim == 3 else grad_out
     _check_grad_out(op, gy, out_shape)
     gy = _contig(gy)
+    if argmax is not None:
+        argmax = _argmax_codes(op, argmax, a, out_shape)
     need_x, need_w, need_b = (bool(m) for m in output_mask)
     if gy.size == 0 or a.x.size == 0 or a.weight.size == 0:
         # Degenerate shapes: backpropagate through the separate ops.
@@ -124,7 +164,7 @@ def conv2d_relu_max_pool2d_backward(
     else:
         gx, gw, gb = a.backend.conv2d_relu_max_pool2d_backward(
             gy, a.x, a.weight, b, a.stride, a.padding, a.dilation, a.groups, k, s, p, d,
-            need_x, need_w, need_b,
+            need_x, need_w, need_b, argmax,
         )
     if gx is not None:
         if a.extra != (0, 0):
