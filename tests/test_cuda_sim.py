@@ -623,6 +623,22 @@ def test_adam_step(rng, wd, decoupled, dtype) -> None:
         _close(got, exp)
 
 
+@sim
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_optimizer_state_subnormals_stored_as_zero(dtype) -> None:
+    """As on the other backends: state that decays below the smallest normal is 0."""
+    tiny = np.finfo(dtype).tiny
+    g = np.array([1.0, 0.0, 0.0], dtype=dtype)
+    p = np.ones(3, dtype=dtype)
+    m = np.array([0.5, tiny * 1.05, tiny / 4], dtype=dtype)
+    v = m.copy()
+    cb.adam_step(p, g, m, v, 2, 1e-2, 0.9, 0.999, 1e-8, 0.0, False)
+    assert m[0] > 0 and m[1] == 0 and m[2] == 0 and v[1] == 0 and v[2] == 0
+    buf = np.array([0.5, tiny * 1.05, tiny / 4], dtype=dtype)
+    cb.sgd_step(p, g, buf, 0.1, 0.5, 0.0, False)
+    assert buf[0] > 0 and buf[1] == 0 and buf[2] == 0
+
+
 # ---- through the public API ------------------------------------------------------
 
 

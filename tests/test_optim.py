@@ -104,6 +104,29 @@ def test_adam_matches_hand_written(backend, rng, cls, wd):
     assert opt.state[params[0]]["step"] == 5
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cls", ["Adam", "SGD"])
+def test_state_decaying_to_subnormal_is_stored_as_zero(backend, dtype, cls):
+    """A moment whose gradient stays 0 decays geometrically; once below the smallest
+    normal number it is stored as 0 (subnormals cost x86 a microcode assist per
+    operation), the same on every backend, and the other elements are untouched."""
+    tiny = np.finfo(dtype).tiny
+    p = nn.Parameter(np.ones(4, dtype=dtype))
+    opt = optim.Adam([p], lr=1e-3) if cls == "Adam" else optim.SGD([p], lr=1e-3, momentum=0.5)
+    state_key = "exp_avg" if cls == "Adam" else "momentum_buffer"
+    grad = np.array([1.0, 0.0, 0.0, 1.0], dtype=dtype)
+    p.grad = grad.copy()
+    opt.step()
+    opt.state[p][state_key][1] = tiny * 1.05  # normal; one decay makes it subnormal
+    opt.state[p][state_key][2] = tiny / 4  # already subnormal (e.g. a loaded state)
+    before = np.asarray(opt.state[p][state_key]).copy()
+    p.grad = grad.copy()
+    opt.step()
+    state = np.asarray(opt.state[p][state_key])
+    assert state[1] == 0 and state[2] == 0
+    assert state[0] > 0 and state[3] > 0 and state[0] != before[0]
+
+
 def test_defaults_and_float32(backend, rng):
     assert optim.AdamW([nn.Parameter(np.zeros(2))]).param_groups[0]["weight_decay"] == 1e-2
     assert optim.Adam([nn.Parameter(np.zeros(2))]).param_groups[0]["lr"] == 1e-3

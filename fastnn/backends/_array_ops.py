@@ -238,6 +238,19 @@ def softmax_cross_entropy(
 # --------------------------------------------------------------------------- #
 
 
+def flush_subnormal(state: Array) -> None:
+    """Store optimizer-state values below the smallest normal number as 0, in place.
+
+    A moment whose gradient stays 0 decays through the subnormal range, where
+    x86 arithmetic can take a microcode assist per element (the C++ step ran
+    10x slower with a quarter of Adam's state subnormal); such a moment moves no
+    parameter. All backends apply this rule, so they keep the same state.
+    """
+    xp = array_module(state)
+    tiny = xp.finfo(state.dtype).tiny
+    state[xp.abs(state) < tiny] = 0
+
+
 def sgd_step(
     param: Array, grad: Array, momentum_buf: Array | None,
     lr: float, momentum: float, weight_decay: float, nesterov: bool,
@@ -254,6 +267,7 @@ def sgd_step(
             raise ValueError("momentum_buf must be an array when momentum != 0")
         momentum_buf *= momentum
         momentum_buf += g
+        flush_subnormal(momentum_buf)
         g = g + momentum * momentum_buf if nesterov else momentum_buf
     param -= lr * g
 
@@ -277,6 +291,8 @@ def adam_step(
     exp_avg += (1 - beta1) * grad
     exp_avg_sq *= beta2
     exp_avg_sq += (1 - beta2) * grad * grad
+    flush_subnormal(exp_avg)
+    flush_subnormal(exp_avg_sq)
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = math.sqrt(1 - beta2**step)
     denom = array_module(exp_avg_sq).sqrt(exp_avg_sq) / bias_correction2_sqrt + eps

@@ -150,15 +150,28 @@ def _softmax_ce_kernels(T: Any) -> tuple[Any, Any]:
 # the multi-tensor kernels (multi_tensor.py). Module-level device functions, not
 # closures: a captured dispatcher would change Numba's on-disk cache key in every
 # process. The flags are constants in every caller, so NVVM folds the branches.
+# Optimizer state below the smallest normal (``tiny``) is stored as 0, as on the
+# other backends (see fastnn.backends._array_ops.flush_subnormal).
+def tiny_of(T: Any) -> Any:
+    """The smallest normal number of the Numba float type T, as a NumPy scalar."""
+    dt = np.dtype(str(T))
+    return dt.type(np.finfo(dt).tiny)
+
+
 @cuda.jit(device=True)
-def sgd_update(param, grad, buf, i, lr, momentum, wd, has_wd, has_momentum, nesterov):
+def flush_subnormal(x, tiny):
+    return x if abs(x) >= tiny else x * 0
+
+
+@cuda.jit(device=True)
+def sgd_update(param, grad, buf, i, lr, momentum, wd, has_wd, has_momentum, nesterov, tiny):
     p = param[i]
     g = grad[i]
     if has_wd:
         g = g + wd * p
     if has_momentum:
         b = momentum * buf[i]
-        b = b + g
+        b = flush_subnormal(b + g, tiny)
         buf[i] = b
         if nesterov:
             g = g + momentum * b
@@ -169,7 +182,7 @@ def sgd_update(param, grad, buf, i, lr, momentum, wd, has_wd, has_momentum, nest
 
 @cuda.jit(device=True)
 def adam_update(param, grad, m, v, i, wd, shrink, beta1, one_m_b1, beta2, one_m_b2,
-                step_size, bc2_sqrt, eps, l2, decoupled):
+                step_size, bc2_sqrt, eps, l2, decoupled, tiny):
     p = param[i]
     g = grad[i]
     if decoupled:
@@ -177,9 +190,9 @@ def adam_update(param, grad, m, v, i, wd, shrink, beta1, one_m_b1, beta2, one_m_
     if l2:
         g = g + wd * p
     mi = beta1 * m[i]
-    mi = mi + one_m_b1 * g
+    mi = flush_subnormal(mi + one_m_b1 * g, tiny)
     vi = beta2 * v[i]
-    vi = vi + one_m_b2 * g * g
+    vi = flush_subnormal(vi + one_m_b2 * g * g, tiny)
     m[i] = mi
     v[i] = vi
     denom = math.sqrt(vi) / bc2_sqrt + eps
@@ -188,22 +201,27 @@ def adam_update(param, grad, m, v, i, wd, shrink, beta1, one_m_b1, beta2, one_m_
 
 @functools.cache
 def _sgd_kernel(T: Any, HAS_WD: bool, HAS_MOMENTUM: bool, NESTEROV: bool) -> Any:
+    TINY = tiny_of(T)
+
     @cuda.jit(cache=True)
     def kernel(param, grad, buf, n, lr, momentum, wd):
         for i in range(cuda.grid(1), n, cuda.gridsize(1)):
-            sgd_update(param, grad, buf, i, lr, momentum, wd, HAS_WD, HAS_MOMENTUM, NESTEROV)
+            sgd_update(param, grad, buf, i, lr, momentum, wd, HAS_WD, HAS_MOMENTUM, NESTEROV,
+                       TINY)
 
     return kernel
 
 
 @functools.cache
 def _adam_kernel(T: Any, L2: bool, DECOUPLED: bool) -> Any:
+    TINY = tiny_of(T)
+
     @cuda.jit(cache=True)
     def kernel(param, grad, m, v, n, wd, shrink, beta1, one_m_b1, beta2, one_m_b2,
                step_size, bc2_sqrt, eps):
         for i in range(cuda.grid(1), n, cuda.gridsize(1)):
             adam_update(param, grad, m, v, i, wd, shrink, beta1, one_m_b1, beta2, one_m_b2,
-                        step_size, bc2_sqrt, eps, L2, DECOUPLED)
+                        step_size, bc2_sqrt, eps, L2, DECOUPLED, TINY)
 
     return kernel
 

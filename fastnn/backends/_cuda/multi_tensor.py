@@ -23,7 +23,7 @@ from typing import Any
 import numba
 from numba import cuda, float64
 
-from fastnn.backends._cuda.elementwise import adam_update, sgd_update
+from fastnn.backends._cuda.elementwise import adam_update, sgd_update, tiny_of
 from fastnn.backends._cuda.launch import BoundLaunch, ceil_div, runtime
 
 _THREADS = 64 if numba.config.ENABLE_CUDASIM else 256  # fewer Python threads when simulated
@@ -35,6 +35,8 @@ SGD_HYPER = ("lr", "momentum", "weight_decay")
 
 @functools.cache
 def _adam_kernel(T: Any, L2: bool, DECOUPLED: bool) -> Any:
+    TINY = tiny_of(T)
+
     @cuda.jit(cache=True)
     def kernel(param, grad, m, v, n, hyper, counter):
         t = counter[0] + 1
@@ -52,7 +54,7 @@ def _adam_kernel(T: Any, L2: bool, DECOUPLED: bool) -> Any:
         shrink = T(float64(1) - lr * hyper[4])
         for i in range(cuda.grid(1), n, cuda.gridsize(1)):
             adam_update(param, grad, m, v, i, wd, shrink, beta1, one_m_b1, beta2, one_m_b2,
-                        step_size, bc2_sqrt, eps, L2, DECOUPLED)
+                        step_size, bc2_sqrt, eps, L2, DECOUPLED, TINY)
         # Every block has read counter[0] before it takes a ticket; the last
         # ticket stores the new count and resets the ticket for the next launch.
         cuda.syncthreads()
@@ -68,13 +70,16 @@ def _adam_kernel(T: Any, L2: bool, DECOUPLED: bool) -> Any:
 
 @functools.cache
 def _sgd_kernel(T: Any, HAS_WD: bool, HAS_MOMENTUM: bool, NESTEROV: bool) -> Any:
+    TINY = tiny_of(T)
+
     @cuda.jit(cache=True)
     def kernel(param, grad, buf, n, hyper):
         lr = T(hyper[0])
         momentum = T(hyper[1])
         wd = T(hyper[2])
         for i in range(cuda.grid(1), n, cuda.gridsize(1)):
-            sgd_update(param, grad, buf, i, lr, momentum, wd, HAS_WD, HAS_MOMENTUM, NESTEROV)
+            sgd_update(param, grad, buf, i, lr, momentum, wd, HAS_WD, HAS_MOMENTUM, NESTEROV,
+                       TINY)
 
     return kernel
 
