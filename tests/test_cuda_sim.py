@@ -633,7 +633,7 @@ def test_optimizer_state_subnormals_stored_as_zero(dtype) -> None:
     m = np.array([0.5, tiny * 1.05, tiny / 4], dtype=dtype)
     v = m.copy()
     cb.adam_step(p, g, m, v, 2, 1e-2, 0.9, 0.999, 1e-8, 0.0, False)
-    assert m[0] > 0 and m[1] == 0 and m[2] == 0 and v[1] == 0 and v[2] == 0
+    assert m[0] > 0 and m[1] == 0 and m[2] == 0 and v[1] >= tiny and v[2] == 0
     buf = np.array([0.5, tiny * 1.05, tiny / 4], dtype=dtype)
     cb.sgd_step(p, g, buf, 0.1, 0.5, 0.0, False)
     assert buf[0] > 0 and buf[1] == 0 and buf[2] == 0
