@@ -419,3 +419,58 @@ def test_foreign_cpu_counts_other_processes_not_our_own() -> None:
     child.wait()
     assert share is not None and 0.05 < share <= 1.0
     assert machine.foreign_note(share) is not None and machine.foreign_note(0.0) is None
+
+
+# --------------------------------------------------------------------------- #
+# per-op step profile (fastnn.bench.profile)
+# --------------------------------------------------------------------------- #
+
+
+def test_op_cost_counts_gemm_and_conv_flops() -> None:
+    from fastnn.bench.profile import op_cost
+
+    a, b = np.zeros((128, 5408), np.float32), np.zeros((128, 5408), np.float32)
+    flops, moved = op_cost("matmul", (a, b, False, True), np.zeros((128, 128), np.float32))
+    assert flops == 2.0 * 128 * 128 * 5408
+    assert moved == a.nbytes + b.nbytes + 128 * 128 * 4
+    x, w = np.zeros((2, 3, 10, 9), np.float32), np.zeros((4, 3, 3, 3), np.float32)
+    flops, _ = op_cost("conv2d", (x, w, None, (1, 1), (0, 0), (1, 1), 1), None)
+    assert flops == 2.0 * 2 * 4 * 8 * 7 * 3 * 3 * 3
+    p = np.zeros(10, np.float32)
+    flops, moved = op_cost("adam_step", (p, p, p, p, 1, 1e-3), None)
+    assert flops == 0 and moved == 8 * p.nbytes  # 4 read, 3 written back + param
+
+
+def test_timed_backend_wraps_and_restores() -> None:
+    from fastnn.backends import cpu
+    from fastnn.bench.profile import timed_backend
+
+    original = cpu.relu
+    x = np.arange(-3.0, 3.0, dtype=np.float32)
+    with timed_backend(cpu, ["relu"]) as stats:
+        assert cpu.relu is not original
+        np.testing.assert_array_equal(cpu.relu(x), np.maximum(x, 0))
+    assert cpu.relu is original
+    assert stats["relu"].calls == 1 and stats["relu"].seconds > 0
+    assert stats["relu"].bytes == 2 * x.nbytes
+    with pytest.raises(ValueError), timed_backend(cpu, ["relu"]):
+        raise ValueError("boom")
+    assert cpu.relu is original
+
+
+def test_cli_train_prints_step_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("fastnn._C")
+    out = tmp_path / "t.json"
+    code = cli.main(["--tiny", "--backends", "cpu", "--ops", "train_step", "--no-progress",
+                     "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "step profile: seed model" in printed and "x floor" in printed
+    assert "outside the ops" in printed and "its floor of" in printed
+    prof = json.loads(out.read_text())["profiles"][0]
+    assert prof["model"] == "seed" and prof["step_ms"] > 0
+    # The seed step's products: conv forward and weight gradient, three big GEMMs.
+    assert {"matmul", "conv2d_relu_max_pool2d", "conv2d_relu_max_pool2d_backward",
+            "adam_step"} <= set(prof["ops"])
+    assert prof["ops"]["matmul"]["calls"] == 6
+    assert sum(o["ms"] for o in prof["ops"].values()) <= prof["step_ms"] * 1.5

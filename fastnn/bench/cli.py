@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.format_table(rows, markdown=args.markdown))
     doc = report.to_json(info, rows, {"mode": mode, "dtype": args.dtype, "rounds": rounds,
                                       "backends": backends, "argv": list(argv or sys.argv[1:])})
+    if "cpu" in backends and any(c.family == "train" for c in cases) and args.dtype == "float32":
+        doc["profiles"] = _print_profiles(cases, rows, info, mode)
     if args.json:
         report.write_json(args.json, doc)
         print(f"wrote {args.json}")
@@ -181,6 +183,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fastnn bench: {exc}", file=sys.stderr)
             return 1
     return 0
+
+
+def _print_profiles(cases: list[Any], rows: list[dict[str, Any]], info: dict[str, Any],
+                    mode: str) -> list[dict[str, Any]]:
+    """The cpu training step's per-op profile (:mod:`fastnn.bench.profile`) of each
+    model with a ``train_step`` case, printed under the table; returned for the JSON."""
+    from fastnn.bench import profile
+
+    epoch = next((r["epoch_s"] for r in rows if r["op"] == "train_mnist"
+                  and r["backend"] == "cpu" and "epoch_s" in r), None)
+    out = []
+    for c in cases:
+        if c.op != "train_step":
+            continue
+        model = c.params.get("model", "seed")
+        steps = 3 if mode == "tiny" else 30
+        p = profile.profile_train_step(model, "cpu", c.params["N"], steps=steps,
+                                       warmup=1 if mode == "tiny" else 5)
+        print()
+        print(profile.format_profile(p, info["sgemm_gflops"], info["copy_gb_s"],
+                                     epoch_seconds=epoch if model == "seed" else None))
+        out.append(profile.to_json(p, info["sgemm_gflops"], info["copy_gb_s"]))
+    return out
 
 
 def _count_launches(args: argparse.Namespace, ops: list[str] | None) -> int:
