@@ -291,6 +291,47 @@ def test_loader_shift_augmentation() -> None:
         assert np.array_equal(x1, x2)
 
 
+@pytest.mark.parametrize("depth", [1, 3])
+def test_loader_prefetch_yields_the_same_batches(depth: int) -> None:
+    """A background thread preparing batches ahead changes nothing the consumer sees:
+    same batches, same order, same epochs (shuffle and augmentation)."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (45, 6, 6)).astype(np.uint8)
+    labels = np.arange(45)
+    plain = DataLoader(images, labels, 8, shuffle=True, seed=2, augment_shift=1)
+    ahead = DataLoader(images, labels, 8, shuffle=True, seed=2, augment_shift=1,
+                       prefetch=depth)
+    for _ in range(2):  # two epochs
+        got, want = list(ahead), list(plain)
+        assert len(got) == len(want) == 6
+        for (x1, y1), (x2, y2) in zip(got, want):
+            assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
+    assert ahead.epoch == plain.epoch == 2
+
+
+def test_prefetch_thread_stops_on_break_and_passes_errors() -> None:
+    import threading
+
+    from fastnn.data.loader import ahead
+
+    images, labels = _ids_dataset(64)
+    it = iter(DataLoader(images, labels, 4, prefetch=2))
+    next(it)
+    it.close()  # what a `break` out of the for loop does
+    assert not any(t.name == "fastnn-prefetch" for t in threading.enumerate())
+
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    got = []
+    with pytest.raises(OSError, match="disk gone"):
+        for item in ahead(failing(), 1):
+            got.append(item)
+    assert got == [1]
+    assert not any(t.name == "fastnn-prefetch" for t in threading.enumerate())
+
+
 def test_loader_without_augmentation_is_exact() -> None:
     images, labels = _ids_dataset(9)
     x = np.concatenate([b for b, _ in DataLoader(images, labels, 4)])
@@ -314,6 +355,8 @@ def test_loader_accepts_nchw_uint8() -> None:
         ({"images": np.zeros((3, 4, 4), np.float32)}, TypeError, "images"),
         ({"labels": np.zeros(2, np.int64)}, ValueError, "labels"),
         ({"labels": np.zeros(3, np.float32)}, TypeError, "labels"),
+        ({"prefetch": -1}, ValueError, "prefetch"),
+        ({"prefetch": 1.5}, ValueError, "prefetch"),
     ],
 )
 def test_loader_rejects_bad_arguments(kwargs: dict, exc: type, match: str) -> None:

@@ -90,7 +90,8 @@ def prepare(case: Case, backend: str, dtype: str) -> Prepared:
         return Prepared(one_step, timer)
 
     images, labels, source = mnist_train_arrays()
-    loader = DataLoader(images, labels, n, shuffle=True, seed=0, drop_last=True, device=arrays)
+    loader = DataLoader(images, labels, n, shuffle=True, seed=0, drop_last=True, device=arrays,
+                        prefetch=1)  # as fastnn train's loader
     epoch = [0]
 
     def run(steps: int) -> Any:

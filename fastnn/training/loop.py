@@ -158,6 +158,7 @@ def train(
         augment_shift=config.augment,
         device=device.arrays,
         shard=(world.rank, world.size),
+        prefetch=1,  # the next batch is prepared while the step runs
     )
     tests = eval_loader(data, config.limit_test, config.eval_batch_size, device, world)
 
