@@ -34,7 +34,7 @@ import numpy as np
 from fastnn import nn, optim
 from fastnn.geometry import as_pair
 
-__all__ = ["FusedStep", "Unsupported", "fused_step_for"]
+__all__ = ["FusedStep", "Unsupported", "fused_step_for", "parse_pattern"]
 
 
 class Unsupported(ValueError):
@@ -45,8 +45,10 @@ def _pair(v: Any, default: Any = None) -> tuple[int, int]:
     return as_pair(default if v is None else v, "fused step", "size", 0)
 
 
-def _parse(model: Any) -> tuple[Any, list[tuple[Any, bool]]]:
-    """(conv, pool kernel) or None, and [(Linear, followed by ReLU)]."""
+def parse_pattern(model: Any) -> tuple[Any, list[tuple[Any, bool]]]:
+    """(conv, pool kernel) or None, and [(Linear, followed by ReLU)], for a model of the
+    fused steps' pattern (this module's and :mod:`fastnn.training.cpu_step`'s);
+    raises :class:`Unsupported` otherwise."""
     if not isinstance(model, nn.Sequential):
         raise Unsupported("the model is not an nn.Sequential")
     layers = list(model)
@@ -175,7 +177,7 @@ class FusedStep:
 
         if type(opt) not in (optim.SGD, optim.Adam, optim.AdamW):
             raise Unsupported(f"optimizer {type(opt).__name__} has no multi-tensor step")
-        self.conv, self.linears = _parse(model)
+        self.conv, self.linears = parse_pattern(model)
         if not model.training:
             raise Unsupported("the model is in eval mode")
         params = list(model.parameters())
@@ -202,7 +204,8 @@ class FusedStep:
     def valid(self) -> bool:
         """Whether the plans still describe the model and optimizer (no rebuild of the
         flat layout, no mode change)."""
-        return self.opt.__dict__.get("_flat") is self.layout and self.model.training
+        return (self.opt.__dict__.get("_flat") is self.layout and self.model.training
+                and not any(p._post_hooks for p in self.params))  # hooks need autograd
 
     def plan(self, n: int, in_shape: tuple[int, ...], gather: bool) -> _Plan:
         key = (n, in_shape, gather)

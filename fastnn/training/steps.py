@@ -23,6 +23,7 @@ from fastnn.autograd import Tensor, no_grad
 from fastnn.data import DataLoader
 from fastnn.metrics import accuracy
 from fastnn.models import reseed_dropout
+from fastnn.training.cpu_step import cpu_step_for
 from fastnn.training.cuda_graph import fused_graph_step
 from fastnn.training.cuda_step import fused_step_for
 
@@ -52,16 +53,20 @@ def train_step(
     are averaged over ranks, weighted by share. An empty share still takes part
     in the reduction and the step (returns None: no loss).
 
-    On the cuda backend, models and optimizers of the fused step's pattern
-    (:mod:`fastnn.training.cuda_step`, the ``seed`` preset among them) run as
-    eight launches with no autograd graph; the returned loss then has no
-    ``grad_fn``. (Not under ``global_batch``: the distributed step needs the
-    per-parameter gradient hooks.)
+    Models and optimizers of the fused steps' pattern (the ``seed`` preset among
+    them) run with no autograd graph: on the cuda backend as eight launches
+    (:mod:`fastnn.training.cuda_step`), on the cpu backend as the same kernels
+    autograd would call, bit for bit (:mod:`fastnn.training.cpu_step`); the
+    returned loss then has no ``grad_fn``. (Not under ``global_batch``: the
+    distributed step needs the per-parameter gradient hooks.)
     """
     if global_batch is None:
         fused = fused_step_for(model, opt)
         if fused is not None:
             return Tensor(fused.run(x, y))
+        host = cpu_step_for(model, opt, x, y)
+        if host is not None:
+            return Tensor(host.run(x, y))
         logits = model(Tensor(x))
     elif len(y) == 0:
         opt.zero_grad()
