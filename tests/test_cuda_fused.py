@@ -323,7 +323,7 @@ def test_count_launches_of_the_seed_model_step() -> None:
 @sim
 def test_models_outside_the_pattern_use_autograd() -> None:
     from fastnn.models import build_model
-    from fastnn.training.cuda_step import Unsupported, _parse, fused_step_for
+    from fastnn.training.cuda_step import Unsupported, fused_step_for, parse_pattern
 
     strong = build_model("strong", 0)
     with fastnn.backend("cuda"):
@@ -334,9 +334,9 @@ def test_models_outside_the_pattern_use_autograd() -> None:
         m = _conv_model()
         assert fused_step_for(m, optim.Adam(list(m.parameters())[:2])) is None
     with pytest.raises(Unsupported, match="Linear"):
-        _parse(nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.ReLU()))
+        parse_pattern(nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.ReLU()))
     with pytest.raises(Unsupported, match="stride"):
-        _parse(nn.Sequential(nn.Conv2d(1, 2, 3, stride=2), nn.ReLU(), nn.MaxPool2d(2),
+        parse_pattern(nn.Sequential(nn.Conv2d(1, 2, 3, stride=2), nn.ReLU(), nn.MaxPool2d(2),
                              nn.Flatten(), nn.Linear(2, 2)))
     os.environ["FASTNN_FUSED_STEP"] = "0"
     try:
