@@ -160,7 +160,9 @@ def tiny_of(T: Any) -> Any:
 
 @cuda.jit(device=True)
 def flush_subnormal(x, tiny):
-    return x if abs(x) >= tiny else x * 0
+    # x - x, not x * 0: an integer literal would promote float32 to float64; NaN
+    # (whose compare is false) stays NaN either way.
+    return x if abs(x) >= tiny else x - x
 
 
 @cuda.jit(device=True)
