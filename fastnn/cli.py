@@ -179,8 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from fastnn._malloc import retain_freed_memory
     from fastnn.training import TrainConfig, train
 
+    retain_freed_memory()  # every step reuses its pages (no faults in the steady state)
     given = {
         k: getattr(args, k) for k in _TRAIN_DEFAULTS_FROM_CONFIG if getattr(args, k) is not None
     }
