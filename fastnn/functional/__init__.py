@@ -57,6 +57,9 @@ from fastnn.functional.normalization import (
     batch_norm2d,
     batch_norm2d_backward,
     batch_norm2d_forward,
+    batch_norm2d_relu,
+    batch_norm2d_relu_backward,
+    batch_norm2d_relu_forward,
 )
 from fastnn.functional.optim_steps import adam_step, sgd_step
 from fastnn.functional.pool import avg_pool2d, avg_pool2d_backward, max_pool2d, max_pool2d_backward
@@ -68,6 +71,9 @@ __all__ = [
     "batch_norm2d",
     "batch_norm2d_backward",
     "batch_norm2d_forward",
+    "batch_norm2d_relu",
+    "batch_norm2d_relu_backward",
+    "batch_norm2d_relu_forward",
     "conv2d",
     "conv2d_backward",
     "conv2d_relu_max_pool2d",
