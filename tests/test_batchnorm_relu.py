@@ -12,6 +12,7 @@ import pytest
 from conftest import NATIVE
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_batchnorm import _tol, isa  # noqa: F401 - the plain kernels' ISA fixture
 
 import fastnn
 import fastnn.functional as F
@@ -25,24 +26,8 @@ native = pytest.mark.skipif(not NATIVE, reason="fastnn._C is not built")
 if NATIVE:
     from fastnn import _C
 
-    SUPPORTED = _C.supported_isas()
-else:
-    SUPPORTED = []
-
 EPS = 1e-3
 MASKS = [(True, True, True), (True, False, False), (False, True, True)]
-
-
-@pytest.fixture(params=SUPPORTED)
-def isa(request):
-    before = _C.active_isa()
-    assert _C.select_isa(request.param)
-    yield request.param
-    assert _C.select_isa(before)
-
-
-def _tol(dtype) -> dict:
-    return {"rtol": 2e-5, "atol": 2e-5} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-12}
 
 
 def _args(rng, shape, dtype, affine, training):
@@ -102,7 +87,7 @@ def test_cpu_matches_reference_and_the_unfused_ops(shape, dtype, training, affin
 @native
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(1, 4, 3, 3), (2, 3, 5, 7), (3, 5, 1, 17), (4, 3, 33, 31)])
-def test_same_bits_as_the_unfused_kernels_on_every_isa(isa, rng, shape, dtype):
+def test_same_bits_as_the_unfused_kernels_on_every_isa(isa, rng, shape, dtype):  # noqa: F811
     x, g, w, b, stats = _args(rng, shape, dtype, True, True)
     y, mean, var = _C.batch_norm2d_relu(x, w, b, *stats, EPS, True)
     (r, mean_u, var_u), grads = _unfused(_C, x, g, w, b, stats, True, (True, True, True))

@@ -1,8 +1,9 @@
 """Setup of the training cases (``train_step``, ``train_mnist``) on fastnn's backends.
 
 Both time what ``fastnn train`` runs: the seed model (``train_step`` also the
-``strong`` preset, its case's ``model``) from ``models.build_model(name, 0)``, the optimizer ``fastnn train`` builds by
-default (Adam, lr 1e-3), and :func:`fastnn.training.train_step` --
+``strong`` preset, its case's ``model``) from ``models.build_model(name, 0)``,
+the optimizer ``fastnn train`` builds by default (Adam, lr 1e-3), and
+:func:`fastnn.training.train_step` --
 ``train_mnist`` through :func:`fastnn.training.run_epoch` over a shuffled
 :class:`~fastnn.data.DataLoader`, as an epoch runs. The torch peer
 (:mod:`fastnn.bench.torch_peer`) starts from the same weights and data.
