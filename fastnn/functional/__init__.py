@@ -20,7 +20,7 @@ C-contiguous arrays of one dtype and plain int pairs (see
 Each differentiable op ``op`` has ``op_backward`` (gradients from the forward's
 inputs or output); ops whose backward needs more than that have
 ``op_forward`` returning it too (``dropout_forward``: the mask,
-``batch_norm2d_forward``: the statistics).
+``batch_norm2d_forward`` and ``batch_norm2d_relu_forward``: the statistics).
 
 If any argument is a ``fastnn.Tensor``, the call is forwarded to the autograd
 layer, which registers its handlers with :func:`register_tensor_handler`; this

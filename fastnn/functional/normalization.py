@@ -200,11 +200,11 @@ def _backward(
     need_w = need_w and weight is not None
     if not (need_x or need_w or need_b):
         return None, None, None
-    backend = _pick_backend(op, [grad_out, x])
-    args = (_contig(grad_out), x, weight) + ((bias,) if op.startswith("batch_norm2d_relu")
-                                             else ())
-    return getattr(backend, op)(*args, mean, var, _real(op, "eps", eps), bool(training),
-                                need_x, need_w, need_b)
+    run = getattr(_pick_backend(op, [grad_out, x]), op)
+    head = (_contig(grad_out), x, weight)
+    if op == "batch_norm2d_relu_backward":  # its mask is recomputed with the bias
+        head += (bias,)
+    return run(*head, mean, var, _real(op, "eps", eps), bool(training), need_x, need_w, need_b)
 
 
 @_tensor_aware
