@@ -22,6 +22,7 @@ from fastnn.bench.cases import (
     Prepared,
     Unsupported,
     conv_case,
+    known_op_names,
     matmul_case,
     output_arrays,
     pool_case,
@@ -126,6 +127,7 @@ def test_strong_selects_its_conv_layers_and_step() -> None:
     assert step.flops == 2 * convs_fwd[0] + 3 * sum(convs_fwd[1:]) + 3 * fc
     with pytest.raises(ValueError, match="model must be one of"):
         train_step_case(128, model="nope")
+    assert "strong" in known_op_names()  # what the CLI checks --ops against
 
 
 def test_torch_peer_strong_model_is_fastnns() -> None:
