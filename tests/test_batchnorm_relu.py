@@ -230,3 +230,27 @@ def test_sequential_leaves_subclasses_and_other_orders_alone(rng):
         assert out._ctx.fn is not BatchNorm2dReLU
         assert all(p is None or p.fn is not BatchNorm2dReLU for p in out._ctx.parents
                    if not isinstance(p, Tensor))
+
+
+@native
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backward_mask_is_the_forwards_at_the_kink(isa, rng, dtype):  # noqa: F811
+    """x straddling the point where (x - mean) * scale + shift crosses 0, where a
+    differently rounded (e.g. fused vs separate multiply-add) recomputation of the
+    mask would disagree with the forward's ReLU: in eval mode with grad_out = 1,
+    grad_x is nonzero exactly where the forward's output is > 0."""
+    c = 3
+    w = rng.uniform(0.5, 2, c).astype(dtype)
+    b = rng.standard_normal(c).astype(dtype)
+    mean = rng.standard_normal(c).astype(dtype)
+    var = rng.uniform(0.2, 3, c).astype(dtype)
+    scale = (w / np.sqrt(var.astype(np.float64) + EPS)).astype(dtype)
+    root = mean - b / scale  # where the BatchNorm output is ~0
+    step = np.spacing(np.abs(root)).astype(dtype)  # one ulp of x near the root
+    x = (root[:, None] + np.arange(-2048, 2048) * step[:, None]).astype(dtype)
+    x = np.ascontiguousarray(x.reshape(1, c, 64, 64))
+    y, m, v = _C.batch_norm2d_relu(x, w, b, mean, var, EPS, False)
+    assert (y > 0).any() and (y == 0).any()
+    gx, _, _ = _C.batch_norm2d_relu_backward(np.ones_like(x), x, w, b, m, v, EPS, False,
+                                             True, False, False)
+    np.testing.assert_array_equal(gx != 0, y > 0)

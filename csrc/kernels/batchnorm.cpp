@@ -16,6 +16,7 @@
 // max(y, 0) in the same pass (bit for bit relu(batch_norm2d(x))); the backward
 // recomputes the forward's y from x and the stats to mask the incoming gradient,
 // so neither the pre-ReLU output nor a mask is stored or read.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
