@@ -844,10 +844,11 @@ const T* cptr_or_null(const std::optional<py::array>& a) {
   return a ? cptr<T>(*a) : nullptr;
 }
 
-py::tuple batch_norm2d(const py::handle& x_obj, const py::handle& w_obj, const py::handle& b_obj,
-                       const py::handle& mean_obj, const py::handle& var_obj, double eps,
-                       bool training) {
-  const char* op = "batch_norm2d";
+// batch_norm2d and batch_norm2d_relu (relu: the fused ReLU kernel).
+py::tuple batch_norm2d_impl(const char* op, bool relu, const py::handle& x_obj,
+                            const py::handle& w_obj, const py::handle& b_obj,
+                            const py::handle& mean_obj, const py::handle& var_obj, double eps,
+                            bool training) {
   py::array x = float_arg(op, "x", x_obj, 4, "(N, C, H, W)");
   const auto w = optional_channel_arg(op, "weight", w_obj, x);
   const auto b = optional_channel_arg(op, "bias", b_obj, x);
@@ -885,22 +886,39 @@ py::tuple batch_norm2d(const py::handle& x_obj, const py::handle& w_obj, const p
     T* yp = ptr<T>(y);
     {
       py::gil_scoped_release release;
-      table<T>().batch_norm2d_forward(N, C, HW, xp, wp, bp, mp, vp, eps, training, yp);
+      const auto& t = table<T>();
+      (relu ? t.batch_norm2d_relu_forward : t.batch_norm2d_forward)(N, C, HW, xp, wp, bp, mp, vp,
+                                                                   eps, training, yp);
     }
     return py::make_tuple(y, mean_out, var_out);
   });
 }
 
-py::tuple batch_norm2d_backward(const py::handle& gy_obj, const py::handle& x_obj,
-                                const py::handle& w_obj, const py::handle& mean_obj,
-                                const py::handle& var_obj, double eps, bool training,
-                                bool need_x, bool need_w, bool need_b) {
-  const char* op = "batch_norm2d_backward";
+py::tuple batch_norm2d(const py::handle& x, const py::handle& weight, const py::handle& bias,
+                       const py::handle& mean, const py::handle& var, double eps,
+                       bool training) {
+  return batch_norm2d_impl("batch_norm2d", false, x, weight, bias, mean, var, eps, training);
+}
+
+py::tuple batch_norm2d_relu(const py::handle& x, const py::handle& weight,
+                            const py::handle& bias, const py::handle& mean,
+                            const py::handle& var, double eps, bool training) {
+  return batch_norm2d_impl("batch_norm2d_relu", true, x, weight, bias, mean, var, eps, training);
+}
+
+// batch_norm2d_backward and, with relu (b_obj: the forward's bias),
+// batch_norm2d_relu_backward.
+py::tuple batch_norm2d_backward_impl(const char* op, bool relu, const py::handle& gy_obj,
+                                     const py::handle& x_obj, const py::handle& w_obj,
+                                     const py::handle& b_obj, const py::handle& mean_obj,
+                                     const py::handle& var_obj, double eps, bool training,
+                                     bool need_x, bool need_w, bool need_b) {
   py::array gy = float_arg(op, "grad_out", gy_obj, 4, "(N, C, H, W)");
   py::array x = float_arg(op, "x", x_obj, 4, "(N, C, H, W)");
   same_dtype(op, x, "x", gy, "grad_out");
   same_shape(op, x, "x", gy, "grad_out");
   const auto w = optional_channel_arg(op, "weight", w_obj, x);
+  const auto b = relu ? optional_channel_arg(op, "bias", b_obj, x) : std::nullopt;
   const py::array mean = channel_arg(op, "mean", mean_obj, x);
   const py::array var = channel_arg(op, "var", var_obj, x);
   check_eps(op, eps);
@@ -929,13 +947,35 @@ py::tuple batch_norm2d_backward(const py::handle& gy_obj, const py::handle& x_ob
     const T* wp = cptr_or_null<T>(w);
     const T* mp = cptr<T>(mean);
     const T* vp = cptr<T>(var);
+    const T* bp = cptr_or_null<T>(b);
     if (gxp || gwp || gbp) {
       py::gil_scoped_release release;
-      table<T>().batch_norm2d_backward(N, C, HW, gyp, xp, wp, mp, vp, eps, training, gxp, gwp,
-                                       gbp);
+      if (relu) {
+        table<T>().batch_norm2d_relu_backward(N, C, HW, gyp, xp, wp, bp, mp, vp, eps, training,
+                                              gxp, gwp, gbp);
+      } else {
+        table<T>().batch_norm2d_backward(N, C, HW, gyp, xp, wp, mp, vp, eps, training, gxp, gwp,
+                                         gbp);
+      }
     }
     return py::make_tuple(gx, gw, gb);
   });
+}
+
+py::tuple batch_norm2d_backward(const py::handle& grad_out, const py::handle& x,
+                                const py::handle& weight, const py::handle& mean,
+                                const py::handle& var, double eps, bool training, bool need_x,
+                                bool need_w, bool need_b) {
+  return batch_norm2d_backward_impl("batch_norm2d_backward", false, grad_out, x, weight,
+                                    py::none(), mean, var, eps, training, need_x, need_w, need_b);
+}
+
+py::tuple batch_norm2d_relu_backward(const py::handle& grad_out, const py::handle& x,
+                                     const py::handle& weight, const py::handle& bias,
+                                     const py::handle& mean, const py::handle& var, double eps,
+                                     bool training, bool need_x, bool need_w, bool need_b) {
+  return batch_norm2d_backward_impl("batch_norm2d_relu_backward", true, grad_out, x, weight,
+                                    bias, mean, var, eps, training, need_x, need_w, need_b);
 }
 
 // --- optimizer steps ---------------------------------------------------------------
@@ -1136,6 +1176,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("need_x"), py::arg("need_w"), py::arg("need_b"),
         "(grad_x, grad_weight, grad_bias) of batch_norm2d (None where not needed), with "
         "mean/var as the forward returned them.");
+  m.def("batch_norm2d_relu", &batch_norm2d_relu, py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("mean"), py::arg("var"), py::arg("eps"), py::arg("training"),
+        "batch_norm2d with the ReLU that follows fused: (max(y, 0), mean, var), y bit for bit "
+        "batch_norm2d's.");
+  m.def("batch_norm2d_relu_backward", &batch_norm2d_relu_backward, py::arg("grad_out"),
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("mean"), py::arg("var"),
+        py::arg("eps"), py::arg("training"), py::arg("need_x"), py::arg("need_w"),
+        py::arg("need_b"),
+        "(grad_x, grad_weight, grad_bias) of batch_norm2d_relu (None where not needed): "
+        "grad_out masked where the forward's output is not > 0 (recomputed from x), then "
+        "batch_norm2d_backward.");
   m.def("sgd_step", &sgd_step, py::arg("param"), py::arg("grad"), py::arg("momentum_buf"),
         py::arg("lr"), py::arg("momentum"), py::arg("weight_decay"), py::arg("nesterov"),
         "In-place torch.optim.SGD step (dampening 0).");

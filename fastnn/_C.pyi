@@ -115,3 +115,14 @@ def batch_norm2d_backward(
     var: np.ndarray, eps: float, training: bool, need_x: bool, need_w: bool, need_b: bool,
 ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """(grad_x, grad_weight, grad_bias) of batch_norm2d, None where not needed."""
+def batch_norm2d_relu(
+    x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None,
+    mean: np.ndarray | None, var: np.ndarray | None, eps: float, training: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """batch_norm2d with the ReLU that follows fused: (max(y, 0), mean, var)."""
+def batch_norm2d_relu_backward(
+    grad_out: np.ndarray, x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None,
+    mean: np.ndarray, var: np.ndarray, eps: float, training: bool, need_x: bool, need_w: bool,
+    need_b: bool,
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """(grad_x, grad_weight, grad_bias) of batch_norm2d_relu, None where not needed."""

@@ -22,6 +22,7 @@ from fastnn.bench.cases import (
     Prepared,
     Unsupported,
     conv_case,
+    known_op_names,
     matmul_case,
     output_arrays,
     pool_case,
@@ -30,6 +31,7 @@ from fastnn.bench.cases import (
     standard_cases,
     sweep_cases,
     tiny_cases,
+    train_step_case,
 )
 from fastnn.bench.runners import (
     InProcessRunner,
@@ -107,6 +109,43 @@ def test_select_cases_filters() -> None:
     assert {"matmul", "matmul_small", "matmul_linear_fwd"} <= {c.op for c in mm}
     with pytest.raises(ValueError, match="mode"):
         select_cases("nope")
+
+
+def test_strong_selects_its_conv_layers_and_step() -> None:
+    strong = select_cases("full", ["strong"])
+    convs = {c.shape for c in strong if c.family == "conv2d"}
+    assert convs == {"N128 1->32 3x3 28x28", "N128 32->32 3x3 26x26", "N128 32->64 3x3 12x12",
+                     "N128 64->64 3x3 10x10"}
+    assert len(strong) == 3 * 4 + 1
+    (step,) = [c for c in strong if c.op == "train_step"]
+    assert step.shape == "strong N128" and step.params["model"] == "strong"
+    # forward 2*N*O*OH*OW*C*9 per conv, twice for the first (no input gradient),
+    # three times for the rest; three products per Linear.
+    convs_fwd = [2 * 128 * o * (hw - 2) ** 2 * c * 9
+                 for c, hw, o in ((1, 28, 32), (32, 26, 32), (32, 12, 64), (64, 10, 64))]
+    fc = 2 * 128 * (1024 * 256 + 256 * 10)
+    assert step.flops == 2 * convs_fwd[0] + 3 * sum(convs_fwd[1:]) + 3 * fc
+    with pytest.raises(ValueError, match="model must be one of"):
+        train_step_case(128, model="nope")
+    assert "strong" in known_op_names()  # what the CLI checks --ops against
+
+
+def test_torch_peer_strong_model_is_fastnns() -> None:
+    """The torch peer's strong preset computes fastnn's strong preset (eval mode, same
+    initial weights and buffers)."""
+    torch = pytest.importorskip("torch")
+    import fastnn
+    from fastnn.bench.torch_peer import preset_model
+    from fastnn.models import build_model
+
+    x = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    ours = build_model("strong", 0).eval()
+    theirs = preset_model(torch, "float32", "strong").eval()
+    with fastnn.no_grad():
+        want = ours(x).data
+    with torch.no_grad():
+        got = theirs(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_case_json_round_trip() -> None:

@@ -670,7 +670,7 @@ def test_functional_forced_cuda_backend(rng) -> None:
 @sim
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_array_ops_through_functional(rng, dtype) -> None:
-    """sigmoid/tanh/log_softmax/MSE/dropout/BatchNorm pairs on the cuda backend
+    """sigmoid/tanh/log_softmax/MSE/dropout/BatchNorm(+ReLU) pairs on the cuda backend
     (CuPy expressions; NumPy arrays here) against numpy_ref, via fastnn.functional."""
     import fastnn
     from fastnn import functional as F
@@ -685,12 +685,15 @@ def test_array_ops_through_functional(rng, dtype) -> None:
         bn = (y, rm, rv, *F.batch_norm2d_backward(g, x, w, mean, var, 1e-5, True))
         ev = F.batch_norm2d_forward(x, rm, rv, w, b, False)
         ev_grads = F.batch_norm2d_backward(g, x, w, ev[1], ev[2], 1e-5, False)
+        yr, mr, vr = F.batch_norm2d_relu_forward(x, None, None, w, b, True)
+        bn_relu = (yr, *F.batch_norm2d_relu_backward(g, x, w, b, mr, vr, 1e-5, True))
         s, t, ls = F.sigmoid(x), F.tanh(x), F.log_softmax(x, 1)
         act = (s, F.sigmoid_backward(g, s), t, F.tanh_backward(g, t), ls,
                F.log_softmax_backward(g, ls, 1))
         mse = (F.mse_loss(x, g), *F.mse_loss_backward(np.asarray(2.0, dtype), x, g))
         drop = F.dropout_forward(x, 0.4, True, np.random.default_rng(3))
-        return (*bn, *ev, *ev_grads, *act, *mse, *drop, F.dropout_backward(g, drop[1]))
+        return (*bn, *ev, *ev_grads, *bn_relu, *act, *mse, *drop,
+                F.dropout_backward(g, drop[1]))
 
     with fastnn.backend("cuda"):
         got = run()

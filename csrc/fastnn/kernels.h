@@ -93,6 +93,16 @@ struct KernelTable {
   void (*batch_norm2d_backward)(int64_t N, int64_t C, int64_t HW, const T* gy, const T* x,
                                 const T* w, const T* mean, const T* var, double eps,
                                 bool training, T* gx, T* gw, T* gb);
+  // The same with the ReLU that follows fused: y = max(batch_norm2d(x), 0) bit for
+  // bit; the backward masks gy where that y is not > 0 (recomputed from x, the
+  // stats and b, as the forward computed it), then runs batch_norm2d_backward.
+  void (*batch_norm2d_relu_forward)(int64_t N, int64_t C, int64_t HW, const T* x, const T* w,
+                                    const T* b, T* mean, T* var, double eps, bool training,
+                                    T* y);
+  void (*batch_norm2d_relu_backward)(int64_t N, int64_t C, int64_t HW, const T* gy,
+                                     const T* x, const T* w, const T* b, const T* mean,
+                                     const T* var, double eps, bool training, T* gx, T* gw,
+                                     T* gb);
 
   // Fused conv2d + bias + ReLU + max_pool2d (csrc/kernels/fused.cpp). The pool
   // geometry takes the conv output as its input (pp.N = N, pp.C = O,

@@ -173,6 +173,13 @@ template <typename T>
 void batch_norm2d_backward(int64_t N, int64_t C, int64_t HW, const T* gy, const T* x,
                            const T* w, const T* mean, const T* var, double eps, bool training,
                            T* gx, T* gw, T* gb);
+template <typename T>
+void batch_norm2d_relu_forward(int64_t N, int64_t C, int64_t HW, const T* x, const T* w,
+                               const T* b, T* mean, T* var, double eps, bool training, T* y);
+template <typename T>
+void batch_norm2d_relu_backward(int64_t N, int64_t C, int64_t HW, const T* gy, const T* x,
+                                const T* w, const T* b, const T* mean, const T* var, double eps,
+                                bool training, T* gx, T* gw, T* gb);
 
 // --- elementwise.cpp ---------------------------------------------------------
 template <typename T>

@@ -23,6 +23,8 @@ void fill(KernelTable<T>& t) {
   t.adam_step = &adam_step<T>;
   t.batch_norm2d_forward = &batch_norm2d_forward<T>;
   t.batch_norm2d_backward = &batch_norm2d_backward<T>;
+  t.batch_norm2d_relu_forward = &batch_norm2d_relu_forward<T>;
+  t.batch_norm2d_relu_backward = &batch_norm2d_relu_backward<T>;
   t.conv2d_relu_maxpool_forward = &conv2d_relu_maxpool_forward<T>;
   t.conv2d_relu_maxpool_backward = &conv2d_relu_maxpool_backward<T>;
 }

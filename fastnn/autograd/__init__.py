@@ -39,6 +39,7 @@ from fastnn.autograd.engine import Context, Function
 from fastnn.autograd.functions import (
     AvgPool2d,
     BatchNorm2d,
+    BatchNorm2dReLU,
     Conv2d,
     Conv2dReLUMaxPool2d,
     CrossEntropy,
@@ -59,6 +60,7 @@ __all__ = [
     "Add",
     "AvgPool2d",
     "BatchNorm2d",
+    "BatchNorm2dReLU",
     "Context",
     "Conv2d",
     "Conv2dReLUMaxPool2d",

@@ -19,6 +19,7 @@ from fastnn.autograd.tensor import Array, Tensor
 __all__ = [
     "AvgPool2d",
     "BatchNorm2d",
+    "BatchNorm2dReLU",
     "Conv2d",
     "Conv2dReLUMaxPool2d",
     "CrossEntropy",
@@ -279,6 +280,8 @@ class BatchNorm2d(Function):
     """``F.batch_norm2d``; running stats are updated in place by the forward."""
 
     op, inputs = "batch_norm2d", ("x", "weight", "bias")
+    #: True in BatchNorm2dReLU: the forward and backward run the fused ReLU ops.
+    relu = False
 
     @staticmethod
     def forward(
@@ -287,17 +290,27 @@ class BatchNorm2d(Function):
         training: bool = False, momentum: float | None = 0.1, eps: float = 1e-5,
         num_batches_tracked: Array | None = None,
     ) -> Array:
-        y, mean, var = F.batch_norm2d_forward(x, running_mean, running_var, weight, bias,
-                                              training, momentum, eps, num_batches_tracked)
-        ctx.save_for_backward(x, weight, mean, var)
+        fwd = F.batch_norm2d_relu_forward if ctx.fn.relu else F.batch_norm2d_forward
+        y, mean, var = fwd(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                           num_batches_tracked)
+        ctx.save_for_backward(x, weight, bias, mean, var)
         ctx.args = (eps, training)
         return y
 
     @staticmethod
     def backward(ctx: Context, g: Array) -> tuple:
-        x, w, mean, var = ctx.saved_tensors
+        x, w, b, mean, var = ctx.saved_tensors
+        if ctx.fn.relu:
+            return F.batch_norm2d_relu_backward(g, x, w, b, mean, var, *ctx.args,
+                                                output_mask=ctx.needs_input_grad)
         return F.batch_norm2d_backward(g, x, w, mean, var, *ctx.args,
                                        output_mask=ctx.needs_input_grad)
+
+
+class BatchNorm2dReLU(BatchNorm2d):
+    """``F.batch_norm2d_relu``: BatchNorm2d and the ReLU after it as one node."""
+
+    op, relu = "batch_norm2d_relu", True
 
 
 def batch_norm2d(

@@ -1,7 +1,8 @@
 """Ops that a backend builds from its own primitives (numpy_ref and cuda).
 
-The cpu backend has a fused C++ kernel for conv2d + ReLU + max_pool2d; the
-other backends compose the separate ops, the same way, from this one place.
+The cpu backend has fused C++ kernels for conv2d + ReLU + max_pool2d and for
+batch_norm2d + ReLU; the other backends compose the separate ops, the same
+way, from this one place.
 """
 
 from __future__ import annotations
@@ -85,3 +86,31 @@ def fused_conv_relu_pool(ops: ModuleType) -> tuple[Callable[..., Any], Callable[
         fn.__doc__ = contract.doc(fn.__name__)
         fn.__module__ = ops.__name__
     return conv2d_relu_max_pool2d, conv2d_relu_max_pool2d_backward
+
+
+def fused_bn_relu(ops: ModuleType) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``batch_norm2d_relu`` and its backward, built from ``ops``' primitives."""
+
+    def batch_norm2d_relu(
+        x: Any, weight: Any | None, bias: Any | None, mean: Any | None, var: Any | None,
+        eps: float, training: bool,
+    ) -> tuple[Any, Any, Any]:
+        y, mean, var = ops.batch_norm2d(x, weight, bias, mean, var, eps, training)
+        return ops.relu(y), mean, var
+
+    def batch_norm2d_relu_backward(
+        grad_out: Any, x: Any, weight: Any | None, bias: Any | None, mean: Any, var: Any,
+        eps: float, training: bool, need_x: bool, need_w: bool, need_b: bool,
+    ) -> tuple[Any | None, Any | None, Any | None]:
+        # Recompute the BatchNorm output with the forward's statistics (the eval
+        # form applies them exactly as the training forward did) for the relu mask.
+        y = ops.batch_norm2d(x, weight, bias, mean, var, eps, False)[0]
+        g = ops.relu_backward(grad_out, y)
+        del y
+        return ops.batch_norm2d_backward(g, x, weight, mean, var, eps, training, need_x, need_w,
+                                         need_b)
+
+    for fn in (batch_norm2d_relu, batch_norm2d_relu_backward):
+        fn.__doc__ = contract.doc(fn.__name__)
+        fn.__module__ = ops.__name__
+    return batch_norm2d_relu, batch_norm2d_relu_backward

@@ -266,6 +266,26 @@ class Backend(Protocol):
         """
         ...
 
+    def batch_norm2d_relu(
+        self, x: Array, weight: Array | None, bias: Array | None, mean: Array | None,
+        var: Array | None, eps: float, training: bool,
+    ) -> tuple[Array, Array, Array]:
+        """batch_norm2d followed by relu -> (relu(y), mean, var): the same arguments
+        and statistics as batch_norm2d, and relu(y) equal to relu(batch_norm2d(...)[0])
+        bit for bit."""
+        ...
+
+    def batch_norm2d_relu_backward(
+        self, grad_out: Array, x: Array, weight: Array | None, bias: Array | None,
+        mean: Array, var: Array, eps: float, training: bool, need_x: bool, need_w: bool,
+        need_b: bool,
+    ) -> tuple[Array | None, Array | None, Array | None]:
+        """(grad_x, grad_weight, grad_bias) of batch_norm2d_relu, None where not needed:
+        batch_norm2d_backward of relu_backward(grad_out, y), where y is the forward's
+        output (recomputed from x, weight, bias, mean and var as the forward did).
+        """
+        ...
+
     # -- optimizer steps (in place) --------------------------------------------
     def sgd_step(
         self, param: Array, grad: Array, momentum_buf: Array | None,

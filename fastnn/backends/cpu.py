@@ -40,6 +40,8 @@ __all__ = [
     "avg_pool2d_backward",
     "batch_norm2d",
     "batch_norm2d_backward",
+    "batch_norm2d_relu",
+    "batch_norm2d_relu_backward",
     "conv2d",
     "conv2d_backward_input",
     "conv2d_backward_weight",
@@ -97,3 +99,5 @@ sgd_step = _C.sgd_step
 adam_step = _C.adam_step
 batch_norm2d = _C.batch_norm2d
 batch_norm2d_backward = _C.batch_norm2d_backward
+batch_norm2d_relu = _C.batch_norm2d_relu
+batch_norm2d_relu_backward = _C.batch_norm2d_relu_backward

@@ -51,6 +51,8 @@ __all__ = [
     "avg_pool2d_backward",
     "batch_norm2d",
     "batch_norm2d_backward",
+    "batch_norm2d_relu",
+    "batch_norm2d_relu_backward",
     "conv2d",
     "conv2d_backward_input",
     "conv2d_backward_weight",
@@ -478,3 +480,4 @@ def avg_pool2d_backward(
 conv2d_relu_max_pool2d, conv2d_relu_max_pool2d_backward = _composed.fused_conv_relu_pool(
     sys.modules[__name__]
 )
+batch_norm2d_relu, batch_norm2d_relu_backward = _composed.fused_bn_relu(sys.modules[__name__])

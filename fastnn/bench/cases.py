@@ -33,6 +33,8 @@ from fastnn.geometry import conv_out_size as _out
 
 #: op families accepted by ``--ops`` (an op also matches its own full name).
 FAMILIES = ("conv2d", "matmul", "max_pool2d", "avg_pool2d", "elementwise", "train")
+#: tags ``--ops`` also accepts: ``strong`` = the strong preset's conv layers and step.
+TAG_SELECTORS = ("strong",)
 BACKENDS = ("numpy", "cpu", "cuda", "torch")
 #: the MNIST seed model: conv 1->32 3x3, relu, maxpool 2, linear 5408->128, relu, linear 128->10.
 SEED_HIDDEN = 128
@@ -161,12 +163,28 @@ def seed_flops(n: int) -> float:
     return 2 * conv + 3 * fc1 + 3 * fc2
 
 
-def train_step_case(n: int = 128, tags: tuple[str, ...] = ()) -> Case:
-    """One seed-model Adam step (forward, backward, update) on a fixed batch of ``n``
-    images: :func:`fastnn.training.train_step`, the step ``fastnn train`` runs
-    (torch: nn.Module + autograd + optim)."""
-    return Case("train_step", f"seed N{n}", {"N": n}, "images_s", seed_flops(n), 0.0, tags,
-                images=n)
+def strong_flops(n: int) -> float:
+    """FLOPs of one ``strong``-preset training step: each conv's forward and weight
+    gradient, every conv but the first's input gradient, and the two Linear layers'
+    three products each (BatchNorm, ReLU and pooling are not counted)."""
+    convs = [(1, 28, 32)] + [(c, hw, o) for _, c, hw, o in STRONG_CONVS]
+    flops = [2.0 * n * o * (hw - 2) ** 2 * c * 9 for c, hw, o in convs]
+    fc = 2.0 * n * (64 * 4 * 4 * 256 + 256 * 10)
+    return 2 * sum(flops) + sum(flops[1:]) + 3 * fc
+
+
+#: train_step's model presets and their FLOPs per step at batch n.
+_STEP_FLOPS = {"seed": seed_flops, "strong": strong_flops}
+
+
+def train_step_case(n: int = 128, tags: tuple[str, ...] = (), model: str = "seed") -> Case:
+    """One Adam step (forward, backward, update) of preset ``model`` on a fixed batch
+    of ``n`` images: :func:`fastnn.training.train_step`, the step ``fastnn train``
+    runs (torch: the same architecture as nn.Module + autograd + optim)."""
+    if model not in _STEP_FLOPS:
+        raise ValueError(f"model must be one of {sorted(_STEP_FLOPS)}, got {model!r}")
+    return Case("train_step", f"{model} N{n}", {"N": n, "model": model}, "images_s",
+                _STEP_FLOPS[model](n), 0.0, tags, images=n)
 
 
 def train_mnist_case(n: int = 128, steps: int = 200, tags: tuple[str, ...] = ()) -> Case:
@@ -186,6 +204,9 @@ CONV_PASSES = ("conv2d_fwd", "conv2d_bwd_input", "conv2d_bwd_weight")
 POOL_PASSES = ("max_pool2d_fwd", "max_pool2d_bwd", "avg_pool2d_fwd", "avg_pool2d_bwd")
 #: (N, C, HW, O, padding): the MNIST first layer at two batch sizes, and a deeper layer.
 MNIST_CONVS = ((32, 1, 28, 32, 0), (128, 1, 28, 32, 0), (128, 32, 13, 64, 1))
+#: (N, C, HW, O): the ``strong`` preset's conv layers past the first (which is
+#: MNIST_CONVS' 128 1->32 28x28): 3x3, stride 1, no padding.
+STRONG_CONVS = ((128, 32, 26, 32), (128, 32, 12, 64), (128, 64, 10, 64))
 MNIST_POOL = (128, 32, 26)
 SQUARES = (256, 512, 1024, 2048)
 
@@ -224,7 +245,11 @@ def standard_cases() -> list[Case]:
     out: list[Case] = []
     for n, c, hw, o, p in MNIST_CONVS:
         quick = ("quick",) if n == 128 else ()
-        out += [conv_case(op, n, c, hw, o, 3, 1, p, ("mnist",) + quick) for op in CONV_PASSES]
+        strong = ("strong",) if (n, c, hw, o, p) == (128, 1, 28, 32, 0) else ()
+        out += [conv_case(op, n, c, hw, o, 3, 1, p, ("mnist",) + quick + strong)
+                for op in CONV_PASSES]
+    for n, c, hw, o in STRONG_CONVS:
+        out += [conv_case(op, n, c, hw, o, tags=("mnist", "strong")) for op in CONV_PASSES]
     out += mnist_linear_cases(("mnist", "quick"))
     out += [matmul_case(s, s, s, tags=("square",) + (("quick",) if s == 512 else ()))
             for s in SQUARES]
@@ -232,6 +257,7 @@ def standard_cases() -> list[Case]:
     out += [pool_case(op, *MNIST_POOL, tags=("mnist", "quick")) for op in POOL_PASSES]
     out += elementwise_cases(("elementwise", "quick"))
     out.append(train_step_case(128, ("train", "quick")))
+    out.append(train_step_case(128, ("train", "strong"), model="strong"))
     out.append(train_mnist_case(128, 200, ("train",)))
     return out
 
@@ -272,7 +298,8 @@ def select_cases(mode: str = "full", ops: list[str] | None = None) -> list[Case]
     """Cases for a run: ``quick`` (the quick-tagged MNIST subset), ``standard``,
     ``full`` (standard plus sweeps) or ``tiny``; filtered by ``ops``, whose items
     are families (``conv2d``, ``matmul``, ``max_pool2d``, ``avg_pool2d``,
-    ``elementwise``, ``train``), full op names or op-name prefixes."""
+    ``elementwise``, ``train``), full op names, op-name prefixes or a tag of
+    :data:`TAG_SELECTORS` (``strong``)."""
     if mode == "tiny":
         cases = tiny_cases()
     elif mode == "quick":
@@ -289,12 +316,13 @@ def select_cases(mode: str = "full", ops: list[str] | None = None) -> list[Case]
 
 
 def _matches(case: Case, item: str) -> bool:
-    return item in (case.family, case.op) or case.op.startswith(item + "_")
+    return (item in (case.family, case.op) or case.op.startswith(item + "_")
+            or (item in TAG_SELECTORS and item in case.tags))
 
 
 def known_op_names() -> set[str]:
     """Everything ``--ops`` accepts."""
-    names = set(FAMILIES)
+    names = set(FAMILIES) | set(TAG_SELECTORS)
     for c in standard_cases() + sweep_cases():
         parts = c.op.split("_")
         names.update("_".join(parts[:i]) for i in range(1, len(parts) + 1))

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ops", default=None,
                    help="comma-separated op families or names: conv2d, matmul, max_pool2d, "
-                        "avg_pool2d, elementwise, train, or e.g. conv2d_fwd (default: all)")
+                        "avg_pool2d, elementwise, train, or e.g. conv2d_fwd; strong: the "
+                        "strong preset's conv layers and step (default: all)")
     p.add_argument("--backends", default=None,
                    help=f"comma-separated, from {','.join(BACKENDS)} (default: all available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))

@@ -23,7 +23,7 @@ from fastnn.bench.cases import (
     matmul_arrays,
     pool_arrays,
 )
-from fastnn.bench.train_cases import mnist_train_arrays, seed_weights, step_batch
+from fastnn.bench.train_cases import case_model, mnist_train_arrays, model_weights, step_batch
 from fastnn.data.loader import MNIST_MEAN, MNIST_STD
 
 
@@ -124,22 +124,41 @@ def _elementwise(torch: Any, case: Case, dtype: str) -> Callable[[], Any]:
     return opt.step
 
 
+def _strong_layers(nn: Any) -> list[Any]:
+    """fastnn.models' ``strong`` preset, layer for layer (same indices)."""
+    def block(c_in: int, c_out: int) -> list[Any]:
+        return [nn.Conv2d(c_in, c_out, 3, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+    return [*block(1, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64),
+            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 4 * 4, 256), nn.ReLU(),
+            nn.Dropout(0.4), nn.Linear(256, 10)]
+
+
 def seed_model(torch: Any, dtype: str) -> Any:
-    """The seed model in torch, starting from the same weights as fastnn's training
-    cases (the layer indices match fastnn's ``state_dict`` keys)."""
+    """The seed model in torch: :func:`preset_model` of ``seed``."""
+    return preset_model(torch, dtype, "seed")
+
+
+def preset_model(torch: Any, dtype: str, name: str) -> Any:
+    """Preset ``name`` (the seed model, or ``strong``) in torch, starting from the same
+    weights and buffers as fastnn's training cases (the layer indices match fastnn's
+    ``state_dict`` keys)."""
     nn = torch.nn
-    model = nn.Sequential(
-        nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(SEED_FEATURES, SEED_HIDDEN), nn.ReLU(), nn.Linear(SEED_HIDDEN, 10),
-    ).to(getattr(torch, dtype))
-    model.load_state_dict({k: torch.from_numpy(np.asarray(v, dtype=dtype))
-                           for k, v in seed_weights().items()})
+    if name == "strong":
+        layers = _strong_layers(nn)
+    else:
+        layers = [nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                  nn.Linear(SEED_FEATURES, SEED_HIDDEN), nn.ReLU(), nn.Linear(SEED_HIDDEN, 10)]
+    model = nn.Sequential(*layers).to(getattr(torch, dtype))
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v, dtype=v.dtype if v.ndim == 0
+                                                          else dtype))
+                           for k, v in model_weights(name).items()})
     return model
 
 
 def _train(torch: Any, case: Case, dtype: str) -> Prepared:
     n = case.params["N"]
-    model = seed_model(torch, dtype)
+    model = preset_model(torch, dtype, case_model(case))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     xent = torch.nn.functional.cross_entropy
 

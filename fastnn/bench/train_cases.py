@@ -1,8 +1,9 @@
 """Setup of the training cases (``train_step``, ``train_mnist``) on fastnn's backends.
 
-Both time what ``fastnn train`` runs: the seed model from
-``models.build_model("seed", 0)``, the optimizer ``fastnn train`` builds by
-default (Adam, lr 1e-3), and :func:`fastnn.training.train_step` --
+Both time what ``fastnn train`` runs: the seed model (``train_step`` also the
+``strong`` preset, its case's ``model``) from ``models.build_model(name, 0)``,
+the optimizer ``fastnn train`` builds by default (Adam, lr 1e-3), and
+:func:`fastnn.training.train_step` --
 ``train_mnist`` through :func:`fastnn.training.run_epoch` over a shuffled
 :class:`~fastnn.data.DataLoader`, as an epoch runs. The torch peer
 (:mod:`fastnn.bench.torch_peer`) starts from the same weights and data.
@@ -17,7 +18,8 @@ import numpy as np
 
 from fastnn.bench.cases import Case, Prepared, Unsupported, _rand
 
-__all__ = ["mnist_train_arrays", "prepare", "seed_weights", "step_batch"]
+__all__ = ["case_model", "mnist_train_arrays", "model_weights", "prepare", "seed_weights",
+           "step_batch"]
 
 #: The checkout's sibling data directory (``<repo>/../shared/data/mnist``), the
 #: development layout; searched after fastnn's own places.
@@ -44,12 +46,22 @@ def mnist_train_arrays(limit: int | None = None) -> tuple[np.ndarray, np.ndarray
             rng.integers(0, 10, n).astype(np.int64), "random")
 
 
-def seed_weights() -> dict[str, np.ndarray]:
-    """The seed model's initial parameters as the training cases build it
-    (``build_model("seed", 0)``), keyed like ``state_dict`` (``0.weight``, ...)."""
+def case_model(case: Case) -> str:
+    """The preset a training case runs (``seed`` for cases saved before ``model``)."""
+    return case.params.get("model", "seed")
+
+
+def model_weights(name: str = "seed") -> dict[str, np.ndarray]:
+    """Preset ``name``'s initial parameters and buffers as the training cases build it
+    (``build_model(name, 0)``), keyed like ``state_dict`` (``0.weight``, ...)."""
     from fastnn.models import build_model
 
-    return build_model("seed", 0).state_dict()
+    return build_model(name, 0).state_dict()
+
+
+def seed_weights() -> dict[str, np.ndarray]:
+    """:func:`model_weights` of the seed model."""
+    return model_weights("seed")
 
 
 def step_batch(n: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
@@ -68,9 +80,9 @@ def prepare(case: Case, backend: str, dtype: str) -> Prepared:
     except ImportError as exc:
         raise Unsupported(f"fastnn's training stack does not import: {exc}") from exc
     if dtype != "float32":
-        raise Unsupported("the seed model trains in float32")
+        raise Unsupported("the model presets train in float32")
     arrays = "cuda" if backend == "cuda" else "cpu"
-    model = build_model("seed", 0).to(arrays)
+    model = build_model(case_model(case), 0).to(arrays)
     model.train()
     opt = build_optimizer(TrainConfig(), model.parameters())  # fastnn train's default
     timer = "cupy" if backend == "cuda" else "wall"

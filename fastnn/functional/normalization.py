@@ -1,4 +1,6 @@
-"""BatchNorm over NCHW input, as ``torch.nn.functional.batch_norm``, with its backward."""
+"""BatchNorm over NCHW input, as ``torch.nn.functional.batch_norm``, with its backward;
+and BatchNorm fused with the ReLU that follows it (``batch_norm2d_relu``), whose
+arguments are validated by the same code."""
 
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def _x4d(op: str, x: Any) -> Array:
 
 
 def _update_running_stats(
-    running_mean: Array, running_var: Array, mean: Array, var: Array, m: int,
+    op: str, running_mean: Array, running_var: Array, mean: Array, var: Array, m: int,
     momentum: float | None, num_batches_tracked: Array | None,
 ) -> None:
     """running = (1 - momentum) * running + momentum * batch, in place; the variance
@@ -41,10 +43,10 @@ def _update_running_stats(
         num_batches_tracked += 1
     if momentum is None:
         if num_batches_tracked is None:
-            raise ValueError("batch_norm2d: momentum=None needs num_batches_tracked")
+            raise ValueError(f"{op}: momentum=None needs num_batches_tracked")
         mom = 1.0 / float(num_batches_tracked)
     else:
-        mom = _real("batch_norm2d", "momentum", momentum)
+        mom = _real(op, "momentum", momentum)
     running_mean *= 1 - mom
     running_mean += mom * mean
     running_var *= 1 - mom
@@ -61,6 +63,42 @@ def _check_running(op: str, name: str, a: Any, c: int, x: Array) -> None:
     _check_bias(op, a, c, x, name, same_dtype=False)
 
 
+def _forward(
+    op: str, x: Any, running_mean: Array | None, running_var: Array | None, weight: Any,
+    bias: Any, training: bool, momentum: float | None, eps: float,
+    num_batches_tracked: Array | None,
+) -> tuple[Array, Array, Array]:
+    """Validate, run backend op ``op`` (batch_norm2d or batch_norm2d_relu), update the
+    running stats: (y, mean, var)."""
+    x = _x4d(op, x)
+    c = x.shape[1]
+    weight = _check_bias(op, weight, c, x, "weight")
+    bias = _check_bias(op, bias, c, x, "bias")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: running_mean and running_var must both be arrays or both None")
+    for name, a in (("running_mean", running_mean), ("running_var", running_var)):
+        _check_running(op, name, a, c, x)
+    eps = _real(op, "eps", eps)
+    run = getattr(_pick_backend(op, [x]), op)
+    if not training:
+        if running_mean is None:
+            raise ValueError(f"{op}: running_mean and running_var must be given when not training")
+        mean = running_mean.astype(x.dtype, copy=True)
+        var = running_var.astype(x.dtype, copy=True)
+        return run(x, weight, bias, mean, var, eps, False)
+    m = x.size // max(c, 1)
+    if m < 2:
+        raise ValueError(
+            f"{op}: expected more than 1 value per channel when training, "
+            f"got input of shape {tuple(x.shape)}"
+        )
+    y, mean, var = run(x, weight, bias, None, None, eps, True)
+    if running_mean is not None:
+        _update_running_stats(op, running_mean, running_var, mean, var, m, momentum,
+                              num_batches_tracked)
+    return y, mean, var
+
+
 @_tensor_aware
 def batch_norm2d_forward(
     x: Array,
@@ -75,34 +113,45 @@ def batch_norm2d_forward(
 ) -> tuple[Array, Array, Array]:
     """:func:`batch_norm2d` returning ``(y, mean, var)``: the per-channel (C,) statistics
     it normalised with (x's dtype), which :func:`batch_norm2d_backward` takes."""
-    op = "batch_norm2d"
-    x = _x4d(op, x)
-    c = x.shape[1]
-    weight = _check_bias(op, weight, c, x, "weight")
-    bias = _check_bias(op, bias, c, x, "bias")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{op}: running_mean and running_var must both be arrays or both None")
-    for name, a in (("running_mean", running_mean), ("running_var", running_var)):
-        _check_running(op, name, a, c, x)
-    eps = _real(op, "eps", eps)
-    backend = _pick_backend(op, [x])
-    if not training:
-        if running_mean is None:
-            raise ValueError(f"{op}: running_mean and running_var must be given when not training")
-        mean = running_mean.astype(x.dtype, copy=True)
-        var = running_var.astype(x.dtype, copy=True)
-        return backend.batch_norm2d(x, weight, bias, mean, var, eps, False)
-    m = x.size // max(c, 1)
-    if m < 2:
-        raise ValueError(
-            f"{op}: expected more than 1 value per channel when training, "
-            f"got input of shape {tuple(x.shape)}"
-        )
-    y, mean, var = backend.batch_norm2d(x, weight, bias, None, None, eps, True)
-    if running_mean is not None:
-        _update_running_stats(running_mean, running_var, mean, var, m, momentum,
-                              num_batches_tracked)
-    return y, mean, var
+    return _forward("batch_norm2d", x, running_mean, running_var, weight, bias, training,
+                    momentum, eps, num_batches_tracked)
+
+
+@_tensor_aware
+def batch_norm2d_relu_forward(
+    x: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    num_batches_tracked: Array | None = None,
+) -> tuple[Array, Array, Array]:
+    """:func:`batch_norm2d_relu` returning ``(y, mean, var)``, as
+    :func:`batch_norm2d_forward`; :func:`batch_norm2d_relu_backward` takes them."""
+    return _forward("batch_norm2d_relu", x, running_mean, running_var, weight, bias, training,
+                    momentum, eps, num_batches_tracked)
+
+
+@_tensor_aware
+def batch_norm2d_relu(
+    x: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    num_batches_tracked: Array | None = None,
+) -> Array:
+    """``relu(batch_norm2d(x, ...))`` in one pass (the same arguments, running-stat
+    updates and values bit for bit as the two calls); the backward recomputes the
+    ReLU mask from ``x``, so the pre-ReLU output is never stored."""
+    return batch_norm2d_relu_forward(x, running_mean, running_var, weight, bias, training,
+                                     momentum, eps, num_batches_tracked)[0]
 
 
 @_tensor_aware
@@ -130,6 +179,34 @@ def batch_norm2d(
                                 eps, num_batches_tracked)[0]
 
 
+def _backward(
+    op: str, grad_out: Any, x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: float,
+    training: bool, output_mask: tuple[bool, bool, bool],
+) -> tuple[Array | None, Array | None, Array | None]:
+    """Validate and run backend op ``op`` (batch_norm2d_backward, or
+    batch_norm2d_relu_backward, which also takes ``bias``)."""
+    x = _x4d(op, x)
+    c = x.shape[1]
+    grad_out = _as_float_array(grad_out, op, "grad_out")
+    _same_dtype(op, x, "x", grad_out, "grad_out")
+    _check_grad_out(op, grad_out, x.shape)
+    weight = _check_bias(op, weight, c, x, "weight")
+    bias = _check_bias(op, bias, c, x, "bias")
+    mean = _check_bias(op, mean, c, x, "mean")
+    var = _check_bias(op, var, c, x, "var")
+    if mean is None or var is None:
+        raise TypeError(f"{op}: mean and var must be arrays (from the forward)")
+    need_x, need_w, need_b = (bool(v) for v in output_mask)
+    need_w = need_w and weight is not None
+    if not (need_x or need_w or need_b):
+        return None, None, None
+    run = getattr(_pick_backend(op, [grad_out, x]), op)
+    head = (_contig(grad_out), x, weight)
+    if op == "batch_norm2d_relu_backward":  # its mask is recomputed with the bias
+        head += (bias,)
+    return run(*head, mean, var, _real(op, "eps", eps), bool(training), need_x, need_w, need_b)
+
+
 @_tensor_aware
 def batch_norm2d_backward(
     grad_out: Array,
@@ -148,23 +225,26 @@ def batch_norm2d_backward(
     ``training`` the mode it ran in (with batch statistics, grad_x includes their
     dependence on x).
     """
-    op = "batch_norm2d_backward"
-    x = _x4d(op, x)
-    c = x.shape[1]
-    grad_out = _as_float_array(grad_out, op, "grad_out")
-    _same_dtype(op, x, "x", grad_out, "grad_out")
-    _check_grad_out(op, grad_out, x.shape)
-    weight = _check_bias(op, weight, c, x, "weight")
-    mean = _check_bias(op, mean, c, x, "mean")
-    var = _check_bias(op, var, c, x, "var")
-    if mean is None or var is None:
-        raise TypeError(f"{op}: mean and var must be arrays (from batch_norm2d_forward)")
-    need_x, need_w, need_b = (bool(v) for v in output_mask)
-    need_w = need_w and weight is not None
-    if not (need_x or need_w or need_b):
-        return None, None, None
-    backend = _pick_backend(op, [grad_out, x])
-    return backend.batch_norm2d_backward(
-        _contig(grad_out), x, weight, mean, var, _real(op, "eps", eps), bool(training),
-        need_x, need_w, need_b,
-    )
+    return _backward("batch_norm2d_backward", grad_out, x, weight, None, mean, var, eps,
+                     training, output_mask)
+
+
+@_tensor_aware
+def batch_norm2d_relu_backward(
+    grad_out: Array,
+    x: Array,
+    weight: Array | None,
+    bias: Array | None,
+    mean: Array,
+    var: Array,
+    eps: float = 1e-5,
+    training: bool = True,
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Array | None, Array | None, Array | None]:
+    """Gradients ``(grad_x, grad_weight, grad_bias)`` of :func:`batch_norm2d_relu`, as
+    :func:`batch_norm2d_backward` of ``grad_out`` masked where the forward's output
+    is not > 0. ``x``, ``weight``, ``bias`` are the forward's (the mask is
+    recomputed from them), ``mean``/``var`` what :func:`batch_norm2d_relu_forward`
+    returned."""
+    return _backward("batch_norm2d_relu_backward", grad_out, x, weight, bias, mean, var, eps,
+                     training, output_mask)

@@ -301,13 +301,20 @@ class BatchNorm2d(Module):
             self.num_batches_tracked[...] = 0
 
     def forward(self, x: Any) -> Tensor:
+        return self._run(F.batch_norm2d, x)
+
+    def _forward_relu(self, x: Any) -> Tensor:
+        """``relu(self(x))`` as one fused node (see ``F.batch_norm2d_relu``)."""
+        return self._run(F.batch_norm2d_relu, x)
+
+    def _run(self, fn: Any, x: Any) -> Tensor:
         x = _as_tensor(x)
         if x.ndim != 4 or x.shape[1] != self.num_features:
             raise ValueError(
                 f"BatchNorm2d: expected input of shape (N, {self.num_features}, H, W), "
                 f"got {x.shape}"
             )
-        return F.batch_norm2d(
+        return fn(
             x, self.running_mean, self.running_var, self.weight, self.bias,
             training=self.training or not self.track_running_stats,
             momentum=self.momentum, eps=self.eps,
@@ -340,7 +347,8 @@ class Sequential(Module):
         return [d[n] for n in d["_module_names"] if d[n] is not None]
 
     #: Run Conv2d -> ReLU -> MaxPool2d runs as one fused op (same forward values bit for
-    #: bit, gradients up to summation order); set False on an instance to run them apart.
+    #: bit, gradients up to summation order), and BatchNorm2d -> ReLU as one (forward
+    #: and gradients bit for bit); set False on an instance to run them apart.
     fuse = True
 
     def forward(self, x: Any) -> Any:
@@ -356,6 +364,10 @@ class Sequential(Module):
             ):
                 x = m._forward_relu_max_pool(x, layers[i + 2])
                 i += 3
+                continue
+            if type(m) is BatchNorm2d and i + 1 < n and type(layers[i + 1]) is ReLU and self.fuse:
+                x = m._forward_relu(x)
+                i += 2
                 continue
             x = m(x)
             i += 1
