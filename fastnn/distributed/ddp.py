@@ -164,7 +164,13 @@ class DistributedDataParallel:
     With one rank the wrapper only forwards calls. ``timeout`` (seconds, default
     ``$FASTNN_DIST_TIMEOUT`` or 300; <= 0: none) bounds the wait for the other
     ranks. ``comm_seconds`` accumulates the time spent waiting for reductions
-    and ``reduced_bytes`` the bytes reduced (reset them at will).
+    (and for the sharded optimizer's parameter allgather) and ``reduced_bytes``
+    the bytes reduced; ``times`` splits the wall time since the first call into
+    :data:`PHASES` and ``steps`` counts reductions (:meth:`reset_times`).
+
+    ``opt = ddp.shard_optimizer(opt)`` (host arrays): reduce-scatter instead of
+    Allreduce, each rank updating its slice of the parameters (ZeRO stage 1,
+    :mod:`fastnn.distributed.zero`); ``fastnn train`` does this on several ranks.
 
     BatchNorm statistics stay local to each rank (as torch's DDP without
     SyncBatchNorm); :meth:`average_buffers` averages running statistics.
