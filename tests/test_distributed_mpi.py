@@ -195,6 +195,9 @@ for i in range(4):
         sharded.load_state_dict(sd)
     step(ref, ref_opt, data[i], labels[i])
     step(ddp, sharded, data[i][lo:hi], labels[i][lo:hi], GLOBAL)
+    if i == 1:   # a second step without backward reuses the same gradient
+        ref_opt.step()
+        sharded.step()
     for (name, p), q in zip(ref.named_parameters(), ddp.parameters()):
         close(q.data, p.data, (i, name))
 print("rank", world.rank, "ok", len(ddp._buckets), "buckets", flush=True)

@@ -204,6 +204,7 @@ class DistributedDataParallel:
         self._mark: float | None = None
         self._sharded: Any = None
         self._weight = 1.0
+        self._scale = 1.0  # what this rank multiplies its gradients by before the sum
         self._armed = False
         self._buckets: list[_Bucket] = []
         self._bucket_of: dict[int, _Bucket] = {}
@@ -313,6 +314,17 @@ class DistributedDataParallel:
                     f"global_batch ({global_batch}) must be at least this rank's batch ({local})"
                 )
             self._weight = local / global_batch
+        # Sharded: each rank scales by its share relative to an equal one and the
+        # optimizer divides the summed slice by N, so equal shares (the usual case)
+        # skip a pass over every gradient for a pass over the 1/N slice. The
+        # same sum: the factors differ by N, exactly for a power of two.
+        size = self.world.size
+        if self._sharded is None:
+            self._scale = self._weight
+        elif global_batch is None or (local is not None and local * size == global_batch):
+            self._scale = 1.0
+        else:
+            self._scale = self._weight * size
         for b in self._buckets:
             b.filled.clear()
             b.request = None
@@ -331,10 +343,11 @@ class DistributedDataParallel:
             b.view(p)[...] = 0
         elif len(b.params) == 1 and self._in_place_ok(g, b):
             flat = g.reshape(-1)
-            b.xp.multiply(flat, self._weight, out=flat)
+            if self._scale != 1.0:
+                b.xp.multiply(flat, self._scale, out=flat)
             b.target = flat
         else:
-            b.xp.multiply(g.reshape(-1), self._weight, out=b.view(p))
+            b.xp.multiply(g.reshape(-1), self._scale, out=b.view(p))
         b.filled.add(id(p))
         if b.ready:
             self._start_ready()
@@ -385,6 +398,8 @@ class DistributedDataParallel:
             b.filled.clear()
         self._armed = False
         self.steps += 1
+        if self._sharded is not None:
+            self._sharded._fresh = True
 
     def synchronize(self) -> None:
         """Finish this step's reduction: parameters whose hook did not run (not in

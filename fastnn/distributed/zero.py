@@ -122,6 +122,7 @@ class ShardedOptimizer:
         for sh in self._shards:
             inner.add_param_group({"params": [sh.tensor], **self._options(sh.group)})
         self._inner = inner
+        self._fresh = False  # set by the wrapper when new summed slices arrived
         if optimizer.state:  # e.g. restored from a checkpoint before wrapping
             self._take_state()
 
@@ -152,7 +153,11 @@ class ShardedOptimizer:
             )
         ddp._clock("other")
         flats = []
+        inv = 1.0 / ddp.world.size  # the hooks scaled by share * N (see DDP._arm)
+        fresh, self._fresh = self._fresh, False
         for sh, ig in zip(self._shards, self._inner.param_groups):
+            if fresh:  # once per reduction: a second step reuses the same gradient
+                sh.bucket.shard *= inv
             ig.update(self._options(sh.group))
             flat = sh.params_flat()
             flats.append(flat)
