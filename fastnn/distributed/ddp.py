@@ -6,14 +6,14 @@ global batch, into a flat bucket as soon as it is final; a full bucket starts a
 nonblocking sum-Allreduce while backward goes on with the layers below. The
 hook of the last gradient waits for the buckets and hands every parameter its
 reduced gradient, so ``loss.backward()`` returns with the global-batch
-gradient on every rank. A bucket that holds one parameter (on the seed model,
-the 2.8 MB weight of the first Linear) is scaled and reduced in that
-parameter's own gradient array: no copy.
+gradient on every rank.
 
 With :meth:`DistributedDataParallel.shard_optimizer` the buckets are
 reduce-scattered instead (each rank receives the summed gradient of its
 1/N slice of every bucket) and the optimizer runs on that slice only
-(:mod:`fastnn.distributed.zero`).
+(:mod:`fastnn.distributed.zero`). A bucket of one parameter (on the seed
+model, the 2.8 MB weight of the first Linear) is then sent from that
+parameter's gradient array, without a copy, when the ranks' shares are equal.
 
 ``times`` splits each rank's wall time into phases (forward, backward,
 reduction calls, waits, optimizer, parameter allgather, the rest) so a
@@ -130,16 +130,11 @@ class _Bucket:
         self.buffer = self.xp.empty(n, dtype=self.dtype)
         self.filled: set[int] = set()
         self.request: Any = None
-        # What this step reduces: ``buffer``, or the gradient array of a bucket's
-        # only parameter, scaled in place (no copy).
+        # What this step reduces: ``buffer``, or (sharded, equal shares) the
+        # gradient array of the bucket's only parameter, sent as it is.
         self.target: Any = self.buffer
         self.counts: list[int] | None = None  # sharded: every rank's slice length
         self.shard: Any = None  # sharded: this rank's summed gradient slice
-
-    @property
-    def direct(self) -> bool:
-        """Whether this step reduces the parameter's gradient array itself."""
-        return self.target is not self.buffer
 
     @property
     def ready(self) -> bool:
@@ -341,11 +336,10 @@ class DistributedDataParallel:
         g = p.grad
         if g is None:
             b.view(p)[...] = 0
-        elif len(b.params) == 1 and self._in_place_ok(g, b):
-            flat = g.reshape(-1)
-            if self._scale != 1.0:
-                b.xp.multiply(flat, self._scale, out=flat)
-            b.target = flat
+        elif self._scale == 1.0 and b.counts is not None and self._sendable(g, b):
+            # Sharded, equal shares: the reduce-scatter sends the gradient as it
+            # is (read only: a gradient may alias one still flowing in backward).
+            b.target = g.reshape(-1)
         else:
             b.xp.multiply(g.reshape(-1), self._scale, out=b.view(p))
         b.filled.add(id(p))
@@ -353,12 +347,11 @@ class DistributedDataParallel:
             self._start_ready()
         self._clock("reduce")
 
-    def _in_place_ok(self, g: Any, b: _Bucket) -> bool:
-        # The engine hands out private, contiguous gradients; anything else (a
-        # gradient the user set) goes through the bucket's own buffer.
+    @staticmethod
+    def _sendable(g: Any, b: _Bucket) -> bool:
         return (
-            not is_cupy(g) and g.dtype == b.dtype and g.flags.c_contiguous
-            and g.flags.writeable and g.size == b.numel
+            len(b.params) == 1 and not is_cupy(g) and g.dtype == b.dtype
+            and g.flags.c_contiguous and g.size == b.numel
         )
 
     def _start(self, b: _Bucket) -> Any:
@@ -390,9 +383,8 @@ class DistributedDataParallel:
             self.reduced_bytes += b.buffer.nbytes
             if b.counts is None:  # sharded: the optimizer reads b.shard
                 for p in b.params:
-                    if b.target is b.buffer or p.grad is None:
-                        p.grad = b.view(p).reshape(p.data.shape)
-                        p._owned_grad = None
+                    p.grad = b.view(p).reshape(p.data.shape)
+                    p._owned_grad = None
             b.request = None
             b.target = b.buffer
             b.filled.clear()

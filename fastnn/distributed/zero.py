@@ -17,8 +17,8 @@ in the wrapped optimizer's format), so checkpoints load on any number of ranks,
 and :meth:`ShardedOptimizer.load_state_dict` takes a full one.
 
 After a sharded step each parameter's ``.grad`` holds this rank's local
-(weighted) gradient, not the average: the averaged gradient exists only as the
-slices. Options (``lr`` from a scheduler, ...) are read from the wrapped
+gradient (possibly scaled by its share), not the average: the averaged gradient
+exists only as the slices. Options (``lr`` from a scheduler, ...) are read from the wrapped
 optimizer's ``param_groups`` at every step, so schedulers built on it keep working.
 """
 
