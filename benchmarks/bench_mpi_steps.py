@@ -20,7 +20,10 @@ order reversed every other round, so load from other jobs falls on all of them:
 It prints, per variant, the 10th/25th percentile and the median step time and
 the ratio to ``one`` at each (on a shared machine the low percentiles are the
 steps no other job interrupted), and the phase split
-(:data:`fastnn.distributed.PHASES`) of the fastest quarter of the steps.
+(:data:`fastnn.distributed.PHASES`) of the fastest quarter of the steps, then
+the cost of the collectives alone on the seed model's gradient (both ranks
+enter together, nothing else running): Iallreduce, Ireduce_scatter and an
+in-place Iallgatherv, with a local copy of the same bytes for scale.
 """
 
 from __future__ import annotations
@@ -123,6 +126,7 @@ def main() -> int:
                     if before is not None:
                         phases[v].append({k: model.times[k] - before[k] for k in before})
     if world.rank != 0:
+        collectives(world, sum(p.data.size for p in runs["one"][0].parameters()))
         return 0
     one = np.array(took["one"]) * 1e3
     q = (10, 25, 50)
@@ -145,7 +149,43 @@ def main() -> int:
         fast = [ph for ph, t in zip(phases[v], a) if t <= cut]
         cells = [f"{1e3 * float(np.median([f[k] for f in fast])):.2f}" for k in dist.PHASES]
         print(f"| {v} | " + " | ".join(cells) + " |")
+    collectives(world, sum(p.data.size for p in runs["one"][0].parameters()))
     return 0
+
+
+def collectives(world: dist.World, n: int, reps: int = 100) -> None:
+    """Time the gradient's collectives alone (rank 0 prints)."""
+    from mpi4py import MPI
+
+    comm = world.comm
+    grad = np.ones(n, np.float32)
+    counts = [hi - lo for lo, hi in (dist.share_bounds(n, r, 2) for r in range(2))]
+    displs = [0, counts[0]]
+    part = np.empty(counts[world.rank], np.float32)
+    full = np.ones(n, np.float32)
+    other = np.empty(n, np.float32)
+    ops = {
+        "Iallreduce (in place)": lambda: comm.Iallreduce(MPI.IN_PLACE, grad, op=MPI.SUM).Wait(),
+        "Ireduce_scatter": lambda: comm.Ireduce_scatter(grad, part, counts, op=MPI.SUM).Wait(),
+        "Iallgatherv (in place)": lambda: comm.Iallgatherv(
+            MPI.IN_PLACE, [full, (counts, displs)]).Wait(),
+        "local copy of the gradient (np.copyto)": lambda: np.copyto(other, grad),
+    }
+    rows = []
+    for name, op in ops.items():
+        ts = []
+        for _ in range(reps):
+            comm.Barrier()
+            t0 = time.perf_counter()
+            op()
+            ts.append(time.perf_counter() - t0)
+        rows.append((name, *(1e3 * np.percentile(ts, (10, 50)))))
+    if world.rank == 0:
+        print(f"\nCollectives on {n} float32 ({4 * n / 1e6:.2f} MB), {reps} times:\n")
+        print("| operation | p10 ms | median ms |")
+        print("| --- | --- | --- |")
+        for name, p10, med in rows:
+            print(f"| {name} | {p10:.3f} | {med:.3f} |")
 
 
 def cpu_name() -> str:
