@@ -160,6 +160,11 @@ lo, hi = share_bounds(GLOBAL, world.rank, world.size)
 ref = net()
 ref_opt = make_opt(ref)
 ddp = dist.DistributedDataParallel(net(), world, bucket_mb=BUCKET)
+try:   # an optimizer over other parameters is refused, the wrapper left as it was
+    ddp.shard_optimizer(optim.SGD(ref.parameters(), lr=0.1))
+    raise AssertionError("shard_optimizer accepted another model's parameters")
+except ValueError as exc:
+    assert "trainable parameters" in str(exc), exc
 sharded = ddp.shard_optimizer(make_opt(ddp.module))
 assert type(sharded).__name__ == "ShardedOptimizer"
 
