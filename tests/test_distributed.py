@@ -13,6 +13,7 @@ import pytest
 from conftest import PKG_ROOT
 
 import fastnn.distributed as dist
+from fastnn import optim
 from fastnn.data import DataLoader, share_bounds
 from fastnn.models import build_model
 
@@ -105,6 +106,9 @@ def test_ddp_on_one_rank_is_the_plain_model(rng):
         np.testing.assert_array_equal(p.grad, q.grad)
     assert ddp.comm_seconds == 0.0
     assert ddp.state_dict().keys() == ref.state_dict().keys()
+    opt = optim.Adam(model.parameters())
+    assert ddp.shard_optimizer(opt) is opt  # nothing to shard on one rank
+    assert set(ddp.times) == set(dist.PHASES) and not any(ddp.times.values())
 
 
 @pytest.mark.parametrize("bucket_mb", [0, -1, "1", True])

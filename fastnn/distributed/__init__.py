@@ -12,6 +12,9 @@ Launch N copies with ``mpiexec -n N``; each is one rank. For a loop of your own:
         loss.backward()                     # gradients come back averaged
         opt.step()
 
+``opt = model.shard_optimizer(opt)`` before the loop makes each rank update only
+its slice of the parameters (ZeRO stage 1, :mod:`fastnn.distributed.zero`).
+
 ``pip install "fastnn[distributed]"`` brings mpi4py and MPICH. Nothing here
 imports MPI until a launcher started more than one rank, so the package works
 without it. CuPy parameters are reduced on the GPUs with NCCL
@@ -21,7 +24,7 @@ without it. CuPy parameters are reduced on the GPUs with NCCL
 from __future__ import annotations
 
 from fastnn.data.loader import share_bounds
-from fastnn.distributed.ddp import DistributedDataParallel, broadcast_parameters
+from fastnn.distributed.ddp import PHASES, DistributedDataParallel, broadcast_parameters
 from fastnn.distributed.world import (
     INSTALL_HINT,
     DistributedError,
@@ -31,11 +34,14 @@ from fastnn.distributed.world import (
     rank,
     size,
 )
+from fastnn.distributed.zero import ShardedOptimizer
 
 __all__ = [
     "INSTALL_HINT",
+    "PHASES",
     "DistributedDataParallel",
     "DistributedError",
+    "ShardedOptimizer",
     "World",
     "broadcast_parameters",
     "init",

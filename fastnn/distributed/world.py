@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +104,10 @@ class World:
         sys.stdout.flush()
         sys.stderr.flush()
         if self.comm is not None:
+            # MPI_Abort has the launcher kill every rank, its own output
+            # forwarding too: give it a moment to pass on the line just written
+            # (on a busy machine the kill won that race now and then).
+            time.sleep(0.3)
             self.comm.Abort(code)
         raise SystemExit(code)
 

@@ -33,8 +33,10 @@ from fastnn.training.config import Device, TrainConfig, TrainResult, resolve_dev
 from fastnn.training.parallel import (
     check_ranks_agree,
     gather_eval,
+    gather_times,
     load_on_root,
     quiet_stream,
+    sharded_optimizer,
     sum_epoch,
     test_share,
 )
@@ -185,6 +187,7 @@ def train(
     # rank 0's anyway, so a rank can never start from different weights.
     ddp = distributed.DistributedDataParallel(model, world) if world.size > 1 else None
     step_model = ddp if ddp is not None else model
+    step_opt = sharded_optimizer(ddp, opt)  # opt itself unless ranks share the optimizer step
 
     show = progress_enabled(progress)
     meta_base = {
@@ -208,10 +211,10 @@ def train(
     for epoch in range(start_epoch, config.epochs):
         lr = opt.param_groups[0]["lr"]
         if ddp is not None:
-            ddp.comm_seconds = 0.0
+            ddp.reset_times()
         stats = run_epoch(
             step_model,
-            opt,
+            step_opt,
             train_loader,
             device.backend,
             epoch=epoch,
@@ -244,13 +247,16 @@ def train(
             record["ranks"] = world.size
             record["comm_wait_seconds"] = ddp.comm_seconds
             record["comm_wait_share"] = ddp.comm_seconds / stats.seconds if stats.seconds else 0.0
+            record["rank_times"] = gather_times(world, ddp)
             comm = f", comm wait {100 * record['comm_wait_share']:.1f}%"
         history.append(record)
         if not np.isfinite(stats.loss):
             raise FloatingPointError(f"training diverged: loss {stats.loss} in epoch {epoch + 1}")
         states = meta = None
+        if checkpoint is not None and (world.is_root or step_opt is not opt):
+            # A sharded optimizer gathers its state from every rank.
+            states = training_states(model, step_opt, sched)
         if checkpoint is not None and world.is_root:
-            states = training_states(model, opt, sched)
             meta = {
                 **meta_base,
                 "epoch": epoch + 1,

@@ -26,8 +26,10 @@ from fastnn.training.steps import EpochStats, EvalResult
 __all__ = [
     "check_ranks_agree",
     "gather_eval",
+    "gather_times",
     "load_on_root",
     "quiet_stream",
+    "sharded_optimizer",
     "sum_epoch",
     "test_share",
 ]
@@ -94,3 +96,22 @@ def gather_eval(world: World, ev: EvalResult) -> EvalResult:
     y_true = np.concatenate([p[0] for p in parts])
     y_pred = np.concatenate([p[1] for p in parts])
     return EvalResult(accuracy(y_true, y_pred), y_true, y_pred, max(p[2] for p in parts))
+
+
+def sharded_optimizer(ddp: Any, opt: Any) -> Any:
+    """The optimizer the ranks step: ``opt`` sharded over them (each rank updates
+    its slice of the parameters, :meth:`DistributedDataParallel.shard_optimizer`)
+    for host arrays on MPI, else ``opt``. ``FASTNN_DIST_SHARD=0`` keeps every rank
+    updating all parameters after an Allreduce."""
+    if ddp is None or os.environ.get("FASTNN_DIST_SHARD", "1") == "0":
+        return opt
+    if any(not isinstance(p.data, np.ndarray) for p in ddp.parameters()):
+        return opt  # CuPy: NCCL Allreduce
+    return ddp.shard_optimizer(opt)
+
+
+def gather_times(world: World, ddp: Any) -> list[dict[str, float]]:
+    """Every rank's split of its epoch (:attr:`DistributedDataParallel.times`, in
+    seconds, and its step count), in rank order."""
+    mine = {**ddp.times, "steps": ddp.steps}
+    return world.allgather(mine)
