@@ -192,8 +192,9 @@ globals().update({name: _make_op(name, *row) for name, row in _OPS.items()})
 conv2d_relu_max_pool2d, conv2d_relu_max_pool2d_backward = _composed.fused_conv_relu_pool(
     sys.modules[__name__]
 )
+linear_relu, linear_relu_backward = _composed.fused_linear_relu(sys.modules[__name__])
 
 __all__ = sorted([
     *_OPS, "conv2d_relu_max_pool2d", "conv2d_relu_max_pool2d_backward", "device_info",
-    "is_available",
+    "is_available", "linear_relu", "linear_relu_backward",
 ])

@@ -58,6 +58,8 @@ __all__ = [
     "conv2d_relu_max_pool2d_backward",
     "dropout_masked",
     "is_available",
+    "linear_relu",
+    "linear_relu_backward",
     "log_softmax",
     "log_softmax_backward",
     "matmul",
@@ -478,3 +480,4 @@ def avg_pool2d_backward(
 conv2d_relu_max_pool2d, conv2d_relu_max_pool2d_backward = _composed.fused_conv_relu_pool(
     sys.modules[__name__]
 )
+linear_relu, linear_relu_backward = _composed.fused_linear_relu(sys.modules[__name__])
