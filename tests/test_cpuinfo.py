@@ -214,3 +214,15 @@ def test_malformed_env_warns_and_is_ignored():
     warns, info = (json.loads(ln) for ln in r.stdout.splitlines()[-2:])
     assert any("FASTNN_CACHE_SIZES" in w for w in warns)
     assert info["override"] is None and info["l2"] == info["detected"]["l2"]
+
+
+def test_bench_machine_header_names_caches_and_blocking():
+    from fastnn import _C
+    from fastnn.bench import machine, report
+
+    info = machine.machine_info()
+    c = info["fastnn_cpu"]
+    blk = _C.gemm_blocking("float32")
+    assert c["gemm_float32"] == " ".join(f"{k}={blk[k]}" for k in ("MR", "NR", "KC", "MC", "NC"))
+    text = report.format_machine(info)
+    assert c["caches"] in text and c["gemm_float32"] in text and c["cpu"] in text
