@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "fastnn/cpuinfo.h"
 #include "fastnn/kernels.h"
 #include "fastnn/parallel.h"
 
@@ -410,6 +411,138 @@ py::array matmul(const py::handle& a_obj, const py::handle& b_obj, bool trans_a,
     }
     return c;
   });
+}
+
+// --- fused linear + relu --------------------------------------------------------
+
+struct LinearArgs {
+  py::array x, w;
+  std::optional<py::array> b;
+  int64_t M, N, K;
+};
+
+LinearArgs linear_args(const char* op, const py::handle& x_obj, const py::handle& w_obj,
+                       const py::handle& b_obj) {
+  LinearArgs a{float_arg(op, "x", x_obj, 2, "(M, in_features)"),
+               float_arg(op, "weight", w_obj, 2, "(out_features, in_features)"),
+               std::nullopt, 0, 0, 0};
+  same_dtype(op, a.x, "x", a.w, "weight");
+  if (a.x.shape(1) != a.w.shape(1)) {
+    throw py::value_error(std::string(op) + ": x's last dimension must equal in_features=" +
+                          std::to_string(a.w.shape(1)) + ", got x of shape " + shape_str(a.x));
+  }
+  a.M = a.x.shape(0);
+  a.K = a.x.shape(1);
+  a.N = a.w.shape(0);
+  if (!b_obj.is_none()) {
+    a.b = float_arg(op, "bias", b_obj, 1, "(out_features,)");
+    same_dtype(op, a.x, "x", *a.b, "bias");
+    if (a.b->shape(0) != a.N) {
+      throw py::value_error(std::string(op) + ": bias must have shape (" + std::to_string(a.N) +
+                            ",), got " + shape_str(*a.b));
+    }
+  }
+  return a;
+}
+
+py::array linear_relu(const py::handle& x_obj, const py::handle& w_obj,
+                      const py::handle& b_obj) {
+  const char* op = "linear_relu";
+  LinearArgs a = linear_args(op, x_obj, w_obj, b_obj);
+  return with_dtype(float_dtype(op, "x", a.x), [&](auto tag) {
+    using T = decltype(tag);
+    py::array y = new_array<T>({a.M, a.N});
+    const T* bp = a.b ? cptr<T>(*a.b) : nullptr;
+    T* yp = ptr<T>(y);
+    {
+      py::gil_scoped_release release;
+      table<T>().linear_relu_forward(a.M, a.N, a.K, cptr<T>(a.x), cptr<T>(a.w), bp, yp);
+    }
+    return y;
+  });
+}
+
+py::tuple linear_relu_backward(const py::handle& gy_obj, const py::handle& x_obj,
+                               const py::handle& w_obj, const py::handle& y_obj, bool need_x,
+                               bool need_w, bool need_b) {
+  const char* op = "linear_relu_backward";
+  LinearArgs a = linear_args(op, x_obj, w_obj, py::none());
+  py::array gy = float_arg(op, "grad_out", gy_obj, 2, "(M, out_features)");
+  py::array y = float_arg(op, "y", y_obj, 2, "(M, out_features)");
+  same_dtype(op, a.x, "x", gy, "grad_out");
+  same_dtype(op, a.x, "x", y, "y");
+  if (gy.shape(0) != a.M || gy.shape(1) != a.N) {
+    throw py::value_error(std::string(op) + ": grad_out must have shape " + pair_str(a.M, a.N) +
+                          ", got " + shape_str(gy));
+  }
+  same_shape(op, gy, "grad_out", y, "y");
+  return with_dtype(float_dtype(op, "x", a.x), [&](auto tag) {
+    using T = decltype(tag);
+    py::object gx = py::none(), gw = py::none(), gb = py::none();
+    T *gxp = nullptr, *gwp = nullptr, *gbp = nullptr;
+    if (need_x) {
+      py::array t = new_array<T>({a.M, a.K});
+      gxp = ptr<T>(t);
+      gx = t;
+    }
+    if (need_w) {
+      py::array t = new_array<T>({a.N, a.K});
+      gwp = ptr<T>(t);
+      gw = t;
+    }
+    if (need_b) {
+      py::array t = new_array<T>({a.N});
+      gbp = ptr<T>(t);
+      gb = t;
+    }
+    if (gxp || gwp || gbp) {
+      py::gil_scoped_release release;
+      table<T>().linear_relu_backward(a.M, a.N, a.K, cptr<T>(gy), cptr<T>(a.x), cptr<T>(a.w),
+                                      cptr<T>(y), gxp, gwp, gbp);
+    }
+    return py::make_tuple(gx, gw, gb);
+  });
+}
+
+// --- CPU and cache information ----------------------------------------------------
+
+py::dict cpu_info_dict() {
+  const fastnn::CpuInfo& info = fastnn::cpu_info();
+  const fastnn::CacheSizes cs = fastnn::cache_sizes();
+  py::dict d;
+  d["vendor"] = info.vendor;
+  d["family"] = info.family;
+  d["model"] = info.model;
+  d["stepping"] = info.stepping;
+  d["source"] = info.source;
+  d["l1d"] = cs.l1d;
+  d["l2"] = cs.l2;
+  d["l3"] = cs.l3;
+  d["l3_shared_by"] = cs.l3_sharing;
+  d["detected"] = py::dict(py::arg("l1d") = info.detected.l1d, py::arg("l2") = info.detected.l2,
+                           py::arg("l3") = info.detected.l3);
+  const std::string spec = fastnn::cache_override();
+  d["override"] = spec.empty() ? py::object(py::none()) : py::object(py::str(spec));
+  return d;
+}
+
+py::dict gemm_blocking_dict(const std::string& dtype) {
+  int64_t b[5] = {};
+  if (dtype == "float32") {
+    table<float>().gemm_blocking(b);
+  } else if (dtype == "float64") {
+    table<double>().gemm_blocking(b);
+  } else {
+    throw py::value_error("gemm_blocking: dtype must be 'float32' or 'float64', got '" + dtype +
+                          "'");
+  }
+  return py::dict(py::arg("MR") = b[0], py::arg("NR") = b[1], py::arg("KC") = b[2],
+                  py::arg("MC") = b[3], py::arg("NC") = b[4]);
+}
+
+void py_set_cache_sizes(const std::string& spec) {
+  const std::string err = fastnn::set_cache_sizes(spec);
+  if (!err.empty()) throw py::value_error("set_cache_sizes: " + err);
 }
 
 // --- pooling ---------------------------------------------------------------------
@@ -1112,6 +1245,22 @@ PYBIND11_MODULE(_C, m) {
         "Switch the active ISA ('baseline', 'avx2', 'avx512' or 'best'); returns False, "
         "leaving the selection unchanged, if this CPU/OS cannot run it.");
 
+  const std::string cache_err = fastnn::cache_env_error();
+  m.attr("_cache_warning") = cache_err.empty()
+                                 ? py::object(py::none())
+                                 : py::object(py::str("FASTNN_CACHE_SIZES ignored: " + cache_err));
+  m.def("cpu_info", &cpu_info_dict,
+        "The CPU's vendor, family/model and the cache sizes kernels block for (bytes; l1d and "
+        "l2 per core, l3 shared by l3_shared_by CPUs), with how they were found ('cpuid', "
+        "'sysfs' or 'default'), the detected sizes and the override in force.");
+  m.def("gemm_blocking", &gemm_blocking_dict, py::arg("dtype") = "float32",
+        "The active ISA's gemm blocking for dtype: register tile MR x NR and cache blocks KC, "
+        "MC, NC (elements), derived from cpu_info()'s cache sizes.");
+  m.def("set_cache_sizes", &py_set_cache_sizes, py::arg("spec"),
+        "Override the cache sizes kernels block for, like FASTNN_CACHE_SIZES: "
+        "'l1d=32K,l2=1M,l3=32M' (any subset; K/M/G suffixes); '' restores the detected ones. "
+        "For tests and experiments; ValueError on a malformed spec.");
+
   m.def("conv2d", &conv2d, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("stride"),
         py::arg("padding"), py::arg("dilation"), py::arg("groups"),
         "x (N,C,H,W), weight (O,C/groups,KH,KW), bias (O,) or None -> y (N,O,OH,OW).");
@@ -1125,6 +1274,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("transpose_b") = false,
         "op(a) @ op(b), 2-D or batched 3-D; transpose_a: a stored (K,M); transpose_b: b "
         "stored (N,K).");
+  m.def("linear_relu", &linear_relu, py::arg("x"), py::arg("weight"), py::arg("bias"),
+        "relu(x @ weight.T + bias): x (M,K), weight (N,K), bias (N,) or None -> (M,N); the bias "
+        "and ReLU run in the gemm's epilogue, bit-identical to the separate ops.");
+  m.def("linear_relu_backward", &linear_relu_backward, py::arg("grad_out"), py::arg("x"),
+        py::arg("weight"), py::arg("y"), py::arg("need_x") = true, py::arg("need_w") = true,
+        py::arg("need_b") = true,
+        "(grad_x, grad_weight, grad_bias) of linear_relu from grad_out (M,N) and its output y; "
+        "each None unless its need_ flag is set.");
   m.def("max_pool2d", &max_pool2d, py::arg("x"), py::arg("kernel_size"), py::arg("stride"),
         py::arg("padding"), py::arg("dilation"), py::arg("out_hw"),
         "x (N,C,H,W) -> y (N,C,OH,OW); out_hw applies ceil_mode. NaN propagates.");

@@ -15,6 +15,8 @@ Pair = tuple[int, int]
 __version__: str
 # Why FASTNN_ISA could not be honoured at import (then the best ISA is used), else None.
 _isa_warning: str | None
+# Why FASTNN_CACHE_SIZES was ignored at import (then the detected sizes are used), else None.
+_cache_warning: str | None
 
 def get_num_threads() -> int: ...
 def set_num_threads(n: int) -> None: ...
@@ -24,6 +26,13 @@ def supported_isas() -> list[str]:
     """ISAs this CPU and OS can run, best first."""
 def select_isa(name: str) -> bool:
     """Switch to 'baseline', 'avx2', 'avx512' or 'best'; False (unchanged) if unsupported."""
+def cpu_info() -> dict:
+    """vendor, family, model, stepping, source ('cpuid'/'sysfs'/'default'), l1d, l2, l3
+    (bytes in force; l1d/l2 per core), l3_shared_by, detected (dict), override (str|None)."""
+def gemm_blocking(dtype: str = "float32") -> dict[str, int]:
+    """The active ISA's gemm blocking: MR, NR (register tile), KC, MC, NC (cache blocks)."""
+def set_cache_sizes(spec: str) -> None:
+    """Override the cache sizes ('l1d=32K,l2=1M,l3=32M', any subset); '' restores them."""
 
 def conv2d(
     x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
@@ -78,6 +87,14 @@ def conv2d_relu_max_pool2d_backward(
 ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """(grad_x, grad_w, grad_b) of conv2d_relu_max_pool2d, None where not needed; routed
     by the forward's argmax when given, else by recomputing the conv."""
+def linear_relu(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """relu(x @ weight.T + bias): x (M,K), weight (N,K) -> (M,N); bias and ReLU in the
+    gemm's epilogue, bit-identical to the separate ops."""
+def linear_relu_backward(
+    grad_out: np.ndarray, x: np.ndarray, weight: np.ndarray, y: np.ndarray,
+    need_x: bool = True, need_w: bool = True, need_b: bool = True,
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """(grad_x, grad_w, grad_b) of linear_relu from grad_out (M,N) and its output y."""
 def avg_pool2d(
     x: np.ndarray, kernel_size: Pair, stride: Pair, padding: Pair, out_hw: Pair,
     count_include_pad: bool, divisor_override: int | None,

@@ -1,4 +1,4 @@
-"""Runtime configuration: thread count, ISA, and ``show_config``."""
+"""Runtime configuration: thread count, ISA, CPU caches and blocking, and ``show_config``."""
 
 from __future__ import annotations
 
@@ -33,6 +33,37 @@ def set_num_threads(n: int) -> None:
     c.set_num_threads(n)
 
 
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):g} {unit}"
+    return f"{n} B"
+
+
+def cpu_cache_info() -> dict:
+    """The CPU (vendor, family/model), the cache sizes the kernels block for and
+    the gemm blocking chosen from them, per dtype, for the active ISA.
+
+    Sizes come from CPUID (else sysfs, else defaults); ``FASTNN_CACHE_SIZES``
+    (e.g. ``"l1d=32K,l2=1M,l3=32M"``) overrides them. Empty without the extension.
+    """
+    c = _native()
+    if c is None:
+        return {}
+    cpu = c.cpu_info()
+    caches = (f"L1d {_size(cpu['l1d'])}, L2 {_size(cpu['l2'])} per core; "
+              f"L3 {_size(cpu['l3'])} shared by {cpu['l3_shared_by']} ({cpu['source']}")
+    caches += f", override {cpu['override']!r})" if cpu["override"] else ")"
+    info: dict = {
+        "cpu": f"{cpu['vendor']} family {cpu['family']} model {cpu['model']}",
+        "caches": caches,
+    }
+    for dtype in ("float32", "float64"):
+        b = c.gemm_blocking(dtype)
+        info[f"gemm_{dtype}"] = " ".join(f"{k}={b[k]}" for k in ("MR", "NR", "KC", "MC", "NC"))
+    return info
+
+
 def config() -> dict:
     """The facts ``show_config`` prints, as a dict."""
     from fastnn import __version__
@@ -48,6 +79,8 @@ def config() -> dict:
         "supported_isas": c.supported_isas() if c is not None else None,
         "threads": c.get_num_threads() if c is not None else None,
         "FASTNN_ISA": os.environ.get("FASTNN_ISA"),
+        **cpu_cache_info(),
+        "FASTNN_CACHE_SIZES": os.environ.get("FASTNN_CACHE_SIZES"),
     }
     try:
         from fastnn.backends import cuda
@@ -59,6 +92,6 @@ def config() -> dict:
 
 
 def show_config() -> None:
-    """Print the version, backends, chosen ISA, threads and GPU details."""
+    """Print the version, backends, chosen ISA, threads, CPU caches, gemm blocking and GPU."""
     for key, value in config().items():
         print(f"{key:>16}: {value}")

@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive_int, default=1000)
     e.add_argument("--threads", type=_positive_int)
 
-    sub.add_parser("config", help="show version, backends, ISA, threads and GPU")
+    sub.add_parser("config", help="show version, backends, ISA, threads, CPU caches and "
+                   "gemm blocking, and GPU")
     sub.add_parser(
         "bench", help="benchmark the kernels (see `fastnn bench --help`)", add_help=False
     )

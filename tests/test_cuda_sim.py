@@ -740,3 +740,26 @@ def test_training_step_matches_reference(rng) -> None:
         _close(g, w)
     assert not np.allclose(got[1], params[0])  # the step did move the weights
 
+
+
+# ---- fused linear + ReLU (composed from the cuda ops) -----------------------
+
+
+@sim
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m,k,n", [(1, 7, 5), (13, 17, 10), (33, 40, 70)])
+def test_linear_relu_matches_reference(rng, m, k, n, dtype) -> None:
+    x = rng.standard_normal((m, k)).astype(dtype)
+    w = rng.standard_normal((n, k)).astype(dtype)
+    b = rng.standard_normal(n).astype(dtype)
+    y = cb.linear_relu(x, w, b)
+    _close(y, ref.linear_relu(x, w, b))
+    assert (y == 0).any() and (y > 0).any()  # both sides of the kink are exercised
+    gy = rng.standard_normal((m, n)).astype(dtype)
+    got = cb.linear_relu_backward(gy, x, w, y, True, True, True)
+    want = ref.linear_relu_backward(gy, x, w, y, True, True, True)
+    for g, r in zip(got, want):
+        _close(g, r)
+    gx, gw, gb = cb.linear_relu_backward(gy, x, w, y, False, True, False)
+    assert gx is None and gb is None
+    _close(gw, want[1])

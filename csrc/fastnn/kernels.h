@@ -120,6 +120,18 @@ struct KernelTable {
   void (*conv2d_relu_maxpool_backward)(const Conv2dParams& cp, const Pool2dParams& pp,
                                        const T* gy, const T* x, const T* w, const T* b,
                                        const uint8_t* codes, T* gx, T* gw, T* gb);
+
+  // Fused Linear + ReLU (csrc/kernels/linear.cpp): y (M,N) = relu(x (M,K) @
+  // w (N,K)^T + b (N,)), b may be null; bit-identical to gemm, bias add, relu.
+  void (*linear_relu_forward)(int64_t M, int64_t N, int64_t K, const T* x, const T* w,
+                              const T* b, T* y);
+  // Gradients from gy (M,N) and the forward's y: gz = gy where y > 0;
+  // gx (M,K) = gz @ w, gw (N,K) = gz^T @ x, gb (N,) = column sums of gz. Each
+  // output may be null (not wanted); the others are overwritten.
+  void (*linear_relu_backward)(int64_t M, int64_t N, int64_t K, const T* gy, const T* x,
+                               const T* w, const T* y, T* gx, T* gw, T* gb);
+  // The gemm's blocking for T with the cache sizes in force: {MR, NR, KC, MC, NC}.
+  void (*gemm_blocking)(int64_t out[5]);
 };
 
 #define FASTNN_DECLARE_ISA(ns)            \

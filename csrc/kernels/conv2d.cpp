@@ -25,6 +25,7 @@
 // the caller and gemm parallelizes inside instead.
 #include <algorithm>
 
+#include "fastnn/cpuinfo.h"
 #include "fastnn/parallel.h"
 #include "kernels/ops.h"
 #include "kernels/conv_small.h"
@@ -43,8 +44,8 @@ using simd::kVecRegs;
 
 // Largest K handled by the register-resident small-K kernels.
 constexpr int64_t kSmallK = 9;
-// Elements of one im2col block for the gemm path (~1 MiB of float32 -> L2).
-constexpr int64_t kColBlock = int64_t(1) << 18;
+// Elements of one im2col block for the gemm path: one core's L2 of float32.
+const int64_t kColBlock = cache_sizes().l2 / int64_t(sizeof(float));
 
 struct Geom {
   int64_t G, Cg, Og, K, P;  // groups, channels/outputs per group, K = Cg*KH*KW, OH*OW

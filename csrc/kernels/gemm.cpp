@@ -36,6 +36,7 @@
 #include <cstring>
 #include <new>
 
+#include "fastnn/cpuinfo.h"
 #include "fastnn/parallel.h"
 
 #if defined(__SSE2__)
@@ -61,6 +62,8 @@ struct VF {
   static R set1(T x) { return _mm512_set1_ps(x); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  // Keeps v where !(v < 0): NaN and -0 pass, as in relu().
+  static R relu(R v) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero(), _CMP_NLT_UQ), v); }
   static __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
   static R load_n(const T* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
   static void store_n(T* p, R v, int n) { _mm512_mask_storeu_ps(p, mask(n), v); }
@@ -76,6 +79,7 @@ struct VD {
   static R set1(T x) { return _mm512_set1_pd(x); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
   static R add(R a, R b) { return _mm512_add_pd(a, b); }
+  static R relu(R v) { return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(v, zero(), _CMP_NLT_UQ), v); }
   static __mmask8 mask(int n) { return static_cast<__mmask8>((1u << n) - 1u); }
   static R load_n(const T* p, int n) { return _mm512_maskz_loadu_pd(mask(n), p); }
   static void store_n(T* p, R v, int n) { _mm512_mask_storeu_pd(p, mask(n), v); }
@@ -99,6 +103,8 @@ struct VF {
   static R fma(R a, R b, R c) { return _mm256_add_ps(_mm256_mul_ps(a, b), c); }
 #endif
   static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  // max(0, v) returns v when unordered or equal: NaN and -0 pass, as in relu().
+  static R relu(R v) { return _mm256_max_ps(zero(), v); }
   static __m256i mask(int n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
@@ -120,6 +126,7 @@ struct VD {
   static R fma(R a, R b, R c) { return _mm256_add_pd(_mm256_mul_pd(a, b), c); }
 #endif
   static R add(R a, R b) { return _mm256_add_pd(a, b); }
+  static R relu(R v) { return _mm256_max_pd(zero(), v); }
   static __m256i mask(int n) {
     return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
   }
@@ -148,6 +155,7 @@ struct VGeneric {
   static R set1(T x) { return R{} + x; }
   static R fma(R a, R b, R c) { return a * b + c; }
   static R add(R a, R b) { return a + b; }
+  static R relu(R v) { return v < T(0) ? R{} : v; }  // NaN and -0 pass, as in relu()
   static R load_n(const T* p, int n) {
     R v{};
     for (int i = 0; i < n; ++i) v[i] = p[i];
@@ -163,20 +171,51 @@ constexpr int kMRf = 4, kNVf = 2;
 constexpr int kMRd = 4, kNVd = 2;
 #endif
 
-// Cache blocking (elements). KC x NC of packed B stays in L2 (1 MB on the
-// target); the MR x KC A micro-panel stays in L1.
+// Register tiles (compile time, per ISA).
 template <typename T>
 struct Blocking;
 template <>
 struct Blocking<float> {
   static constexpr int MR = kMRf, NV = kNVf, NR = kNVf * VF::W;
-  static constexpr int64_t KC = 256, NC = 1024, MC = 256;
 };
 template <>
 struct Blocking<double> {
   static constexpr int MR = kMRd, NV = kNVd, NR = kNVd * VD::W;
-  static constexpr int64_t KC = 256, NC = 1024, MC = 128;
 };
+
+// Cache blocking (elements), derived at run time from the cache sizes in force
+// (fastnn/cpuinfo.h) rather than tuned constants, so one binary blocks right
+// for a 32 KB/1 MB core and a 48 KB/2 MB one alike. Loop order (see the top of
+// the file): the MR x KC A micro-panel is reused from L1 across a whole row of
+// B micro-panels, each KC x NR B micro-panel streams through L1 beside it, and
+// the KC x NC packed B block is reused from L2 by every A micro-panel.
+//   KC: A micro-panel + B micro-panel fill ~2/3 of L1d (the rest holds the C
+//       tile and the next B panel's prefetched lines): 192 for float32 on a
+//       48 KB L1d, 128 on a 32 KB one.
+//   NC: the B block takes ~half of L2, leaving room for the A block being
+//       packed and the C rows it updates.
+//   MC: the A block takes ~a quarter of L2 (it is read once per ic, right
+//       after packing, so it only needs to survive that long).
+// Sizes are rounded to whole micro-panels and clamped to sane ranges so an
+// absurd cache report cannot produce a degenerate plan.
+struct Blk {
+  int64_t KC, MC, NC;
+};
+
+template <typename T>
+Blk blocking_for(const CacheSizes& cs) {
+  using Bk = Blocking<T>;
+  const int64_t s = sizeof(T);
+  auto clamp_round = [](int64_t v, int64_t step, int64_t lo, int64_t hi) {
+    return std::min(hi, std::max(lo, v / step * step));
+  };
+  Blk b;
+  b.KC = clamp_round(cs.l1d * 2 / 3 / ((Bk::MR + Bk::NR) * s), 16, 64, 1024);
+  b.NC = clamp_round(cs.l2 / 2 / (b.KC * s), Bk::NR, Bk::NR, 8192);
+  b.MC = clamp_round(cs.l2 / 4 / (b.KC * s), Bk::MR, Bk::MR, 4096);
+  return b;
+}
+
 template <typename T>
 struct VecOf;
 template <>
@@ -197,12 +236,15 @@ struct VecOf<double> {
 // a is a packed panel (rsa = 1, csa = MRP); PackedB means rsb = NRP. Constant
 // strides let the compiler use immediate offsets. m <= MRK and n <= NVK*W bound
 // the C update (masked on the last vector). beta1 adds to C, else C is only
-// written.
+// written. The epilogue (the last K block of a tile only): bias, when not
+// null, is added per column (bias[j], j < n) after the sum, then relu clamps
+// at 0 (NaN stays NaN): the same operations, in the same order, as a separate
+// bias add and ReLU pass over C.
 // ---------------------------------------------------------------------------
 template <class V, int MRK, int NVK, bool PackedA, bool PackedB, int MRP, int NRP>
 inline void micro(int64_t kc, const typename V::T* __restrict a, int64_t rsa, int64_t csa,
                   const typename V::T* __restrict b, int64_t rsb, typename V::T* __restrict c,
-                  int64_t ldc, int m, int n, bool beta1) {
+                  int64_t ldc, int m, int n, bool beta1, const typename V::T* bias, bool relu) {
   using R = typename V::R;
   constexpr int W = V::W;
   if (PackedA) {
@@ -231,6 +273,33 @@ inline void micro(int64_t kc, const typename V::T* __restrict a, int64_t rsa, in
     }
     a += csa;
     b += rsb;
+  }
+  if (bias != nullptr || relu) {
+    R bv[NVK];
+    FASTNN_UNROLL for (int v = 0; v < NVK; ++v) {
+      const int cols = n - v * W;
+      bv[v] = bias == nullptr ? V::zero()
+              : cols >= W     ? V::loadu(bias + v * W)
+              : cols > 0      ? V::load_n(bias + v * W, cols)
+                              : V::zero();
+    }
+    FASTNN_UNROLL for (int i = 0; i < MRK; ++i) {
+      FASTNN_UNROLL for (int v = 0; v < NVK; ++v) {
+        typename V::T* p = c + i * ldc + v * W;
+        const int cols = n - v * W;
+        if (i >= m || cols <= 0) continue;
+        R t = acc[i][v];
+        if (beta1) t = V::add(cols >= W ? V::loadu(p) : V::load_n(p, cols), t);
+        if (bias != nullptr) t = V::add(t, bv[v]);
+        if (relu) t = V::relu(t);
+        if (cols >= W) {
+          V::storeu(p, t);
+        } else {
+          V::store_n(p, t, cols);
+        }
+      }
+    }
+    return;
   }
   if (m == MRK && n == NVK * W) {
     FASTNN_UNROLL for (int i = 0; i < MRK; ++i) {
@@ -262,36 +331,36 @@ template <class V, bool PackedA, bool PackedB, int MRP, int NRP, int MRK, int NV
 struct Tile {
   static inline void run(int64_t kc, const typename V::T* a, int64_t rsa, int64_t csa,
                          const typename V::T* b, int64_t rsb, typename V::T* c, int64_t ldc,
-                         int m, int n, bool beta1) {
+                         int m, int n, bool beta1, const typename V::T* bias, bool relu) {
     if constexpr (NVK > 1) {
       if (n <= (NVK - 1) * V::W) {
         Tile<V, PackedA, PackedB, MRP, NRP, MRK, NVK - 1>::run(kc, a, rsa, csa, b, rsb, c, ldc,
-                                                              m, n, beta1);
+                                                              m, n, beta1, bias, relu);
         return;
       }
     }
     if constexpr (MRK > 1) {
       if (m < MRK) {
         Tile<V, PackedA, PackedB, MRP, NRP, MRK - 1, NVK>::run(kc, a, rsa, csa, b, rsb, c, ldc,
-                                                              m, n, beta1);
+                                                              m, n, beta1, bias, relu);
         return;
       }
     }
     micro<V, MRK, NVK, PackedA, PackedB, MRP, NRP>(kc, a, rsa, csa, b, rsb, c, ldc, m, n,
-                                                    beta1);
+                                                    beta1, bias, relu);
   }
 };
 
 template <class V, bool PackedA, bool PackedB, int MR, int NV>
 inline void tile(int64_t kc, const typename V::T* a, int64_t rsa, int64_t csa,
                  const typename V::T* b, int64_t rsb, typename V::T* c, int64_t ldc, int m,
-                 int n, bool beta1) {
+                 int n, bool beta1, const typename V::T* bias = nullptr, bool relu = false) {
   if (m == MR && n == NV * V::W) {
     micro<V, MR, NV, PackedA, PackedB, MR, NV * V::W>(kc, a, rsa, csa, b, rsb, c, ldc, m, n,
-                                                      beta1);
+                                                      beta1, bias, relu);
   } else {
     Tile<V, PackedA, PackedB, MR, NV * V::W, MR, NV>::run(kc, a, rsa, csa, b, rsb, c, ldc, m, n,
-                                                          beta1);
+                                                          beta1, bias, relu);
   }
 }
 
@@ -494,17 +563,22 @@ struct Problem {
   bool ta, tb;
   int64_t M, N, K;
   int64_t lda, ldb;
+  Blk blk;  // of the element type; read once per gemm call
 };
 
 // A piece of work: rows [m0, m1), columns [n0, n1) and depth [k0, k1) of the
 // product, added to (accumulate) or written into c, which points at the
-// destination of element (m0, n0) and has row stride ldc.
+// destination of element (m0, n0) and has row stride ldc. The epilogue
+// (bias, indexed by absolute column, and relu) applies once a tile's last
+// K block is stored; a K-split partial has none.
 template <typename T>
 struct Rect {
   int64_t m0, m1, n0, n1, k0, k1;
   T* c;
   int64_t ldc;
   bool accumulate;
+  const T* bias = nullptr;
+  bool relu = false;
 };
 
 // ---------------------------------------------------------------------------
@@ -515,10 +589,10 @@ void packed_rect(const Problem& p, const T* A, const T* B, const Rect<T>& r) {
   using Bk = Blocking<T>;
   using V = typename VecOf<T>::type;
   constexpr int MR = Bk::MR, NR = Bk::NR, NV = Bk::NV;
-  const int64_t KC = Bk::KC;
-  // Block sizes rounded to whole micro-panels (MR need not divide Bk::MC).
-  const int64_t NC = std::min<int64_t>(Bk::NC / NR * NR, (r.n1 - r.n0 + NR - 1) / NR * NR);
-  const int64_t MC = std::min<int64_t>(Bk::MC / MR * MR, (r.m1 - r.m0 + MR - 1) / MR * MR);
+  const int64_t KC = p.blk.KC;
+  // Block sizes are whole micro-panels (blocking_for rounds them).
+  const int64_t NC = std::min<int64_t>(p.blk.NC, (r.n1 - r.n0 + NR - 1) / NR * NR);
+  const int64_t MC = std::min<int64_t>(p.blk.MC, (r.m1 - r.m0 + MR - 1) / MR * MR);
   const int64_t kcmax = std::min<int64_t>(KC, r.k1 - r.k0);
   T* bufB = t_scratch_b.get<T>(size_t(NC * kcmax));
   T* bufA = t_scratch_a.get<T>(size_t(MC * kcmax));
@@ -528,6 +602,9 @@ void packed_rect(const Problem& p, const T* A, const T* B, const Rect<T>& r) {
     for (int64_t pc = r.k0; pc < r.k1; pc += KC) {
       const int64_t kc = std::min(KC, r.k1 - pc);
       const bool beta1 = r.accumulate || pc > r.k0;
+      const bool last = pc + kc >= r.k1;
+      const T* bias = last && r.bias != nullptr ? r.bias + jc : nullptr;
+      const bool relu = last && r.relu;
       for (int64_t jr = 0; jr < nc; jr += NR) {
         int rv = int(std::min<int64_t>(NR, nc - jr));
         pack_b_panel<T, NR>(p.tb, B, p.ldb, jc + jr, pc, rv, kc, bufB + jr * kc);
@@ -545,7 +622,7 @@ void packed_rect(const Problem& p, const T* A, const T* B, const Rect<T>& r) {
           for (int64_t jr = 0; jr < nc; jr += NR) {
             const int n = int(std::min<int64_t>(NR, nc - jr));
             tile<V, true, true, MR, NV>(kc, ap, 1, MR, bufB + jr * kc, NR, crow + jr, r.ldc, m, n,
-                                        beta1);
+                                        beta1, bias != nullptr ? bias + jr : nullptr, relu);
           }
         }
       }
@@ -583,13 +660,29 @@ void direct_rect(const Problem& p, const T* A, const T* B, const Rect<T>& r) {
     T* crow = r.c + (i - r.m0) * r.ldc - r.n0;
     for (int64_t j = r.n0; j < bpanel0; j += NR) {
       tile<V, false, false, MR, NV>(kc, ap, rsa, csa, B + r.k0 * p.ldb + j, p.ldb, crow + j,
-                                    r.ldc, m, NR, r.accumulate);
+                                    r.ldc, m, NR, r.accumulate,
+                                    r.bias != nullptr ? r.bias + j : nullptr, r.relu);
     }
     for (int64_t j = bpanel0; j < r.n1; j += NR) {
       const int n = int(std::min<int64_t>(NR, r.n1 - j));
       tile<V, false, true, MR, NV>(kc, ap, rsa, csa, bufB + (j - bpanel0) * kc, NR, crow + j,
-                                   r.ldc, m, n, r.accumulate);
+                                   r.ldc, m, n, r.accumulate,
+                                   r.bias != nullptr ? r.bias + j : nullptr, r.relu);
     }
+  }
+}
+
+// The epilogue on a finished row of C (after a K-split reduction or the
+// transpose back from C^T): row[j] = relu?(row[j] + bias[j]), as the separate
+// passes would compute it.
+template <typename T>
+void apply_epilogue(T* __restrict row, int64_t n, const T* bias, bool relu) {
+  if (bias != nullptr) {
+    for (int64_t j = 0; j < n; ++j) row[j] += bias[j];
+  }
+  if (relu) {
+    // NaN compares false and passes, like the relu kernel.
+    for (int64_t j = 0; j < n; ++j) row[j] = row[j] < T(0) ? T(0) : row[j];
   }
 }
 
@@ -625,7 +718,7 @@ Plan make_plan(const Problem& p, int64_t nt, bool allow_k_split) {
     }
   }
   if (allow_k_split && nt > 1) {
-    const int64_t tk = std::min<int64_t>(nt, std::max<int64_t>(1, p.K / (2 * Blocking<T>::KC)));
+    const int64_t tk = std::min<int64_t>(nt, std::max<int64_t>(1, p.K / (2 * p.blk.KC)));
     if (tk > 1) {
       // The reduction reads and writes every partial once.
       const double cost = (double(p.M) + double(p.N)) * double(p.K) / double(tk) +
@@ -641,7 +734,7 @@ Plan make_plan(const Problem& p, int64_t nt, bool allow_k_split) {
 
 template <typename T, typename Body>
 void run_plan(const Problem& p, const Plan& plan, T* C, int64_t ldc, bool accumulate,
-              Body body) {
+              const T* bias, bool relu, Body body) {
   using Bk = Blocking<T>;
   constexpr int MR = Bk::MR, NR = Bk::NR;
   if (plan.tk > 1) {
@@ -649,11 +742,12 @@ void run_plan(const Problem& p, const Plan& plan, T* C, int64_t ldc, bool accumu
     // then adds in. Panels of K are multiples of KC so blocking is unchanged.
     const int64_t tk = plan.tk, MN = p.M * p.N;
     T* part = t_scratch_c.get<T>(size_t((tk - 1) * MN));
-    const int64_t kblocks = (p.K + Bk::KC - 1) / Bk::KC;
+    const int64_t KC = p.blk.KC;
+    const int64_t kblocks = (p.K + KC - 1) / KC;
     auto chunk = [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
-        const int64_t k0 = std::min(p.K, kblocks * t / tk * Bk::KC);
-        const int64_t k1 = std::min(p.K, kblocks * (t + 1) / tk * Bk::KC);
+        const int64_t k0 = std::min(p.K, kblocks * t / tk * KC);
+        const int64_t k1 = std::min(p.K, kblocks * (t + 1) / tk * KC);
         if (t == 0) {
           body(Rect<T>{0, p.M, 0, p.N, k0, k1, C, ldc, accumulate});
         } else if (k0 < k1) {
@@ -670,6 +764,7 @@ void run_plan(const Problem& p, const Plan& plan, T* C, int64_t ldc, bool accumu
         const T* __restrict prow = part + (t - 1) * MN + i * p.N;
         for (int64_t j = 0; j < p.N; ++j) crow[j] += prow[j];
       }
+      apply_epilogue(crow, p.N, bias, relu);
     }
     return;
   }
@@ -683,7 +778,7 @@ void run_plan(const Problem& p, const Plan& plan, T* C, int64_t ldc, bool accumu
       const int64_t n0 = std::min(p.N, npanels * tj / tn * NR);
       const int64_t n1 = std::min(p.N, npanels * (tj + 1) / tn * NR);
       if (m0 < m1 && n0 < n1) {
-        body(Rect<T>{m0, m1, n0, n1, 0, p.K, C + m0 * ldc + n0, ldc, accumulate});
+        body(Rect<T>{m0, m1, n0, n1, 0, p.K, C + m0 * ldc + n0, ldc, accumulate, bias, relu});
       }
     }
   };
@@ -694,19 +789,19 @@ void run_plan(const Problem& p, const Plan& plan, T* C, int64_t ldc, bool accumu
   }
 }
 
-}  // namespace
-
 template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
-          const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+void gemm_impl(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
+               int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate,
+               const T* bias, bool relu) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
-    if (!accumulate) {
-      for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, sizeof(T) * size_t(N));
+    for (int64_t i = 0; i < M; ++i) {
+      if (!accumulate) std::memset(C + i * ldc, 0, sizeof(T) * size_t(N));
+      apply_epilogue(C + i * ldc, N, bias, relu);
     }
     return;
   }
-  const Problem p{trans_a, trans_b, M, N, K, lda, ldb};
+  const Problem p{trans_a, trans_b, M, N, K, lda, ldb, blocking_for<T>(cache_sizes())};
   const double work = double(M) * double(N) * double(K);
   // A thread pays off once it gets a few microseconds of work (a double FMA
   // costs two float ones). Inside a parallel_for body (e.g. a conv's per-image
@@ -719,12 +814,13 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* 
                                                    int64_t(work * (sizeof(T) / 4.0) /
                                                            (48.0 * 48 * 48))));
   const bool small = K <= 512 && work <= 96.0 * 96 * 96;
-  auto run = [&](const Problem& q, const T* a, const T* b, T* c, int64_t ldc_, bool acc) {
+  auto run = [&](const Problem& q, const T* a, const T* b, T* c, int64_t ldc_, bool acc,
+                 const T* bias_, bool relu_) {
     if (small) {
-      run_plan<T>(q, make_plan<T>(q, nt, false), c, ldc_, acc,
+      run_plan<T>(q, make_plan<T>(q, nt, false), c, ldc_, acc, bias_, relu_,
                   [&](const Rect<T>& r) { direct_rect<T>(q, a, b, r); });
     } else {
-      run_plan<T>(q, make_plan<T>(q, nt, true), c, ldc_, acc,
+      run_plan<T>(q, make_plan<T>(q, nt, true), c, ldc_, acc, bias_, relu_,
                   [&](const Rect<T>& r) { packed_rect<T>(q, a, b, r); });
     }
   };
@@ -737,22 +833,64 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* 
   const double lanes_t = double(N) * double((M + W - 1) / W);
   if (N < 4 * W && 1.25 * lanes_t < lanes) {
     T* ct = t_scratch_t.get<T>(size_t(N * M));
-    run(Problem{!trans_b, !trans_a, N, M, K, ldb, lda}, B, A, ct, M, false);
+    Problem q = p;
+    q.ta = !trans_b;
+    q.tb = !trans_a;
+    q.M = N;
+    q.N = M;
+    q.lda = ldb;
+    q.ldb = lda;
+    run(q, B, A, ct, M, false, nullptr, false);
     for (int64_t i = 0; i < M; ++i) {
       T* __restrict crow = C + i * ldc;
       for (int64_t j = 0; j < N; ++j) {
         crow[j] = accumulate ? crow[j] + ct[j * M + i] : ct[j * M + i];
       }
+      apply_epilogue(crow, N, bias, relu);
     }
     return;
   }
-  run(p, A, B, C, ldc, accumulate);
+  run(p, A, B, C, ldc, accumulate, bias, relu);
+}
+
+}  // namespace
+
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
+          const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  gemm_impl<T>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate, nullptr, false);
+}
+
+template <typename T>
+void gemm_bias_relu(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
+                    int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate,
+                    const T* bias, bool relu) {
+  gemm_impl<T>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate, bias, relu);
+}
+
+template <typename T>
+void gemm_blocking(int64_t out[5]) {
+  using Bk = Blocking<T>;
+  const Blk b = blocking_for<T>(cache_sizes());
+  out[0] = Bk::MR;
+  out[1] = Bk::NR;
+  out[2] = b.KC;
+  out[3] = b.MC;
+  out[4] = b.NC;
 }
 
 template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, const float*, int64_t,
                           const float*, int64_t, float*, int64_t, bool);
 template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, const double*, int64_t,
                            const double*, int64_t, double*, int64_t, bool);
+template void gemm_bias_relu<float>(bool, bool, int64_t, int64_t, int64_t, const float*, int64_t,
+                                    const float*, int64_t, float*, int64_t, bool, const float*,
+                                    bool);
+template void gemm_bias_relu<double>(bool, bool, int64_t, int64_t, int64_t, const double*,
+                                     int64_t, const double*, int64_t, double*, int64_t, bool,
+                                     const double*, bool);
+template void gemm_blocking<float>(int64_t*);
+template void gemm_blocking<double>(int64_t*);
 
 }  // namespace FASTNN_ISA_NS
 }  // namespace fastnn

@@ -24,10 +24,32 @@ template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
           const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate);
 
+// gemm with an epilogue on the finished C: C = relu?(op(A) @ op(B) [+ C] +
+// bias[j]), bias (N,) may be null; bit-identical to gemm followed by a
+// separate bias add and ReLU pass, without that pass over C.
+template <typename T>
+void gemm_bias_relu(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
+                    int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate,
+                    const T* bias, bool relu);
+
+// The blocking gemm<T> uses now: {MR, NR, KC, MC, NC} (register tile, then
+// cache blocks from the cache sizes in force, see fastnn/cpuinfo.h).
+template <typename T>
+void gemm_blocking(int64_t out[5]);
+
 extern template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, const float*, int64_t,
                                  const float*, int64_t, float*, int64_t, bool);
 extern template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, const double*, int64_t,
                                   const double*, int64_t, double*, int64_t, bool);
+
+extern template void gemm_bias_relu<float>(bool, bool, int64_t, int64_t, int64_t, const float*,
+                                           int64_t, const float*, int64_t, float*, int64_t, bool,
+                                           const float*, bool);
+extern template void gemm_bias_relu<double>(bool, bool, int64_t, int64_t, int64_t, const double*,
+                                            int64_t, const double*, int64_t, double*, int64_t,
+                                            bool, const double*, bool);
+extern template void gemm_blocking<float>(int64_t*);
+extern template void gemm_blocking<double>(int64_t*);
 
 }  // namespace FASTNN_ISA_NS
 }  // namespace fastnn

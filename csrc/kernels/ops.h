@@ -165,6 +165,14 @@ void conv2d_relu_maxpool_backward(const Conv2dParams& cp, const Pool2dParams& pp
                                   const T* x, const T* w, const T* b, const uint8_t* codes,
                                   T* gx, T* gw, T* gb);
 
+// --- linear.cpp --------------------------------------------------------------
+template <typename T>
+void linear_relu_forward(int64_t M, int64_t N, int64_t K, const T* x, const T* w, const T* b,
+                         T* y);
+template <typename T>
+void linear_relu_backward(int64_t M, int64_t N, int64_t K, const T* gy, const T* x, const T* w,
+                          const T* y, T* gx, T* gw, T* gb);
+
 // --- batchnorm.cpp -----------------------------------------------------------
 template <typename T>
 void batch_norm2d_forward(int64_t N, int64_t C, int64_t HW, const T* x, const T* w, const T* b,

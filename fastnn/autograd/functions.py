@@ -25,6 +25,7 @@ __all__ = [
     "CrossEntropy",
     "Dropout",
     "Linear",
+    "LinearReLU",
     "LogSoftmax",
     "MSELoss",
     "MatMul",
@@ -74,6 +75,24 @@ class Linear(Function):
     def backward(ctx: Context, g: Array) -> tuple:
         x, w = ctx.saved_tensors
         return F.linear_backward(g, x, w, output_mask=ctx.needs_input_grad)
+
+
+class LinearReLU(Function):
+    """relu(linear(x)) as one node: keeps x, weight and the output y (the ReLU
+    mask), not the pre-activation."""
+
+    op, inputs = "linear_relu", ("x", "weight", "bias")
+
+    @staticmethod
+    def forward(ctx: Context, x: Array, weight: Array, bias: Array | None = None) -> Array:
+        y = F.linear_relu(x, weight, bias)
+        ctx.save_for_backward(x, weight, y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Context, g: Array) -> tuple:
+        x, w, y = ctx.saved_tensors
+        return F.linear_relu_backward(g, x, w, y, output_mask=ctx.needs_input_grad)
 
 
 class Conv2d(Function):

@@ -1,8 +1,8 @@
 """Ops that a backend builds from its own primitives (numpy_ref and cuda).
 
 The cpu backend has fused C++ kernels for conv2d + ReLU + max_pool2d and for
-batch_norm2d + ReLU; the other backends compose the separate ops, the same
-way, from this one place.
+batch_norm2d + ReLU and linear + ReLU; the other backends compose the separate
+ops, the same way, from this one place.
 """
 
 from __future__ import annotations
@@ -114,3 +114,28 @@ def fused_bn_relu(ops: ModuleType) -> tuple[Callable[..., Any], Callable[..., An
         fn.__doc__ = contract.doc(fn.__name__)
         fn.__module__ = ops.__name__
     return batch_norm2d_relu, batch_norm2d_relu_backward
+
+
+def fused_linear_relu(ops: ModuleType) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``linear_relu`` and its backward, built from ``ops``' matmul and relu ops."""
+
+    def linear_relu(x: Any, weight: Any, bias: Any | None) -> Any:
+        y = ops.matmul(x, weight, False, True)
+        if bias is not None:
+            y += bias
+        return ops.relu(y)
+
+    def linear_relu_backward(
+        grad_out: Any, x: Any, weight: Any, y: Any,
+        need_x: bool = True, need_w: bool = True, need_b: bool = True,
+    ) -> tuple[Any | None, Any | None, Any | None]:
+        g = ops.relu_backward(grad_out, y)
+        gx = ops.matmul(g, weight, False, False) if need_x else None
+        gw = ops.matmul(g, x, True, False) if need_w else None
+        gb = g.sum(axis=0, dtype=g.dtype) if need_b else None
+        return gx, gw, gb
+
+    for fn in (linear_relu, linear_relu_backward):
+        fn.__doc__ = contract.doc(fn.__name__)
+        fn.__module__ = ops.__name__
+    return linear_relu, linear_relu_backward

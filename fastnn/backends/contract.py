@@ -180,6 +180,28 @@ class Backend(Protocol):
         """
         ...
 
+    # -- fused linear + ReLU ---------------------------------------------------
+    def linear_relu(self, x: Array, weight: Array, bias: Array | None) -> Array:
+        """relu(x @ weight.T + bias): x (M,K), weight (N,K), bias (N,) or None -> (M,N).
+
+        Equal to the separate ops (matmul, bias add, relu) within float rounding;
+        ``cpu`` adds the bias and applies the ReLU in the gemm's epilogue
+        (bit-identical to its separate ops); ``numpy`` and ``cuda`` compose them
+        (``fastnn.backends._composed``).
+        """
+        ...
+
+    def linear_relu_backward(
+        self, grad_out: Array, x: Array, weight: Array, y: Array,
+        need_x: bool = True, need_w: bool = True, need_b: bool = True,
+    ) -> tuple[Array | None, Array | None, Array | None]:
+        """(grad_x (M,K), grad_w (N,K), grad_b (N,)) of linear_relu from grad_out (M,N).
+
+        ``y`` is linear_relu's output; the ReLU mask is ``y > 0``. Each result
+        is None unless its ``need_`` flag is set.
+        """
+        ...
+
     # -- activations, loss -----------------------------------------------------
     def relu(self, x: Array) -> Array:
         """max(x, 0) elementwise, any shape; NaN stays NaN."""

@@ -49,6 +49,8 @@ __all__ = [
     "conv2d_relu_max_pool2d_backward",
     "dropout_masked",
     "is_available",
+    "linear_relu",
+    "linear_relu_backward",
     "log_softmax",
     "log_softmax_backward",
     "matmul",
@@ -71,6 +73,9 @@ __all__ = [
 # extension fell back to the best available one and left the reason here.
 if _C._isa_warning is not None:
     warnings.warn(_C._isa_warning, RuntimeWarning, stacklevel=2)
+# Likewise a malformed FASTNN_CACHE_SIZES (ignored: the detected sizes are used).
+if _C._cache_warning is not None:
+    warnings.warn(_C._cache_warning, RuntimeWarning, stacklevel=2)
 
 
 def is_available() -> bool:
@@ -92,6 +97,8 @@ avg_pool2d = _C.avg_pool2d
 avg_pool2d_backward = _C.avg_pool2d_backward
 conv2d_relu_max_pool2d = _C.conv2d_relu_max_pool2d
 conv2d_relu_max_pool2d_backward = _C.conv2d_relu_max_pool2d_backward
+linear_relu = _C.linear_relu
+linear_relu_backward = _C.linear_relu_backward
 relu = _C.relu
 relu_backward = _C.relu_backward
 softmax_cross_entropy = _C.softmax_cross_entropy

@@ -193,8 +193,10 @@ conv2d_relu_max_pool2d, conv2d_relu_max_pool2d_backward = _composed.fused_conv_r
     sys.modules[__name__]
 )
 batch_norm2d_relu, batch_norm2d_relu_backward = _composed.fused_bn_relu(sys.modules[__name__])
+linear_relu, linear_relu_backward = _composed.fused_linear_relu(sys.modules[__name__])
 
 __all__ = sorted([
     *_OPS, "batch_norm2d_relu", "batch_norm2d_relu_backward", "conv2d_relu_max_pool2d",
-    "conv2d_relu_max_pool2d_backward", "device_info", "is_available",
+    "conv2d_relu_max_pool2d_backward", "device_info", "is_available", "linear_relu",
+    "linear_relu_backward",
 ])

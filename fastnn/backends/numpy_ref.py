@@ -60,6 +60,8 @@ __all__ = [
     "conv2d_relu_max_pool2d_backward",
     "dropout_masked",
     "is_available",
+    "linear_relu",
+    "linear_relu_backward",
     "log_softmax",
     "log_softmax_backward",
     "matmul",
@@ -481,3 +483,4 @@ conv2d_relu_max_pool2d, conv2d_relu_max_pool2d_backward = _composed.fused_conv_r
     sys.modules[__name__]
 )
 batch_norm2d_relu, batch_norm2d_relu_backward = _composed.fused_bn_relu(sys.modules[__name__])
+linear_relu, linear_relu_backward = _composed.fused_linear_relu(sys.modules[__name__])

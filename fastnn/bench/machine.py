@@ -251,6 +251,9 @@ def machine_info() -> dict[str, Any]:
 
         info["fastnn_isa"] = _C.active_isa()
         info["fastnn_threads"] = _C.get_num_threads()
+        from fastnn._config import cpu_cache_info
+
+        info["fastnn_cpu"] = cpu_cache_info()
     except Exception:  # noqa: BLE001 - extension not built
         info["fastnn_isa"] = None
     if importlib.util.find_spec("torch") is not None:

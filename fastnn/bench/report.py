@@ -145,6 +145,9 @@ def format_machine(m: dict[str, Any]) -> str:
     if m.get("fastnn_isa"):
         parts.append(f"fastnn {m.get('fastnn')} {m['fastnn_isa']} "
                      f"{m.get('fastnn_threads')} threads")
+    if m.get("fastnn_cpu"):
+        c = m["fastnn_cpu"]
+        parts.append(f"{c.get('cpu')}: {c.get('caches')}; sgemm blocking {c.get('gemm_float32')}")
     if m.get("torch"):
         parts.append(f"torch {m['torch']}")
     if m.get("gpu"):

@@ -46,7 +46,14 @@ from fastnn.functional.activations import (
 from fastnn.functional.conv import conv2d, conv2d_backward
 from fastnn.functional.dropout import dropout, dropout_backward, dropout_forward, dropout_mask
 from fastnn.functional.fused import conv2d_relu_max_pool2d, conv2d_relu_max_pool2d_backward
-from fastnn.functional.linalg import linear, linear_backward, matmul, matmul_backward
+from fastnn.functional.linalg import (
+    linear,
+    linear_backward,
+    linear_relu,
+    linear_relu_backward,
+    matmul,
+    matmul_backward,
+)
 from fastnn.functional.losses import (
     cross_entropy,
     mse_loss,
@@ -85,6 +92,8 @@ __all__ = [
     "dropout_mask",
     "linear",
     "linear_backward",
+    "linear_relu",
+    "linear_relu_backward",
     "log_softmax",
     "log_softmax_backward",
     "matmul",

@@ -1,4 +1,4 @@
-"""matmul and linear, with their backward."""
+"""matmul, linear and the fused linear + ReLU, with their backward."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from fastnn.functional._args import (
     _tensor_aware,
     _xp,
 )
+from fastnn.functional.activations import relu, relu_backward
 
 # --------------------------------------------------------------------------
 # matmul and linear
@@ -153,4 +154,83 @@ def linear_backward(
     gx = _mm(backend, gy, _contig(weight)).reshape(x.shape) if need_x else None
     gw = _mm(backend, gy, x2, True, False) if need_w else None
     gb = gy.sum(axis=0, dtype=gy.dtype) if need_b else None
+    return gx, gw, gb
+
+
+# --------------------------------------------------------------------------
+# fused linear + ReLU
+# --------------------------------------------------------------------------
+
+
+def _rows(a: Array) -> Array:
+    """(..., n) -> (rows, n), C-contiguous (also when n or a batch dimension is 0)."""
+    rows = 1
+    for d in a.shape[:-1]:
+        rows *= d
+    return _contig(a).reshape(rows, a.shape[-1])
+
+
+@_tensor_aware
+def linear_relu(x: Array, weight: Array, bias: Array | None = None) -> Array:
+    """``relu(x @ weight.T + bias)`` in one op: x (..., in), weight (out, in) -> (..., out).
+
+    Equal to ``relu(linear(x, weight, bias))`` within float rounding (on the cpu
+    backend bit for bit: the bias add and the ReLU run in the gemm's epilogue,
+    so the pre-activation is never written out and re-read).
+    """
+    op = "linear_relu"
+    x, weight, backend = _linear_operands(op, x, weight)
+    b = _check_bias(op, bias, weight.shape[0], x)
+    x2 = _rows(x)
+    if 0 in (*x2.shape, weight.shape[0]):
+        # Degenerate shapes: _mm gives the zeros a backend need not handle.
+        y = _mm(backend, x2, _contig(weight), False, True)
+        if b is not None:
+            y += b
+        y = relu(y)
+    else:
+        y = backend.linear_relu(x2, _contig(weight), b)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@_tensor_aware
+def linear_relu_backward(
+    grad_out: Array,
+    x: Array,
+    weight: Array,
+    y: Array,
+    *,
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Array | None, Array | None, Array | None]:
+    """Gradients ``(grad_x, grad_weight, grad_bias)`` of :func:`linear_relu`.
+
+    ``y`` is the forward's output (the ReLU mask is ``y > 0``); an entry is None
+    where ``output_mask`` is False. The mask is applied in the same pass that
+    sums grad_bias, and the two gradient products read the masked gradient.
+    """
+    op = "linear_relu_backward"
+    grad_out = _as_float_array(grad_out, op, "grad_out")
+    y = _as_float_array(y, op, "y")
+    x, weight, backend = _linear_operands(op, x, weight, extra=(grad_out, y))
+    _same_dtype(op, x, "x", grad_out, "grad_out")
+    _same_dtype(op, x, "x", y, "y")
+    out_shape = (*x.shape[:-1], weight.shape[0])
+    _check_grad_out(op, grad_out, out_shape)
+    if tuple(y.shape) != out_shape:
+        raise ValueError(f"{op}: y must have shape {out_shape}, got {tuple(y.shape)}")
+    need_x, need_w, need_b = (bool(m) for m in output_mask)
+    gy = _rows(grad_out)
+    x2 = _rows(x)
+    if 0 in (*x2.shape, weight.shape[0]):
+        # Degenerate shapes: the separate ops, through _mm's zeros.
+        g = relu_backward(gy, _rows(y))
+        gx = _mm(backend, g, _contig(weight)) if need_x else None
+        gw = _mm(backend, g, x2, True, False) if need_w else None
+        gb = g.sum(axis=0, dtype=g.dtype) if need_b else None
+    else:
+        gx, gw, gb = backend.linear_relu_backward(
+            gy, x2, _contig(weight), _rows(y), need_x, need_w, need_b
+        )
+    if gx is not None:
+        gx = gx.reshape(x.shape)
     return gx, gw, gb

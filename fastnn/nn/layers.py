@@ -92,6 +92,10 @@ class Linear(Module):
     def forward(self, x: Any) -> Tensor:
         return ag.Linear.apply(x, self.weight, self.bias)
 
+    def _forward_relu(self, x: Any) -> Tensor:
+        """``relu(self(x))`` as one fused node (see ``F.linear_relu``)."""
+        return ag.LinearReLU.apply(x, self.weight, self.bias)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}")
@@ -346,9 +350,10 @@ class Sequential(Module):
         d = self.__dict__
         return [d[n] for n in d["_module_names"] if d[n] is not None]
 
-    #: Run Conv2d -> ReLU -> MaxPool2d runs as one fused op (same forward values bit for
-    #: bit, gradients up to summation order), and BatchNorm2d -> ReLU as one (forward
-    #: and gradients bit for bit); set False on an instance to run them apart.
+    #: Run Conv2d -> ReLU -> MaxPool2d, BatchNorm2d -> ReLU and Linear -> ReLU runs as
+    #: one fused op each (same forward values bit for bit on cpu, within rounding
+    #: elsewhere; gradients up to summation order); set False on an instance to run
+    #: them apart.
     fuse = True
 
     def forward(self, x: Any) -> Any:
@@ -365,7 +370,8 @@ class Sequential(Module):
                 x = m._forward_relu_max_pool(x, layers[i + 2])
                 i += 3
                 continue
-            if type(m) is BatchNorm2d and i + 1 < n and type(layers[i + 1]) is ReLU and self.fuse:
+            if (type(m) is BatchNorm2d or type(m) is Linear) and i + 1 < n and type(
+                    layers[i + 1]) is ReLU and self.fuse:
                 x = m._forward_relu(x)
                 i += 2
                 continue
