@@ -110,26 +110,33 @@ class CpuFusedStep:
             act = x.reshape(n, -1)
         acts = [act]
         for lin, relu in self.linears:
-            z = ops.matmul(act, lin.weight.data, False, True)
-            if lin.bias is not None:
-                z += lin.bias.data
-            if relu:
-                z = ops.relu(z)
+            b = lin.bias.data if lin.bias is not None else None
+            if relu:  # bias and ReLU in the GEMM's epilogue, as autograd's LinearReLU
+                z = ops.linear_relu(act, lin.weight.data, b)
+            else:
+                z = ops.matmul(act, lin.weight.data, False, True)
+                if b is not None:
+                    z += b
             acts.append(z)
             act = z
         loss, g = ops.softmax_cross_entropy(act, y)
         grads: list[tuple[Any, Any]] = []
         for i in range(len(self.linears) - 1, -1, -1):
-            lin, _ = self.linears[i]
-            a_in = acts[i]
-            grads.append((lin.weight, ops.matmul(g, a_in, True, False)))
-            if lin.bias is not None:
-                grads.append((lin.bias, g.sum(axis=0, dtype=g.dtype)))
-            if i == 0 and self.conv is None:
-                break
-            gx = ops.matmul(g, lin.weight.data, False, False)
-            # The input of layer i is the previous layer's ReLU output (or the pool's).
-            g = ops.relu_backward(gx, a_in) if i > 0 and self.linears[i - 1][1] else gx
+            lin, relu = self.linears[i]
+            a_in, w = acts[i], lin.weight.data
+            has_b = lin.bias is not None
+            need_x = i > 0 or self.conv is not None  # the first layer's input is data
+            if relu:  # g is the gradient at the ReLU's output; the mask is applied inside
+                gx, gw, gb = ops.linear_relu_backward(g, a_in, w, acts[i + 1], need_x, True,
+                                                      has_b)
+            else:
+                gx = ops.matmul(g, w, False, False) if need_x else None
+                gw = ops.matmul(g, a_in, True, False)
+                gb = g.sum(axis=0, dtype=g.dtype) if has_b else None
+            grads.append((lin.weight, gw))
+            if has_b:
+                grads.append((lin.bias, gb))
+            g = gx
         if self.conv is not None:
             c, k = self.conv
             b = c.bias.data if c.bias is not None else None
