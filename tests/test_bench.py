@@ -475,6 +475,11 @@ def test_op_cost_counts_gemm_and_conv_flops() -> None:
     x, w = np.zeros((2, 3, 10, 9), np.float32), np.zeros((4, 3, 3, 3), np.float32)
     flops, _ = op_cost("conv2d", (x, w, None, (1, 1), (0, 0), (1, 1), 1), None)
     assert flops == 2.0 * 2 * 4 * 8 * 7 * 3 * 3 * 3
+    x, w = np.zeros((8, 30), np.float32), np.zeros((5, 30), np.float32)
+    assert op_cost("linear_relu", (x, w, None), None)[0] == 2.0 * 8 * 5 * 30
+    gy = np.zeros((8, 5), np.float32)
+    assert op_cost("linear_relu_backward", (gy, x, w, gy, False, True, True), None)[0] == (
+        2.0 * 8 * 5 * 30)
     p = np.zeros(10, np.float32)
     flops, moved = op_cost("adam_step", (p, p, p, p, 1, 1e-3), None)
     assert flops == 0 and moved == 8 * p.nbytes  # 4 read, 3 written back + param
@@ -509,7 +514,10 @@ def test_cli_train_prints_step_profile(tmp_path: Path, capsys: pytest.CaptureFix
     prof = json.loads(out.read_text())["profiles"][0]
     assert prof["model"] == "seed" and prof["step_ms"] > 0
     # The seed step's products: conv forward and weight gradient, three big GEMMs.
-    assert {"matmul", "conv2d_relu_max_pool2d", "conv2d_relu_max_pool2d_backward",
-            "adam_step"} <= set(prof["ops"])
-    assert prof["ops"]["matmul"]["calls"] == 6
+    assert {"matmul", "linear_relu", "linear_relu_backward", "conv2d_relu_max_pool2d",
+            "conv2d_relu_max_pool2d_backward", "adam_step"} <= set(prof["ops"])
+    # The hidden layer runs as linear_relu (+ backward); the output layer as 3 matmuls.
+    assert prof["ops"]["matmul"]["calls"] == 3 and prof["ops"]["linear_relu"]["calls"] == 1
+    assert abs(prof["gflop_per_step"] * 1e9 - 2 * 4 * 2 * (5408 * 128 + 128 * 10) * 1.5
+               - 2 * 2 * 4 * 32 * 26 * 26 * 9) < 1e3
     assert sum(o["ms"] for o in prof["ops"].values()) <= prof["step_ms"] * 1.5

@@ -61,6 +61,13 @@ def op_cost(name: str, args: tuple, result: Any) -> tuple[float, float]:
         n = b.shape[-2] if tb else b.shape[-1]
         batch = max(a.shape[0] if a.ndim == 3 else 1, b.shape[0] if b.ndim == 3 else 1)
         flops = 2.0 * batch * m * n * k
+    elif name == "linear_relu":
+        x, w = args[0], args[1]
+        flops = 2.0 * x.shape[0] * w.shape[0] * w.shape[1]
+    elif name == "linear_relu_backward":
+        x, w = args[1], args[2]
+        need_x, need_w = (args[4:6] + (True, True))[:2]
+        flops = (int(bool(need_x)) + int(bool(need_w))) * 2.0 * x.shape[0] * w.shape[0] * w.shape[1]
     elif name in ("conv2d", "conv2d_relu_max_pool2d"):
         flops = _conv_flops(args[0], args[1], *args[3:6])
     elif name == "conv2d_relu_max_pool2d_backward":
