@@ -1,11 +1,19 @@
 """The seed model in plain PyTorch vs the same model after ``fastnn.torch.accelerate``.
 
-Both start from the same weights (``torch.manual_seed(0)``), see the same batches
-in the same order (batch 128, Adam lr 1e-3) and train ``--epochs`` MNIST epochs,
-interleaved every ``CHUNK`` batches so load changes on a shared machine hit both
-alike. Reports each epoch's wall time, the per-epoch speedup (median of the
-pairs), the test accuracy after the last epoch, and one more epoch of three fresh
-models interleaved: torch, accelerated, and accelerated under
+Three peers run the same user code (``torch.optim.Adam(lr=1e-3)``,
+``torch.nn.functional.cross_entropy``, batch 128, the same batches in the same
+order, the same initial weights from ``torch.manual_seed(0)``):
+
+* ``torch``: nothing added;
+* ``accelerate(model)``: the model's layers on fastnn, torch's Adam;
+* ``accelerate(model, optimizer=opt)``: also the Adam step on fastnn's kernel
+  (:mod:`fastnn.torch.optim`; the optimizer object and its state stay torch's).
+
+They train ``--epochs`` MNIST epochs, interleaved every ``CHUNK`` batches (who
+goes first rotates) so load changes on a shared machine hit all alike. Reports
+each epoch's wall time, the per-epoch speedups (median of the ratios), the test
+accuracy after the last epoch, and one more epoch of three fresh models
+interleaved: torch, fully accelerated, and fully accelerated under
 ``torch.compile(fullgraph=True)`` (inductor; compile time reported separately).
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE PYTHONPATH=$PWD \\
@@ -53,11 +61,16 @@ def tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch
 class Run:
     """A model, its optimizer and its per-epoch times."""
 
-    def __init__(self, name: str, model: torch.nn.Module, forward=None) -> None:
+    def __init__(self, name: str, model: torch.nn.Module, forward=None,
+                 accelerate: str = "") -> None:
         self.name, self.model = name, model
         self.forward = forward or model
         self.opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         self.times: list[float] = []
+        self.report = None
+        if accelerate:
+            self.report = ft.accelerate(
+                model, optimizer=self.opt if accelerate == "model+optimizer" else None)
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -117,39 +130,38 @@ def main() -> None:
     x, y = tensors(data.train_images[:args.limit], data.train_labels[:args.limit])
     xt, yt = tensors(data.test_images, data.test_labels)
     plain = Run("torch", seed_model())
-    accel_model = copy.deepcopy(plain.model)
-    report = ft.accelerate(accel_model)
-    print(report)
-    accel = Run("torch + accelerate", accel_model)
+    peers = [Run("accelerate(model)", copy.deepcopy(plain.model), accelerate="model"),
+             Run("accelerate(model, optimizer=opt)", copy.deepcopy(plain.model),
+                 accelerate="model+optimizer")]
+    print(peers[1].report)
     load = [os.getloadavg()[0]]
     for e in range(args.epochs):
-        interleaved_epoch([plain, accel], x, y, e)
-        print(f"epoch {e + 1}: torch {plain.times[-1]:.2f} s, accelerated "
-              f"{accel.times[-1]:.2f} s", flush=True)
+        interleaved_epoch([plain, *peers], x, y, e)
+        print(f"epoch {e + 1}: torch {plain.times[-1]:.2f} s, "
+              + ", ".join(f"{r.name} {r.times[-1]:.2f} s" for r in peers), flush=True)
         load.append(os.getloadavg()[0])
-    ratios = [p / a for p, a in zip(plain.times, accel.times)]
-    acc = {r.name: r.accuracy(xt, yt) for r in (plain, accel)}
+    ratios = {r.name: [p / a for p, a in zip(plain.times, r.times)] for r in peers}
+    acc = {r.name: r.accuracy(xt, yt) for r in (plain, *peers)}
 
-    rows = [
-        ("torch (eager)", statistics.median(plain.times), acc["torch"], "1.00x"),
-        ("torch + fastnn.torch.accelerate (eager)", statistics.median(accel.times),
-         acc["torch + accelerate"], f"{statistics.median(ratios):.2f}x"),
-    ]
+    rows = [("torch (eager)", statistics.median(plain.times), acc["torch"], "1.00x")]
+    rows += [(f"torch + fastnn.torch.{r.name} (eager)", statistics.median(r.times),
+              acc[r.name], f"{statistics.median(ratios[r.name]):.2f}x") for r in peers]
     compile_note = ""
     if not args.no_compile:
         # A fresh epoch of three fresh models, interleaved the same way: torch, the
-        # accelerated model, and the accelerated model compiled.
-        fresh = [Run("torch", seed_model()), Run("eager", seed_model())]
-        ft.accelerate(fresh[1].model)
+        # accelerated model (and optimizer), and that model compiled.
+        full = "model+optimizer"
+        fresh = [Run("torch", seed_model()), Run("eager", seed_model(), accelerate=full)]
         model = seed_model()
-        ft.accelerate(model)
-        compiled = Run("compiled", model, torch.compile(model, fullgraph=True))
+        compiled = Run("compiled", model, torch.compile(model, fullgraph=True),
+                       accelerate=full)
         t0 = time.perf_counter()
         compiled.step(x[:BATCH], y[:BATCH])  # the compile itself, timed apart
         compile_s = time.perf_counter() - t0
         interleaved_epoch([*fresh, compiled], x, y, 0)
         t_torch, t_eager, dt = fresh[0].times[0], fresh[1].times[0], compiled.times[0]
-        rows.append(("torch + accelerate + torch.compile(fullgraph=True), 1 epoch", dt,
+        rows.append(("torch + accelerate(model, optimizer=opt) + torch.compile(fullgraph=True),"
+                     " 1 epoch", dt,
                      compiled.accuracy(xt, yt), f"{t_torch / dt:.2f}x"))
         compile_note = (f"Compiled: a separate epoch of fresh models, interleaved: torch "
                         f"{t_torch:.2f} s, accelerated eager {t_eager:.2f} s "
@@ -168,9 +180,10 @@ def main() -> None:
         *(f"| {n} | {t:.2f} | {a:.2f}% | {s} |" for n, t, a, s in rows),
         "",
         f"{args.epochs} epochs each, interleaved every {CHUNK} batches; per-epoch ratios "
-        f"{', '.join(f'{r:.2f}' for r in ratios)} (speedup = median ratio). "
-        f"Accuracy difference {acc['torch + accelerate'] - acc['torch']:+.2f} points. "
-        f"{compile_note}",
+        + "; ".join(f"{n}: {', '.join(f'{v:.2f}' for v in rs)}" for n, rs in ratios.items())
+        + " (speedup = median ratio). Accuracy difference vs torch: "
+        + ", ".join(f"{r.name} {acc[r.name] - acc['torch']:+.2f} points" for r in peers)
+        + f". {compile_note}",
     ]
     print("\n".join(lines))
     if args.md:

@@ -11,7 +11,9 @@ through DLPack (also without a copy).
 * :mod:`fastnn.torch.nn`: drop-in ``Conv2d``, ``MaxPool2d``, ``AvgPool2d`` and
   ``Linear`` (subclasses of torch's, same parameters and ``state_dict``) and the
   fused ``Conv2dReLUMaxPool2d``;
-* :func:`accelerate`: swaps those into an existing model in place.
+* :mod:`fastnn.torch.optim`: ``Adam`` and ``AdamW`` (subclasses of torch's, same
+  state) whose step is fastnn's one-pass kernel;
+* :func:`accelerate`: swaps those into an existing model (and optimizer) in place.
 
 ``import fastnn`` never imports torch; only this package does.
 """
@@ -26,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     ) from exc
 
 from fastnn.torch import _ops as ops  # noqa: E402 - registers torch.ops.fastnn.*
-from fastnn.torch import nn  # noqa: E402
+from fastnn.torch import nn, optim  # noqa: E402
 from fastnn.torch.accelerate import AccelerateReport, accelerate  # noqa: E402
 
-__all__ = ["AccelerateReport", "accelerate", "nn", "ops"]
+__all__ = ["AccelerateReport", "accelerate", "nn", "ops", "optim"]

@@ -8,6 +8,11 @@ same, so optimizers built before the call keep working. Inside an
 two ``nn.Identity`` (the Sequential's length and indices, hence its
 ``state_dict`` keys, are unchanged). Only exact instances of the torch classes
 are converted: a subclass may override ``forward``.
+
+``accelerate(model, optimizer=opt)`` also changes a ``torch.optim.Adam`` or
+``AdamW`` (exact classes) into :class:`fastnn.torch.optim.Adam`/``AdamW`` the same
+way: the object, its param groups, state and hooks stay; only ``step`` runs on
+fastnn's kernel (see :mod:`fastnn.torch.optim`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastnn.torch import nn as fnn
+from fastnn.torch import optim as fopt
 
 __all__ = ["AccelerateReport", "accelerate"]
 
@@ -28,6 +34,10 @@ _SWAPS: dict[type, type] = {
     torch.nn.Linear: fnn.Linear,
 }
 _FLOATS = (torch.float32, torch.float64)
+_OPTIM_SWAPS: dict[type, type] = {
+    torch.optim.Adam: fopt.Adam,
+    torch.optim.AdamW: fopt.AdamW,
+}
 
 
 @dataclass
@@ -38,6 +48,7 @@ class AccelerateReport:
     swapped: list[tuple[str, str, str]] = field(default_factory=list)
     fused: list[tuple[str, str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    optimizer: str | None = None  # what became of the optimizer argument, if any
 
     def __str__(self) -> str:
         lines = [f"fastnn.torch.accelerate: {len(self.swapped)} swapped, "
@@ -46,6 +57,8 @@ class AccelerateReport:
         lines += [f"  swapped  {n or '<model>'}: {a} -> fastnn.torch.nn.{b}"
                   for n, a, b in self.swapped]
         lines += [f"  skipped  {n or '<model>'}: {why}" for n, why in self.skipped]
+        if self.optimizer:
+            lines.append(f"  optimizer {self.optimizer}")
         return "\n".join(lines)
 
 
@@ -92,7 +105,30 @@ def _fuse_sequentials(model: torch.nn.Module, report: AccelerateReport) -> None:
                 i += 1
 
 
-def accelerate(model: torch.nn.Module, verbose: bool = False) -> AccelerateReport:
+def _swap_optimizer(opt: object) -> str:
+    """Change ``opt``'s class to fastnn's step (in place); say what happened."""
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(f"accelerate: optimizer must be a torch.optim.Optimizer, got "
+                        f"{type(opt).__name__}")
+    name = type(opt).__name__
+    if type(opt) in _OPTIM_SWAPS.values():
+        return f"{name}: already fastnn.torch.optim.{name}"
+    target = _OPTIM_SWAPS.get(type(opt))
+    if target is None:
+        return f"{name}: left to torch (fastnn steps Adam and AdamW)"
+    if "step" in vars(opt):
+        # An LR scheduler (or other wrapper) bound torch's step to this object;
+        # a class change would not reach it.
+        return (f"{name}: left to torch (its step is wrapped, e.g. by an LR scheduler "
+                "created before accelerate)")
+    opt.__class__ = target
+    opt._patch_step_function()  # step hooks and profiling, as torch's __init__ does
+    return f"{name} -> fastnn.torch.optim.{target.__name__}"
+
+
+def accelerate(
+    model: torch.nn.Module, verbose: bool = False, optimizer: torch.optim.Optimizer | None = None
+) -> AccelerateReport:
     """Swap every supported module of ``model`` for its fastnn version, in place.
 
     Supported: ``Conv2d``, ``MaxPool2d``, ``AvgPool2d``, ``Linear`` (exact
@@ -102,10 +138,17 @@ def accelerate(model: torch.nn.Module, verbose: bool = False) -> AccelerateRepor
     swapped modules cannot run exactly (other dtypes or devices at run time)
     still fall back to torch's forward. Returns the report (printed when
     ``verbose``). Calling it twice changes nothing more.
+
+    ``optimizer``: a ``torch.optim.Adam``/``AdamW`` (exact class) over the model's
+    parameters also steps on fastnn's kernel from then on (same object, state
+    and ``state_dict``; see :mod:`fastnn.torch.optim`); another optimizer is
+    left as it is and the report says so.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"accelerate: model must be a torch.nn.Module, got {type(model).__name__}")
     report = AccelerateReport()
+    if optimizer is not None:
+        report.optimizer = _swap_optimizer(optimizer)
     _fuse_sequentials(model, report)
     for name, m in model.named_modules():
         target = _SWAPS.get(type(m))
