@@ -190,3 +190,48 @@ def test_compile_fullgraph_equals_eager():
     got.sum().backward()
     for p, q in zip(twin.parameters(), model.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+
+
+def test_accelerate_fuses_linear_relu_into_one_op():
+    model = seed_model()
+    x = torch.randn(6, 1, 28, 28)
+    want = model(x)
+    keys = list(model.state_dict())
+    report = ft.accelerate(model)
+    assert report.fused_linear_relu == [("4", "5")]
+    assert "1 Linear+ReLU fused" in str(report) and "4 + 5 -> Linear" in str(report)
+    assert model[4].fused_relu and not model[6].fused_relu
+    assert isinstance(model[5], tnn.Identity) and "fused_relu=True" in repr(model[4])
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(model(x), want)
+    # The traced graph has the fastnn ops and nothing elementwise of torch's between.
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(model, fullgraph=True, backend=backend)(x)
+    targets = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert {"fastnn.conv2d_relu_max_pool2d", "fastnn.linear_relu", "fastnn.linear"} <= targets
+    assert not any("relu" in t and "fastnn" not in t for t in targets), targets
+
+
+def test_linear_relu_fusion_respects_hooks_and_falls_back():
+    model = tnn.Sequential(tnn.Linear(4, 3), tnn.ReLU(), tnn.Linear(3, 3), tnn.ReLU())
+    model[1].register_forward_hook(lambda m, i, o: None)
+    report = ft.accelerate(model)
+    assert report.fused_linear_relu == [("2", "3")]
+    assert type(model[1]) is tnn.ReLU and not model[0].fused_relu
+    # A call fastnn cannot run (mixed dtypes) still applies the fused ReLU, via torch.
+    lin = model[2].to(torch.float64)
+    x = torch.randn(5, 3)
+    with pytest.raises(RuntimeError):
+        lin(x)  # torch's own dtype error, as an unfused Linear gives
+    y = lin(x.double())
+    torch.testing.assert_close(y, torch.relu(tnn.functional.linear(x.double(), lin.weight,
+                                                                    lin.bias)))
+    assert (y >= 0).all()
+    half = model[2].to(torch.bfloat16)
+    xb = -torch.ones(2, 3, dtype=torch.bfloat16)
+    assert (half(xb) >= 0).all()  # torch's forward, then the ReLU

@@ -61,6 +61,10 @@ def _samples(dtype, rg, device="cpu"):
             ((t(5, 7), t(3, 7), t(3)), tf.linear),
             ((t(2, 4, 7), t(3, 7), None), tf.linear),
         ],
+        "linear_relu": [
+            ((t(5, 7), t(3, 7), t(3)), lambda x, w, b: torch.relu(tf.linear(x, w, b))),
+            ((t(2, 4, 7), t(3, 7), None), lambda x, w, b: torch.relu(tf.linear(x, w, b))),
+        ],
         "matmul": [((t(4, 5), t(5, 3)), torch.matmul), ((t(2, 4, 5), t(5, 3)), torch.matmul),
                    ((t(2, 4, 5), t(2, 5, 3)), torch.matmul)],
     }
@@ -82,6 +86,7 @@ def _backward_samples(dtype, rg):
         "avg_pool2d_backward": (t(2, 3, 3, 3), t(2, 3, 6, 6), [2, 2], [2, 2], [0, 0], False,
                                 True, None),
         "linear_backward": (t(5, 3), t(5, 7), t(3, 7), [True, True, True]),
+        "linear_relu_backward": (t(5, 3), t(5, 7), t(3, 7), t(5, 3).relu(), [True, False, True]),
         "matmul_backward": (t(4, 3), t(4, 5), t(5, 3)),
     }
 

@@ -2,7 +2,7 @@
 
 Importing this package registers fastnn's kernels as PyTorch custom ops,
 ``torch.ops.fastnn.{conv2d, conv2d_relu_max_pool2d, max_pool2d,
-max_pool2d_with_indices, avg_pool2d, linear, matmul}`` and their ``*_backward``
+max_pool2d_with_indices, avg_pool2d, linear, linear_relu, matmul}`` and their ``*_backward``
 ops, with autograd and fake (meta) implementations, so they work in eager mode,
 under autograd and under ``torch.compile(fullgraph=True)``. CPU tensors reach
 the C++ kernels as zero-copy NumPy views; CUDA tensors reach the CUDA backend

@@ -31,8 +31,8 @@ _tf = torch.nn.functional
 __all__ = [
     "avg_pool2d", "avg_pool2d_backward", "conv2d", "conv2d_backward",
     "conv2d_relu_max_pool2d", "conv2d_relu_max_pool2d_backward", "linear",
-    "linear_backward", "matmul", "matmul_backward", "max_pool2d", "max_pool2d_backward",
-    "max_pool2d_with_indices",
+    "linear_backward", "linear_relu", "linear_relu_backward", "matmul", "matmul_backward",
+    "max_pool2d", "max_pool2d_backward", "max_pool2d_with_indices",
 ]
 
 # --------------------------------------------------------------------------
@@ -347,6 +347,58 @@ def _linear_backward(ctx, grad):
 
 
 linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def _linear_relu_arrays(x: Any, weight: Any, bias: Any) -> Any:
+    # fastnn's fused GEMM + ReLU epilogue where this build has one; else the two
+    # kernels back to back (same result: the ReLU of the same GEMM output).
+    fused = getattr(F, "linear_relu", None)
+    if fused is not None:
+        return fused(x, weight, bias)
+    return F.relu(F.linear(x, weight, bias))
+
+
+@torch.library.custom_op("fastnn::linear_relu", mutates_args=())
+def linear_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``relu(x @ weight.T + bias)``: a Linear and the ReLU after it as one op, so a
+    compiled graph keeps no elementwise kernel of its own between fastnn's ops."""
+    return _ten(_linear_relu_arrays(_arr(x), _arr(weight), _arr(bias)))
+
+
+@linear_relu.register_fake
+def _(x, weight, bias):
+    return torch.relu(_tf.linear(x, weight, bias))
+
+
+@torch.library.custom_op("fastnn::linear_relu_backward", mutates_args=())
+def linear_relu_backward(
+    grad_out: Tensor, x: Tensor, weight: Tensor, y: Tensor, output_mask: Sequence[bool]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_weight, grad_bias)`` of :func:`linear_relu` from its output ``y``."""
+    g = F.relu_backward(_arr(grad_out), _arr(y))
+    grads = F.linear_backward(g, _arr(x), _arr(weight), output_mask=tuple(output_mask))
+    return _grads((x, weight, weight), grads)
+
+
+@linear_relu_backward.register_fake
+def _(grad_out, x, weight, y, output_mask):
+    return _fake_grads((x.shape, weight.shape, weight.shape[:1]), output_mask, x)
+
+
+def _linear_relu_setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight, output)
+    ctx.has_bias = bias is not None
+
+
+def _linear_relu_backward(ctx, grad):
+    x, weight, y = ctx.saved_tensors
+    mask = [*_want(ctx, 0, 1), ctx.has_bias and ctx.needs_input_grad[2]]
+    gx, gw, gb = torch.ops.fastnn.linear_relu_backward(grad, x, weight, y, mask)
+    return gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None
+
+
+linear_relu.register_autograd(_linear_relu_backward, setup_context=_linear_relu_setup)
 
 
 @torch.library.custom_op("fastnn::matmul", mutates_args=())

@@ -43,17 +43,22 @@ _OPTIM_SWAPS: dict[type, type] = {
 @dataclass
 class AccelerateReport:
     """What :func:`accelerate` did: ``swapped`` (name, torch class, fastnn class),
-    ``fused`` (names of the conv, ReLU and pool), ``skipped`` (name, reason)."""
+    ``fused`` (names of the conv, ReLU and pool), ``fused_linear_relu`` (names of
+    the Linear and ReLU), ``skipped`` (name, reason), ``optimizer``."""
 
     swapped: list[tuple[str, str, str]] = field(default_factory=list)
     fused: list[tuple[str, str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    fused_linear_relu: list[tuple[str, str]] = field(default_factory=list)
     optimizer: str | None = None  # what became of the optimizer argument, if any
 
     def __str__(self) -> str:
         lines = [f"fastnn.torch.accelerate: {len(self.swapped)} swapped, "
-                 f"{len(self.fused)} fused, {len(self.skipped)} left to torch"]
+                 f"{len(self.fused)} fused, {len(self.fused_linear_relu)} Linear+ReLU fused, "
+                 f"{len(self.skipped)} left to torch"]
         lines += [f"  fused    {c} + {r} + {p} -> Conv2dReLUMaxPool2d" for c, r, p in self.fused]
+        lines += [f"  fused    {n} + {r} -> Linear(fused_relu=True)"
+                  for n, r in self.fused_linear_relu]
         lines += [f"  swapped  {n or '<model>'}: {a} -> fastnn.torch.nn.{b}"
                   for n, a, b in self.swapped]
         lines += [f"  skipped  {n or '<model>'}: {why}" for n, why in self.skipped]
@@ -126,6 +131,22 @@ def _swap_optimizer(opt: object) -> str:
     return f"{name} -> fastnn.torch.optim.{target.__name__}"
 
 
+def _fuse_linear_relu(model: torch.nn.Module, report: AccelerateReport) -> None:
+    """Linear (already fastnn's) -> ReLU inside a Sequential: the ReLU moves into the op."""
+    for name, seq in model.named_modules():
+        if not isinstance(seq, torch.nn.Sequential):
+            continue
+        keys = list(seq._modules)
+        for a, b in zip(keys, keys[1:]):
+            lin, relu = seq._modules[a], seq._modules[b]
+            if (type(lin) is fnn.Linear and not lin.fused_relu and type(relu) is torch.nn.ReLU
+                    and not _has_hooks(lin) and not _has_hooks(relu)):
+                lin.fused_relu = True
+                seq._modules[b] = torch.nn.Identity()
+                report.fused_linear_relu.append(
+                    tuple(f"{name}.{k}" if name else k for k in (a, b)))
+
+
 def accelerate(
     model: torch.nn.Module, verbose: bool = False, optimizer: torch.optim.Optimizer | None = None
 ) -> AccelerateReport:
@@ -133,7 +154,7 @@ def accelerate(
 
     Supported: ``Conv2d``, ``MaxPool2d``, ``AvgPool2d``, ``Linear`` (exact
     classes, float32/float64 parameters, zero padding); Conv2d -> ReLU ->
-    MaxPool2d runs inside ``nn.Sequential`` are fused. Everything else is left
+    MaxPool2d and Linear -> ReLU runs inside ``nn.Sequential`` are fused. Everything else is left
     to torch and listed in the report's ``skipped`` with the reason. Calls the
     swapped modules cannot run exactly (other dtypes or devices at run time)
     still fall back to torch's forward. Returns the report (printed when
@@ -163,6 +184,7 @@ def accelerate(
             continue
         report.swapped.append((name, type(m).__name__, target.__name__))
         m.__class__ = target
+    _fuse_linear_relu(model, report)
     if verbose:
         print(report)
     return report

@@ -136,9 +136,24 @@ class AvgPool2d(torch.nn.AvgPool2d):
 
 
 class Linear(torch.nn.Linear):
-    """``torch.nn.Linear`` on ``torch.ops.fastnn.linear``."""
+    """``torch.nn.Linear`` on ``torch.ops.fastnn.linear``.
+
+    ``fused_relu`` (False unless :func:`~fastnn.torch.accelerate` fused the
+    ``nn.ReLU`` that followed it) applies that ReLU too, in the same op
+    (``torch.ops.fastnn.linear_relu``): one op and one autograd node instead of
+    two, and no elementwise kernel of torch's (or inductor's, which starts an
+    OpenMP region even for a 128x128 ReLU) between fastnn's ops. It is an
+    attribute, not a parameter or buffer: the ``state_dict`` is torch's.
+    """
+
+    fused_relu = False
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - torch's name
         if not runs_on_fastnn(input, self.weight, self.bias):
-            return super().forward(input)
-        return torch.ops.fastnn.linear(input, self.weight, self.bias)
+            y = super().forward(input)
+            return torch.relu(y) if self.fused_relu else y
+        op = torch.ops.fastnn.linear_relu if self.fused_relu else torch.ops.fastnn.linear
+        return op(input, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", fused_relu=True" if self.fused_relu else "")
