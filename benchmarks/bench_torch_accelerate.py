@@ -67,6 +67,7 @@ class Run:
         self.forward = forward or model
         self.opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         self.times: list[float] = []
+        self.loader_times: list[float] = []
         self.report = None
         if accelerate:
             self.report = ft.accelerate(
@@ -88,22 +89,29 @@ class Run:
 def interleaved_epoch(runs: list[Run], x: torch.Tensor, y: torch.Tensor, epoch: int) -> None:
     """One epoch for each run, same batch order, interleaved every CHUNK batches
     (rotating who goes first), so load changes on a shared machine hit all runs
-    alike; each run's epoch time is the sum of its chunks."""
+    alike; each run's epoch time is the sum of its chunks. The time spent
+    gathering the batches (``x[idx]``, part of the epoch time: the loop is the
+    user's) is also kept apart, in ``loader_times``."""
     order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(epoch))
     starts = list(range(0, x.shape[0], BATCH))
-    spent = [0.0] * len(runs)
+    spent, loading = [0.0] * len(runs), [0.0] * len(runs)
+    clock = time.perf_counter
     for r in runs:
         r.model.train()
     for c, first in enumerate(range(0, len(starts), CHUNK)):
         for k in range(len(runs)):
             j = (k + c) % len(runs)
-            t0 = time.perf_counter()
+            t0 = clock()
             for i in starts[first:first + CHUNK]:
+                t1 = clock()
                 idx = order[i:i + BATCH]
-                runs[j].step(x[idx], y[idx])
-            spent[j] += time.perf_counter() - t0
-    for r, t in zip(runs, spent):
+                xb, yb = x[idx], y[idx]
+                loading[j] += clock() - t1
+                runs[j].step(xb, yb)
+            spent[j] += clock() - t0
+    for r, t, ld in zip(runs, spent, loading):
         r.times.append(t)
+        r.loader_times.append(ld)
 
 
 def cpu_name() -> str:
@@ -183,6 +191,9 @@ def main() -> None:
         + "; ".join(f"{n}: {', '.join(f'{v:.2f}' for v in rs)}" for n, rs in ratios.items())
         + " (speedup = median ratio). Accuracy difference vs torch: "
         + ", ".join(f"{r.name} {acc[r.name] - acc['torch']:+.2f} points" for r in peers)
+        + ". Of each epoch, gathering the batches (`x[idx]`, `y[idx]`, median): "
+        + ", ".join(f"{r.name} {statistics.median(r.loader_times):.2f} s"
+                    for r in (plain, *peers))
         + f". {compile_note}",
     ]
     print("\n".join(lines))
