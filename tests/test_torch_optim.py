@@ -152,6 +152,20 @@ def test_hooks_scheduler_and_version_counter():
         fopt.Adam(model.parameters(), lr=-1.0)  # torch's own argument checks
 
 
+def test_step_count_dtype_follows_torchs_default_dtype():
+    old = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        ref, model = _model(), _model()
+        want, got = torch.optim.Adam(ref.parameters()), fopt.Adam(model.parameters())
+        _train(ref, want, 1)
+        _train(model, got, 1)
+    finally:
+        torch.set_default_dtype(old)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert got.state[p]["step"].dtype == want.state[q]["step"].dtype == torch.float64
+
+
 def test_closure_is_called_with_grad_enabled():
     model = _model()
     opt = fopt.Adam(model.parameters())

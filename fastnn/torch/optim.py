@@ -1,7 +1,7 @@
 """``torch.optim.Adam`` and ``AdamW`` whose step runs fastnn's native Adam kernel.
 
 Drop-ins: subclasses of torch's classes with the same constructor, param groups,
-hooks and ``state_dict`` (``step`` a float32 CPU tensor, ``exp_avg``,
+hooks and ``state_dict`` (``step`` a CPU scalar tensor, ``exp_avg``,
 ``exp_avg_sq``), so a checkpoint, an LR scheduler or ``isinstance`` checks work
 with either, and state moves between the two classes in both directions.
 
@@ -65,9 +65,10 @@ def runs_on_fastnn_adam(group: dict[str, Any], state: Any = None) -> bool:
 
 def _zeros_state(p: Tensor) -> dict[str, Tensor]:
     # torch.optim.Adam's own lazy state (non-capturable, non-fused): the step count
-    # is a float32 tensor on the CPU.
+    # is a CPU tensor, float64 when that is torch's default dtype, else float32.
+    step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
     return {
-        "step": torch.tensor(0.0, dtype=torch.float32),
+        "step": torch.tensor(0.0, dtype=step_dtype),
         "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
         "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
     }
