@@ -154,8 +154,9 @@ def accelerate(
 
     Supported: ``Conv2d``, ``MaxPool2d``, ``AvgPool2d``, ``Linear`` (exact
     classes, float32/float64 parameters, zero padding); Conv2d -> ReLU ->
-    MaxPool2d and Linear -> ReLU runs inside ``nn.Sequential`` are fused. Everything else is left
-    to torch and listed in the report's ``skipped`` with the reason. Calls the
+    MaxPool2d and Linear -> ReLU runs inside ``nn.Sequential`` are fused.
+    Everything else is left to torch and listed in the report's ``skipped``
+    with the reason. Calls the
     swapped modules cannot run exactly (other dtypes or devices at run time)
     still fall back to torch's forward. Returns the report (printed when
     ``verbose``). Calling it twice changes nothing more.
