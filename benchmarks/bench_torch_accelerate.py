@@ -1,20 +1,24 @@
 """The seed model in plain PyTorch vs the same model after ``fastnn.torch.accelerate``.
 
-Three peers run the same user code (``torch.optim.Adam(lr=1e-3)``,
-``torch.nn.functional.cross_entropy``, batch 128, the same batches in the same
-order, the same initial weights from ``torch.manual_seed(0)``):
+Every peer runs the same user code (``torch.optim.Adam(lr=1e-3)``,
+``loss_fn = torch.nn.CrossEntropyLoss()``, batch 128, the same batches in the
+same order, the same initial weights from ``torch.manual_seed(0)``); what each
+adds (``--peers``, all by default):
 
-* ``torch``: nothing added;
-* ``accelerate(model)``: the model's layers on fastnn, torch's Adam;
-* ``accelerate(model, optimizer=opt)``: also the Adam step on fastnn's kernel
-  (:mod:`fastnn.torch.optim`; the optimizer object and its state stay torch's).
+* ``torch``: nothing;
+* ``model``: ``accelerate(model)``: the layers on fastnn, torch's Adam and loss;
+* ``model+optimizer``: ``accelerate(model, optimizer=opt)``: also the Adam step
+  on fastnn's kernel (:mod:`fastnn.torch.optim`; the optimizer object and its
+  state stay torch's);
+* ``model+optimizer+loss``: that and ``accelerate(loss_fn)``: the loss on
+  fastnn's fused softmax cross-entropy.
 
 They train ``--epochs`` MNIST epochs, interleaved every ``CHUNK`` batches (who
 goes first rotates) so load changes on a shared machine hit all alike. Reports
 each epoch's wall time, the per-epoch speedups (median of the ratios), the test
-accuracy after the last epoch, and one more epoch of three fresh models
-interleaved: torch, fully accelerated, and fully accelerated under
-``torch.compile(fullgraph=True)`` (inductor; compile time reported separately).
+accuracy after the last epoch, the time spent gathering batches, and one more
+epoch of three fresh models interleaved: torch, the last peer, and the last peer
+under ``torch.compile(fullgraph=True)`` (inductor; compile time reported apart).
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE PYTHONPATH=$PWD \\
         python benchmarks/bench_torch_accelerate.py --epochs 5 --md out.md
@@ -42,6 +46,10 @@ from fastnn.data.mnist import load_mnist
 
 BATCH = 128
 CHUNK = 10  # batches per turn when runs are interleaved
+PEERS = ("model", "model+optimizer", "model+optimizer+loss")
+CALLS = {"model": "accelerate(model)",
+         "model+optimizer": "accelerate(model, optimizer=opt)",
+         "model+optimizer+loss": "accelerate(model, optimizer=opt) + accelerate(loss_fn)"}
 
 
 def seed_model() -> torch.nn.Sequential:
@@ -66,16 +74,20 @@ class Run:
         self.name, self.model = name, model
         self.forward = forward or model
         self.opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        self.loss_fn = torch.nn.CrossEntropyLoss()
         self.times: list[float] = []
         self.loader_times: list[float] = []
         self.report = None
-        if accelerate:
+        parts = accelerate.split("+") if accelerate else []
+        if "model" in parts:
             self.report = ft.accelerate(
-                model, optimizer=self.opt if accelerate == "model+optimizer" else None)
+                model, optimizer=self.opt if "optimizer" in parts else None)
+        if "loss" in parts:
+            ft.accelerate(self.loss_fn)
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(self.forward(xb), yb).backward()
+        self.loss_fn(self.forward(xb), yb).backward()
         self.opt.step()
 
     @torch.no_grad()
@@ -130,6 +142,8 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile run")
     ap.add_argument("--md", help="also write the markdown table here")
     ap.add_argument("--limit", type=int, help="train on the first N images (a smoke run)")
+    ap.add_argument("--peers", default=",".join(PEERS),
+                    help=f"what the accelerated peers add, comma-separated from {PEERS}")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     fastnn.set_num_threads(args.threads)
@@ -137,11 +151,12 @@ def main() -> None:
     data = load_mnist(download=False)
     x, y = tensors(data.train_images[:args.limit], data.train_labels[:args.limit])
     xt, yt = tensors(data.test_images, data.test_labels)
+    kinds = [k.strip() for k in args.peers.split(",") if k.strip()]
+    if not kinds or any(k not in PEERS for k in kinds):
+        ap.error(f"--peers: choose from {', '.join(PEERS)}")
     plain = Run("torch", seed_model())
-    peers = [Run("accelerate(model)", copy.deepcopy(plain.model), accelerate="model"),
-             Run("accelerate(model, optimizer=opt)", copy.deepcopy(plain.model),
-                 accelerate="model+optimizer")]
-    print(peers[1].report)
+    peers = [Run(CALLS[k], copy.deepcopy(plain.model), accelerate=k) for k in kinds]
+    print(peers[-1].report)
     load = [os.getloadavg()[0]]
     for e in range(args.epochs):
         interleaved_epoch([plain, *peers], x, y, e)
@@ -152,13 +167,13 @@ def main() -> None:
     acc = {r.name: r.accuracy(xt, yt) for r in (plain, *peers)}
 
     rows = [("torch (eager)", statistics.median(plain.times), acc["torch"], "1.00x")]
-    rows += [(f"torch + fastnn.torch.{r.name} (eager)", statistics.median(r.times),
+    rows += [(f"torch + {r.name} (eager)", statistics.median(r.times),
               acc[r.name], f"{statistics.median(ratios[r.name]):.2f}x") for r in peers]
     compile_note = ""
     if not args.no_compile:
         # A fresh epoch of three fresh models, interleaved the same way: torch, the
         # accelerated model (and optimizer), and that model compiled.
-        full = "model+optimizer"
+        full = kinds[-1]
         fresh = [Run("torch", seed_model()), Run("eager", seed_model(), accelerate=full)]
         model = seed_model()
         compiled = Run("compiled", model, torch.compile(model, fullgraph=True),
@@ -168,8 +183,7 @@ def main() -> None:
         compile_s = time.perf_counter() - t0
         interleaved_epoch([*fresh, compiled], x, y, 0)
         t_torch, t_eager, dt = fresh[0].times[0], fresh[1].times[0], compiled.times[0]
-        rows.append(("torch + accelerate(model, optimizer=opt) + torch.compile(fullgraph=True),"
-                     " 1 epoch", dt,
+        rows.append((f"torch + {CALLS[full]} + torch.compile(fullgraph=True), 1 epoch", dt,
                      compiled.accuracy(xt, yt), f"{t_torch / dt:.2f}x"))
         compile_note = (f"Compiled: a separate epoch of fresh models, interleaved: torch "
                         f"{t_torch:.2f} s, accelerated eager {t_eager:.2f} s "

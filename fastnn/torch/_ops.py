@@ -29,7 +29,8 @@ import fastnn.functional as F
 _tf = torch.nn.functional
 
 __all__ = [
-    "avg_pool2d", "avg_pool2d_backward", "conv2d", "conv2d_backward",
+    "avg_pool2d", "avg_pool2d_backward", "conv2d", "conv2d_backward", "cross_entropy",
+    "cross_entropy_backward",
     "conv2d_relu_max_pool2d", "conv2d_relu_max_pool2d_backward", "linear",
     "linear_backward", "linear_relu", "linear_relu_backward", "matmul", "matmul_backward",
     "max_pool2d", "max_pool2d_backward", "max_pool2d_with_indices",
@@ -434,3 +435,48 @@ def _matmul_backward(ctx, grad):
 
 
 matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup)
+
+
+# --------------------------------------------------------------------------
+# cross-entropy (softmax and NLL in one pass; the gradient comes with the loss)
+# --------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastnn::cross_entropy", mutates_args=())
+def cross_entropy(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:  # noqa: A002
+    """``(mean loss, d loss / d input)`` for (N, C) logits and (N,) int64 class
+    indices in [0, C): torch's ``cross_entropy`` with its defaults. The gradient is
+    computed in the same pass and kept for the backward (not differentiable)."""
+    loss, grad = F.softmax_cross_entropy(_arr(input), _arr(target))
+    return _ten(loss), _ten(grad)
+
+
+@cross_entropy.register_fake
+def _(input, target):  # noqa: A002
+    return input.new_empty(()), torch.empty_like(input)
+
+
+@torch.library.custom_op("fastnn::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward(grad_out: Tensor, grad_input: Tensor) -> Tensor:
+    """The saved ``grad_input`` scaled by the loss's (0-d) gradient."""
+    return _ten(_arr(grad_input) * _arr(grad_out))
+
+
+@cross_entropy_backward.register_fake
+def _(grad_out, grad_input):
+    return torch.empty_like(grad_input)
+
+
+def _cross_entropy_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _cross_entropy_backward(ctx, grad_loss, unused_grad_grad):
+    (grad_input,) = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None
+    return torch.ops.fastnn.cross_entropy_backward(grad_loss, grad_input), None
+
+
+cross_entropy.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup)

@@ -32,6 +32,7 @@ _SWAPS: dict[type, type] = {
     torch.nn.MaxPool2d: fnn.MaxPool2d,
     torch.nn.AvgPool2d: fnn.AvgPool2d,
     torch.nn.Linear: fnn.Linear,
+    torch.nn.CrossEntropyLoss: fnn.CrossEntropyLoss,
 }
 _FLOATS = (torch.float32, torch.float64)
 _OPTIM_SWAPS: dict[type, type] = {
@@ -152,8 +153,9 @@ def accelerate(
 ) -> AccelerateReport:
     """Swap every supported module of ``model`` for its fastnn version, in place.
 
-    Supported: ``Conv2d``, ``MaxPool2d``, ``AvgPool2d``, ``Linear`` (exact
-    classes, float32/float64 parameters, zero padding); Conv2d -> ReLU ->
+    Supported: ``Conv2d``, ``MaxPool2d``, ``AvgPool2d``, ``Linear``,
+    ``CrossEntropyLoss`` (exact classes, float32/float64 parameters, zero
+    padding; a loss module is accelerated by passing it as ``model``); Conv2d -> ReLU ->
     MaxPool2d and Linear -> ReLU runs inside ``nn.Sequential`` are fused.
     Everything else is left to torch and listed in the report's ``skipped``
     with the reason. Calls the

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from fastnn.torch import _ops  # noqa: F401 - registers torch.ops.fastnn.*
 
-__all__ = ["AvgPool2d", "Conv2d", "Conv2dReLUMaxPool2d", "Linear", "MaxPool2d"]
+__all__ = ["AvgPool2d", "Conv2d", "Conv2dReLUMaxPool2d", "CrossEntropyLoss", "Linear",
+           "MaxPool2d"]
 
 _FLOATS = (torch.float32, torch.float64)
 _cuda_ok: bool | None = None
@@ -157,3 +158,29 @@ class Linear(torch.nn.Linear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", fused_relu=True" if self.fused_relu else "")
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """``torch.nn.CrossEntropyLoss`` on ``torch.ops.fastnn.cross_entropy`` (softmax,
+    NLL and the gradient in one pass) for its common case: (N, C) logits, (N,)
+    int64 class indices in [0, C), no ``weight``, ``reduction='mean'``, no label
+    smoothing. Anything else (class-probability targets, other shapes, a target
+    equal to ``ignore_index``) runs torch's forward. Under ``torch.compile`` the
+    targets are not inspected: one outside [0, C) raises fastnn's ValueError
+    there instead of falling back."""
+
+    def _on_fastnn(self, input: Tensor, target: Tensor) -> bool:  # noqa: A002
+        if (self.weight is not None or self.reduction != "mean" or self.label_smoothing != 0
+                or input.dim() != 2 or target.dim() != 1 or target.dtype != torch.int64
+                or target.device != input.device or not runs_on_fastnn(input)
+                or input.shape[0] != target.shape[0] or 0 in input.shape):
+            return False
+        if torch.compiler.is_compiling():
+            return True
+        t = target.numpy() if target.device.type == "cpu" else target
+        return bool(t.min() >= 0) and bool(t.max() < input.shape[1])
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:  # noqa: A002
+        if not self._on_fastnn(input, target):
+            return super().forward(input, target)
+        return torch.ops.fastnn.cross_entropy(input, target)[0]
