@@ -44,8 +44,9 @@ def _dense_cpu(t: Tensor | None, dtype: torch.dtype) -> bool:
 
 
 def runs_on_fastnn_adam(group: dict[str, Any], state: Any = None) -> bool:
-    """True when fastnn's kernel computes this param group's step exactly as torch
-    would (``state``: the optimizer's, to check existing per-parameter state too)."""
+    """True when fastnn's kernel computes this param group's step as torch would, to
+    float rounding (``state``: the optimizer's, to check existing per-parameter
+    state too)."""
     if any(group.get(k) for k in _TORCH_ONLY):
         return False
     if isinstance(group["lr"], Tensor) or any(isinstance(b, Tensor) for b in group["betas"]):
