@@ -2,15 +2,15 @@
 
 Importing this package registers fastnn's kernels as PyTorch custom ops,
 ``torch.ops.fastnn.{conv2d, conv2d_relu_max_pool2d, max_pool2d,
-max_pool2d_with_indices, avg_pool2d, linear, linear_relu, matmul}`` and their ``*_backward``
-ops, with autograd and fake (meta) implementations, so they work in eager mode,
-under autograd and under ``torch.compile(fullgraph=True)``. CPU tensors reach
-the C++ kernels as zero-copy NumPy views; CUDA tensors reach the CUDA backend
-through DLPack (also without a copy).
+max_pool2d_with_indices, avg_pool2d, linear, linear_relu, matmul, cross_entropy}``
+and their ``*_backward`` ops, with autograd and fake (meta) implementations, so
+they work in eager mode, under autograd and under ``torch.compile(fullgraph=True)``.
+CPU tensors reach the C++ kernels as zero-copy NumPy views; CUDA tensors reach
+the CUDA backend through DLPack (also without a copy).
 
-* :mod:`fastnn.torch.nn`: drop-in ``Conv2d``, ``MaxPool2d``, ``AvgPool2d`` and
-  ``Linear`` (subclasses of torch's, same parameters and ``state_dict``) and the
-  fused ``Conv2dReLUMaxPool2d``;
+* :mod:`fastnn.torch.nn`: drop-in ``Conv2d``, ``MaxPool2d``, ``AvgPool2d``,
+  ``Linear`` and ``CrossEntropyLoss`` (subclasses of torch's, same parameters
+  and ``state_dict``) and the fused ``Conv2dReLUMaxPool2d``;
 * :mod:`fastnn.torch.optim`: ``Adam`` and ``AdamW`` (subclasses of torch's, same
   state) whose step is fastnn's one-pass kernel;
 * :func:`accelerate`: swaps those into an existing model (and optimizer) in place.
