@@ -190,3 +190,110 @@ def test_compile_fullgraph_equals_eager():
     got.sum().backward()
     for p, q in zip(twin.parameters(), model.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+
+
+def test_accelerate_fuses_linear_relu_into_one_op():
+    model = seed_model()
+    x = torch.randn(6, 1, 28, 28)
+    want = model(x)
+    keys = list(model.state_dict())
+    report = ft.accelerate(model)
+    assert report.fused_linear_relu == [("4", "5")]
+    assert "1 Linear+ReLU fused" in str(report) and "4 + 5 -> Linear" in str(report)
+    assert model[4].fused_relu and not model[6].fused_relu
+    assert isinstance(model[5], tnn.Identity) and "fused_relu=True" in repr(model[4])
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(model(x), want)
+    # The traced graph has the fastnn ops and nothing elementwise of torch's between.
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(model, fullgraph=True, backend=backend)(x)
+    targets = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert {"fastnn.conv2d_relu_max_pool2d", "fastnn.linear_relu", "fastnn.linear"} <= targets
+    assert not any("relu" in t and "fastnn" not in t for t in targets), targets
+
+
+def test_linear_relu_fusion_respects_hooks_and_falls_back():
+    model = tnn.Sequential(tnn.Linear(4, 3), tnn.ReLU(), tnn.Linear(3, 3), tnn.ReLU())
+    model[1].register_forward_hook(lambda m, i, o: None)
+    report = ft.accelerate(model)
+    assert report.fused_linear_relu == [("2", "3")]
+    assert type(model[1]) is tnn.ReLU and not model[0].fused_relu
+    # A call fastnn cannot run (mixed dtypes) still applies the fused ReLU, via torch.
+    lin = model[2].to(torch.float64)
+    x = torch.randn(5, 3)
+    with pytest.raises(RuntimeError):
+        lin(x)  # torch's own dtype error, as an unfused Linear gives
+    y = lin(x.double())
+    torch.testing.assert_close(y, torch.relu(tnn.functional.linear(x.double(), lin.weight,
+                                                                    lin.bias)))
+    assert (y >= 0).all()
+    half = model[2].to(torch.bfloat16)
+    xb = -torch.ones(2, 3, dtype=torch.bfloat16)
+    assert (half(xb) >= 0).all()  # torch's forward, then the ReLU
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cross_entropy_loss_equals_torch(dtype, monkeypatch):
+    import fastnn.functional as F
+
+    calls = []
+    real = F.softmax_cross_entropy
+    monkeypatch.setattr(F, "softmax_cross_entropy",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    loss_fn = tnn.CrossEntropyLoss()
+    assert ft.accelerate(loss_fn).swapped == [("", "CrossEntropyLoss", "CrossEntropyLoss")]
+    assert type(loss_fn) is fnn.CrossEntropyLoss
+    x = torch.randn(9, 5, dtype=dtype, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    t = torch.randint(0, 5, (9,))
+    got, want = loss_fn(x, t), tnn.functional.cross_entropy(xr, t)
+    assert calls == [1] and got.shape == () and got.dtype == dtype
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}
+    torch.testing.assert_close(got, want, **tol)
+    (2 * got).backward()
+    (2 * want).backward()
+    torch.testing.assert_close(x.grad, xr.grad, **tol)
+
+
+@pytest.mark.parametrize(
+    "kwargs,x,t",
+    [
+        ({"weight": torch.rand(5)}, torch.randn(4, 5), torch.randint(0, 5, (4,))),
+        ({"reduction": "sum"}, torch.randn(4, 5), torch.randint(0, 5, (4,))),
+        ({"label_smoothing": 0.1}, torch.randn(4, 5), torch.randint(0, 5, (4,))),
+        ({}, torch.randn(4, 5), torch.tensor([1, -100, 2, 0])),  # ignore_index
+        ({}, torch.randn(4, 5), torch.softmax(torch.randn(4, 5), 1)),  # probabilities
+        ({}, torch.randn(4, 5, 3), torch.randint(0, 5, (4, 3))),  # K-dimensional
+        ({}, torch.randn(4, 5).to(torch.bfloat16), torch.randint(0, 5, (4,))),
+        ({}, torch.randn(4, 5), torch.tensor([0, 1, 5, 2])),  # out of range: torch's error
+    ],
+    ids=["weight", "sum", "smoothing", "ignore_index", "probabilities", "k-dim", "bf16",
+         "out-of-range"],
+)
+def test_cross_entropy_loss_falls_back_to_torch(kwargs, x, t, monkeypatch):
+    import fastnn.functional as F
+
+    monkeypatch.setattr(F, "softmax_cross_entropy", None)  # fastnn must not run
+    ref, loss_fn = tnn.CrossEntropyLoss(**kwargs), fnn.CrossEntropyLoss(**kwargs)
+    try:
+        want = ref(x, t)
+    except (RuntimeError, IndexError) as exc:
+        with pytest.raises(type(exc)):
+            loss_fn(x, t)
+    else:
+        torch.testing.assert_close(loss_fn(x, t), want)
+
+
+def test_cross_entropy_loss_compiles_fullgraph():
+    loss_fn = fnn.CrossEntropyLoss()
+    x = torch.randn(6, 4, requires_grad=True)
+    t = torch.randint(0, 4, (6,))
+    got = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(x, t)
+    torch.testing.assert_close(got, tnn.functional.cross_entropy(x, t))
+    (g,) = torch.autograd.grad(got, x)
+    torch.testing.assert_close(g, torch.autograd.grad(tnn.functional.cross_entropy(x, t), x)[0])

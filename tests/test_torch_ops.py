@@ -61,9 +61,23 @@ def _samples(dtype, rg, device="cpu"):
             ((t(5, 7), t(3, 7), t(3)), tf.linear),
             ((t(2, 4, 7), t(3, 7), None), tf.linear),
         ],
+        "linear_relu": [
+            ((t(5, 7), t(3, 7), t(3)), lambda x, w, b: torch.relu(tf.linear(x, w, b))),
+            ((t(2, 4, 7), t(3, 7), None), lambda x, w, b: torch.relu(tf.linear(x, w, b))),
+        ],
+        "cross_entropy": [
+            ((t(6, 4), torch.randint(0, 4, (6,), device=device)), _cross_entropy_ref),
+            ((t(1, 1), torch.zeros(1, dtype=torch.int64, device=device)), _cross_entropy_ref),
+        ],
         "matmul": [((t(4, 5), t(5, 3)), torch.matmul), ((t(2, 4, 5), t(5, 3)), torch.matmul),
                    ((t(2, 4, 5), t(2, 5, 3)), torch.matmul)],
     }
+
+
+def _cross_entropy_ref(x, target):
+    """torch's loss, and its gradient (which fastnn's op returns with it)."""
+    grad = (torch.softmax(x, 1) - tf.one_hot(target, x.shape[1]).to(x.dtype)) / x.shape[0]
+    return tf.cross_entropy(x, target), grad.detach()
 
 
 def _backward_samples(dtype, rg):
@@ -82,7 +96,9 @@ def _backward_samples(dtype, rg):
         "avg_pool2d_backward": (t(2, 3, 3, 3), t(2, 3, 6, 6), [2, 2], [2, 2], [0, 0], False,
                                 True, None),
         "linear_backward": (t(5, 3), t(5, 7), t(3, 7), [True, True, True]),
+        "linear_relu_backward": (t(5, 3), t(5, 7), t(3, 7), t(5, 3).relu(), [True, False, True]),
         "matmul_backward": (t(4, 3), t(4, 5), t(5, 3)),
+        "cross_entropy_backward": (t(1).reshape(()), t(6, 4)),
     }
 
 
@@ -127,8 +143,8 @@ def test_double_backward_is_refused_not_wrong():
 def test_forward_and_grads_equal_torch(name, dtype):
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
     for args, ref in _samples(dtype, True)[name]:
-        ref_args = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a
-                    for a in args]
+        ref_args = [a.detach().clone().requires_grad_(a.requires_grad)
+                    if isinstance(a, torch.Tensor) else a for a in args]
         got, want = getattr(ops, name)(*args), ref(*ref_args)
         got, want = (got if isinstance(got, tuple) else (got,)), (
             want if isinstance(want, tuple) else (want,))
@@ -213,8 +229,8 @@ def test_fastnn_torch_without_torch_says_how_to_install():
 @pytest.mark.parametrize("name", FORWARD_OPS)
 def test_cuda_tensors_run_on_the_cuda_backend(name):
     for args, ref in _samples(torch.float32, True, device="cuda")[name]:
-        ref_args = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a
-                    for a in args]
+        ref_args = [a.detach().clone().requires_grad_(a.requires_grad)
+                    if isinstance(a, torch.Tensor) else a for a in args]
         got, want = getattr(ops, name)(*args), ref(*ref_args)
         got = got if isinstance(got, tuple) else (got,)
         want = want if isinstance(want, tuple) else (want,)

@@ -2,16 +2,18 @@
 
 Importing this package registers fastnn's kernels as PyTorch custom ops,
 ``torch.ops.fastnn.{conv2d, conv2d_relu_max_pool2d, max_pool2d,
-max_pool2d_with_indices, avg_pool2d, linear, matmul}`` and their ``*_backward``
-ops, with autograd and fake (meta) implementations, so they work in eager mode,
-under autograd and under ``torch.compile(fullgraph=True)``. CPU tensors reach
-the C++ kernels as zero-copy NumPy views; CUDA tensors reach the CUDA backend
-through DLPack (also without a copy).
+max_pool2d_with_indices, avg_pool2d, linear, linear_relu, matmul, cross_entropy}``
+and their ``*_backward`` ops, with autograd and fake (meta) implementations, so
+they work in eager mode, under autograd and under ``torch.compile(fullgraph=True)``.
+CPU tensors reach the C++ kernels as zero-copy NumPy views; CUDA tensors reach
+the CUDA backend through DLPack (also without a copy).
 
-* :mod:`fastnn.torch.nn`: drop-in ``Conv2d``, ``MaxPool2d``, ``AvgPool2d`` and
-  ``Linear`` (subclasses of torch's, same parameters and ``state_dict``) and the
-  fused ``Conv2dReLUMaxPool2d``;
-* :func:`accelerate`: swaps those into an existing model in place.
+* :mod:`fastnn.torch.nn`: drop-in ``Conv2d``, ``MaxPool2d``, ``AvgPool2d``,
+  ``Linear`` and ``CrossEntropyLoss`` (subclasses of torch's, same parameters
+  and ``state_dict``) and the fused ``Conv2dReLUMaxPool2d``;
+* :mod:`fastnn.torch.optim`: ``Adam`` and ``AdamW`` (subclasses of torch's, same
+  state) whose step is fastnn's one-pass kernel;
+* :func:`accelerate`: swaps those into an existing model (and optimizer) in place.
 
 ``import fastnn`` never imports torch; only this package does.
 """
@@ -26,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     ) from exc
 
 from fastnn.torch import _ops as ops  # noqa: E402 - registers torch.ops.fastnn.*
-from fastnn.torch import nn  # noqa: E402
+from fastnn.torch import nn, optim  # noqa: E402
 from fastnn.torch.accelerate import AccelerateReport, accelerate  # noqa: E402
 
-__all__ = ["AccelerateReport", "accelerate", "nn", "ops"]
+__all__ = ["AccelerateReport", "accelerate", "nn", "ops", "optim"]

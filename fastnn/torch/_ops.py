@@ -29,10 +29,11 @@ import fastnn.functional as F
 _tf = torch.nn.functional
 
 __all__ = [
-    "avg_pool2d", "avg_pool2d_backward", "conv2d", "conv2d_backward",
+    "avg_pool2d", "avg_pool2d_backward", "conv2d", "conv2d_backward", "cross_entropy",
+    "cross_entropy_backward",
     "conv2d_relu_max_pool2d", "conv2d_relu_max_pool2d_backward", "linear",
-    "linear_backward", "matmul", "matmul_backward", "max_pool2d", "max_pool2d_backward",
-    "max_pool2d_with_indices",
+    "linear_backward", "linear_relu", "linear_relu_backward", "matmul", "matmul_backward",
+    "max_pool2d", "max_pool2d_backward", "max_pool2d_with_indices",
 ]
 
 # --------------------------------------------------------------------------
@@ -349,6 +350,58 @@ def _linear_backward(ctx, grad):
 linear.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
+def _linear_relu_arrays(x: Any, weight: Any, bias: Any) -> Any:
+    # fastnn's fused GEMM + ReLU epilogue where this build has one; else the two
+    # kernels back to back (same result: the ReLU of the same GEMM output).
+    fused = getattr(F, "linear_relu", None)
+    if fused is not None:
+        return fused(x, weight, bias)
+    return F.relu(F.linear(x, weight, bias))
+
+
+@torch.library.custom_op("fastnn::linear_relu", mutates_args=())
+def linear_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``relu(x @ weight.T + bias)``: a Linear and the ReLU after it as one op, so a
+    compiled graph keeps no elementwise kernel of its own between fastnn's ops."""
+    return _ten(_linear_relu_arrays(_arr(x), _arr(weight), _arr(bias)))
+
+
+@linear_relu.register_fake
+def _(x, weight, bias):
+    return torch.relu(_tf.linear(x, weight, bias))
+
+
+@torch.library.custom_op("fastnn::linear_relu_backward", mutates_args=())
+def linear_relu_backward(
+    grad_out: Tensor, x: Tensor, weight: Tensor, y: Tensor, output_mask: Sequence[bool]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_weight, grad_bias)`` of :func:`linear_relu` from its output ``y``."""
+    g = F.relu_backward(_arr(grad_out), _arr(y))
+    grads = F.linear_backward(g, _arr(x), _arr(weight), output_mask=tuple(output_mask))
+    return _grads((x, weight, weight), grads)
+
+
+@linear_relu_backward.register_fake
+def _(grad_out, x, weight, y, output_mask):
+    return _fake_grads((x.shape, weight.shape, weight.shape[:1]), output_mask, x)
+
+
+def _linear_relu_setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight, output)
+    ctx.has_bias = bias is not None
+
+
+def _linear_relu_backward(ctx, grad):
+    x, weight, y = ctx.saved_tensors
+    mask = [*_want(ctx, 0, 1), ctx.has_bias and ctx.needs_input_grad[2]]
+    gx, gw, gb = torch.ops.fastnn.linear_relu_backward(grad, x, weight, y, mask)
+    return gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None
+
+
+linear_relu.register_autograd(_linear_relu_backward, setup_context=_linear_relu_setup)
+
+
 @torch.library.custom_op("fastnn::matmul", mutates_args=())
 def matmul(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` for 2-D or batched 3-D operands (a batch of 1 broadcasts)."""
@@ -382,3 +435,48 @@ def _matmul_backward(ctx, grad):
 
 
 matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup)
+
+
+# --------------------------------------------------------------------------
+# cross-entropy (softmax and NLL in one pass; the gradient comes with the loss)
+# --------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastnn::cross_entropy", mutates_args=())
+def cross_entropy(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:  # noqa: A002
+    """``(mean loss, d loss / d input)`` for (N, C) logits and (N,) int64 class
+    indices in [0, C): torch's ``cross_entropy`` with its defaults. The gradient is
+    computed in the same pass and kept for the backward (not differentiable)."""
+    loss, grad = F.softmax_cross_entropy(_arr(input), _arr(target))
+    return _ten(loss), _ten(grad)
+
+
+@cross_entropy.register_fake
+def _(input, target):  # noqa: A002
+    return input.new_empty(()), torch.empty_like(input)
+
+
+@torch.library.custom_op("fastnn::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward(grad_out: Tensor, grad_input: Tensor) -> Tensor:
+    """The saved ``grad_input`` scaled by the loss's (0-d) gradient."""
+    return _ten(_arr(grad_input) * _arr(grad_out))
+
+
+@cross_entropy_backward.register_fake
+def _(grad_out, grad_input):
+    return torch.empty_like(grad_input)
+
+
+def _cross_entropy_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _cross_entropy_backward(ctx, grad_loss, unused_grad_grad):
+    (grad_input,) = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None
+    return torch.ops.fastnn.cross_entropy_backward(grad_loss, grad_input), None
+
+
+cross_entropy.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup)

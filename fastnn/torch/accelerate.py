@@ -8,6 +8,11 @@ same, so optimizers built before the call keep working. Inside an
 two ``nn.Identity`` (the Sequential's length and indices, hence its
 ``state_dict`` keys, are unchanged). Only exact instances of the torch classes
 are converted: a subclass may override ``forward``.
+
+``accelerate(model, optimizer=opt)`` also changes a ``torch.optim.Adam`` or
+``AdamW`` (exact classes) into :class:`fastnn.torch.optim.Adam`/``AdamW`` the same
+way: the object, its param groups, state and hooks stay; only ``step`` runs on
+fastnn's kernel (see :mod:`fastnn.torch.optim`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastnn.torch import nn as fnn
+from fastnn.torch import optim as fopt
 
 __all__ = ["AccelerateReport", "accelerate"]
 
@@ -26,26 +32,39 @@ _SWAPS: dict[type, type] = {
     torch.nn.MaxPool2d: fnn.MaxPool2d,
     torch.nn.AvgPool2d: fnn.AvgPool2d,
     torch.nn.Linear: fnn.Linear,
+    torch.nn.CrossEntropyLoss: fnn.CrossEntropyLoss,
 }
 _FLOATS = (torch.float32, torch.float64)
+_OPTIM_SWAPS: dict[type, type] = {
+    torch.optim.Adam: fopt.Adam,
+    torch.optim.AdamW: fopt.AdamW,
+}
 
 
 @dataclass
 class AccelerateReport:
     """What :func:`accelerate` did: ``swapped`` (name, torch class, fastnn class),
-    ``fused`` (names of the conv, ReLU and pool), ``skipped`` (name, reason)."""
+    ``fused`` (names of the conv, ReLU and pool), ``fused_linear_relu`` (names of
+    the Linear and ReLU), ``skipped`` (name, reason), ``optimizer``."""
 
     swapped: list[tuple[str, str, str]] = field(default_factory=list)
     fused: list[tuple[str, str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    fused_linear_relu: list[tuple[str, str]] = field(default_factory=list)
+    optimizer: str | None = None  # what became of the optimizer argument, if any
 
     def __str__(self) -> str:
         lines = [f"fastnn.torch.accelerate: {len(self.swapped)} swapped, "
-                 f"{len(self.fused)} fused, {len(self.skipped)} left to torch"]
+                 f"{len(self.fused)} fused, {len(self.fused_linear_relu)} Linear+ReLU fused, "
+                 f"{len(self.skipped)} left to torch"]
         lines += [f"  fused    {c} + {r} + {p} -> Conv2dReLUMaxPool2d" for c, r, p in self.fused]
+        lines += [f"  fused    {n} + {r} -> Linear(fused_relu=True)"
+                  for n, r in self.fused_linear_relu]
         lines += [f"  swapped  {n or '<model>'}: {a} -> fastnn.torch.nn.{b}"
                   for n, a, b in self.swapped]
         lines += [f"  skipped  {n or '<model>'}: {why}" for n, why in self.skipped]
+        if self.optimizer:
+            lines.append(f"  optimizer {self.optimizer}")
         return "\n".join(lines)
 
 
@@ -92,20 +111,68 @@ def _fuse_sequentials(model: torch.nn.Module, report: AccelerateReport) -> None:
                 i += 1
 
 
-def accelerate(model: torch.nn.Module, verbose: bool = False) -> AccelerateReport:
+def _swap_optimizer(opt: object) -> str:
+    """Change ``opt``'s class to fastnn's step (in place); say what happened."""
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(f"accelerate: optimizer must be a torch.optim.Optimizer, got "
+                        f"{type(opt).__name__}")
+    name = type(opt).__name__
+    if type(opt) in _OPTIM_SWAPS.values():
+        return f"{name}: already fastnn.torch.optim.{name}"
+    target = _OPTIM_SWAPS.get(type(opt))
+    if target is None:
+        return f"{name}: left to torch (fastnn steps Adam and AdamW)"
+    if "step" in vars(opt):
+        # An LR scheduler (or other wrapper) bound torch's step to this object;
+        # a class change would not reach it.
+        return (f"{name}: left to torch (its step is wrapped, e.g. by an LR scheduler "
+                "created before accelerate)")
+    opt.__class__ = target
+    opt._patch_step_function()  # step hooks and profiling, as torch's __init__ does
+    return f"{name} -> fastnn.torch.optim.{target.__name__}"
+
+
+def _fuse_linear_relu(model: torch.nn.Module, report: AccelerateReport) -> None:
+    """Linear (already fastnn's) -> ReLU inside a Sequential: the ReLU moves into the op."""
+    for name, seq in model.named_modules():
+        if not isinstance(seq, torch.nn.Sequential):
+            continue
+        keys = list(seq._modules)
+        for a, b in zip(keys, keys[1:]):
+            lin, relu = seq._modules[a], seq._modules[b]
+            if (type(lin) is fnn.Linear and not lin.fused_relu and type(relu) is torch.nn.ReLU
+                    and not _has_hooks(lin) and not _has_hooks(relu)):
+                lin.fused_relu = True
+                seq._modules[b] = torch.nn.Identity()
+                report.fused_linear_relu.append(
+                    tuple(f"{name}.{k}" if name else k for k in (a, b)))
+
+
+def accelerate(
+    model: torch.nn.Module, verbose: bool = False, optimizer: torch.optim.Optimizer | None = None
+) -> AccelerateReport:
     """Swap every supported module of ``model`` for its fastnn version, in place.
 
-    Supported: ``Conv2d``, ``MaxPool2d``, ``AvgPool2d``, ``Linear`` (exact
-    classes, float32/float64 parameters, zero padding); Conv2d -> ReLU ->
-    MaxPool2d runs inside ``nn.Sequential`` are fused. Everything else is left
-    to torch and listed in the report's ``skipped`` with the reason. Calls the
+    Supported: ``Conv2d``, ``MaxPool2d``, ``AvgPool2d``, ``Linear``,
+    ``CrossEntropyLoss`` (exact classes, float32/float64 parameters, zero
+    padding; a loss module is accelerated by passing it as ``model``); Conv2d -> ReLU ->
+    MaxPool2d and Linear -> ReLU runs inside ``nn.Sequential`` are fused.
+    Everything else is left to torch and listed in the report's ``skipped``
+    with the reason. Calls the
     swapped modules cannot run exactly (other dtypes or devices at run time)
     still fall back to torch's forward. Returns the report (printed when
     ``verbose``). Calling it twice changes nothing more.
+
+    ``optimizer``: a ``torch.optim.Adam``/``AdamW`` (exact class) over the model's
+    parameters also steps on fastnn's kernel from then on (same object, state
+    and ``state_dict``; see :mod:`fastnn.torch.optim`); another optimizer is
+    left as it is and the report says so.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"accelerate: model must be a torch.nn.Module, got {type(model).__name__}")
     report = AccelerateReport()
+    if optimizer is not None:
+        report.optimizer = _swap_optimizer(optimizer)
     _fuse_sequentials(model, report)
     for name, m in model.named_modules():
         target = _SWAPS.get(type(m))
@@ -120,6 +187,7 @@ def accelerate(model: torch.nn.Module, verbose: bool = False) -> AccelerateRepor
             continue
         report.swapped.append((name, type(m).__name__, target.__name__))
         m.__class__ = target
+    _fuse_linear_relu(model, report)
     if verbose:
         print(report)
     return report

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from fastnn.torch import _ops  # noqa: F401 - registers torch.ops.fastnn.*
 
-__all__ = ["AvgPool2d", "Conv2d", "Conv2dReLUMaxPool2d", "Linear", "MaxPool2d"]
+__all__ = ["AvgPool2d", "Conv2d", "Conv2dReLUMaxPool2d", "CrossEntropyLoss", "Linear",
+           "MaxPool2d"]
 
 _FLOATS = (torch.float32, torch.float64)
 _cuda_ok: bool | None = None
@@ -136,9 +137,50 @@ class AvgPool2d(torch.nn.AvgPool2d):
 
 
 class Linear(torch.nn.Linear):
-    """``torch.nn.Linear`` on ``torch.ops.fastnn.linear``."""
+    """``torch.nn.Linear`` on ``torch.ops.fastnn.linear``.
+
+    ``fused_relu`` (False unless :func:`~fastnn.torch.accelerate` fused the
+    ``nn.ReLU`` that followed it) applies that ReLU too, in the same op
+    (``torch.ops.fastnn.linear_relu``): one op and one autograd node instead of
+    two, and no elementwise kernel of torch's (or inductor's, which starts an
+    OpenMP region even for a 128x128 ReLU) between fastnn's ops. It is an
+    attribute, not a parameter or buffer: the ``state_dict`` is torch's.
+    """
+
+    fused_relu = False
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - torch's name
         if not runs_on_fastnn(input, self.weight, self.bias):
-            return super().forward(input)
-        return torch.ops.fastnn.linear(input, self.weight, self.bias)
+            y = super().forward(input)
+            return torch.relu(y) if self.fused_relu else y
+        op = torch.ops.fastnn.linear_relu if self.fused_relu else torch.ops.fastnn.linear
+        return op(input, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", fused_relu=True" if self.fused_relu else "")
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """``torch.nn.CrossEntropyLoss`` on ``torch.ops.fastnn.cross_entropy`` (softmax,
+    NLL and the gradient in one pass) for its common case: (N, C) logits, (N,)
+    int64 class indices in [0, C), no ``weight``, ``reduction='mean'``, no label
+    smoothing. Anything else (class-probability targets, other shapes, a target
+    equal to ``ignore_index``) runs torch's forward. Under ``torch.compile`` the
+    targets are not inspected: one outside [0, C) raises fastnn's ValueError
+    there instead of falling back."""
+
+    def _on_fastnn(self, input: Tensor, target: Tensor) -> bool:  # noqa: A002
+        if (self.weight is not None or self.reduction != "mean" or self.label_smoothing != 0
+                or input.dim() != 2 or target.dim() != 1 or target.dtype != torch.int64
+                or target.device != input.device or not runs_on_fastnn(input)
+                or input.shape[0] != target.shape[0] or 0 in input.shape):
+            return False
+        if torch.compiler.is_compiling():
+            return True
+        t = target.numpy() if target.device.type == "cpu" else target
+        return bool(t.min() >= 0) and bool(t.max() < input.shape[1])
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:  # noqa: A002
+        if not self._on_fastnn(input, target):
+            return super().forward(input, target)
+        return torch.ops.fastnn.cross_entropy(input, target)[0]
