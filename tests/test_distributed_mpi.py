@@ -244,14 +244,17 @@ def _params(path: Path) -> dict[str, np.ndarray]:
 
 
 def assert_same_params(a: Path, b: Path, rtol: float = 1e-4, entrywise: bool = True) -> None:
+    """Each parameter tensor within ``rtol`` of the other in norm (the issue's
+    target); with ``entrywise``, also every entry within 10 * rtol of the tensor's
+    largest: Adam turns rounding noise in a near-zero gradient entry (sums over
+    another split of the batch) into an update of up to +-lr, a few 1e-4 of the
+    largest weight, while a wrong gradient would move far more."""
     pa, pb = _params(a), _params(b)
     assert pa.keys() == pb.keys()
     for k in pa:
-        # Relative to the tensor's scale: an entry near zero may differ by more
-        # than 1e-4 of itself after Adam normalises a gradient that is mostly noise.
         rel = np.linalg.norm(pa[k] - pb[k]) / np.linalg.norm(pa[k])
         worst = np.abs(pa[k] - pb[k]).max() / np.abs(pa[k]).max()
-        assert rel <= rtol and (worst <= rtol or not entrywise), (k, rel, worst)
+        assert rel <= rtol and (worst <= 10 * rtol or not entrywise), (k, rel, worst)
 
 
 def _accuracy(path: Path) -> float:
