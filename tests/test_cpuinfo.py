@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import NATIVE, PKG_ROOT
+from conftest import NATIVE, PKG_ROOT
 
 pytestmark = pytest.mark.skipif(not NATIVE, reason="needs the C++ extension")
 
