@@ -15,7 +15,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import NATIVE, PKG_ROOT
 
 pytestmark = pytest.mark.skipif(not NATIVE, reason="needs the C++ extension")
