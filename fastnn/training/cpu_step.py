@@ -27,8 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from fastnn import optim
-from fastnn.training.cuda_step import Unsupported, enabled, parse_pattern
+from fastnn.training.cuda_step import Unsupported, check_step, enabled
 
 __all__ = ["CpuFusedStep", "cpu_step_for"]
 
@@ -44,16 +43,7 @@ class CpuFusedStep:
             self.ops = get_backend("cpu")
         except ImportError as exc:  # no native module: the NumPy reference runs instead
             raise Unsupported(f"the cpu backend is not built: {exc}") from exc
-        if type(opt) not in (optim.SGD, optim.Adam, optim.AdamW):
-            raise Unsupported(f"optimizer {type(opt).__name__} is not SGD, Adam or AdamW")
-        self.conv, self.linears = parse_pattern(model)
-        if not model.training:
-            raise Unsupported("the model is in eval mode")
-        params = list(model.parameters())
-        if {id(p) for p in params} != {id(p) for p in opt._all_params()}:
-            raise Unsupported("the optimizer does not hold exactly the model's parameters")
-        if not all(p.requires_grad for p in params):
-            raise Unsupported("a parameter does not require grad")
+        self.conv, self.linears, params = check_step(model, opt)
         dtypes = {p.data.dtype for p in params}
         if len(dtypes) != 1 or dtypes.pop() not in (np.float32, np.float64) or not all(
             type(p.data) is np.ndarray and p.data.flags.c_contiguous for p in params

@@ -34,7 +34,7 @@ import numpy as np
 from fastnn import nn, optim
 from fastnn.geometry import as_pair
 
-__all__ = ["FusedStep", "Unsupported", "fused_step_for", "parse_pattern"]
+__all__ = ["FusedStep", "Unsupported", "check_step", "fused_step_for", "parse_pattern"]
 
 
 class Unsupported(ValueError):
@@ -84,6 +84,24 @@ def parse_pattern(model: Any) -> tuple[Any, list[tuple[Any, bool]]]:
     if not linears or linears[-1][1]:
         raise Unsupported("the model must end in a Linear layer (the logits)")
     return conv, linears
+
+
+def check_step(model: Any, opt: Any) -> tuple[Any, list[tuple[Any, bool]], list[Any]]:
+    """(conv, linears, parameters) of a model and optimizer that a fused step (this
+    module's or :mod:`fastnn.training.cpu_step`'s) can run: the layer pattern of
+    :func:`parse_pattern`, SGD/Adam/AdamW holding exactly the model's parameters,
+    train mode, every parameter trainable. Raises :class:`Unsupported` otherwise."""
+    if type(opt) not in (optim.SGD, optim.Adam, optim.AdamW):
+        raise Unsupported(f"optimizer {type(opt).__name__} is not SGD, Adam or AdamW")
+    conv, linears = parse_pattern(model)
+    if not model.training:
+        raise Unsupported("the model is in eval mode")
+    params = list(model.parameters())
+    if {id(p) for p in params} != {id(p) for p in opt._all_params()}:
+        raise Unsupported("the optimizer does not hold exactly the model's parameters")
+    if not all(p.requires_grad for p in params):
+        raise Unsupported("a parameter does not require grad")
+    return conv, linears, params
 
 
 class _Plan:
@@ -175,16 +193,7 @@ class FusedStep:
     def __init__(self, model: Any, opt: Any, loader: Any = None) -> None:
         from fastnn.backends._cuda.launch import runtime
 
-        if type(opt) not in (optim.SGD, optim.Adam, optim.AdamW):
-            raise Unsupported(f"optimizer {type(opt).__name__} has no multi-tensor step")
-        self.conv, self.linears = parse_pattern(model)
-        if not model.training:
-            raise Unsupported("the model is in eval mode")
-        params = list(model.parameters())
-        if {id(p) for p in params} != {id(p) for p in opt._all_params()}:
-            raise Unsupported("the optimizer does not hold exactly the model's parameters")
-        if not all(p.requires_grad for p in params):
-            raise Unsupported("a parameter does not require grad")
+        self.conv, self.linears, params = check_step(model, opt)
         self.rt = runtime()
         layout = opt.flat_layout()
         if layout is None:
