@@ -309,6 +309,9 @@ WINO4_CASES = [
     (2, 8, 15, 13, 8, (0, 1), 1),  # asymmetric padding
     (1, 16, 14, 14, 16, ONE, 2),  # groups, batch 1
     (2, 17, 13, 13, 25, ONE, 1),  # channels past whole vectors / register tiles
+    # F(2x2) products kernel: tiles padded to whole vectors, channels to panels.
+    (5, 32, 12, 12, 64, ZERO, 1),  # strong 32 -> 64: 3-image blocks of 75 tiles, then 2
+    (2, 16, 26, 26, 12, ZERO, 1),  # 24x24 output: 144 tiles (whole vectors), 12 outputs
 ]
 
 

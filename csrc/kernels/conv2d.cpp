@@ -590,7 +590,7 @@ void conv2d_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T
   if (g.wino && wino4_forward(p, g, x, w, b, y)) return;
   if (g.wino) {
     const winograd::Shape s = winograd::make_shape(g.Cg, g.Og, p.H, p.W, p.OH, p.OW, p.ph, p.pw);
-    Scratch<T> U(kSlotWeights, 16 * g.Og * g.Cg);
+    Scratch<T> U(kSlotWeights, winograd::packed_weights_size(g.Og, g.Cg));
     for (int64_t gi = 0; gi < g.G; ++gi) {
       winograd::transform_weights(w + gi * g.Og * g.K, g.Og, g.Cg, g.K, int64_t(9), false,
                                   U.get());
@@ -644,7 +644,7 @@ void conv2d_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx
     // filters rotated 180 degrees, in/out channels swapped, padding 2 - p.
     const winograd::Shape s =
         winograd::make_shape(g.Og, g.Cg, p.OH, p.OW, p.H, p.W, 2 - p.ph, 2 - p.pw);
-    Scratch<T> U(kSlotWeights, 16 * g.Og * g.Cg);
+    Scratch<T> U(kSlotWeights, winograd::packed_weights_size(g.Cg, g.Og));
     for (int64_t gi = 0; gi < g.G; ++gi) {
       winograd::transform_weights(w + gi * g.Og * g.K, g.Cg, g.Og, int64_t(9), g.K, true,
                                   U.get());

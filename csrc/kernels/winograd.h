@@ -17,9 +17,17 @@
 //
 // Tiles of a block of images are transformed together, with vectors running
 // along a tile row (stride-2 input columns split with even/odd permutes).
+//
+// The forward products run on their own register-blocked kernel (products()),
+// not the generic gemm: at these sizes (8..64 channels each way, ~128 tiles)
+// the gemm's per-call packing and edge handling held it to ~75-90 GFLOP/s on
+// one Emerald Rapids core. The transformed weights are packed once per call
+// into panels of kProdRows output channels, Up[pos][ob][c][kProdRows] (rows
+// past O zero), which the kernel broadcasts while it streams V.
 #pragma once
 
 #include <algorithm>
+#include <utility>
 
 #include "fastnn/parallel.h"
 #include "kernels/ops.h"
@@ -58,12 +66,24 @@ inline int64_t images_per_block(const Shape& s, int64_t N) {
   return std::max<int64_t>(1, std::min<int64_t>(N, kTargetTiles / std::max<int64_t>(1, per_image)));
 }
 
-// U[pos][r][c] = (G g G^T)[pos] for the 3x3 filter g = w[r*rs + c*cs] (9
-// contiguous values, optionally rotated 180 degrees).
+// Output channels per register tile of products() (x kProdVecs vectors of
+// tiles: 24 accumulators of 32 registers, 12 of 16).
+constexpr int kProdRows = simd::kVecRegs == 32 ? 8 : 4;
+constexpr int kProdVecs = 3;
+
+// Panels of kProdRows rows covering R output channels.
+inline int64_t row_panels(int64_t R) { return (R + kProdRows - 1) / kProdRows; }
+
+// Elements of the packed transformed weights of an R x C filter bank.
+inline int64_t packed_weights_size(int64_t R, int64_t C) { return 16 * row_panels(R) * kProdRows * C; }
+
+// U (packed, see the top) = (G g G^T)[pos] for the 3x3 filter g = w[r*rs + c*cs]
+// (9 contiguous values, optionally rotated 180 degrees) of row r, column c.
 template <typename T>
 void transform_weights(const T* w, int64_t R, int64_t C, int64_t rs, int64_t cs, bool rotate,
                        T* U) {
-  const int64_t RC = R * C;
+  const int64_t OB = row_panels(R), RC = OB * kProdRows * C;  // elements per position
+  std::fill(U, U + 16 * RC, T(0));
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t c = 0; c < C; ++c) {
       const T* g0 = w + r * rs + c * cs;
@@ -78,7 +98,7 @@ void transform_weights(const T* w, int64_t R, int64_t C, int64_t rs, int64_t cs,
         t[3][j] = g[2][j];
       }
       for (int i = 0; i < 4; ++i) {  // (G g) G^T
-        T* u = U + i * 4 * RC + r * C + c;
+        T* u = U + i * 4 * RC + ((r / kProdRows) * C + c) * kProdRows + r % kProdRows;
         u[0 * RC] = t[i][0];
         u[1 * RC] = T(0.5) * (t[i][0] + t[i][1] + t[i][2]);
         u[2 * RC] = T(0.5) * (t[i][0] - t[i][1] + t[i][2]);
@@ -112,6 +132,17 @@ void untransform_weight_grad(const T* dU, int64_t R, int64_t C, int64_t rs, int6
   }
 }
 
+// Whether the planes of `s` are their own grids: unpadded, covered exactly by
+// the tiles (even OH, OW). Reading them in place saves a copy of every plane
+// (~8% of the 32 -> 32 26x26 layer). input_transform's loads past a plane's
+// end then read the next plane, so the last plane of a batch (and planes too
+// small for that) still go through the grid.
+template <typename T>
+inline bool reads_in_place(const Shape& s) {
+  return s.ph == 0 && s.pw == 0 && s.GH == s.H && s.GW == s.W &&
+         s.H * s.W >= 2 * Vec<T>::L + 2;
+}
+
 // Scratch for one block: the zero-padded input grid of one plane.
 template <typename T>
 struct Grid {
@@ -120,6 +151,13 @@ struct Grid {
   explicit Grid(const Shape& s)
       : ld(s.GW + 4 * Vec<T>::L), buf(kSlotWinoGrid, s.GH * (s.GW + 4 * Vec<T>::L)) {
     buf.zero(s.GH * ld);
+  }
+  // The grid of `plane` for input_transform as (pointer, row stride): the plane
+  // itself when `in_place` (see reads_in_place), else this zero-padded copy.
+  std::pair<const T*, int64_t> of(const Shape& s, const T* plane, bool in_place) {
+    if (in_place) return {plane, s.W};
+    load(s, plane);
+    return {buf.get(), ld};
   }
   // Copies plane (H x W) into the grid at offset (ph, pw); cells outside stay 0.
   void load(const Shape& s, const T* plane) {
@@ -237,9 +275,11 @@ inline bool packable(const Shape&) {
 }
 #endif
 
-// V[pos][c][t0 + tile] = (B^T d B)[pos] for every tile of one plane (channel c).
+// V[pos][c][t0 + tile] = (B^T d B)[pos] for every tile of one plane (channel c),
+// read from its zero-padded grid (GH x GW at `grid`, rows ld apart). Loads run
+// up to 2 * Vec<T>::L + 2 elements past a grid row (and the grid's end).
 template <typename T>
-void input_transform(const Shape& s, const Grid<T>& g, T* V, int64_t plane_stride) {
+void input_transform(const Shape& s, const T* grid, int64_t ld, T* V, int64_t plane_stride) {
   using Vt = Vec<T>;
   using R = typename Vt::reg;
   int64_t th = 0;
@@ -250,8 +290,8 @@ void input_transform(const Shape& s, const Grid<T>& g, T* V, int64_t plane_strid
     for (; th + 1 < s.TH; th += 2) {
       R t[4][4];
       for (int r = 0; r < 4; ++r) {
-        const T* a = g.buf.get() + (2 * th + r) * g.ld;  // grid row of tile row th
-        const T* b = a + 2 * g.ld;                       // ... of tile row th + 1
+        const T* a = grid + (2 * th + r) * ld;  // grid row of tile row th
+        const T* b = a + 2 * ld;                // ... of tile row th + 1
         R d0, d1, d2, d3;
         Vt::deinterleave(Vt::loadu(a), Vt::loadu(b), d0, d1);
         Vt::deinterleave(Vt::loadu(a + 2), Vt::loadu(b + 2), d2, d3);
@@ -266,7 +306,7 @@ void input_transform(const Shape& s, const Grid<T>& g, T* V, int64_t plane_strid
 #endif
   for (; th < s.TH; ++th) {
     const T* rows[4];
-    for (int r = 0; r < 4; ++r) rows[r] = g.buf.get() + (2 * th + r) * g.ld;
+    for (int r = 0; r < 4; ++r) rows[r] = grid + (2 * th + r) * ld;
     T* out = V + th * s.TW;
     for (int64_t tw = 0; tw < s.TW; tw += Vt::L) {
       const int64_t m = std::min<int64_t>(Vt::L, s.TW - tw);
@@ -389,33 +429,108 @@ void grad_transform(const Shape& s, const T* gy, T* dMo, int64_t pos_stride) {
   }
 }
 
-// y[n] (Cout, OH, OW) = conv3x3(x[n] (Cin, H, W), U) + bias for n in [0, N).
-// x/y image strides are given so groups can be addressed in place.
+// acc (kProdRows x NV vectors) = (First ? 0 : acc) + u (kProdRows values,
+// broadcast) (x) v (NV vectors): one input channel of prod_micro.
+template <typename T, int NV, bool First>
+__attribute__((always_inline)) inline void prod_step(typename Vec<T>::reg (*acc)[NV],
+                                                      const T* __restrict u,
+                                                      const T* __restrict v) {
+  using Vt = Vec<T>;
+  typename Vt::reg b[NV];
+#pragma GCC unroll 16
+  for (int j = 0; j < NV; ++j) b[j] = Vt::loadu(v + j * Vt::L);
+#pragma GCC unroll 16
+  for (int r = 0; r < kProdRows; ++r) {
+    const typename Vt::reg a = Vt::set1(u[r]);
+#pragma GCC unroll 16
+    for (int j = 0; j < NV; ++j) acc[r][j] = First ? Vt::mul(a, b[j]) : Vt::fma(a, b[j], acc[r][j]);
+  }
+}
+
+// m (kProdRows x NV vectors) [ld ldm] = u^T @ v over c < C, for u a packed
+// panel (kProdRows values per c, us apart) and v (C x NV vectors of tiles) [ld
+// ldv]: the register tile of the Winograd products, here and in
+// winograd_f4.h. Accumulates over c in order, one FMA per product.
+template <typename T, int NV>
+inline void prod_micro(const T* __restrict u, int64_t us, const T* __restrict v, int64_t C,
+                       int64_t ldv, T* __restrict m, int64_t ldm) {
+  // Starting from the first product (C >= 1 always) instead of zero keeps GCC
+  // from staging the accumulators on the stack (~100 extra moves per call).
+  typename Vec<T>::reg acc[kProdRows][NV];
+  prod_step<T, NV, true>(acc, u, v);
+  for (int64_t c = 1; c < C; ++c) prod_step<T, NV, false>(acc, u + c * us, v + c * ldv);
+#pragma GCC unroll 16
+  for (int r = 0; r < kProdRows; ++r)
+#pragma GCC unroll 16
+    for (int j = 0; j < NV; ++j) Vec<T>::storeu(m + r * ldm + j * Vec<T>::L, acc[r][j]);
+}
+
+// M[pos] (row_panels(O) * kProdRows x ldt) = U[pos] (O x C) @ V[pos] (C x ldt)
+// for the 16 positions, V and M positions vpos and mpos elements apart; ldt is
+// a whole number of vectors (the columns past the block's tiles are zero in V).
+template <typename T>
+void products(const T* U, int64_t O, int64_t C, const T* V, int64_t vpos, int64_t ldt, T* M,
+              int64_t mpos) {
+  constexpr int RO = kProdRows, L = Vec<T>::L, NV = kProdVecs;
+  const int64_t OB = row_panels(O), nvec = ldt / L;
+  for (int p = 0; p < 16; ++p) {
+    const T* v = V + p * vpos;
+    for (int64_t ob = 0; ob < OB; ++ob) {
+      const T* u = U + (p * OB + ob) * C * RO;
+      T* m = M + p * mpos + ob * RO * ldt;
+      int64_t t = 0;
+      for (; t + NV <= nvec; t += NV) prod_micro<T, NV>(u, RO, v + t * L, C, ldt, m + t * L, ldt);
+      if (nvec - t == 2) prod_micro<T, 2>(u, RO, v + t * L, C, ldt, m + t * L, ldt);
+      if (nvec - t == 1) prod_micro<T, 1>(u, RO, v + t * L, C, ldt, m + t * L, ldt);
+    }
+  }
+}
+
+// Distance between transform positions holding n elements each: one vector
+// more, so the 16 rows a tile transform writes (or the output transform reads)
+// do not fall into the same few L1 sets when n is a multiple of 4 KB.
+template <typename T>
+inline int64_t pos_stride(int64_t n) {
+  return n + Vec<T>::L;
+}
+
+// y[n] (Cout, OH, OW) = conv3x3(x[n] (Cin, H, W), U) + bias for n in [0, N),
+// U packed by transform_weights. x/y image strides are given so groups can be
+// addressed in place.
 template <typename T>
 void forward(const Shape& s, int64_t N, const T* x, int64_t x_img, const T* U, const T* bias,
              T* y, int64_t y_img) {
+  constexpr int64_t L = Vec<T>::L;
   const int64_t nb = images_per_block(s, N);
   const int64_t blocks = (N + nb - 1) / nb;
   const int64_t per_image = s.TH * s.TW;
+  const int64_t rows = row_panels(s.Cout) * kProdRows;  // M rows, padded to whole panels
+  const bool in_place = reads_in_place<T>(s);
   auto body = [&](int64_t b0, int64_t b1) {
     Grid<T> grid(s);
-    const int64_t T_max = nb * per_image;
-    Scratch<T> V(kSlotWinoIn, 16 * s.Cin * T_max), M(kSlotWinoOut, 16 * s.Cout * T_max);
+    const int64_t ld_max = (nb * per_image + L - 1) / L * L;
+    Scratch<T> V(kSlotWinoIn, 16 * pos_stride<T>(s.Cin * ld_max)),
+        M(kSlotWinoOut, 16 * pos_stride<T>(rows * ld_max));
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = blk * nb, n1 = std::min(N, n0 + nb), tiles = (n1 - n0) * per_image;
+      const int64_t ldt = (tiles + L - 1) / L * L;
+      const int64_t vpos = pos_stride<T>(s.Cin * ldt), mpos = pos_stride<T>(rows * ldt);
       for (int64_t n = n0; n < n1; ++n) {
         for (int64_t c = 0; c < s.Cin; ++c) {
-          grid.load(s, x + n * x_img + c * s.H * s.W);
-          input_transform(s, grid, V.get() + c * tiles + (n - n0) * per_image, s.Cin * tiles);
+          const auto g = grid.of(s, x + n * x_img + c * s.H * s.W,
+                                 in_place && (n < N - 1 || c < s.Cin - 1));
+          input_transform(s, g.first, g.second, V.get() + c * ldt + (n - n0) * per_image, vpos);
         }
       }
-      for (int p = 0; p < 16; ++p) {
-        gemm<T>(false, false, s.Cout, tiles, s.Cin, U + p * s.Cout * s.Cin, s.Cin,
-                V.get() + p * s.Cin * tiles, tiles, M.get() + p * s.Cout * tiles, tiles, false);
+      if (ldt > tiles) {  // the last vector's lanes past the tiles
+        for (int p = 0; p < 16; ++p)
+          for (int64_t c = 0; c < s.Cin; ++c)
+            std::fill_n(V.get() + p * vpos + c * ldt + tiles, ldt - tiles, T(0));
       }
+      products(U, s.Cout, s.Cin, V.get(), vpos, ldt, M.get(), mpos);
       for (int64_t n = n0; n < n1; ++n) {
         for (int64_t o = 0; o < s.Cout; ++o) {
-          output_transform(s, M.get() + o * tiles + (n - n0) * per_image, s.Cout * tiles,
+          output_transform(s, M.get() + o * ldt + (n - n0) * per_image, mpos,
                            bias ? bias[o] : T(0), y + n * y_img + o * s.OH * s.OW);
         }
       }
@@ -435,6 +550,7 @@ void weight_grad_range(const Shape& s, int64_t n0, int64_t n1, const T* gy, int6
                        const T* x, int64_t x_img, T* dU) {
   const int64_t per_image = s.TH * s.TW;
   const int64_t nb = images_per_block(s, n1 - n0);
+  const bool in_place = reads_in_place<T>(s);
   Grid<T> grid(s);
   Scratch<T> V(kSlotWinoIn, 16 * s.Cin * nb * per_image);
   Scratch<T> dM(kSlotWinoOut, 16 * s.Cout * nb * per_image);
@@ -442,8 +558,10 @@ void weight_grad_range(const Shape& s, int64_t n0, int64_t n1, const T* gy, int6
     const int64_t e = std::min(n1, b + nb), tiles = (e - b) * per_image;
     for (int64_t n = b; n < e; ++n) {
       for (int64_t c = 0; c < s.Cin; ++c) {
-        grid.load(s, x + n * x_img + c * s.H * s.W);
-        input_transform(s, grid, V.get() + c * tiles + (n - b) * per_image, s.Cin * tiles);
+        const auto g = grid.of(s, x + n * x_img + c * s.H * s.W,
+                               in_place && (n < n1 - 1 || c < s.Cin - 1));
+        input_transform(s, g.first, g.second, V.get() + c * tiles + (n - b) * per_image,
+                        s.Cin * tiles);
       }
       for (int64_t o = 0; o < s.Cout; ++o) {
         grad_transform(s, gy + n * gy_img + o * s.OH * s.OW,

@@ -61,9 +61,9 @@ namespace f4 {
 // their vectors through memory and cost more than the arithmetic.
 #define FASTNN_F4_INLINE inline __attribute__((always_inline))
 
-constexpr int L = 16;   // float lanes
-constexpr int RO = 8;   // output channels per register tile
-constexpr int NV = 3;   // vectors of tiles per register tile (RO * NV = 24 accumulators)
+constexpr int L = 16;          // float lanes
+constexpr int RO = kProdRows;  // output channels per register tile (8 with AVX-512)
+constexpr int NV = kProdVecs;  // vectors of tiles per register tile (24 accumulators)
 
 struct Shape {
   int64_t Cin, Cout;  // channels in / out (per group)
@@ -431,47 +431,6 @@ inline void input_block(const Shape& s, const float* x, int64_t x_img, int64_t n
                     pos_stride(s.Cin * T));
 }
 
-// m (RO x NVV*16) [ld ldm] = u (C x RO, rows 36*RO apart) ^T @ v (C x NVV*16)
-// [ld ldv]: 8 x NVV accumulators; u is broadcast from the packed panel, v
-// streams from L2.
-template <int NVV>
-inline void micro(const float* __restrict u, const float* __restrict v, int64_t C, int64_t ldv,
-                  float* __restrict m, int64_t ldm) {
-  // C >= 1 always (Winograd needs >= 8 channels); starting from the first
-  // product instead of zero also keeps GCC from staging the accumulators on
-  // the stack (it did, for the C == 0 path: ~100 extra moves per call), as
-  // does unrolling every register loop explicitly.
-  __m512 acc[RO][NVV];
-  {
-    __m512 b[NVV];
-#pragma GCC unroll 16
-    for (int j = 0; j < NVV; ++j) b[j] = _mm512_loadu_ps(v + j * L);
-#pragma GCC unroll 16
-    for (int r = 0; r < RO; ++r) {
-      const __m512 a = _mm512_set1_ps(u[r]);
-#pragma GCC unroll 16
-      for (int j = 0; j < NVV; ++j) acc[r][j] = _mm512_mul_ps(a, b[j]);
-    }
-  }
-  u += 36 * RO;
-  v += ldv;
-  for (int64_t c = 1; c < C; ++c, u += 36 * RO, v += ldv) {
-    __m512 b[NVV];
-#pragma GCC unroll 16
-    for (int j = 0; j < NVV; ++j) b[j] = _mm512_loadu_ps(v + j * L);
-#pragma GCC unroll 16
-    for (int r = 0; r < RO; ++r) {
-      const __m512 a = _mm512_set1_ps(u[r]);
-#pragma GCC unroll 16
-      for (int j = 0; j < NVV; ++j) acc[r][j] = _mm512_fmadd_ps(a, b[j], acc[r][j]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < RO; ++r)
-#pragma GCC unroll 16
-    for (int j = 0; j < NVV; ++j) _mm512_storeu_ps(m + r * ldm + j * L, acc[r][j]);
-}
-
 // Output channel o's 16 tiles of chunk k: y plane rows 4*(4k + thl) + i.
 // Mo points at Mb[0][r][slot]; ldp = RO * T.
 inline void output_chunk(const Shape& s, int64_t k, const float* Mo, int64_t ldp, float bias,
@@ -541,9 +500,11 @@ inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, co
           const float* v = V.get() + pos * pos_stride(s.Cin * T);
           float* m = M.get() + pos * pos_stride(RO * T);
           int64_t t = 0;
-          for (; t + NV <= nvec; t += NV) micro<NV>(u, v + t * L, s.Cin, T, m + t * L, T);
-          if (nvec - t == 2) micro<2>(u, v + t * L, s.Cin, T, m + t * L, T);
-          if (nvec - t == 1) micro<1>(u, v + t * L, s.Cin, T, m + t * L, T);
+          // Panels of RO channels, 36 * RO floats per input channel (U's layout).
+          for (; t + NV <= nvec; t += NV)
+            prod_micro<float, NV>(u, 36 * RO, v + t * L, s.Cin, T, m + t * L, T);
+          if (nvec - t == 2) prod_micro<float, 2>(u, 36 * RO, v + t * L, s.Cin, T, m + t * L, T);
+          if (nvec - t == 1) prod_micro<float, 1>(u, 36 * RO, v + t * L, s.Cin, T, m + t * L, T);
         }
         for (int64_t r = 0; r < RO && ob * RO + r < s.Cout; ++r) {
           const int64_t o = ob * RO + r;

@@ -94,6 +94,9 @@ class OpStats:
     seconds: float = 0.0
     flops: float = 0.0
     bytes: float = 0.0
+    #: The timer's own bookkeeping around the calls (cost accounting), which is
+    #: neither the op nor the step's glue.
+    bookkeeping: float = 0.0
 
 
 @dataclass
@@ -125,8 +128,10 @@ class StepProfile:
     @property
     def outside_seconds_per_step(self) -> float:
         """Python, autograd and glue per step, from the same steps the ops were timed
-        in (so two separately timed runs' noise cannot make it negative)."""
-        return max(self.timed_step_seconds - self.op_seconds_per_step, 0.0)
+        in (so two separately timed runs' noise cannot make it negative), less the
+        timer's own bookkeeping."""
+        kept = sum(s.bookkeeping for s in self.ops.values()) / self.steps
+        return max(self.timed_step_seconds - self.op_seconds_per_step - kept, 0.0)
 
 
 @contextlib.contextmanager
@@ -143,11 +148,13 @@ def timed_backend(module: ModuleType, names: list[str]) -> Iterator[dict[str, Op
         def timed(*args: Any, **kwargs: Any) -> Any:
             t0 = clock()
             out = fn(*args, **kwargs)
-            st.seconds += clock() - t0
+            t1 = clock()
+            st.seconds += t1 - t0
             st.calls += 1
             f, b = op_cost(name, args, out)
             st.flops += f
             st.bytes += b
+            st.bookkeeping += clock() - t1
             return out
 
         return timed

@@ -61,12 +61,14 @@ def train_step(
     distributed step needs the per-parameter gradient hooks.)
     """
     if global_batch is None:
-        fused = fused_step_for(model, opt)
-        if fused is not None:
-            return Tensor(fused.run(x, y))
+        # The cpu step first: it needs a NumPy batch, which the cuda one never takes,
+        # and it costs less to rule out (no walk over the model's parameters).
         host = cpu_step_for(model, opt, x, y)
         if host is not None:
             return Tensor(host.run(x, y))
+        fused = fused_step_for(model, opt)
+        if fused is not None:
+            return Tensor(fused.run(x, y))
         logits = model(Tensor(x))
     elif len(y) == 0:
         opt.zero_grad()
