@@ -1224,6 +1224,8 @@ PYBIND11_MODULE(_C, m) {
         fastnn::set_num_threads(n);
       },
       py::arg("n"), "Set the number of threads the kernels use.");
+  m.def("park_threads", &fastnn::park_workers,
+        "Idle worker threads stop polling for the next kernel and sleep now.");
   m.def("active_isa", [] { return std::string(fastnn::active_isa()); },
         "The ISA whose kernels run now: 'avx512', 'avx2' or 'baseline'.");
   m.def(

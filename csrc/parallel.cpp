@@ -13,7 +13,8 @@
 //   slow to wake (an oversubscribed machine cannot stall it).
 // * Workers poll for ~2 ms after a job (back-to-back kernels, e.g. one gemm per
 //   layer, then see the next job within nanoseconds; see spin_time) and then
-//   sleep on a condition variable so an idle pool costs no CPU.
+//   sleep on a condition variable so an idle pool costs no CPU. park_workers()
+//   ends the polling early, when other threaded code is about to run.
 // * Forking from inside a parallel_for body is not supported (the child would
 //   wait for chunks owned by threads it does not have).
 // * The caller owns the pool for the duration of a job through try_lock; a
@@ -110,6 +111,9 @@ class State {
     }
     return d;
   }
+
+  // Idle workers stop polling and sleep now (see park_workers in the header).
+  void park() { park_gen_.fetch_add(1, std::memory_order_relaxed); }
 
   void run(int64_t n, int64_t grain,
            const std::function<void(int64_t, int64_t)>& fn) {
@@ -213,11 +217,13 @@ class State {
     uint32_t seen = wake_gen_.load(std::memory_order_acquire);
     for (;;) {
       auto until = std::chrono::steady_clock::now() + spin;
+      const uint32_t parked = park_gen_.load(std::memory_order_relaxed);
       int polls = 0;
       while (wake_gen_.load(std::memory_order_acquire) == seen &&
              !stop_.load(std::memory_order_relaxed)) {
         FASTNN_CPU_RELAX();
-        if ((++polls & 63) == 0 && std::chrono::steady_clock::now() > until) {
+        if ((++polls & 63) == 0 && (park_gen_.load(std::memory_order_relaxed) != parked ||
+                                    std::chrono::steady_clock::now() > until)) {
           std::unique_lock<std::mutex> lk(cv_mu_);
           sleepers_.fetch_add(1, std::memory_order_seq_cst);
           while (wake_gen_.load(std::memory_order_seq_cst) == seen &&
@@ -274,6 +280,7 @@ class State {
   std::exception_ptr error_;
 
   std::atomic<uint32_t> wake_gen_{0};
+  std::atomic<uint32_t> park_gen_{0};  // bumped by park(): pollers go to sleep
   std::atomic<int> sleepers_{0};
   std::mutex cv_mu_;
   std::condition_variable cv_;
@@ -330,5 +337,7 @@ void parallel_for(int64_t n, int64_t grain,
                   const std::function<void(int64_t, int64_t)>& fn) {
   state().run(n, grain, fn);
 }
+
+void park_workers() { state().park(); }
 
 }  // namespace fastnn

@@ -7,7 +7,7 @@ all tested against. Start with :mod:`fastnn.functional`.
 
 from __future__ import annotations
 
-from fastnn._config import get_num_threads, set_num_threads, show_config
+from fastnn._config import get_num_threads, park_threads, set_num_threads, show_config
 from fastnn.backends import available_backends, backend
 
 __version__ = "0.1.0"
@@ -59,6 +59,7 @@ __all__ = [
     "available_backends",
     "backend",
     "get_num_threads",
+    "park_threads",
     "set_num_threads",
     "show_config",
 ]

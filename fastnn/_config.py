@@ -33,6 +33,20 @@ def set_num_threads(n: int) -> None:
     c.set_num_threads(n)
 
 
+def park_threads() -> None:
+    """Let the kernels' idle worker threads sleep now.
+
+    After each parallel kernel the workers poll for the next one for about 2 ms,
+    so back-to-back kernels (a layer's forward, its backward, the optimizer step)
+    start at once on every thread. Call this before other multithreaded code
+    takes the cores (PyTorch's OpenMP ops, NumPy's BLAS), so the polling does not
+    compete with it; the next kernel wakes the workers. No-op without the
+    extension."""
+    c = _native()
+    if c is not None:
+        c.park_threads()
+
+
 def _size(n: int) -> str:
     for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if n >= 1 << shift:

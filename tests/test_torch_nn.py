@@ -297,3 +297,84 @@ def test_cross_entropy_loss_compiles_fullgraph():
     torch.testing.assert_close(got, tnn.functional.cross_entropy(x, t))
     (g,) = torch.autograd.grad(got, x)
     torch.testing.assert_close(g, torch.autograd.grad(tnn.functional.cross_entropy(x, t), x)[0])
+
+
+# --------------------------------------------------------------------------
+# accelerate's release of torch's idle OpenMP workers (fastnn.torch._openmp)
+# --------------------------------------------------------------------------
+
+
+def _threads() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/task"))
+
+
+needs_procfs = pytest.mark.skipif(not __import__("os").path.exists("/proc/self/task"),
+                                  reason="needs Linux procfs (/proc/self/task)")
+
+
+@needs_procfs
+def test_release_idle_workers_ends_torchs_openmp_pool_and_torch_restarts_it():
+    from fastnn.torch import _openmp
+
+    if _openmp.runtime_path() is None:
+        pytest.skip("this torch build loads no OpenMP runtime")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a = torch.randn(1 << 22)
+        want = a + a  # a parallel op: torch's pool now holds a worker
+        busy = _threads()
+        assert _openmp.release_idle_workers() is True
+        # Its worker exits (asynchronously); torch's next parallel op starts one again.
+        for _ in range(200):
+            if _threads() < busy:
+                break
+            __import__("time").sleep(0.005)
+        assert _threads() == busy - 1
+        torch.testing.assert_close(a + a, want, rtol=0, atol=0)
+        assert _threads() == busy
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_procfs
+def test_fastnn_ops_release_torchs_idle_openmp_workers_unless_disabled():
+    from fastnn.torch import _openmp
+
+    if _openmp.runtime_path() is None:
+        pytest.skip("this torch build loads no OpenMP runtime")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    x, w = torch.randn(8, 16), torch.randn(4, 16)
+    a = torch.randn(1 << 22)
+    try:
+        for flag in (True, False):
+            ft.set_release_openmp(flag)
+            a + a  # torch's pool now holds a worker
+            busy = _threads()
+            y = torch.ops.fastnn.linear(x, w, None)
+            for _ in range(100):
+                if _threads() < busy:
+                    break
+                __import__("time").sleep(0.005)
+            assert (_threads() == busy - 1) == flag
+            torch.testing.assert_close(y, x @ w.T)
+    finally:
+        ft.set_release_openmp(True)
+        torch.set_num_threads(before)
+
+
+def test_release_openmp_env_default(monkeypatch):
+    import importlib
+
+    from fastnn.torch import _openmp
+
+    monkeypatch.setenv("FASTNN_TORCH_RELEASE_OMP", "0")
+    try:
+        assert importlib.reload(_openmp).enabled() is False
+    finally:
+        monkeypatch.delenv("FASTNN_TORCH_RELEASE_OMP")
+        importlib.reload(_openmp)
+    assert _openmp.enabled() is True

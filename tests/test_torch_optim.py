@@ -212,3 +212,17 @@ def test_accelerate_leaves_other_optimizers_and_says_why():
     assert type(adam) is torch.optim.Adam
     with pytest.raises(TypeError, match="optimizer"):
         ft.accelerate(model, optimizer=[p for p in model.parameters()])
+
+
+def test_step_parks_fastnns_threads(monkeypatch):
+    # The step ends a training step: fastnn's idle workers sleep instead of polling
+    # on cores the user's next torch op needs.
+    from fastnn.torch import optim as fopt
+
+    parked = []
+    monkeypatch.setattr(fopt, "park_threads", lambda: parked.append(1))
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = fopt.Adam([p], lr=0.1)
+    p.grad = torch.ones(5)
+    opt.step()
+    assert parked == [1]

@@ -18,6 +18,11 @@ void set_num_threads(int n);
 void parallel_for(int64_t n, int64_t grain,
                   const std::function<void(int64_t, int64_t)>& fn);
 
+// Idle workers stop polling for the next job and sleep now (they otherwise poll
+// ~2 ms after each job, on cores that another thread pool, e.g. PyTorch's
+// OpenMP, may be about to use). The next parallel_for wakes them.
+void park_workers();
+
 // True inside a parallel_for body or on a pool worker, where a nested
 // parallel_for would run its chunks serially anyway (kernels plan for 1 thread).
 bool in_parallel_region();

@@ -13,7 +13,9 @@ the CUDA backend through DLPack (also without a copy).
   and ``state_dict``) and the fused ``Conv2dReLUMaxPool2d``;
 * :mod:`fastnn.torch.optim`: ``Adam`` and ``AdamW`` (subclasses of torch's, same
   state) whose step is fastnn's one-pass kernel;
-* :func:`accelerate`: swaps those into an existing model (and optimizer) in place.
+* :func:`accelerate`: swaps those into an existing model (and optimizer) in place;
+* :func:`set_release_openmp`: whether each fastnn op first ends the spin-wait of
+  torch's idle OpenMP workers (on by default; :mod:`fastnn.torch._openmp`).
 
 ``import fastnn`` never imports torch; only this package does.
 """
@@ -29,6 +31,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
 from fastnn.torch import _ops as ops  # noqa: E402 - registers torch.ops.fastnn.*
 from fastnn.torch import nn, optim  # noqa: E402
+from fastnn.torch._openmp import set_enabled as set_release_openmp  # noqa: E402
 from fastnn.torch.accelerate import AccelerateReport, accelerate  # noqa: E402
 
-__all__ = ["AccelerateReport", "accelerate", "nn", "ops", "optim"]
+__all__ = ["AccelerateReport", "accelerate", "nn", "ops", "optim", "set_release_openmp"]

@@ -14,6 +14,10 @@ torch's rules also work for symbolic (dynamic) shapes, which
 
 Masked gradients (``output_mask`` False) come back as empty tensors: custom ops
 cannot return None.
+
+Each real implementation first ends the spin-wait of torch's idle OpenMP workers
+(:mod:`fastnn.torch._openmp`), which would otherwise take a core from fastnn's
+thread pool for up to ~15 ms after any torch parallel op.
 """
 
 # No `from __future__ import annotations`: torch.library infers each op's schema
@@ -25,6 +29,7 @@ import torch
 from torch import Tensor
 
 import fastnn.functional as F
+from fastnn.torch._openmp import releasing
 
 _tf = torch.nn.functional
 
@@ -83,6 +88,7 @@ def _want(ctx: Any, *which: int) -> list[bool]:
 
 
 @torch.library.custom_op("fastnn::conv2d", mutates_args=())
+@releasing
 def conv2d(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
     padding: Sequence[int], dilation: Sequence[int], groups: int,
@@ -97,6 +103,7 @@ def _(x, weight, bias, stride, padding, dilation, groups):
 
 
 @torch.library.custom_op("fastnn::conv2d_backward", mutates_args=())
+@releasing
 def conv2d_backward(
     grad_out: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int],
     padding: Sequence[int], dilation: Sequence[int], groups: int, output_mask: Sequence[bool],
@@ -134,6 +141,7 @@ conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
 @torch.library.custom_op("fastnn::conv2d_relu_max_pool2d", mutates_args=())
+@releasing
 def conv2d_relu_max_pool2d(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
     padding: Sequence[int], dilation: Sequence[int], groups: int,
@@ -154,6 +162,7 @@ def _(x, weight, bias, stride, padding, dilation, groups, pk, ps, pp, pd, pc):
 
 
 @torch.library.custom_op("fastnn::conv2d_relu_max_pool2d_backward", mutates_args=())
+@releasing
 def conv2d_relu_max_pool2d_backward(
     grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
     padding: Sequence[int], dilation: Sequence[int], groups: int,
@@ -192,6 +201,7 @@ conv2d_relu_max_pool2d.register_autograd(_fused_backward, setup_context=_conv_se
 
 
 @torch.library.custom_op("fastnn::max_pool2d", mutates_args=())
+@releasing
 def max_pool2d(
     x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
     dilation: Sequence[int], ceil_mode: bool,
@@ -206,6 +216,7 @@ def _(x, kernel_size, stride, padding, dilation, ceil_mode):
 
 
 @torch.library.custom_op("fastnn::max_pool2d_with_indices", mutates_args=())
+@releasing
 def max_pool2d_with_indices(
     x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
     dilation: Sequence[int], ceil_mode: bool,
@@ -223,6 +234,7 @@ def _(x, kernel_size, stride, padding, dilation, ceil_mode):
 
 
 @torch.library.custom_op("fastnn::max_pool2d_backward", mutates_args=())
+@releasing
 def max_pool2d_backward(
     grad_out: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequence[int],
     padding: Sequence[int], dilation: Sequence[int], ceil_mode: bool,
@@ -262,6 +274,7 @@ max_pool2d_with_indices.register_autograd(_max_pool_backward,
 
 
 @torch.library.custom_op("fastnn::avg_pool2d", mutates_args=())
+@releasing
 def avg_pool2d(
     x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
     ceil_mode: bool, count_include_pad: bool, divisor_override: Optional[int],
@@ -278,6 +291,7 @@ def _(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_ove
 
 
 @torch.library.custom_op("fastnn::avg_pool2d_backward", mutates_args=())
+@releasing
 def avg_pool2d_backward(
     grad_out: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequence[int],
     padding: Sequence[int], ceil_mode: bool, count_include_pad: bool,
@@ -309,6 +323,7 @@ avg_pool2d.register_autograd(_avg_pool_backward, setup_context=_save_x)
 
 
 @torch.library.custom_op("fastnn::linear", mutates_args=())
+@releasing
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``x @ weight.T + bias``, as ``torch.nn.functional.linear``."""
     return _ten(F.linear(_arr(x), _arr(weight), _arr(bias)))
@@ -320,6 +335,7 @@ def _(x, weight, bias):
 
 
 @torch.library.custom_op("fastnn::linear_backward", mutates_args=())
+@releasing
 def linear_backward(
     grad_out: Tensor, x: Tensor, weight: Tensor, output_mask: Sequence[bool]
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -350,20 +366,12 @@ def _linear_backward(ctx, grad):
 linear.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
-def _linear_relu_arrays(x: Any, weight: Any, bias: Any) -> Any:
-    # fastnn's fused GEMM + ReLU epilogue where this build has one; else the two
-    # kernels back to back (same result: the ReLU of the same GEMM output).
-    fused = getattr(F, "linear_relu", None)
-    if fused is not None:
-        return fused(x, weight, bias)
-    return F.relu(F.linear(x, weight, bias))
-
-
 @torch.library.custom_op("fastnn::linear_relu", mutates_args=())
+@releasing
 def linear_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``relu(x @ weight.T + bias)``: a Linear and the ReLU after it as one op, so a
     compiled graph keeps no elementwise kernel of its own between fastnn's ops."""
-    return _ten(_linear_relu_arrays(_arr(x), _arr(weight), _arr(bias)))
+    return _ten(F.linear_relu(_arr(x), _arr(weight), _arr(bias)))
 
 
 @linear_relu.register_fake
@@ -372,12 +380,14 @@ def _(x, weight, bias):
 
 
 @torch.library.custom_op("fastnn::linear_relu_backward", mutates_args=())
+@releasing
 def linear_relu_backward(
     grad_out: Tensor, x: Tensor, weight: Tensor, y: Tensor, output_mask: Sequence[bool]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(grad_x, grad_weight, grad_bias)`` of :func:`linear_relu` from its output ``y``."""
-    g = F.relu_backward(_arr(grad_out), _arr(y))
-    grads = F.linear_backward(g, _arr(x), _arr(weight), output_mask=tuple(output_mask))
+    """``(grad_x, grad_weight, grad_bias)`` of :func:`linear_relu` from its output ``y``:
+    fastnn's fused backward (the ReLU mask applied in the pass that sums grad_bias)."""
+    grads = F.linear_relu_backward(_arr(grad_out), _arr(x), _arr(weight), _arr(y),
+                                   output_mask=tuple(output_mask))
     return _grads((x, weight, weight), grads)
 
 
@@ -403,6 +413,7 @@ linear_relu.register_autograd(_linear_relu_backward, setup_context=_linear_relu_
 
 
 @torch.library.custom_op("fastnn::matmul", mutates_args=())
+@releasing
 def matmul(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` for 2-D or batched 3-D operands (a batch of 1 broadcasts)."""
     return _ten(F.matmul(_arr(a), _arr(b)))
@@ -414,6 +425,7 @@ def _(a, b):
 
 
 @torch.library.custom_op("fastnn::matmul_backward", mutates_args=())
+@releasing
 def matmul_backward(grad_out: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """``(grad_a, grad_b)`` of :func:`matmul`."""
     return _grads((a, b), F.matmul_backward(_arr(grad_out), _arr(a), _arr(b)))
@@ -443,6 +455,7 @@ matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup)
 
 
 @torch.library.custom_op("fastnn::cross_entropy", mutates_args=())
+@releasing
 def cross_entropy(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:  # noqa: A002
     """``(mean loss, d loss / d input)`` for (N, C) logits and (N,) int64 class
     indices in [0, C): torch's ``cross_entropy`` with its defaults. The gradient is
@@ -457,6 +470,7 @@ def _(input, target):  # noqa: A002
 
 
 @torch.library.custom_op("fastnn::cross_entropy_backward", mutates_args=())
+@releasing
 def cross_entropy_backward(grad_out: Tensor, grad_input: Tensor) -> Tensor:
     """The saved ``grad_input`` scaled by the loss's (0-d) gradient."""
     return _ten(_arr(grad_input) * _arr(grad_out))

@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.autograd.graph import increment_version
 
 import fastnn.functional as F
+from fastnn._config import park_threads
 
 __all__ = ["Adam", "AdamW", "runs_on_fastnn_adam"]
 
@@ -105,6 +106,9 @@ class Adam(torch.optim.Adam):
                 left.append(group)
         if left:
             _torch_adam_step(self, left)
+        # The step ends the training step: fastnn's workers sleep now rather than
+        # poll on the cores the user's next torch op (the batch gather) needs.
+        park_threads()
         return loss
 
     def _fastnn_group_step(self, group: dict[str, Any]) -> None:
