@@ -310,60 +310,57 @@ def _threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
+def _threads_after_release(busy: int, polls: int = 200) -> int:
+    """The thread count once a released OpenMP worker has exited (it exits
+    asynchronously), or after ~1 s if none does."""
+    import time
+
+    for _ in range(polls):
+        if _threads() < busy:
+            break
+        time.sleep(0.005)
+    return _threads()
+
+
 needs_procfs = pytest.mark.skipif(not __import__("os").path.exists("/proc/self/task"),
                                   reason="needs Linux procfs (/proc/self/task)")
 
 
-@needs_procfs
-def test_release_idle_workers_ends_torchs_openmp_pool_and_torch_restarts_it():
+@pytest.fixture
+def two_torch_threads():
     from fastnn.torch import _openmp
 
     if _openmp.runtime_path() is None:
         pytest.skip("this torch build loads no OpenMP runtime")
     before = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        a = torch.randn(1 << 22)
-        want = a + a  # a parallel op: torch's pool now holds a worker
-        busy = _threads()
-        assert _openmp.release_idle_workers() is True
-        # Its worker exits (asynchronously); torch's next parallel op starts one again.
-        for _ in range(200):
-            if _threads() < busy:
-                break
-            __import__("time").sleep(0.005)
-        assert _threads() == busy - 1
-        torch.testing.assert_close(a + a, want, rtol=0, atol=0)
-        assert _threads() == busy
-    finally:
-        torch.set_num_threads(before)
+    yield _openmp
+    ft.set_release_openmp(True)
+    torch.set_num_threads(before)
 
 
 @needs_procfs
-def test_fastnn_ops_release_torchs_idle_openmp_workers_unless_disabled():
-    from fastnn.torch import _openmp
+def test_release_idle_workers_ends_torchs_openmp_pool_and_torch_restarts_it(two_torch_threads):
+    a = torch.randn(1 << 22)
+    want = a + a  # a parallel op: torch's pool now holds a worker
+    busy = _threads()
+    assert two_torch_threads.release_idle_workers() is True
+    assert _threads_after_release(busy) == busy - 1
+    torch.testing.assert_close(a + a, want, rtol=0, atol=0)  # torch starts it again
+    assert _threads() == busy
 
-    if _openmp.runtime_path() is None:
-        pytest.skip("this torch build loads no OpenMP runtime")
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
+
+@needs_procfs
+def test_fastnn_ops_release_torchs_idle_openmp_workers_unless_disabled(two_torch_threads):
     x, w = torch.randn(8, 16), torch.randn(4, 16)
     a = torch.randn(1 << 22)
-    try:
-        for flag in (True, False):
-            ft.set_release_openmp(flag)
-            a + a  # torch's pool now holds a worker
-            busy = _threads()
-            y = torch.ops.fastnn.linear(x, w, None)
-            for _ in range(100):
-                if _threads() < busy:
-                    break
-                __import__("time").sleep(0.005)
-            assert (_threads() == busy - 1) == flag
-            torch.testing.assert_close(y, x @ w.T)
-    finally:
-        ft.set_release_openmp(True)
-        torch.set_num_threads(before)
+    for flag in (True, False):
+        ft.set_release_openmp(flag)
+        a + a  # torch's pool now holds a worker
+        busy = _threads()
+        y = torch.ops.fastnn.linear(x, w, None)
+        assert (_threads_after_release(busy, 100 if flag else 40) == busy - 1) == flag
+        torch.testing.assert_close(y, x @ w.T)
 
 
 def test_release_openmp_env_default(monkeypatch):
