@@ -375,3 +375,19 @@ def test_release_openmp_env_default(monkeypatch):
         monkeypatch.delenv("FASTNN_TORCH_RELEASE_OMP")
         importlib.reload(_openmp)
     assert _openmp.enabled() is True
+
+
+def test_backward_parks_fastnns_threads_after_the_first_layer(monkeypatch):
+    # The first layer's backward op (no input gradient) ends the backward pass:
+    # fastnn's workers sleep before the user's optimizer runs. Not otherwise.
+    from fastnn.torch import _ops
+
+    parked = []
+    monkeypatch.setattr(_ops, "park_threads", lambda: parked.append(1))
+    model = seed_model()
+    ft.accelerate(model)
+    x = torch.randn(4, 1, 28, 28)
+    model(x).sum().backward()
+    assert parked == [1]
+    model(x.requires_grad_()).sum().backward()  # the input's gradient too: no end
+    assert parked == [1]

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 import fastnn.functional as F
+from fastnn._config import park_threads
 from fastnn.torch._openmp import releasing
 
 _tf = torch.nn.functional
@@ -82,6 +83,14 @@ def _want(ctx: Any, *which: int) -> list[bool]:
     return [bool(ctx.needs_input_grad[i]) for i in which]
 
 
+def _park_after_first_layer(output_mask: Sequence[bool]) -> None:
+    # A backward op that computes no input gradient is the graph's first layer:
+    # backward ends with it, and the user's optimizer (often torch's, threaded)
+    # runs next. fastnn's workers sleep now instead of polling on its cores.
+    if not output_mask[0]:
+        park_threads()
+
+
 # --------------------------------------------------------------------------
 # conv2d
 # --------------------------------------------------------------------------
@@ -111,6 +120,7 @@ def conv2d_backward(
     """``(grad_x, grad_weight, grad_bias)``; a masked-off entry is an empty tensor."""
     grads = F.conv2d_backward(_arr(grad_out), _arr(x), _arr(weight), stride, padding,
                               dilation, groups, output_mask=tuple(output_mask))
+    _park_after_first_layer(output_mask)
     return _grads((x, weight, weight), grads)
 
 
@@ -175,6 +185,7 @@ def conv2d_relu_max_pool2d_backward(
         pool_kernel_size, pool_stride, pool_padding, pool_dilation, pool_ceil_mode,
         output_mask=tuple(output_mask),
     )
+    _park_after_first_layer(output_mask)
     return _grads((x, weight, weight), grads)
 
 
@@ -342,6 +353,7 @@ def linear_backward(
     """``(grad_x, grad_weight, grad_bias)``; a masked-off entry is an empty tensor."""
     grads = F.linear_backward(_arr(grad_out), _arr(x), _arr(weight),
                               output_mask=tuple(output_mask))
+    _park_after_first_layer(output_mask)
     return _grads((x, weight, weight), grads)
 
 
@@ -388,6 +400,7 @@ def linear_relu_backward(
     fastnn's fused backward (the ReLU mask applied in the pass that sums grad_bias)."""
     grads = F.linear_relu_backward(_arr(grad_out), _arr(x), _arr(weight), _arr(y),
                                    output_mask=tuple(output_mask))
+    _park_after_first_layer(output_mask)
     return _grads((x, weight, weight), grads)
 
 
