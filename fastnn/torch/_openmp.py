@@ -17,8 +17,9 @@ again. It is a no-op where no such runtime is loaded, inside a parallel region
 
 Every ``torch.ops.fastnn`` op calls it first (:func:`releasing`): ~1 us when
 there is nothing to free; where torch and fastnn ops alternate, each switch
-costs torch ~50 us to restart its workers (same machine), against a fastnn
-kernel run at about half speed for up to ~15 ms. ``set_enabled(False)`` (or
+costs torch a restart of its workers (~50 us in a tight loop, up to ~1.3 ms
+inside a training step on that machine, a VM whose idle vCPU is slow to wake),
+against a fastnn kernel run at about half speed for up to ~15 ms. ``set_enabled(False)`` (or
 ``FASTNN_TORCH_RELEASE_OMP=0`` in the environment) leaves torch's threads alone.
 """
 
