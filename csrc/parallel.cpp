@@ -112,8 +112,13 @@ class State {
     return d;
   }
 
-  // Idle workers stop polling and sleep now (see park_workers in the header).
-  void park() { park_gen_.fetch_add(1, std::memory_order_relaxed); }
+  // Idle workers stop polling and sleep now (see park_workers in the header): a
+  // worker that has seen the newest job sleeps once it finds that job parked. A
+  // level, not an edge, so a worker still finishing (or not yet woken for) that
+  // job when park() runs also sleeps; a newer job wakes them all as usual.
+  void park() {
+    park_gen_.store(wake_gen_.load(std::memory_order_acquire), std::memory_order_release);
+  }
 
   void run(int64_t n, int64_t grain,
            const std::function<void(int64_t, int64_t)>& fn) {
@@ -217,12 +222,11 @@ class State {
     uint32_t seen = wake_gen_.load(std::memory_order_acquire);
     for (;;) {
       auto until = std::chrono::steady_clock::now() + spin;
-      const uint32_t parked = park_gen_.load(std::memory_order_relaxed);
       int polls = 0;
       while (wake_gen_.load(std::memory_order_acquire) == seen &&
              !stop_.load(std::memory_order_relaxed)) {
         FASTNN_CPU_RELAX();
-        if ((++polls & 63) == 0 && (park_gen_.load(std::memory_order_relaxed) != parked ||
+        if ((++polls & 63) == 0 && (park_gen_.load(std::memory_order_acquire) == seen ||
                                     std::chrono::steady_clock::now() > until)) {
           std::unique_lock<std::mutex> lk(cv_mu_);
           sleepers_.fetch_add(1, std::memory_order_seq_cst);
@@ -280,7 +284,8 @@ class State {
   std::exception_ptr error_;
 
   std::atomic<uint32_t> wake_gen_{0};
-  std::atomic<uint32_t> park_gen_{0};  // bumped by park(): pollers go to sleep
+  // The job generation park() found newest; pollers that have seen it sleep.
+  std::atomic<uint32_t> park_gen_{~uint32_t(0)};
   std::atomic<int> sleepers_{0};
   std::mutex cv_mu_;
   std::condition_variable cv_;

@@ -291,7 +291,8 @@ def test_multiprocessing_fork_pool() -> None:
 def test_park_threads_ends_the_workers_polling() -> None:
     # Workers poll for FASTNN_SPIN_US after a job (here its 1 s cap, so it cannot end on its
     # own during the test); park_threads() puts them to sleep at once. The process's
-    # CPU time while the main thread sleeps shows which: ~0.4 s of polling vs ~0.
+    # CPU time while the main thread sleeps shows which: ~0.4 s of polling vs ~0
+    # (the bound leaves room for a busy machine to delay the poller).
     code = textwrap.dedent(
         """
         import time, numpy as np, fastnn
@@ -311,7 +312,7 @@ def test_park_threads_ends_the_workers_polling() -> None:
         polling, parked = idle_cpu(False), idle_cpu(True)
         assert np.array_equal(cpu.relu(x), want)  # the next job wakes them
         print(polling, parked)
-        assert polling > 0.2 and parked < 0.05, (polling, parked)
+        assert polling > 0.1 and parked < 0.05, (polling, parked)  # ~0.4 vs ~0 when idle
         """
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=PKG_ROOT, capture_output=True,
