@@ -179,6 +179,34 @@ bool relu_maxpool2x2_forward<float>(const float* __restrict m, int64_t C, int64_
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// The pass both share: per channel and pooled row, winners(row, ka, kb, kc, kd)
+// names the tap of each lane that gets its gradient (and returns the lanes that
+// get one at all); the pooled gradient, permuted once into the taps' lane
+// order, is kept on those lanes, summed into gb and stored to the taps.
+template <typename Winners>
+inline void route_2x2(const float* __restrict g, int64_t C, int64_t OH, int64_t OW,
+                      float* __restrict gm, float* __restrict gb, const Winners& winners) {
+  const int64_t W = 2 * OW;
+  const __m512i order = window_order();
+  const __mmask16 cols = static_cast<__mmask16>((1u << OW) - 1u);
+  for (int64_t ch = 0; ch < C; ++ch) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t oh = 0; oh < OH; ++oh) {
+      const int64_t row = ch * OH + oh;
+      __mmask16 ka, kb, kc, kd;
+      const __mmask16 live = winners(row, ka, kb, kc, kd);
+      // Lanes past OW load 0, so they add nothing to the sum.
+      const __m512 gr = _mm512_maskz_mov_ps(
+          live, _mm512_permutexvar_ps(order, _mm512_maskz_loadu_ps(cols, g + row * OW)));
+      sum = _mm512_add_ps(sum, gr);
+      store_taps_2x2(gm + row * 2 * W, W, gr, ka, kb, kc, kd);
+    }
+    if (gb) gb[ch] += _mm512_reduce_add_ps(sum);
+  }
+}
+#endif
+
 // gm (C, 2*OH, 2*OW) = the gradient at the conv output m (same shape) of
 // max_pool2d(relu(m), 2x2, stride 2), from g (C, OH, OW); gb[c] += the sum of
 // channel c's gradient when gb is given. Returns false, doing nothing, unless
@@ -201,22 +229,15 @@ bool relu_maxpool2x2_backward<float>(const float* __restrict m, const float* __r
                                      float* __restrict gb) {
   if (OW > 16) return false;
   const int64_t W = 2 * OW;
-  const __m512i order = window_order();
-  const __mmask16 cols = static_cast<__mmask16>((1u << OW) - 1u);
-  for (int64_t ch = 0; ch < C; ++ch) {
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t oh = 0; oh < OH; ++oh) {
-      const int64_t row = ch * OH + oh;
-      const Winner2x2 w = winner_2x2(load_taps_2x2(m + row * 2 * W, W));
-      // Lanes past OW load 0, so they add nothing to the sum.
-      const __m512 gr = _mm512_maskz_mov_ps(
-          w.live, _mm512_permutexvar_ps(order, _mm512_maskz_loadu_ps(cols, g + row * OW)));
-      sum = _mm512_add_ps(sum, gr);
-      store_taps_2x2(gm + row * 2 * W, W, gr, ~w.ub & ~w.uc & ~w.ud, w.ub & ~w.uc & ~w.ud,
-                     w.uc & ~w.ud, w.ud);
-    }
-    if (gb) gb[ch] += _mm512_reduce_add_ps(sum);
-  }
+  route_2x2(g, C, OH, OW, gm, gb,
+            [&](int64_t row, __mmask16& ka, __mmask16& kb, __mmask16& kc, __mmask16& kd) {
+              const Winner2x2 w = winner_2x2(load_taps_2x2(m + row * 2 * W, W));
+              ka = ~w.ub & ~w.uc & ~w.ud;
+              kb = w.ub & ~w.uc & ~w.ud;
+              kc = w.uc & ~w.ud;
+              kd = w.ud;
+              return w.live;
+            });
   return true;
 }
 #endif
@@ -233,28 +254,19 @@ bool codes2x2_backward<float>(const uint8_t* __restrict codes, const float* __re
                               int64_t C, int64_t OH, int64_t OW, float* __restrict gm,
                               float* __restrict gb) {
   if (OW > 16) return false;
-  const int64_t W = 2 * OW;
   const __m512i order = window_order();
   const __mmask16 cols = static_cast<__mmask16>((1u << OW) - 1u);
-  for (int64_t ch = 0; ch < C; ++ch) {
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t oh = 0; oh < OH; ++oh) {
-      const int64_t row = ch * OH + oh;
-      // Lanes past OW read code 0 and gradient 0: they store zeros past the row.
-      const __m512i c = _mm512_permutexvar_epi32(
-          order, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(cols, codes + row * OW)));
-      const __mmask16 ka = _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(0));
-      const __mmask16 kb = _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(1));
-      const __mmask16 kc = _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(2));
-      const __mmask16 kd = _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(3));
-      const __m512 gr = _mm512_maskz_mov_ps(
-          ka | kb | kc | kd,
-          _mm512_permutexvar_ps(order, _mm512_maskz_loadu_ps(cols, g + row * OW)));
-      sum = _mm512_add_ps(sum, gr);
-      store_taps_2x2(gm + row * 2 * W, W, gr, ka, kb, kc, kd);
-    }
-    if (gb) gb[ch] += _mm512_reduce_add_ps(sum);
-  }
+  route_2x2(g, C, OH, OW, gm, gb,
+            [&](int64_t row, __mmask16& ka, __mmask16& kb, __mmask16& kc, __mmask16& kd) {
+              // Lanes past OW read code 0 and gradient 0: they store zeros past the row.
+              const __m512i c = _mm512_permutexvar_epi32(
+                  order, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(cols, codes + row * OW)));
+              ka = _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(0));
+              kb = _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(1));
+              kc = _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(2));
+              kd = _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(3));
+              return static_cast<__mmask16>(ka | kb | kc | kd);
+            });
   return true;
 }
 #endif

@@ -82,13 +82,6 @@ inline Shape make_shape(int64_t Cin, int64_t Cout, int64_t H, int64_t W, int64_t
   return s;
 }
 
-// Distance between transform positions in a buffer holding n floats per
-// position. n is typically a multiple of 1 KB, so the 36 lines a tile
-// transform writes (or the output transform reads) would fall into a few L1
-// sets and evict each other (measured: 2x slower input transform for the
-// 32-channel, 48-tile forward block); one extra line per position spreads them.
-inline int64_t pos_stride(int64_t n) { return n + L; }
-
 // Whether F(4x4) beats F(2x2) for a plane: it needs 4 tile columns (OW in
 // 13..16), and its padded multiply count (36 per 16-lane slot) must be clearly
 // below F(2x2)'s (16 per 2x2 tile): the transforms cost more per product.
@@ -428,7 +421,7 @@ inline void input_block(const Shape& s, const float* x, int64_t x_img, int64_t n
     for (int64_t c = 0; c < s.Cin; ++c)
       for (int64_t k = 0; k < s.chunks; ++k)
         input_chunk(wd, k, x + n * x_img + c * s.H * s.W, V + c * T + ((n - n0) * s.chunks + k) * L,
-                    pos_stride(s.Cin * T));
+                    pos_stride<float>(s.Cin * T));
 }
 
 // Output channel o's 16 tiles of chunk k: y plane rows 4*(4k + thl) + i.
@@ -488,8 +481,8 @@ inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, co
   if (nt > 1 && blocks >= nt) blocks = std::min(N, (blocks + nt - 1) / nt * nt);
   const int64_t per_image = s.chunks * L, Tmax = ((N + blocks - 1) / blocks) * per_image;
   auto body = [&](int64_t b0, int64_t b1) {
-    Scratch<float> V(kSlotWinoIn, 36 * pos_stride(s.Cin * Tmax)),
-        M(kSlotWinoOut, 36 * pos_stride(RO * Tmax));
+    Scratch<float> V(kSlotWinoIn, 36 * pos_stride<float>(s.Cin * Tmax)),
+        M(kSlotWinoOut, 36 * pos_stride<float>(RO * Tmax));
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = N * blk / blocks, n1 = N * (blk + 1) / blocks, T = (n1 - n0) * per_image;
       const int64_t nvec = T / L;
@@ -497,8 +490,8 @@ inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, co
       for (int64_t ob = 0; ob < s.OB; ++ob) {
         for (int pos = 0; pos < 36; ++pos) {
           const float* u = U + (ob * s.Cin * 36 + pos) * RO;
-          const float* v = V.get() + pos * pos_stride(s.Cin * T);
-          float* m = M.get() + pos * pos_stride(RO * T);
+          const float* v = V.get() + pos * pos_stride<float>(s.Cin * T);
+          float* m = M.get() + pos * pos_stride<float>(RO * T);
           int64_t t = 0;
           // Panels of RO channels, 36 * RO floats per input channel (U's layout).
           for (; t + NV <= nvec; t += NV)
@@ -510,7 +503,7 @@ inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, co
           const int64_t o = ob * RO + r;
           for (int64_t n = n0; n < n1; ++n)
             for (int64_t k = 0; k < s.chunks; ++k)
-              output_chunk(s, k, M.get() + r * T + (n - n0) * per_image + k * L, pos_stride(RO * T),
+              output_chunk(s, k, M.get() + r * T + (n - n0) * per_image + k * L, pos_stride<float>(RO * T),
                            bias ? bias[o] : 0.f, y + n * y_img + o * s.OH * s.OW);
         }
       }
@@ -615,9 +608,9 @@ inline void weight_grad_range(const Shape& s, int64_t n0, int64_t n1, const floa
   const Window win(s.H, s.W, s.ph, s.pw, s.TH), wgy(s.OH, s.OW, 0, 0, s.TH);
   const int64_t per_image = s.chunks * L, Cp = padded_channels(s.Cin), cvecs = Cp / L;
   const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(n1 - n0, 4 / s.chunks));
-  Scratch<float> VT(kSlotWinoIn, 36 * pos_stride(Cp * nb * per_image));
-  Scratch<float> dM(kSlotWinoOut, 36 * pos_stride(kWRows * nb * per_image));
-  Scratch<float> tmp(kSlotWinoGrid, 36 * pos_stride(L * L));  // 16 channels x 16 tiles per position
+  Scratch<float> VT(kSlotWinoIn, 36 * pos_stride<float>(Cp * nb * per_image));
+  Scratch<float> dM(kSlotWinoOut, 36 * pos_stride<float>(kWRows * nb * per_image));
+  Scratch<float> tmp(kSlotWinoGrid, 36 * pos_stride<float>(L * L));  // 16 channels x 16 tiles per position
   for (int64_t b = n0; b < n1; b += nb) {
     const int64_t e = std::min(n1, b + nb), T = (e - b) * per_image;
     for (int64_t n = b; n < e; ++n) {
@@ -627,13 +620,13 @@ inline void weight_grad_range(const Shape& s, int64_t n0, int64_t n1, const floa
           const int64_t nc = std::min<int64_t>(L, s.Cin - c0);
           for (int64_t ci = 0; ci < nc; ++ci)
             input_chunk(win, k, x + n * x_img + (c0 + ci) * s.H * s.W, tmp.get() + ci * L,
-                        pos_stride(L * L));
+                        pos_stride<float>(L * L));
           for (int pos = 0; pos < 36; ++pos) {
             __m512 r[16];
             for (int ci = 0; ci < L; ++ci)
-              r[ci] = ci < nc ? _mm512_loadu_ps(tmp.get() + pos * pos_stride(L * L) + ci * L) : _mm512_setzero_ps();
+              r[ci] = ci < nc ? _mm512_loadu_ps(tmp.get() + pos * pos_stride<float>(L * L) + ci * L) : _mm512_setzero_ps();
             transpose16(r);
-            float* dst = VT.get() + pos * pos_stride(T * Cp) + slot * Cp + c0;
+            float* dst = VT.get() + pos * pos_stride<float>(T * Cp) + slot * Cp + c0;
             for (int l = 0; l < L; ++l) _mm512_storeu_ps(dst + l * Cp, r[l]);
           }
         }
@@ -648,9 +641,9 @@ inline void weight_grad_range(const Shape& s, int64_t n0, int64_t n1, const floa
         for (int64_t n = b; n < e; ++n)
           for (int64_t k = 0; k < s.chunks; ++k)
             grad_chunk(wgy, k, gy + n * gy_img + (o0 + r) * s.OH * s.OW,
-                       dM.get() + r * T + (n - b) * per_image + k * L, pos_stride(kWRows * T));
+                       dM.get() + r * T + (n - b) * per_image + k * L, pos_stride<float>(kWRows * T));
       for (int pos = 0; pos < 36; ++pos)
-        wgrad_tile(nr, dM.get() + pos * pos_stride(kWRows * T), T, VT.get() + pos * pos_stride(T * Cp),
+        wgrad_tile(nr, dM.get() + pos * pos_stride<float>(kWRows * T), T, VT.get() + pos * pos_stride<float>(T * Cp),
                    Cp, T, cvecs, dU + (o0 * 36 + pos) * Cp, 36 * Cp);
       o0 += nr;
     }
