@@ -290,15 +290,16 @@ def test_conv2d_matches_reference(rng, dtype, case):
 
 
 # Winograd F(4x4, 3x3) (AVX-512 float32; other builds and float64 run F(2x2)):
-# chosen for output rows 13..16 wide when its padded product count is at most
-# 4/5 of F(2x2)'s (csrc/kernels/winograd_f4.h: preferred). Cases sit on both
-# sides of each rule; all must match the reference either way.
+# chosen for output rows 13..16 wide (csrc/kernels/winograd_f4.h) or 17..28
+# wide (winograd_f4_rows.h) when its padded product count is at most 4/5 of
+# F(2x2)'s (their `preferred`). Cases sit on both sides of each rule; all must
+# match the reference either way.
 WINO4_CASES = [
     # n, c, h, w, o, padding, groups
     (3, 32, 13, 13, 64, ONE, 1),  # the 32 -> 64 13x13 layer
     (2, 8, 13, 12, 8, ONE, 1),  # OW 12: F(2x2)
     (2, 8, 13, 16, 8, ONE, 1),  # OW 16: F(4x4), last tile column full
-    (2, 8, 13, 17, 8, ONE, 1),  # OW 17: F(2x2)
+    (2, 8, 13, 17, 8, ONE, 1),  # OW 17: F(4x4) by tile rows, 5 tile columns
     (2, 8, 4, 13, 8, ONE, 1),  # OH 4: one tile row, F(2x2) by cost
     (2, 8, 17, 13, 8, ONE, 1),  # OH 17: 5 tile rows, F(2x2) by cost
     (2, 9, 25, 14, 10, ONE, 1),  # OH 25: F(4x4), second vector 3/4 full
@@ -312,6 +313,15 @@ WINO4_CASES = [
     # F(2x2) products kernel: tiles padded to whole vectors, channels to panels.
     (5, 32, 12, 12, 64, ZERO, 1),  # strong 32 -> 64: 3-image blocks of 75 tiles, then 2
     (2, 16, 26, 26, 12, ZERO, 1),  # 24x24 output: 144 tiles (whole vectors), 12 outputs
+    # F(4x4) by tile rows: two tile rows per vector, 4-image blocks at 24x24.
+    (5, 32, 26, 26, 32, ZERO, 1),  # strong 32 -> 32: forward 24 wide, backward-input 26
+    (1, 8, 28, 28, 9, ONE, 1),  # OW 28: 7 tile columns, window columns -1 .. 30
+    (2, 8, 30, 30, 8, ZERO, 1),  # forward 28 wide; backward-input 30 wide: F(2x2)
+    (2, 9, 19, 21, 10, (2, 2), 1),  # odd sizes, partial tiles both ways, padding 2
+    (2, 9, 18, 17, 11, (0, 1), 1),  # asymmetric padding, OH 16 (2 tile-row pairs)
+    (3, 8, 3, 24, 8, ONE, 1),  # one tile row: a pair without its second row
+    (2, 8, 22, 20, 8, ZERO, 1),  # 20x18 output: 5 tile rows, the last pair single
+    (1, 16, 22, 22, 16, ONE, 2),  # groups, batch 1
 ]
 
 
@@ -329,26 +339,30 @@ def test_conv2d_winograd_tiles(rng, dtype, case):
           R.conv2d_backward_weight(gy, x, (3, 3), ONE, p, ONE, g), dtype)
 
 
-def test_conv2d_winograd_f4_error_vs_float64(rng):
-    # F(4x4) rounds more than F(2x2) (measured max |err| / max |y| on this
-    # layer: ~1.3e-6 forward, ~2.6e-6 backward-input, ~1.7e-6 backward-weight,
-    # against a float64 reference); 1e-5 leaves room for other seeds while
-    # still catching a worse point set (0, +-1, +-2 measured 4e-6 .. 7e-6 and
-    # fails test_functional's 2e-4 absolute tolerance on unscaled weights).
-    n, c, o, hw = 8, 32, 64, 13
+@pytest.mark.parametrize(("c", "o", "hw", "p"), [(32, 64, 13, ONE), (32, 32, 26, ZERO)],
+                         ids=["13x13", "26x26-rows"])
+def test_conv2d_winograd_f4_error_vs_float64(rng, c, o, hw, p):
+    # F(4x4) rounds more than F(2x2) (measured max |err| / max |y| on the
+    # 13x13 layer: ~1.3e-6 forward, ~2.6e-6 backward-input, ~1.7e-6
+    # backward-weight, against a float64 reference; the strong preset's 26x26
+    # layer, by tile rows: ~1.1e-6, ~1.9e-6, ~1.7e-6); 1e-5 leaves room for
+    # other seeds while still catching a worse point set (0, +-1, +-2 measured
+    # 4e-6 .. 7e-6 and fails test_functional's 2e-4 absolute tolerance on
+    # unscaled weights).
+    n = 8
     x = randn(rng, (n, c, hw, hw), np.float32)
     wt = (randn(rng, (o, c, 3, 3), np.float64) / np.sqrt(9 * c)).astype(np.float32)
     b = randn(rng, (o,), np.float32)
     x64, w64, b64 = (a.astype(np.float64) for a in (x, wt, b))
-    y = _C.conv2d(x, wt, b, ONE, ONE, ONE, 1)
+    y = _C.conv2d(x, wt, b, ONE, p, ONE, 1)
     gy = randn(rng, y.shape, np.float32)
     gy64 = gy.astype(np.float64)
     pairs = [
-        (y, R.conv2d(x64, w64, b64, ONE, ONE, ONE, 1)),
-        (_C.conv2d_backward_input(gy, wt, (hw, hw), ONE, ONE, ONE, 1),
-         R.conv2d_backward_input(gy64, w64, (hw, hw), ONE, ONE, ONE, 1)),
-        (_C.conv2d_backward_weight(gy, x, (3, 3), ONE, ONE, ONE, 1),
-         R.conv2d_backward_weight(gy64, x64, (3, 3), ONE, ONE, ONE, 1)),
+        (y, R.conv2d(x64, w64, b64, ONE, p, ONE, 1)),
+        (_C.conv2d_backward_input(gy, wt, (hw, hw), ONE, p, ONE, 1),
+         R.conv2d_backward_input(gy64, w64, (hw, hw), ONE, p, ONE, 1)),
+        (_C.conv2d_backward_weight(gy, x, (3, 3), ONE, p, ONE, 1),
+         R.conv2d_backward_weight(gy64, x64, (3, 3), ONE, p, ONE, 1)),
     ]
     for got, want in pairs:
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

@@ -10,9 +10,9 @@
 //   FMAs on them (bias fused). A generic GEMM would spend most of its time
 //   packing such skinny operands.
 // * Winograd for stride-1 undilated 3x3 convs with >= 8 channels each way
-//   (deeper layers, e.g. 32 -> 64 on 13x13): F(4x4, 3x3) (winograd_f4.h) on
-//   AVX-512 float32 where its tiles fit the plane, else F(2x2, 3x3)
-//   (winograd.h).
+//   (deeper layers, e.g. 32 -> 64 on 13x13): F(4x4, 3x3) on AVX-512 float32
+//   where its tiles fit the plane (winograd_f4.h: output rows 13..16 wide;
+//   winograd_f4_rows.h: 17..28 wide), else F(2x2, 3x3) (winograd.h).
 // * im2col + gemm otherwise (other deep layers, strides, dilations): per image and
 //   group, a block of output rows is unfolded into a (K, rows*OW) column matrix
 //   small enough to stay in L2, and the ISA's gemm does the work. 1x1 stride-1
@@ -33,6 +33,7 @@
 #include "kernels/simd.h"
 #include "kernels/winograd.h"
 #include "kernels/winograd_f4.h"
+#include "kernels/winograd_f4_rows.h"
 
 namespace fastnn {
 namespace FASTNN_ISA_NS {
@@ -54,9 +55,10 @@ struct Geom {
   bool wino;                // Winograd F(4x4) or F(2x2) (all three passes)
 };
 
-// Winograd (stride-1 undilated 3x3): F(4x4, 3x3) (winograd_f4.h; AVX-512
-// float32, output rows 13..16 wide, e.g. the 32 -> 64 13x13 layer) where its
-// padded product count is clearly below F(2x2)'s, else F(2x2, 3x3)
+// Winograd (stride-1 undilated 3x3): F(4x4, 3x3) (AVX-512 float32; output
+// rows 13..16 wide, e.g. the 32 -> 64 13x13 layer, in winograd_f4.h, 17..28
+// wide, e.g. the strong preset's 24x24 planes, in winograd_f4_rows.h) where
+// its padded product count is clearly below F(2x2)'s, else F(2x2, 3x3)
 // (winograd.h; every ISA and dtype); see wino4_*.
 // Winograd pays off once both channel counts fill a gemm reasonably. Its
 // transformed input and products for one image take 16 * (Cin + Cout) * tiles
@@ -500,8 +502,9 @@ void conv_small_backward_weight(const Conv2dParams& p, const Geom& g, const T* g
 }
 
 // --- Winograd F(4x4, 3x3) -----------------------------------------------------
-// Used instead of F(2x2) where winograd_f4.h applies (AVX-512 float32, output
-// rows 13..16 wide, enough tile rows to fill its 16-tile vectors). Each
+// Used instead of F(2x2) where winograd_f4_rows.h (AVX-512 float32, output
+// rows 17..28 wide) or winograd_f4.h (13..16 wide, enough tile rows to fill
+// its 16-tile vectors) applies. Each
 // returns false, doing nothing, when it does not apply; double and the other
 // ISA builds stay on F(2x2), whose rounding error is lower.
 
@@ -519,43 +522,64 @@ bool wino4_backward_weight(const Conv2dParams&, const Geom&, const T*, const T*,
 }
 
 #if defined(__AVX512F__)
+// y (N, R, OH, OW) = conv3x3(x (N, C, H, W)) per group, with F(4x4) by tile
+// rows where that applies, else winograd_f4.h's layout (the caller checked
+// that one of them does); the filter of (r, c) is w[r*rs + c*cs].
+void wino4_conv(int64_t G, int64_t N, int64_t C, int64_t R, int64_t H, int64_t W, int64_t OH,
+                int64_t OW, int64_t ph, int64_t pw, const float* x, int64_t x_img, const float* w,
+                int64_t rs, int64_t cs, int64_t w_group, bool rotate, const float* b, float* y,
+                int64_t y_img) {
+  namespace f4 = winograd::f4;
+  namespace f4r = winograd::f4rows;
+  const bool rows = f4r::preferred(OH, OW);
+  const f4::Shape s = f4::make_shape(C, R, H, W, OH, OW, ph, pw);
+  const f4r::Shape sr = f4r::make_shape(C, R, H, W, OH, OW, ph, pw);
+  Scratch<float> U(kSlotWeights, 36 * s.OB * f4::RO * C);
+  for (int64_t gi = 0; gi < G; ++gi) {
+    f4::transform_weights(w + gi * w_group, R, C, rs, cs, rotate, U.get());
+    const float* xg = x + gi * C * H * W;
+    const float* bg = b ? b + gi * R : nullptr;
+    float* yg = y + gi * R * OH * OW;
+    if (rows) {
+      f4r::forward(sr, N, xg, x_img, U.get(), bg, yg, y_img);
+    } else {
+      f4::forward(s, N, xg, x_img, U.get(), bg, yg, y_img);
+    }
+  }
+}
+
+inline bool wino4_applies(int64_t OH, int64_t OW) {
+  return winograd::f4rows::preferred(OH, OW) || winograd::f4::preferred(OH, OW);
+}
+
 template <>
 bool wino4_forward<float>(const Conv2dParams& p, const Geom& g, const float* x, const float* w,
                           const float* b, float* y) {
-  if (!winograd::f4::preferred(p.OH, p.OW)) return false;
-  namespace f4 = winograd::f4;
-  const f4::Shape s = f4::make_shape(g.Cg, g.Og, p.H, p.W, p.OH, p.OW, p.ph, p.pw);
-  Scratch<float> U(kSlotWeights, 36 * s.OB * f4::RO * g.Cg);
-  for (int64_t gi = 0; gi < g.G; ++gi) {
-    f4::transform_weights(w + gi * g.Og * g.K, g.Og, g.Cg, g.K, int64_t(9), false, U.get());
-    f4::forward(s, p.N, x + gi * g.Cg * p.H * p.W, p.C * p.H * p.W, U.get(),
-                b ? b + gi * g.Og : nullptr, y + gi * g.Og * g.P, p.O * g.P);
-  }
+  if (!wino4_applies(p.OH, p.OW)) return false;
+  wino4_conv(g.G, p.N, g.Cg, g.Og, p.H, p.W, p.OH, p.OW, p.ph, p.pw, x, p.C * p.H * p.W, w, g.K,
+             9, g.Og * g.K, false, b, y, p.O * g.P);
   return true;
 }
 
 template <>
 bool wino4_backward_input<float>(const Conv2dParams& p, const Geom& g, const float* gy,
                                  const float* w, float* gx) {
-  if (p.ph > 2 || p.pw > 2 || !winograd::f4::preferred(p.H, p.W)) return false;
-  namespace f4 = winograd::f4;
+  if (p.ph > 2 || p.pw > 2 || !wino4_applies(p.H, p.W)) return false;
   // 3x3 conv of grad_out with rotated, channel-swapped filters, padding 2 - p.
-  const f4::Shape s = f4::make_shape(g.Og, g.Cg, p.OH, p.OW, p.H, p.W, 2 - p.ph, 2 - p.pw);
-  Scratch<float> U(kSlotWeights, 36 * s.OB * f4::RO * g.Og);
-  for (int64_t gi = 0; gi < g.G; ++gi) {
-    f4::transform_weights(w + gi * g.Og * g.K, g.Cg, g.Og, int64_t(9), g.K, true, U.get());
-    f4::forward(s, p.N, gy + gi * g.Og * g.P, p.O * g.P, U.get(), nullptr,
-                gx + gi * g.Cg * p.H * p.W, p.C * p.H * p.W);
-  }
+  wino4_conv(g.G, p.N, g.Og, g.Cg, p.OH, p.OW, p.H, p.W, 2 - p.ph, 2 - p.pw, gy, p.O * g.P, w, 9,
+             g.K, g.Og * g.K, true, nullptr, gx, p.C * p.H * p.W);
   return true;
 }
 
 template <>
 bool wino4_backward_weight<float>(const Conv2dParams& p, const Geom& g, const float* gy,
                                   const float* x, float* gw) {
-  if (!winograd::f4::preferred(p.OH, p.OW)) return false;
   namespace f4 = winograd::f4;
+  namespace f4r = winograd::f4rows;
+  if (!wino4_applies(p.OH, p.OW)) return false;
+  const bool rows = f4r::preferred(p.OH, p.OW);
   const f4::Shape s = f4::make_shape(g.Cg, g.Og, p.H, p.W, p.OH, p.OW, p.ph, p.pw);
+  const f4r::Shape sr = f4r::make_shape(g.Cg, g.Og, p.H, p.W, p.OH, p.OW, p.ph, p.pw);
   // Image ranges with private dU partials, which the untransform adds in
   // range order (in double), so the result does not depend on thread timing.
   const int64_t chunks = image_ranges(p.N);
@@ -564,9 +588,15 @@ bool wino4_backward_weight<float>(const Conv2dParams& p, const Geom& g, const fl
   for_image_ranges(p.N, chunks, [&](int64_t c, int64_t n0, int64_t n1) {
     zero_row(dU.get() + c * g.G * usize, g.G * usize);
     for (int64_t gi = 0; gi < g.G; ++gi)
-      f4::weight_grad_range(s, n0, n1, gy + gi * g.Og * g.P, p.O * g.P,
-                            x + gi * g.Cg * p.H * p.W, p.C * p.H * p.W,
-                            dU.get() + (c * g.G + gi) * usize);
+      if (rows) {
+        f4r::weight_grad_range(sr, n0, n1, gy + gi * g.Og * g.P, p.O * g.P,
+                               x + gi * g.Cg * p.H * p.W, p.C * p.H * p.W,
+                               dU.get() + (c * g.G + gi) * usize);
+      } else {
+        f4::weight_grad_range(s, n0, n1, gy + gi * g.Og * g.P, p.O * g.P,
+                              x + gi * g.Cg * p.H * p.W, p.C * p.H * p.W,
+                              dU.get() + (c * g.G + gi) * usize);
+      }
   });
   for (int64_t gi = 0; gi < g.G; ++gi)
     f4::untransform_weight_grad(dU.get() + gi * usize, chunks, g.G * usize, g.Og, g.Cg, Cp, g.K,

@@ -458,6 +458,25 @@ inline void output_chunk(const Shape& s, int64_t k, const float* Mo, int64_t ldp
   }
 }
 
+// Mb[pos] (RO x T) = U panel (RO x C at pos) @ V[pos] (C x T) for the 36
+// positions; U points at the panel (36 * RO floats per input channel, the
+// packed layout above), V and Mb positions vpos and mpos apart, T a whole
+// number of vectors.
+inline void panel_products(const float* U, int64_t C, const float* V, int64_t vpos, int64_t T,
+                           float* M, int64_t mpos) {
+  const int64_t nvec = T / L;
+  for (int pos = 0; pos < 36; ++pos) {
+    const float* u = U + pos * RO;
+    const float* v = V + pos * vpos;
+    float* m = M + pos * mpos;
+    int64_t t = 0;
+    for (; t + NV <= nvec; t += NV)
+      prod_micro<float, NV>(u, 36 * RO, v + t * L, C, T, m + t * L, T);
+    if (nvec - t == 2) prod_micro<float, 2>(u, 36 * RO, v + t * L, C, T, m + t * L, T);
+    if (nvec - t == 1) prod_micro<float, 1>(u, 36 * RO, v + t * L, C, T, m + t * L, T);
+  }
+}
+
 // Images per block: about NV vectors of tiles for the forward kernel, fewer
 // when that would leave a thread without a block.
 inline int64_t images_per_block(const Shape& s, int64_t N, int64_t vectors) {
@@ -485,20 +504,10 @@ inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, co
         M(kSlotWinoOut, 36 * pos_stride<float>(RO * Tmax));
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = N * blk / blocks, n1 = N * (blk + 1) / blocks, T = (n1 - n0) * per_image;
-      const int64_t nvec = T / L;
       input_block(s, x, x_img, n0, n1, T, V.get());
       for (int64_t ob = 0; ob < s.OB; ++ob) {
-        for (int pos = 0; pos < 36; ++pos) {
-          const float* u = U + (ob * s.Cin * 36 + pos) * RO;
-          const float* v = V.get() + pos * pos_stride<float>(s.Cin * T);
-          float* m = M.get() + pos * pos_stride<float>(RO * T);
-          int64_t t = 0;
-          // Panels of RO channels, 36 * RO floats per input channel (U's layout).
-          for (; t + NV <= nvec; t += NV)
-            prod_micro<float, NV>(u, 36 * RO, v + t * L, s.Cin, T, m + t * L, T);
-          if (nvec - t == 2) prod_micro<float, 2>(u, 36 * RO, v + t * L, s.Cin, T, m + t * L, T);
-          if (nvec - t == 1) prod_micro<float, 1>(u, 36 * RO, v + t * L, s.Cin, T, m + t * L, T);
-        }
+        panel_products(U + ob * s.Cin * 36 * RO, s.Cin, V.get(), pos_stride<float>(s.Cin * T), T,
+                       M.get(), pos_stride<float>(RO * T));
         for (int64_t r = 0; r < RO && ob * RO + r < s.Cout; ++r) {
           const int64_t o = ob * RO + r;
           for (int64_t n = n0; n < n1; ++n)

@@ -1,0 +1,308 @@
+// Winograd F(4x4, 3x3) for float32 stride-1 undilated 3x3 convolutions whose
+// output rows are 17..28 wide (AVX-512 builds only; included by conv2d.cpp
+// after winograd_f4.h, whose matrices, 1-D transforms, packed weights,
+// weight-gradient untransform and product tile it uses).
+//
+// Why: on the strong preset's 24x24 planes F(2x2) needs 12x12 tiles x 16 =
+// 2304 multiplies per image and channel pair, F(4x4) 6x6 tiles x 36 = 1296,
+// and F(4x4) writes 36 transformed values per 16 outputs where F(2x2) writes
+// 64 (its transforms are bound by those stores: ~40% of its 26x26 backward-
+// input on one Emerald Rapids core). winograd_f4.h's layout, 4 x 4 tiles per
+// vector, fits 13..16-wide rows only: on these planes its padded slots bring
+// the multiply count back to F(2x2)'s.
+//
+// Layout. A block's tiles are numbered in raster order, image by image:
+// slot = image * TH * TW + th * TW + tw, T slots in all (a whole number of
+// vectors; slots past the tiles are zero). Products need no padding but the
+// last vector's.
+//   V[pos][c][T]       transformed input (pos_stride apart)
+//   U[ob][c][pos][RO]  transformed weights (winograd_f4.h's packed panels)
+//   Mb[pos][RO][T]     products of one panel of RO output channels
+//   dM[pos][o][T]      transformed grad_out (backward-weight)
+//
+// Transforms. Two tile rows share a vector (2 * TW <= 14 of its 16 lanes).
+// The 1-D pass over tap rows runs first, on whole plane rows (lanes = plane
+// columns, two vectors cover the 4 * TW + 2 <= 32 columns of a tile row); one
+// two-source permute per tap column then gathers column 4 * tw + j of each
+// tile into lane tw (plus a blend for the pair's second row), and the 1-D
+// pass over tap columns finishes the tile. The output transform runs the same
+// steps backwards.
+#pragma once
+
+#if defined(__AVX512F__)
+
+#include <algorithm>
+#include <cstdint>
+
+#include "fastnn/parallel.h"
+#include "kernels/gemm.h"
+#include "kernels/ops.h"
+#include "kernels/winograd_f4.h"
+
+namespace fastnn {
+namespace FASTNN_ISA_NS {
+namespace winograd {
+namespace f4rows {
+
+#define FASTNN_F4R_INLINE inline __attribute__((always_inline))
+
+using f4::L;
+using f4::RO;
+using f4::Window;
+
+struct Shape {
+  int64_t Cin, Cout;  // channels in / out (per group)
+  int64_t H, W;       // input plane
+  int64_t OH, OW;     // output plane, 17 <= OW <= 28
+  int64_t ph, pw;     // zero padding (top/left)
+  int64_t TH, TW;     // tile rows / columns: ceil(OH / 4), ceil(OW / 4)
+  int64_t OB;         // panels of RO output channels
+};
+
+inline Shape make_shape(int64_t Cin, int64_t Cout, int64_t H, int64_t W, int64_t OH, int64_t OW,
+                        int64_t ph, int64_t pw) {
+  return Shape{Cin, Cout, H, W, OH, OW, ph, pw, (OH + 3) / 4, (OW + 3) / 4, (Cout + RO - 1) / RO};
+}
+
+// Whether this path takes a plane: a tile row's 4 * TW + 2 grid columns fit
+// two vectors (OW <= 28), narrower rows are winograd_f4.h's or F(2x2)'s, and
+// the multiply count (36 per 4x4 tile) is clearly below F(2x2)'s (16 per 2x2
+// tile), as in f4::preferred.
+inline bool preferred(int64_t OH, int64_t OW) {
+  if (OW < 17 || OW > 28 || OH < 1) return false;
+  const int64_t f4 = 36 * ((OH + 3) / 4) * ((OW + 3) / 4);
+  const int64_t f2 = 16 * ((OH + 1) / 2) * ((OW + 1) / 2);
+  return 5 * f4 <= 4 * f2;
+}
+
+inline __mmask16 lanes(int64_t n) {
+  return static_cast<__mmask16>((1u << std::clamp<int64_t>(n, 0, 16)) - 1u);
+}
+
+// Permute indices for tile-row width TW (see the top).
+struct Perms {
+  __m512i tap[6];     // lane l (tile column l % TW of the pair's row l / TW): column 4 * (l % TW) + j
+  __m512i out[2][2];  // [row of the pair][column half]: Y lane of output column 4 * tw + jj
+  __mmask16 second;   // lanes of the pair's second row
+  explicit Perms(int64_t TW) {
+    alignas(64) int32_t idx[16];
+    for (int j = 0; j < 6; ++j) {
+      for (int l = 0; l < 16; ++l)
+        idx[l] = l < 2 * TW ? static_cast<int32_t>(4 * (l % TW) + j) : 0;
+      tap[j] = _mm512_load_si512(idx);
+    }
+    // Output column c of half h is tile column tw = 4h + c / 4, tap jj = c % 4:
+    // Y[jj] lane tw (+ TW for the second row); odd jj from the permute's
+    // second source.
+    for (int t = 0; t < 2; ++t)
+      for (int h = 0; h < 2; ++h) {
+        for (int c = 0; c < 16; ++c)
+          idx[c] = static_cast<int32_t>((c % 2) * 16 + std::min<int64_t>(15, 4 * h + c / 4 + t * TW));
+        out[t][h] = _mm512_load_si512(idx);
+      }
+    second = static_cast<__mmask16>(lanes(2 * TW) & ~lanes(TW));
+  }
+};
+
+// u[h][i] = the 1-D transform f1d (NT plane rows -> 6) of tile row th, on
+// column half h of its window (rows outside the plane read as zero).
+template <int NT, typename F>
+FASTNN_F4R_INLINE void vertical(const Window& wd, int64_t th, const float* plane, __m512 (*u)[6],
+                                F f1d) {
+  __m512 lo[NT], hi[NT];
+#pragma GCC unroll 6
+  for (int r = 0; r < NT; ++r) {
+    const int64_t ih = 4 * th + r - wd.ph;
+    if (ih < 0 || ih >= wd.H) {
+      lo[r] = hi[r] = _mm512_setzero_ps();
+      continue;
+    }
+    const float* src = plane + ih * wd.W - wd.pw;
+    lo[r] = _mm512_maskz_loadu_ps(wd.lo, src);
+    hi[r] = wd.hi ? _mm512_maskz_loadu_ps(wd.hi, src + 16) : _mm512_setzero_ps();
+  }
+  f1d(lo, u[0]);
+  f1d(hi, u[1]);
+}
+
+// out[pos][0 .. n) (ldp apart) = X^T d X for the tiles of tile rows th and
+// th + 1 (if < TH) of one plane, n = TW per row; d is a tile's NT x NT taps
+// and f1d the 1-D X^T (NT -> 6): B^T for input tiles (NT = 6), A for
+// grad_out tiles (NT = 4).
+template <int NT, typename F>
+__attribute__((noinline)) void pair_transform(const Window& wd, const Perms& pm, int64_t TW,
+                                              int64_t th, const float* plane, float* out,
+                                              int64_t ldp, F f1d) {
+  const bool two = th + 1 < wd.TH;
+  __m512 a[2][6], b[2][6];
+  vertical<NT>(wd, th, plane, a, f1d);
+  if (two) vertical<NT>(wd, th + 1, plane, b, f1d);
+  const __mmask16 st = lanes((two ? 2 : 1) * TW);
+#pragma GCC unroll 6
+  for (int i = 0; i < 6; ++i) {
+    __m512 e[NT], v[6];
+#pragma GCC unroll 6
+    for (int j = 0; j < NT; ++j) {
+      e[j] = _mm512_permutex2var_ps(a[0][i], pm.tap[j], a[1][i]);
+      if (two)
+        e[j] = _mm512_mask_blend_ps(pm.second, e[j],
+                                    _mm512_permutex2var_ps(b[0][i], pm.tap[j], b[1][i]));
+    }
+    f1d(e, v);
+#pragma GCC unroll 6
+    for (int jj = 0; jj < 6; ++jj) _mm512_mask_storeu_ps(out + (i * 6 + jj) * ldp, st, v[jj]);
+  }
+}
+
+// y rows 4*th .. 4*th + 7 (those < OH) = A^T M A (+ bias) for the tiles of
+// tile rows th and th + 1 of one output channel; Mo points at its slot of tile
+// (th, 0), positions ldp apart.
+__attribute__((noinline)) inline void pair_output(const Shape& s, const Perms& pm, int64_t th,
+                                                  const float* Mo, int64_t ldp, float bias,
+                                                  float* y) {
+  const bool two = th + 1 < s.TH;
+  const __mmask16 ld = lanes((two ? 2 : 1) * s.TW);
+  __m512 q[6][4];  // A^T along each row of the 6x6 transform domain
+#pragma GCC unroll 6
+  for (int r = 0; r < 6; ++r) {
+    __m512 m[6];
+#pragma GCC unroll 6
+    for (int j = 0; j < 6; ++j) m[j] = _mm512_maskz_loadu_ps(ld, Mo + (r * 6 + j) * ldp);
+    // Column 1 of A^T is all ones: bias at (1, 1) reaches every output once.
+    if (r == 1) m[1] = _mm512_add_ps(m[1], _mm512_set1_ps(bias));
+    f4::out1d(m, q[r]);
+  }
+  __m512 Y[4][4];  // Y[i][jj], lanes = tiles
+#pragma GCC unroll 4
+  for (int jj = 0; jj < 4; ++jj) {
+    __m512 col[6], o4[4];
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; ++r) col[r] = q[r][jj];
+    f4::out1d(col, o4);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) Y[i][jj] = o4[i];
+  }
+  const __mmask16 cols[2] = {lanes(s.OW), lanes(s.OW - 16)};
+  for (int t = 0; t < (two ? 2 : 1); ++t) {
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      const int64_t oh = 4 * (th + t) + i;
+      if (oh >= s.OH) break;
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m512 e = _mm512_permutex2var_ps(Y[i][0], pm.out[t][h], Y[i][1]);
+        const __m512 o = _mm512_permutex2var_ps(Y[i][2], pm.out[t][h], Y[i][3]);
+        _mm512_mask_storeu_ps(y + oh * s.OW + 16 * h, cols[h], _mm512_mask_blend_ps(0xCCCC, e, o));
+      }
+    }
+  }
+}
+
+struct In1d {
+  FASTNN_F4R_INLINE void operator()(const __m512* d, __m512* v) const { f4::in1d(d, v); }
+};
+struct Grad1d {
+  FASTNN_F4R_INLINE void operator()(const __m512* a, __m512* v) const { f4::grad1d(a, v); }
+};
+
+// Images per block: the fewest padded slots per tile, with at most ~160 slots
+// (36 x 32 channels x 160 floats = 740 KB of V) and ties going to more images.
+inline int64_t images_per_block(int64_t per_image, int64_t N) {
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(N, 160 / per_image));
+  int64_t best = 1, best_slots = (per_image + L - 1) / L * L;
+  for (int64_t nb = 2; nb <= most; ++nb) {
+    const int64_t slots = (nb * per_image + L - 1) / L * L;
+    if (slots * best <= best_slots * nb) best = nb, best_slots = slots;  // slots/nb <= best's
+  }
+  return best;
+}
+
+// V (layout at the top, positions vpos apart) for planes [n0, n1) x Cin of
+// `x`, T slots per channel row; the slots past the tiles are zeroed.
+template <int NT, typename F>
+void transform_block(const Window& wd, const Perms& pm, int64_t TW, int64_t C, const float* x,
+                     int64_t x_img, int64_t plane, int64_t n0, int64_t n1, int64_t T, float* V,
+                     int64_t vpos, F f1d) {
+  const int64_t per_image = wd.TH * TW, tiles = (n1 - n0) * per_image;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t th = 0; th < wd.TH; th += 2)
+        pair_transform<NT>(wd, pm, TW, th, x + n * x_img + c * plane,
+                           V + c * T + (n - n0) * per_image + th * TW, vpos, f1d);
+  if (T > tiles)
+    for (int p = 0; p < 36; ++p)
+      for (int64_t c = 0; c < C; ++c) std::fill_n(V + p * vpos + c * T + tiles, T - tiles, 0.f);
+}
+
+// y[n] (Cout, OH, OW) = conv3x3(x[n] (Cin, H, W)) + bias for n in [0, N), U
+// packed by f4::transform_weights; image strides as in winograd::forward.
+inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, const float* U,
+                    const float* bias, float* y, int64_t y_img) {
+  const int64_t per_image = s.TH * s.TW, nb = images_per_block(per_image, N);
+  const int64_t nt = get_num_threads();
+  int64_t blocks = (N + nb - 1) / nb;
+  // Equal block counts per thread (the pool hands out contiguous ranges).
+  if (nt > 1 && blocks >= nt) blocks = std::min(N, (blocks + nt - 1) / nt * nt);
+  const int64_t Tmax = ((N + blocks - 1) / blocks * per_image + L - 1) / L * L;
+  const Window wd(s.H, s.W, s.ph, s.pw, s.TH);
+  const Perms pm(s.TW);
+  auto body = [&](int64_t b0, int64_t b1) {
+    Scratch<float> V(kSlotWinoIn, 36 * pos_stride<float>(s.Cin * Tmax)),
+        M(kSlotWinoOut, 36 * pos_stride<float>(RO * Tmax));
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t n0 = N * blk / blocks, n1 = N * (blk + 1) / blocks;
+      const int64_t T = ((n1 - n0) * per_image + L - 1) / L * L;
+      const int64_t vpos = pos_stride<float>(s.Cin * T), mpos = pos_stride<float>(RO * T);
+      transform_block<6>(wd, pm, s.TW, s.Cin, x, x_img, s.H * s.W, n0, n1, T, V.get(), vpos,
+                         In1d{});
+      for (int64_t ob = 0; ob < s.OB; ++ob) {
+        f4::panel_products(U + ob * s.Cin * 36 * RO, s.Cin, V.get(), vpos, T, M.get(), mpos);
+        for (int64_t r = 0; r < RO && ob * RO + r < s.Cout; ++r) {
+          const int64_t o = ob * RO + r;
+          for (int64_t n = n0; n < n1; ++n)
+            for (int64_t th = 0; th < s.TH; th += 2)
+              pair_output(s, pm, th, M.get() + r * T + (n - n0) * per_image + th * s.TW, mpos,
+                          bias ? bias[o] : 0.f, y + n * y_img + o * s.OH * s.OW);
+        }
+      }
+    }
+  };
+  if (blocks >= nt && nt > 1) {
+    parallel_for(blocks, 1, body);
+  } else {
+    body(0, blocks);
+  }
+}
+
+// dU[o][pos][c] (rows 36 * Cp apart, Cp = f4::padded_channels(Cin), the
+// layout f4::untransform_weight_grad reads) += sum over tiles of
+// dM[pos][o][t] * V[pos][c][t] for images [n0, n1).
+inline void weight_grad_range(const Shape& s, int64_t n0, int64_t n1, const float* gy,
+                              int64_t gy_img, const float* x, int64_t x_img, float* dU) {
+  const int64_t per_image = s.TH * s.TW, nb = images_per_block(per_image, n1 - n0);
+  const int64_t Tmax = (nb * per_image + L - 1) / L * L, Cp = f4::padded_channels(s.Cin);
+  const Window win(s.H, s.W, s.ph, s.pw, s.TH), wgy(s.OH, s.OW, 0, 0, s.TH);
+  const Perms pm(s.TW);
+  Scratch<float> V(kSlotWinoIn, 36 * pos_stride<float>(s.Cin * Tmax));
+  Scratch<float> dM(kSlotWinoOut, 36 * pos_stride<float>(s.Cout * Tmax));
+  for (int64_t b = n0; b < n1; b += nb) {
+    const int64_t e = std::min(n1, b + nb), T = ((e - b) * per_image + L - 1) / L * L;
+    const int64_t vpos = pos_stride<float>(s.Cin * T), mpos = pos_stride<float>(s.Cout * T);
+    transform_block<6>(win, pm, s.TW, s.Cin, x, x_img, s.H * s.W, b, e, T, V.get(), vpos,
+                       In1d{});
+    transform_block<4>(wgy, pm, s.TW, s.Cout, gy, gy_img, s.OH * s.OW, b, e, T, dM.get(), mpos,
+                       Grad1d{});
+    for (int pos = 0; pos < 36; ++pos)
+      gemm<float>(false, true, s.Cout, s.Cin, T, dM.get() + pos * mpos, T, V.get() + pos * vpos, T,
+                  dU + pos * Cp, 36 * Cp, true);
+  }
+}
+
+#undef FASTNN_F4R_INLINE
+
+}  // namespace f4rows
+}  // namespace winograd
+}  // namespace FASTNN_ISA_NS
+}  // namespace fastnn
+
+#endif  // __AVX512F__
