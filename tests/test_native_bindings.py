@@ -297,7 +297,7 @@ def test_conv2d_matches_reference(rng, dtype, case):
 WINO4_CASES = [
     # n, c, h, w, o, padding, groups
     (3, 32, 13, 13, 64, ONE, 1),  # the 32 -> 64 13x13 layer
-    (2, 8, 13, 12, 8, ONE, 1),  # OW 12: F(2x2)
+    (2, 8, 13, 12, 8, ONE, 1),  # OW 12: F(4x4) by tile rows, narrow (3 tile columns)
     (2, 8, 13, 16, 8, ONE, 1),  # OW 16: F(4x4), last tile column full
     (2, 8, 13, 17, 8, ONE, 1),  # OW 17: F(4x4) by tile rows, 5 tile columns
     (2, 8, 4, 13, 8, ONE, 1),  # OH 4: one tile row, F(2x2) by cost
@@ -310,7 +310,8 @@ WINO4_CASES = [
     (2, 8, 15, 13, 8, (0, 1), 1),  # asymmetric padding
     (1, 16, 14, 14, 16, ONE, 2),  # groups, batch 1
     (2, 17, 13, 13, 25, ONE, 1),  # channels past whole vectors / register tiles
-    # F(2x2) products kernel: tiles padded to whole vectors, channels to panels.
+    # F(2x2) products kernel (float64 here): tiles padded to whole vectors,
+    # channels to panels.
     (5, 32, 12, 12, 64, ZERO, 1),  # strong 32 -> 64: 3-image blocks of 75 tiles, then 2
     (2, 16, 26, 26, 12, ZERO, 1),  # 24x24 output: 144 tiles (whole vectors), 12 outputs
     # F(4x4) by tile rows: two tile rows per vector, 4-image blocks at 24x24.
@@ -322,6 +323,11 @@ WINO4_CASES = [
     (3, 8, 3, 24, 8, ONE, 1),  # one tile row: a pair without its second row
     (2, 8, 22, 20, 8, ZERO, 1),  # 20x18 output: 5 tile rows, the last pair single
     (1, 16, 22, 22, 16, ONE, 2),  # groups, batch 1
+    # Narrow planes: a slot vector spans up to 8 tile rows and image boundaries.
+    (17, 8, 8, 8, 8, ZERO, 1),  # 6x6 output: 2x2 tiles per image, 17 images
+    (3, 9, 11, 9, 10, ONE, 1),  # 11x9 output: 3x3 tiles, vectors start mid-row
+    (2, 8, 5, 12, 8, (1, 0), 1),  # 5x10 output: 2 tile rows, the second partial
+    (5, 64, 10, 10, 64, ZERO, 1),  # strong 64 -> 64 (backward-input 10 wide)
 ]
 
 
@@ -339,13 +345,15 @@ def test_conv2d_winograd_tiles(rng, dtype, case):
           R.conv2d_backward_weight(gy, x, (3, 3), ONE, p, ONE, g), dtype)
 
 
-@pytest.mark.parametrize(("c", "o", "hw", "p"), [(32, 64, 13, ONE), (32, 32, 26, ZERO)],
-                         ids=["13x13", "26x26-rows"])
+@pytest.mark.parametrize(("c", "o", "hw", "p"),
+                         [(32, 64, 13, ONE), (32, 32, 26, ZERO), (64, 64, 10, ZERO)],
+                         ids=["13x13", "26x26-rows", "10x10-narrow-rows"])
 def test_conv2d_winograd_f4_error_vs_float64(rng, c, o, hw, p):
     # F(4x4) rounds more than F(2x2) (measured max |err| / max |y| on the
     # 13x13 layer: ~1.3e-6 forward, ~2.6e-6 backward-input, ~1.7e-6
-    # backward-weight, against a float64 reference; the strong preset's 26x26
-    # layer, by tile rows: ~1.1e-6, ~1.9e-6, ~1.7e-6); 1e-5 leaves room for
+    # backward-weight, against a float64 reference; by tile rows, the strong
+    # preset's 26x26 layer: ~1.1e-6, ~1.9e-6, ~1.7e-6, and its 64 -> 64 10x10
+    # layer: ~1.3e-6, ~2.1e-6, ~2.2e-6); 1e-5 leaves room for
     # other seeds while still catching a worse point set (0, +-1, +-2 measured
     # 4e-6 .. 7e-6 and fails test_functional's 2e-4 absolute tolerance on
     # unscaled weights).

@@ -12,7 +12,7 @@
 // * Winograd for stride-1 undilated 3x3 convs with >= 8 channels each way
 //   (deeper layers, e.g. 32 -> 64 on 13x13): F(4x4, 3x3) on AVX-512 float32
 //   where its tiles fit the plane (winograd_f4.h: output rows 13..16 wide;
-//   winograd_f4_rows.h: 17..28 wide), else F(2x2, 3x3) (winograd.h).
+//   winograd_f4_rows.h: 5..12 and 17..28 wide), else F(2x2, 3x3) (winograd.h).
 // * im2col + gemm otherwise (other deep layers, strides, dilations): per image and
 //   group, a block of output rows is unfolded into a (K, rows*OW) column matrix
 //   small enough to stay in L2, and the ISA's gemm does the work. 1x1 stride-1
@@ -56,8 +56,8 @@ struct Geom {
 };
 
 // Winograd (stride-1 undilated 3x3): F(4x4, 3x3) (AVX-512 float32; output
-// rows 13..16 wide, e.g. the 32 -> 64 13x13 layer, in winograd_f4.h, 17..28
-// wide, e.g. the strong preset's 24x24 planes, in winograd_f4_rows.h) where
+// rows 13..16 wide, e.g. the 32 -> 64 13x13 layer, in winograd_f4.h, 5..12
+// and 17..28 wide, e.g. the strong preset's planes, in winograd_f4_rows.h) where
 // its padded product count is clearly below F(2x2)'s, else F(2x2, 3x3)
 // (winograd.h; every ISA and dtype); see wino4_*.
 // Winograd pays off once both channel counts fill a gemm reasonably. Its
@@ -503,7 +503,7 @@ void conv_small_backward_weight(const Conv2dParams& p, const Geom& g, const T* g
 
 // --- Winograd F(4x4, 3x3) -----------------------------------------------------
 // Used instead of F(2x2) where winograd_f4_rows.h (AVX-512 float32, output
-// rows 17..28 wide) or winograd_f4.h (13..16 wide, enough tile rows to fill
+// rows 5..12 or 17..28 wide) or winograd_f4.h (13..16 wide, enough tile rows to fill
 // its 16-tile vectors) applies. Each
 // returns false, doing nothing, when it does not apply; double and the other
 // ISA builds stay on F(2x2), whose rounding error is lower.

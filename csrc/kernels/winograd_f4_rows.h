@@ -1,5 +1,5 @@
 // Winograd F(4x4, 3x3) for float32 stride-1 undilated 3x3 convolutions whose
-// output rows are 17..28 wide (AVX-512 builds only; included by conv2d.cpp
+// output rows are 5..12 or 17..28 wide (AVX-512 builds only; included by conv2d.cpp
 // after winograd_f4.h, whose matrices, 1-D transforms, packed weights,
 // weight-gradient untransform and product tile it uses).
 //
@@ -20,7 +20,8 @@
 //   Mb[pos][RO][T]     products of one panel of RO output channels
 //   dM[pos][o][T]      transformed grad_out (backward-weight)
 //
-// Transforms. Two tile rows share a vector (2 * TW <= 14 of its 16 lanes).
+// Transforms (wide planes; narrow ones further down). Two tile rows share a
+// vector (2 * TW <= 14 of its 16 lanes).
 // The 1-D pass over tap rows runs first, on whole plane rows (lanes = plane
 // columns, two vectors cover the 4 * TW + 2 <= 32 columns of a tile row); one
 // two-source permute per tap column then gathers column 4 * tw + j of each
@@ -65,14 +66,16 @@ inline Shape make_shape(int64_t Cin, int64_t Cout, int64_t H, int64_t W, int64_t
 }
 
 // Whether this path takes a plane: a tile row's 4 * TW + 2 grid columns fit
-// two vectors (OW <= 28), narrower rows are winograd_f4.h's or F(2x2)'s, and
-// the multiply count (36 per 4x4 tile) is clearly below F(2x2)'s (16 per 2x2
-// tile), as in f4::preferred.
+// one vector (OW 5..12) or two (17..28; 13..16 are winograd_f4.h's), and the
+// multiply count (36 per 4x4 tile) is at most F(2x2)'s (16 per 2x2 tile).
+// Unlike winograd_f4.h's padded layout, this one transforms no more values
+// per output than F(2x2) does, so the products decide: at 10x10 (0.81x
+// F(2x2)'s multiplies) it was still 1.2-1.5x faster on one core.
 inline bool preferred(int64_t OH, int64_t OW) {
-  if (OW < 17 || OW > 28 || OH < 1) return false;
+  if (OW < 5 || (OW > 12 && OW < 17) || OW > 28 || OH < 1) return false;
   const int64_t f4 = 36 * ((OH + 3) / 4) * ((OW + 3) / 4);
   const int64_t f2 = 16 * ((OH + 1) / 2) * ((OW + 1) / 2);
-  return 5 * f4 <= 4 * f2;
+  return f4 <= f2;
 }
 
 inline __mmask16 lanes(int64_t n) {
@@ -205,6 +208,143 @@ struct Grad1d {
   FASTNN_F4R_INLINE void operator()(const __m512* a, __m512* v) const { f4::grad1d(a, v); }
 };
 
+// --- narrow planes: 2 or 3 tile columns (output rows 5..12 wide) -----------
+// A tile row's window (4 * TW + 2 <= 14 columns) fits one vector, and a vector
+// of 16 slots spans up to 7 tile rows, across image boundaries. Slot vector k
+// starts at tile column phase = 16k % TW of tile row 16k / TW; its lanes'
+// rows and columns depend only on that phase.
+constexpr int64_t kNarrowRows = 8;  // tile rows a slot vector can touch (TW >= 2, + 1)
+
+inline bool narrow(int64_t TW) { return TW <= 3; }
+
+struct NarrowPerms {
+  // [phase][j]: lane l (row offset ro, column tw) reads column 4 * tw + j of
+  // row ro's vector, which is the (ro % 2) source of the permute of rows ro & ~1.
+  __m512i tap[3][6];
+  __mmask16 pair[3][kNarrowRows / 2];  // [phase][p]: lanes of rows 2p and 2p + 1
+  __m512i out;  // output column c: Y lane c / 4 (+ the row's first lane), from Y[c % 2] of a pair
+  explicit NarrowPerms(int64_t TW) {
+    alignas(64) int32_t idx[16];
+    for (int64_t ph = 0; ph < std::min<int64_t>(TW, 3); ++ph) {
+      for (int j = 0; j < 6; ++j) {
+        for (int l = 0; l < 16; ++l) {
+          const int64_t ro = (ph + l) / TW, tw = (ph + l) % TW;
+          idx[l] = static_cast<int32_t>((ro % 2) * 16 + 4 * tw + j);
+        }
+        tap[ph][j] = _mm512_load_si512(idx);
+      }
+      for (int p = 0; p < kNarrowRows / 2; ++p) {
+        unsigned m = 0;
+        for (int l = 0; l < 16; ++l)
+          if ((ph + l) / TW / 2 == p) m |= 1u << l;
+        pair[ph][p] = static_cast<__mmask16>(m);
+      }
+    }
+    for (int c = 0; c < 16; ++c) idx[c] = (c % 2) * 16 + c / 4;
+    out = _mm512_load_si512(idx);
+  }
+};
+
+// u[i] = the 1-D transform f1d over the NT plane rows of tile row th (one
+// vector: the window's 16 columns).
+template <int NT, typename F>
+FASTNN_F4R_INLINE void vertical1(const Window& wd, int64_t th, const float* plane, __m512* u,
+                                 F f1d) {
+  __m512 d[NT];
+#pragma GCC unroll 6
+  for (int r = 0; r < NT; ++r) {
+    const int64_t ih = 4 * th + r - wd.ph;
+    d[r] = ih < 0 || ih >= wd.H ? _mm512_setzero_ps()
+                                : _mm512_maskz_loadu_ps(wd.lo, plane + ih * wd.W - wd.pw);
+  }
+  f1d(d, u);
+}
+
+// V (or dM) for the planes [n0, n1) x C of `x` on narrow planes: every slot
+// vector of the block, T slots per channel row, zero past the tiles.
+template <int NT, typename F>
+__attribute__((noinline)) void narrow_block(const Window& wd, const NarrowPerms& pm, int64_t TW,
+                                            int64_t C, const float* x, int64_t x_img,
+                                            int64_t plane, int64_t n0, int64_t n1, int64_t T,
+                                            float* V, int64_t vpos, F f1d) {
+  const int64_t rows_total = (n1 - n0) * wd.TH, tiles = rows_total * TW;
+  alignas(64) float ub[kNarrowRows][6][L];
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t k = 0; k < T / L; ++k) {
+      const int64_t g0 = L * k / TW, phase = L * k % TW;
+      const int64_t nrows = std::min(rows_total, (L * k + L - 1) / TW + 1) - g0;
+      for (int64_t r = 0; r < nrows + (nrows & 1); ++r) {  // whole pairs
+        __m512 u[6];
+        if (r < nrows) {
+          const int64_t g = g0 + r;
+          vertical1<NT>(wd, g % wd.TH, x + (n0 + g / wd.TH) * x_img + c * plane, u, f1d);
+        } else {
+          for (int i = 0; i < 6; ++i) u[i] = _mm512_setzero_ps();
+        }
+        for (int i = 0; i < 6; ++i) _mm512_store_ps(ub[r][i], u[i]);
+      }
+      const __mmask16 valid = lanes(tiles - L * k);
+      float* out = V + c * T + L * k;
+      for (int i = 0; i < 6; ++i) {
+        __m512 e[NT], v[6];
+        for (int j = 0; j < NT; ++j) {
+          const __m512i idx = pm.tap[phase][j];
+          e[j] = _mm512_permutex2var_ps(_mm512_load_ps(ub[0][i]), idx, _mm512_load_ps(ub[1][i]));
+          for (int64_t p = 1; 2 * p < nrows; ++p)
+            e[j] = _mm512_mask_blend_ps(
+                pm.pair[phase][p], e[j],
+                _mm512_permutex2var_ps(_mm512_load_ps(ub[2 * p][i]), idx,
+                                       _mm512_load_ps(ub[2 * p + 1][i])));
+        }
+        f1d(e, v);
+        for (int jj = 0; jj < 6; ++jj)
+          _mm512_storeu_ps(out + (i * 6 + jj) * vpos, _mm512_maskz_mov_ps(valid, v[jj]));
+      }
+    }
+  }
+}
+
+// y = A^T M A (+ bias) for slot vector k of a block (images from n0, TH * TW
+// tiles each) of one output channel: Mo points at its row of Mb, y at its
+// plane in image n0.
+__attribute__((noinline)) inline void narrow_output(const Shape& s, const NarrowPerms& pm,
+                                                    int64_t k, int64_t rows_total,
+                                                    const float* Mo, int64_t ldp, float bias,
+                                                    float* y, int64_t y_img) {
+  __m512 q[6][4];
+  for (int r = 0; r < 6; ++r) {
+    __m512 m[6];
+    for (int j = 0; j < 6; ++j) m[j] = _mm512_loadu_ps(Mo + L * k + (r * 6 + j) * ldp);
+    if (r == 1) m[1] = _mm512_add_ps(m[1], _mm512_set1_ps(bias));
+    f4::out1d(m, q[r]);
+  }
+  __m512 Y[4][4];
+  for (int jj = 0; jj < 4; ++jj) {
+    __m512 col[6], o4[4];
+    for (int r = 0; r < 6; ++r) col[r] = q[r][jj];
+    f4::out1d(col, o4);
+    for (int i = 0; i < 4; ++i) Y[i][jj] = o4[i];
+  }
+  const int64_t g0 = L * k / s.TW, g1 = std::min(rows_total, (L * k + L - 1) / s.TW + 1);
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t off = g * s.TW - L * k;  // lane of the row's tile 0 (may be < 0)
+    unsigned m = 0;
+    for (int64_t tw = 0; tw < s.TW; ++tw)
+      if (off + tw >= 0 && off + tw < L) m |= 0xFu << (4 * tw);
+    const __mmask16 cols = static_cast<__mmask16>(m & lanes(s.OW));
+    const __m512i idx = _mm512_add_epi32(pm.out, _mm512_set1_epi32(static_cast<int32_t>(off)));
+    const int64_t th = g % s.TH;
+    float* yp = y + (g / s.TH) * y_img;
+    for (int i = 0; i < 4; ++i) {
+      const int64_t oh = 4 * th + i;
+      if (oh >= s.OH) break;
+      const __m512 e = _mm512_permutex2var_ps(Y[i][0], idx, Y[i][1]);
+      const __m512 o = _mm512_permutex2var_ps(Y[i][2], idx, Y[i][3]);
+      _mm512_mask_storeu_ps(yp + oh * s.OW, cols, _mm512_mask_blend_ps(0xCCCC, e, o));
+    }
+  }
+}
+
 // Images per block: the fewest padded slots per tile, with at most ~160 slots
 // (36 x 32 channels x 160 floats = 740 KB of V) and ties going to more images.
 inline int64_t images_per_block(int64_t per_image, int64_t N) {
@@ -246,6 +386,8 @@ inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, co
   const int64_t Tmax = ((N + blocks - 1) / blocks * per_image + L - 1) / L * L;
   const Window wd(s.H, s.W, s.ph, s.pw, s.TH);
   const Perms pm(s.TW);
+  const NarrowPerms npm(s.TW);
+  const bool nar = narrow(s.TW);
   auto body = [&](int64_t b0, int64_t b1) {
     Scratch<float> V(kSlotWinoIn, 36 * pos_stride<float>(s.Cin * Tmax)),
         M(kSlotWinoOut, 36 * pos_stride<float>(RO * Tmax));
@@ -253,12 +395,23 @@ inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, co
       const int64_t n0 = N * blk / blocks, n1 = N * (blk + 1) / blocks;
       const int64_t T = ((n1 - n0) * per_image + L - 1) / L * L;
       const int64_t vpos = pos_stride<float>(s.Cin * T), mpos = pos_stride<float>(RO * T);
-      transform_block<6>(wd, pm, s.TW, s.Cin, x, x_img, s.H * s.W, n0, n1, T, V.get(), vpos,
-                         In1d{});
+      if (nar) {
+        narrow_block<6>(wd, npm, s.TW, s.Cin, x, x_img, s.H * s.W, n0, n1, T, V.get(), vpos,
+                        In1d{});
+      } else {
+        transform_block<6>(wd, pm, s.TW, s.Cin, x, x_img, s.H * s.W, n0, n1, T, V.get(), vpos,
+                           In1d{});
+      }
       for (int64_t ob = 0; ob < s.OB; ++ob) {
         f4::panel_products(U + ob * s.Cin * 36 * RO, s.Cin, V.get(), vpos, T, M.get(), mpos);
         for (int64_t r = 0; r < RO && ob * RO + r < s.Cout; ++r) {
           const int64_t o = ob * RO + r;
+          if (nar) {
+            for (int64_t k = 0; k < T / L; ++k)
+              narrow_output(s, npm, k, (n1 - n0) * s.TH, M.get() + r * T, mpos,
+                            bias ? bias[o] : 0.f, y + n0 * y_img + o * s.OH * s.OW, y_img);
+            continue;
+          }
           for (int64_t n = n0; n < n1; ++n)
             for (int64_t th = 0; th < s.TH; th += 2)
               pair_output(s, pm, th, M.get() + r * T + (n - n0) * per_image + th * s.TW, mpos,
@@ -283,15 +436,22 @@ inline void weight_grad_range(const Shape& s, int64_t n0, int64_t n1, const floa
   const int64_t Tmax = (nb * per_image + L - 1) / L * L, Cp = f4::padded_channels(s.Cin);
   const Window win(s.H, s.W, s.ph, s.pw, s.TH), wgy(s.OH, s.OW, 0, 0, s.TH);
   const Perms pm(s.TW);
+  const NarrowPerms npm(s.TW);
   Scratch<float> V(kSlotWinoIn, 36 * pos_stride<float>(s.Cin * Tmax));
   Scratch<float> dM(kSlotWinoOut, 36 * pos_stride<float>(s.Cout * Tmax));
   for (int64_t b = n0; b < n1; b += nb) {
     const int64_t e = std::min(n1, b + nb), T = ((e - b) * per_image + L - 1) / L * L;
     const int64_t vpos = pos_stride<float>(s.Cin * T), mpos = pos_stride<float>(s.Cout * T);
-    transform_block<6>(win, pm, s.TW, s.Cin, x, x_img, s.H * s.W, b, e, T, V.get(), vpos,
-                       In1d{});
-    transform_block<4>(wgy, pm, s.TW, s.Cout, gy, gy_img, s.OH * s.OW, b, e, T, dM.get(), mpos,
-                       Grad1d{});
+    if (narrow(s.TW)) {
+      narrow_block<6>(win, npm, s.TW, s.Cin, x, x_img, s.H * s.W, b, e, T, V.get(), vpos, In1d{});
+      narrow_block<4>(wgy, npm, s.TW, s.Cout, gy, gy_img, s.OH * s.OW, b, e, T, dM.get(), mpos,
+                      Grad1d{});
+    } else {
+      transform_block<6>(win, pm, s.TW, s.Cin, x, x_img, s.H * s.W, b, e, T, V.get(), vpos,
+                         In1d{});
+      transform_block<4>(wgy, pm, s.TW, s.Cout, gy, gy_img, s.OH * s.OW, b, e, T, dM.get(),
+                         mpos, Grad1d{});
+    }
     for (int pos = 0; pos < 36; ++pos)
       gemm<float>(false, true, s.Cout, s.Cin, T, dM.get() + pos * mpos, T, V.get() + pos * vpos, T,
                   dU + pos * Cp, 36 * Cp, true);
