@@ -84,7 +84,8 @@ inline __mmask16 lanes(int64_t n) {
 
 // Permute indices for tile-row width TW (see the top).
 struct Perms {
-  __m512i tap[6];     // lane l (tile column l % TW of the pair's row l / TW): column 4 * (l % TW) + j
+  // tap[j], lane l (tile column l % TW of the pair's row l / TW): column 4 * (l % TW) + j
+  __m512i tap[6];
   __m512i out[2][2];  // [row of the pair][column half]: Y lane of output column 4 * tw + jj
   __mmask16 second;   // lanes of the pair's second row
   explicit Perms(int64_t TW) {
@@ -100,7 +101,8 @@ struct Perms {
     for (int t = 0; t < 2; ++t)
       for (int h = 0; h < 2; ++h) {
         for (int c = 0; c < 16; ++c)
-          idx[c] = static_cast<int32_t>((c % 2) * 16 + std::min<int64_t>(15, 4 * h + c / 4 + t * TW));
+          idx[c] = static_cast<int32_t>((c % 2) * 16 +
+                                        std::min<int64_t>(15, 4 * h + c / 4 + t * TW));
         out[t][h] = _mm512_load_si512(idx);
       }
     second = static_cast<__mmask16>(lanes(2 * TW) & ~lanes(TW));
