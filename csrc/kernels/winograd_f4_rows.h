@@ -6,8 +6,8 @@
 // Why: on the strong preset's 24x24 planes F(2x2) needs 12x12 tiles x 16 =
 // 2304 multiplies per image and channel pair, F(4x4) 6x6 tiles x 36 = 1296,
 // and F(4x4) writes 36 transformed values per 16 outputs where F(2x2) writes
-// 64 (its transforms are bound by those stores: ~40% of its 26x26 backward-
-// input on one Emerald Rapids core). winograd_f4.h's layout, 4 x 4 tiles per
+// 64 (its transforms are bound by those stores: ~45% of its 26x26 backward-
+// input on one Emerald Rapids core, perf samples). winograd_f4.h's layout, 4 x 4 tiles per
 // vector, fits 13..16-wide rows only: on these planes its padded slots bring
 // the multiply count back to F(2x2)'s.
 //
@@ -54,7 +54,7 @@ using f4::Window;
 struct Shape {
   int64_t Cin, Cout;  // channels in / out (per group)
   int64_t H, W;       // input plane
-  int64_t OH, OW;     // output plane, 17 <= OW <= 28
+  int64_t OH, OW;     // output plane, OW in 5..12 or 17..28
   int64_t ph, pw;     // zero padding (top/left)
   int64_t TH, TW;     // tile rows / columns: ceil(OH / 4), ceil(OW / 4)
   int64_t OB;         // panels of RO output channels
@@ -203,19 +203,12 @@ __attribute__((noinline)) inline void pair_output(const Shape& s, const Perms& p
   }
 }
 
-struct In1d {
-  FASTNN_F4R_INLINE void operator()(const __m512* d, __m512* v) const { f4::in1d(d, v); }
-};
-struct Grad1d {
-  FASTNN_F4R_INLINE void operator()(const __m512* a, __m512* v) const { f4::grad1d(a, v); }
-};
-
 // --- narrow planes: 2 or 3 tile columns (output rows 5..12 wide) -----------
 // A tile row's window (4 * TW + 2 <= 14 columns) fits one vector, and a vector
-// of 16 slots spans up to 7 tile rows, across image boundaries. Slot vector k
+// of 16 slots spans up to 8 tile rows, across image boundaries. Slot vector k
 // starts at tile column phase = 16k % TW of tile row 16k / TW; its lanes'
 // rows and columns depend only on that phase.
-constexpr int64_t kNarrowRows = 8;  // tile rows a slot vector can touch (TW >= 2, + 1)
+constexpr int64_t kNarrowRows = 8;  // tile rows a slot vector touches: 8 (TW 2), 6 (TW 3)
 
 inline bool narrow(int64_t TW) { return TW <= 3; }
 
@@ -399,10 +392,10 @@ inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, co
       const int64_t vpos = pos_stride<float>(s.Cin * T), mpos = pos_stride<float>(RO * T);
       if (nar) {
         narrow_block<6>(wd, npm, s.TW, s.Cin, x, x_img, s.H * s.W, n0, n1, T, V.get(), vpos,
-                        In1d{});
+                        f4::In1d{});
       } else {
         transform_block<6>(wd, pm, s.TW, s.Cin, x, x_img, s.H * s.W, n0, n1, T, V.get(), vpos,
-                           In1d{});
+                           f4::In1d{});
       }
       for (int64_t ob = 0; ob < s.OB; ++ob) {
         f4::panel_products(U + ob * s.Cin * 36 * RO, s.Cin, V.get(), vpos, T, M.get(), mpos);
@@ -445,14 +438,15 @@ inline void weight_grad_range(const Shape& s, int64_t n0, int64_t n1, const floa
     const int64_t e = std::min(n1, b + nb), T = ((e - b) * per_image + L - 1) / L * L;
     const int64_t vpos = pos_stride<float>(s.Cin * T), mpos = pos_stride<float>(s.Cout * T);
     if (narrow(s.TW)) {
-      narrow_block<6>(win, npm, s.TW, s.Cin, x, x_img, s.H * s.W, b, e, T, V.get(), vpos, In1d{});
+      narrow_block<6>(win, npm, s.TW, s.Cin, x, x_img, s.H * s.W, b, e, T, V.get(), vpos,
+                      f4::In1d{});
       narrow_block<4>(wgy, npm, s.TW, s.Cout, gy, gy_img, s.OH * s.OW, b, e, T, dM.get(), mpos,
-                      Grad1d{});
+                      f4::Grad1d{});
     } else {
       transform_block<6>(win, pm, s.TW, s.Cin, x, x_img, s.H * s.W, b, e, T, V.get(), vpos,
-                         In1d{});
+                         f4::In1d{});
       transform_block<4>(wgy, pm, s.TW, s.Cout, gy, gy_img, s.OH * s.OW, b, e, T, dM.get(),
-                         mpos, Grad1d{});
+                         mpos, f4::Grad1d{});
     }
     for (int pos = 0; pos < 36; ++pos)
       gemm<float>(false, true, s.Cout, s.Cin, T, dM.get() + pos * mpos, T, V.get() + pos * vpos, T,
