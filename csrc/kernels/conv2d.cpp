@@ -503,10 +503,10 @@ void conv_small_backward_weight(const Conv2dParams& p, const Geom& g, const T* g
 
 // --- Winograd F(4x4, 3x3) -----------------------------------------------------
 // Used instead of F(2x2) where winograd_f4_rows.h (AVX-512 float32, output
-// rows 5..12 or 17..28 wide) or winograd_f4.h (13..16 wide, enough tile rows to fill
-// its 16-tile vectors) applies. Each
-// returns false, doing nothing, when it does not apply; double and the other
-// ISA builds stay on F(2x2), whose rounding error is lower.
+// rows 5..12 or 17..28 wide) or winograd_f4.h (13..16 wide, enough tile rows
+// to fill its 16-tile vectors) applies. Each returns false, doing nothing,
+// when it does not apply; double and the other ISA builds stay on F(2x2),
+// whose rounding error is lower.
 
 template <typename T>
 bool wino4_forward(const Conv2dParams&, const Geom&, const T*, const T*, const T*, T*) {

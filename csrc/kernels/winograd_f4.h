@@ -486,18 +486,24 @@ inline int64_t images_per_block(const Shape& s, int64_t N, int64_t vectors) {
   return nb;
 }
 
+// Blocks for N images in blocks of about nb: blocks of nb or nb - 1 images
+// (block b holds images [N*b/blocks, N*(b+1)/blocks)), as many as a multiple of
+// the thread count (the pool hands each thread one contiguous range of
+// blocks): 128 images in 43 blocks of 3 would leave one thread a block behind.
+inline int64_t balanced_blocks(int64_t N, int64_t nb) {
+  const int64_t nt = get_num_threads();
+  const int64_t blocks = (N + nb - 1) / nb;
+  return nt > 1 && blocks >= nt ? std::min(N, (blocks + nt - 1) / nt * nt) : blocks;
+}
+
 // y[n] (Cout, OH, OW) = conv3x3(x[n] (Cin, H, W)) + bias for n in [0, N);
 // U packed by transform_weights; image strides as in winograd::forward.
 // Per block: input transform into V, then per panel of RO output channels the
 // 36 products into Mb (L2) and straight away their output transform.
 inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, const float* U,
                     const float* bias, float* y, int64_t y_img) {
-  // Blocks of nb or nb - 1 images, as many as a multiple of the thread count
-  // (the pool hands each thread one contiguous range of blocks): 128 images
-  // in 43 blocks of 3 would leave one thread a block behind.
-  const int64_t nb = images_per_block(s, N, NV), nt = get_num_threads();
-  int64_t blocks = (N + nb - 1) / nb;
-  if (nt > 1 && blocks >= nt) blocks = std::min(N, (blocks + nt - 1) / nt * nt);
+  const int64_t nb = images_per_block(s, N, NV);
+  const int64_t blocks = balanced_blocks(N, nb);
   const int64_t per_image = s.chunks * L, Tmax = ((N + blocks - 1) / blocks) * per_image;
   auto body = [&](int64_t b0, int64_t b1) {
     Scratch<float> V(kSlotWinoIn, 36 * pos_stride<float>(s.Cin * Tmax)),

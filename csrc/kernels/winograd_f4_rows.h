@@ -352,17 +352,28 @@ inline int64_t images_per_block(int64_t per_image, int64_t N) {
   return best;
 }
 
-// V (layout at the top, positions vpos apart) for planes [n0, n1) x Cin of
-// `x`, T slots per channel row; the slots past the tiles are zeroed.
+// The permute tables of a tile-row width, wide or narrow (see above).
+struct Tables {
+  int64_t TW;
+  bool narrow;
+  Perms wide;
+  NarrowPerms nar;
+  explicit Tables(int64_t TW_) : TW(TW_), narrow(f4rows::narrow(TW_)), wide(TW_), nar(TW_) {}
+};
+
+// V (layout at the top, positions vpos apart) for planes [n0, n1) x C of `x`,
+// T slots per channel row; the slots past the tiles are zeroed.
 template <int NT, typename F>
-void transform_block(const Window& wd, const Perms& pm, int64_t TW, int64_t C, const float* x,
-                     int64_t x_img, int64_t plane, int64_t n0, int64_t n1, int64_t T, float* V,
-                     int64_t vpos, F f1d) {
-  const int64_t per_image = wd.TH * TW, tiles = (n1 - n0) * per_image;
+void transform_block(const Window& wd, const Tables& tb, int64_t C, const float* x, int64_t x_img,
+                     int64_t plane, int64_t n0, int64_t n1, int64_t T, float* V, int64_t vpos,
+                     F f1d) {
+  if (tb.narrow)
+    return narrow_block<NT>(wd, tb.nar, tb.TW, C, x, x_img, plane, n0, n1, T, V, vpos, f1d);
+  const int64_t TW = tb.TW, per_image = wd.TH * TW, tiles = (n1 - n0) * per_image;
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t c = 0; c < C; ++c)
       for (int64_t th = 0; th < wd.TH; th += 2)
-        pair_transform<NT>(wd, pm, TW, th, x + n * x_img + c * plane,
+        pair_transform<NT>(wd, tb.wide, TW, th, x + n * x_img + c * plane,
                            V + c * T + (n - n0) * per_image + th * TW, vpos, f1d);
   if (T > tiles)
     for (int p = 0; p < 36; ++p)
@@ -373,16 +384,11 @@ void transform_block(const Window& wd, const Perms& pm, int64_t TW, int64_t C, c
 // packed by f4::transform_weights; image strides as in winograd::forward.
 inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, const float* U,
                     const float* bias, float* y, int64_t y_img) {
-  const int64_t per_image = s.TH * s.TW, nb = images_per_block(per_image, N);
-  const int64_t nt = get_num_threads();
-  int64_t blocks = (N + nb - 1) / nb;
-  // Equal block counts per thread (the pool hands out contiguous ranges).
-  if (nt > 1 && blocks >= nt) blocks = std::min(N, (blocks + nt - 1) / nt * nt);
+  const int64_t per_image = s.TH * s.TW, nt = get_num_threads();
+  const int64_t blocks = f4::balanced_blocks(N, images_per_block(per_image, N));
   const int64_t Tmax = ((N + blocks - 1) / blocks * per_image + L - 1) / L * L;
   const Window wd(s.H, s.W, s.ph, s.pw, s.TH);
-  const Perms pm(s.TW);
-  const NarrowPerms npm(s.TW);
-  const bool nar = narrow(s.TW);
+  const Tables tb(s.TW);
   auto body = [&](int64_t b0, int64_t b1) {
     Scratch<float> V(kSlotWinoIn, 36 * pos_stride<float>(s.Cin * Tmax)),
         M(kSlotWinoOut, 36 * pos_stride<float>(RO * Tmax));
@@ -390,26 +396,21 @@ inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, co
       const int64_t n0 = N * blk / blocks, n1 = N * (blk + 1) / blocks;
       const int64_t T = ((n1 - n0) * per_image + L - 1) / L * L;
       const int64_t vpos = pos_stride<float>(s.Cin * T), mpos = pos_stride<float>(RO * T);
-      if (nar) {
-        narrow_block<6>(wd, npm, s.TW, s.Cin, x, x_img, s.H * s.W, n0, n1, T, V.get(), vpos,
-                        f4::In1d{});
-      } else {
-        transform_block<6>(wd, pm, s.TW, s.Cin, x, x_img, s.H * s.W, n0, n1, T, V.get(), vpos,
-                           f4::In1d{});
-      }
+      transform_block<6>(wd, tb, s.Cin, x, x_img, s.H * s.W, n0, n1, T, V.get(), vpos,
+                         f4::In1d{});
       for (int64_t ob = 0; ob < s.OB; ++ob) {
         f4::panel_products(U + ob * s.Cin * 36 * RO, s.Cin, V.get(), vpos, T, M.get(), mpos);
         for (int64_t r = 0; r < RO && ob * RO + r < s.Cout; ++r) {
           const int64_t o = ob * RO + r;
-          if (nar) {
+          if (tb.narrow) {
             for (int64_t k = 0; k < T / L; ++k)
-              narrow_output(s, npm, k, (n1 - n0) * s.TH, M.get() + r * T, mpos,
+              narrow_output(s, tb.nar, k, (n1 - n0) * s.TH, M.get() + r * T, mpos,
                             bias ? bias[o] : 0.f, y + n0 * y_img + o * s.OH * s.OW, y_img);
             continue;
           }
           for (int64_t n = n0; n < n1; ++n)
             for (int64_t th = 0; th < s.TH; th += 2)
-              pair_output(s, pm, th, M.get() + r * T + (n - n0) * per_image + th * s.TW, mpos,
+              pair_output(s, tb.wide, th, M.get() + r * T + (n - n0) * per_image + th * s.TW, mpos,
                           bias ? bias[o] : 0.f, y + n * y_img + o * s.OH * s.OW);
         }
       }
@@ -430,24 +431,15 @@ inline void weight_grad_range(const Shape& s, int64_t n0, int64_t n1, const floa
   const int64_t per_image = s.TH * s.TW, nb = images_per_block(per_image, n1 - n0);
   const int64_t Tmax = (nb * per_image + L - 1) / L * L, Cp = f4::padded_channels(s.Cin);
   const Window win(s.H, s.W, s.ph, s.pw, s.TH), wgy(s.OH, s.OW, 0, 0, s.TH);
-  const Perms pm(s.TW);
-  const NarrowPerms npm(s.TW);
+  const Tables tb(s.TW);
   Scratch<float> V(kSlotWinoIn, 36 * pos_stride<float>(s.Cin * Tmax));
   Scratch<float> dM(kSlotWinoOut, 36 * pos_stride<float>(s.Cout * Tmax));
   for (int64_t b = n0; b < n1; b += nb) {
     const int64_t e = std::min(n1, b + nb), T = ((e - b) * per_image + L - 1) / L * L;
     const int64_t vpos = pos_stride<float>(s.Cin * T), mpos = pos_stride<float>(s.Cout * T);
-    if (narrow(s.TW)) {
-      narrow_block<6>(win, npm, s.TW, s.Cin, x, x_img, s.H * s.W, b, e, T, V.get(), vpos,
-                      f4::In1d{});
-      narrow_block<4>(wgy, npm, s.TW, s.Cout, gy, gy_img, s.OH * s.OW, b, e, T, dM.get(), mpos,
-                      f4::Grad1d{});
-    } else {
-      transform_block<6>(win, pm, s.TW, s.Cin, x, x_img, s.H * s.W, b, e, T, V.get(), vpos,
-                         f4::In1d{});
-      transform_block<4>(wgy, pm, s.TW, s.Cout, gy, gy_img, s.OH * s.OW, b, e, T, dM.get(),
-                         mpos, f4::Grad1d{});
-    }
+    transform_block<6>(win, tb, s.Cin, x, x_img, s.H * s.W, b, e, T, V.get(), vpos, f4::In1d{});
+    transform_block<4>(wgy, tb, s.Cout, gy, gy_img, s.OH * s.OW, b, e, T, dM.get(), mpos,
+                       f4::Grad1d{});
     for (int pos = 0; pos < 36; ++pos)
       gemm<float>(false, true, s.Cout, s.Cin, T, dM.get() + pos * mpos, T, V.get() + pos * vpos, T,
                   dU + pos * Cp, 36 * Cp, true);
