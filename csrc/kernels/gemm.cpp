@@ -264,6 +264,12 @@ inline void micro(int64_t kc, const typename V::T* __restrict a, int64_t rsa, in
   }
   for (int64_t k = 0; k < kc; ++k) {
     R bv[NVK];
+    // The packed B panel streams from L2 (the A panel stays in L1); a few
+    // rows of look-ahead measured 3-6% faster at two threads (Xeon 6/207),
+    // where both cores' streams compete for the hardware prefetchers.
+    if (PackedB && k + 6 < kc) {
+      FASTNN_UNROLL for (int v = 0; v < NVK; ++v) __builtin_prefetch(b + 6 * NRP + v * W, 0, 3);
+    }
     FASTNN_UNROLL for (int v = 0; v < NVK; ++v) {
       bv[v] = PackedB ? V::load(b + v * W) : V::loadu(b + v * W);
     }
