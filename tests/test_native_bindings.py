@@ -327,7 +327,16 @@ WINO4_CASES = [
     (17, 8, 8, 8, 8, ZERO, 1),  # 6x6 output: 2x2 tiles per image, 17 images
     (3, 9, 11, 9, 10, ONE, 1),  # 11x9 output: 3x3 tiles, vectors start mid-row
     (2, 8, 5, 12, 8, (1, 0), 1),  # 5x10 output: 2 tile rows, the second partial
-    (5, 64, 10, 10, 64, ZERO, 1),  # strong 64 -> 64 (backward-input 10 wide)
+    (5, 64, 10, 10, 64, ZERO, 1),  # strong 64 -> 64: backward-input as the adjoint
+    # Backward-input as the adjoint of the forward (its output plane has fewer
+    # tiles than gx's): 6x6 input tiles overlap by 2 and add up in gx.
+    (3, 8, 7, 9, 9, ZERO, 1),  # 5x7 output: partial tiles both ways
+    (2, 8, 14, 14, 8, ZERO, 1),  # 12x12 output, 3 tile columns: rows split across vectors
+    (17, 8, 10, 10, 9, ZERO, 1),  # 8x8 output, 17 images
+    (2, 12, 9, 13, 8, (1, 0), 1),  # asymmetric padding: 9x11 output
+    (1, 8, 6, 7, 8, ZERO, 1),  # one tile row per image: no row carried
+    (2, 17, 10, 10, 25, ZERO, 1),  # input channels past whole panels
+    (1, 16, 10, 10, 16, ZERO, 2),  # groups, batch 1
 ]
 
 

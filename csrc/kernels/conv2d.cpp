@@ -564,6 +564,18 @@ bool wino4_forward<float>(const Conv2dParams& p, const Geom& g, const float* x, 
 template <>
 bool wino4_backward_input<float>(const Conv2dParams& p, const Geom& g, const float* gy,
                                  const float* w, float* gx) {
+  namespace f4r = winograd::f4rows;
+  if (f4r::adjoint_preferred(p.H, p.W, p.OH, p.OW)) {
+    // Rows of the products are input channels: the filter of (c, o) is w[o][c].
+    const f4r::Shape s = f4r::make_shape(g.Og, g.Cg, p.H, p.W, p.OH, p.OW, p.ph, p.pw);
+    Scratch<float> U(kSlotWeights, 36 * s.OB * winograd::f4::RO * g.Og);
+    for (int64_t gi = 0; gi < g.G; ++gi) {
+      winograd::f4::transform_weights(w + gi * g.Og * g.K, g.Cg, g.Og, 9, g.K, false, U.get());
+      f4r::backward_input(s, p.N, gy + gi * g.Og * g.P, p.O * g.P, U.get(),
+                          gx + gi * g.Cg * p.H * p.W, p.C * p.H * p.W);
+    }
+    return true;
+  }
   if (p.ph > 2 || p.pw > 2 || !wino4_applies(p.H, p.W)) return false;
   // 3x3 conv of grad_out with rotated, channel-swapped filters, padding 2 - p.
   wino4_conv(g.G, p.N, g.Og, g.Cg, p.OH, p.OW, p.H, p.W, 2 - p.ph, 2 - p.pw, gy, p.O * g.P, w, 9,

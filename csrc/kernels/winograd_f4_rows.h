@@ -340,6 +340,128 @@ __attribute__((noinline)) inline void narrow_output(const Shape& s, const Narrow
   }
 }
 
+// --- backward-input as the adjoint of the forward (narrow planes) ----------
+// The usual backward-input runs a forward conv of grad_out padded by 2, so
+// its tiles cover gx's plane; on a 10x10 plane that is 3x3 tiles (144
+// outputs for 100). The forward's own output plane often needs fewer tiles
+// (8x8: 2x2 tiles, no waste), and the gradient of the forward's three steps,
+// run backwards on those tiles, is exact too:
+//   dM[pos] = A gy A^T      per forward output tile (as backward-weight)
+//   dV[pos] = U[pos]^T dM   U unrotated, rows = input channels
+//   gx     += B dV B^T      per 6x6 input tile, stride 4: neighbours overlap
+//                           by 2 rows and columns and add up.
+
+// 1-D B v for 6 transform-domain values (the transpose of in1d, through the
+// transpose of its factored form: ga and gb are the adjoints of its d4 - d2
+// and d3 - d1).
+FASTNN_F4R_INLINE void in1d_t(const __m512* v, __m512* d) {
+  const __m512 h = _mm512_set1_ps(0.5f), one5 = _mm512_set1_ps(1.5f), two = _mm512_set1_ps(2.f);
+  const __m512 ga = _mm512_add_ps(
+      _mm512_add_ps(_mm512_add_ps(v[0], v[1]), _mm512_add_ps(v[2], v[3])),
+      _mm512_fmadd_ps(one5, v[5], v[4]));
+  const __m512 gb = _mm512_sub_ps(
+      _mm512_fmadd_ps(one5, v[0], _mm512_fmadd_ps(two, v[3], _mm512_sub_ps(v[1], v[2]))),
+      _mm512_fmadd_ps(h, v[4], v[5]));
+  d[0] = v[0];
+  d[1] = _mm512_sub_ps(_mm512_setzero_ps(), gb);
+  d[2] = _mm512_sub_ps(_mm512_fmsub_ps(one5, _mm512_sub_ps(v[1], v[2]), v[0]), ga);
+  d[3] = _mm512_add_ps(_mm512_fmsub_ps(one5, _mm512_add_ps(v[1], v[2]), v[5]), gb);
+  d[4] = ga;
+  d[5] = v[5];
+}
+
+// gx += B dV B^T for slot vector k of a block (images from n0, TH * TW
+// forward output tiles each) of one input channel: Mo points at its row of
+// the products, gx at its plane in image n0; wd is gx's window.
+__attribute__((noinline)) inline void narrow_adjoint(const Shape& s, const NarrowPerms& pm,
+                                                     const Window& wd, int64_t k,
+                                                     int64_t rows_total, const float* Mo,
+                                                     int64_t ldp, float* gx, int64_t gx_img) {
+  // D[r][c]: tap (r, c) of each lane's input tile, staged in L1 (36 vectors
+  // and the 36 of the first pass do not fit the 32 registers).
+  alignas(64) float D[6][6][L];
+  {
+    __m512 q[6][6];  // B along each row of the 6x6 transform domain
+    for (int i = 0; i < 6; ++i) {
+      __m512 m[6];
+      for (int j = 0; j < 6; ++j) m[j] = _mm512_loadu_ps(Mo + L * k + (i * 6 + j) * ldp);
+      in1d_t(m, q[i]);
+    }
+    for (int c = 0; c < 6; ++c) {
+      __m512 col[6], d6[6];
+      for (int i = 0; i < 6; ++i) col[i] = q[i][c];
+      in1d_t(col, d6);
+      for (int r = 0; r < 6; ++r) _mm512_store_ps(D[r][c], d6[r]);
+    }
+  }
+  const int64_t g0 = L * k / s.TW, g1 = std::min(rows_total, (L * k + L - 1) / s.TW + 1);
+  int64_t th = g0 % s.TH;
+  float* plane = gx + (g0 / s.TH) * gx_img - wd.pw;
+  // Rows 4 and 5 of a tile row are rows 0 and 1 of the next one: they stay in
+  // registers when that one is in this vector, so each plane row is read and
+  // written once per vector. A tile row's rows are all loaded before any is
+  // stored: a load overlapping a recent masked store (the next row, W < 16
+  // floats on) cannot be forwarded and waits for it (measured: row by row,
+  // most of this function's time).
+  __m512 carry[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  __mmask16 carry_st = 0;
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t off = g * s.TW - L * k;  // lane of the row's tile 0 (may be < 0)
+    unsigned m4 = 0, m2 = 0;  // window columns of taps 0..3 / 4..5 of this vector's tiles
+    for (int64_t tw = 0; tw < s.TW; ++tw)
+      if (off + tw >= 0 && off + tw < L) m4 |= 0xFu << (4 * tw), m2 |= 0x3u << (4 * tw + 4);
+    // Window column c takes tap c % 4 of tile c / 4 (narrow_output's
+    // gather), and taps 4 and 5 of tile c / 4 - 1 where c % 4 < 2.
+    const __m512i idx = _mm512_add_epi32(pm.out, _mm512_set1_epi32(static_cast<int32_t>(off)));
+    const __m512i idx2 = _mm512_sub_epi32(idx, _mm512_set1_epi32(1));
+    const __mmask16 st = static_cast<__mmask16>(wd.lo & (m4 | m2));
+    const bool next_here = g + 1 < g1 && th + 1 < s.TH;
+    const int rend = next_here ? 4 : 6;  // rows stored from this tile row
+    __mmask16 mk[6];
+    __m512 cur[6];
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; ++r) {
+      const int64_t ih = 4 * th + r - wd.ph;
+      mk[r] = r < rend && ih >= 0 && ih < wd.H
+                  ? static_cast<__mmask16>(st | (r < 2 ? carry_st : 0)) : __mmask16(0);
+      cur[r] = _mm512_maskz_loadu_ps(mk[r], plane + ih * wd.W);
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; ++r) {
+      const __m512 e = _mm512_permutex2var_ps(_mm512_load_ps(D[r][0]), idx, _mm512_load_ps(D[r][1]));
+      const __m512 o = _mm512_permutex2var_ps(_mm512_load_ps(D[r][2]), idx, _mm512_load_ps(D[r][3]));
+      __m512 v = _mm512_maskz_mov_ps(static_cast<__mmask16>(m4), _mm512_mask_blend_ps(0xCCCC, e, o));
+      v = _mm512_mask_add_ps(
+          v, static_cast<__mmask16>(m2), v,
+          _mm512_permutex2var_ps(_mm512_load_ps(D[r][4]), idx2, _mm512_load_ps(D[r][5])));
+      if (r < 2) v = _mm512_add_ps(v, carry[r]);
+      if (r >= rend) {
+        carry[r - 4] = v;
+        continue;
+      }
+      _mm512_mask_storeu_ps(plane + (4 * th + r - wd.ph) * wd.W, mk[r], _mm512_add_ps(cur[r], v));
+    }
+    if (next_here) {
+      carry_st = st;
+    } else {
+      carry[0] = carry[1] = _mm512_setzero_ps();
+      carry_st = 0;
+    }
+    if (++th == s.TH) th = 0, plane += gx_img;
+  }
+}
+
+// Whether gx of a forward with output plane OH x OW (narrow) is cheaper as
+// the adjoint: fewer multiplies than F(4x4) by rows on gx's own H x W plane
+// (the usual path there) and no more than F(2x2)'s.
+inline bool adjoint_preferred(int64_t H, int64_t W, int64_t OH, int64_t OW) {
+  if (OW < 5 || OW > 12 || OH < 1) return false;
+  const int64_t f4 = 36 * ((OH + 3) / 4) * ((OW + 3) / 4);
+  const int64_t f4_gx = 36 * ((H + 3) / 4) * ((W + 3) / 4);
+  const int64_t f2_gx = 16 * ((H + 1) / 2) * ((W + 1) / 2);
+  return f4 < f4_gx && f4 <= f2_gx;
+}
+
 // Images per block: the fewest padded slots per tile, with at most ~160 slots
 // (36 x 32 channels x 160 floats = 740 KB of V) and ties going to more images.
 inline int64_t images_per_block(int64_t per_image, int64_t N) {
@@ -413,6 +535,44 @@ inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, co
               pair_output(s, tb.wide, th, M.get() + r * T + (n - n0) * per_image + th * s.TW, mpos,
                           bias ? bias[o] : 0.f, y + n * y_img + o * s.OH * s.OW);
         }
+      }
+    }
+  };
+  if (blocks >= nt && nt > 1) {
+    parallel_for(blocks, 1, body);
+  } else {
+    body(0, blocks);
+  }
+}
+
+// gx[n] (Cin, H, W) = the gradient of the forward's x for gy[n] (Cout, OH,
+// OW), n in [0, N), as the adjoint above; s = make_shape(Cout, Cin, H, W, OH,
+// OW, ph, pw) (the products' rows are the input channels), OW narrow, U =
+// f4::transform_weights of the unrotated filters with rows = input channels.
+inline void backward_input(const Shape& s, int64_t N, const float* gy, int64_t gy_img,
+                           const float* U, float* gx, int64_t gx_img) {
+  const int64_t per_image = s.TH * s.TW, nt = get_num_threads(), plane = s.H * s.W;
+  const int64_t blocks = f4::balanced_blocks(N, images_per_block(per_image, N));
+  const int64_t Tmax = ((N + blocks - 1) / blocks * per_image + L - 1) / L * L;
+  const Window wgy(s.OH, s.OW, 0, 0, s.TH), wgx(s.H, s.W, s.ph, s.pw, s.TH);
+  const Tables tb(s.TW);
+  auto body = [&](int64_t b0, int64_t b1) {
+    Scratch<float> dM(kSlotWinoIn, 36 * pos_stride<float>(s.Cin * Tmax)),
+        M(kSlotWinoOut, 36 * pos_stride<float>(RO * Tmax));
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t n0 = N * blk / blocks, n1 = N * (blk + 1) / blocks;
+      const int64_t T = ((n1 - n0) * per_image + L - 1) / L * L;
+      const int64_t dpos = pos_stride<float>(s.Cin * T), mpos = pos_stride<float>(RO * T);
+      transform_block<4>(wgy, tb, s.Cin, gy, gy_img, s.OH * s.OW, n0, n1, T, dM.get(), dpos,
+                         f4::Grad1d{});
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t c = 0; c < s.Cout; ++c) std::fill_n(gx + n * gx_img + c * plane, plane, 0.f);
+      for (int64_t ob = 0; ob < s.OB; ++ob) {
+        f4::panel_products(U + ob * s.Cin * 36 * RO, s.Cin, dM.get(), dpos, T, M.get(), mpos);
+        for (int64_t r = 0; r < RO && ob * RO + r < s.Cout; ++r)
+          for (int64_t k = 0; k < T / L; ++k)
+            narrow_adjoint(s, tb.nar, wgx, k, (n1 - n0) * s.TH, M.get() + r * T, mpos,
+                           gx + n0 * gx_img + (ob * RO + r) * plane, gx_img);
       }
     }
   };
