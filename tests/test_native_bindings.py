@@ -337,6 +337,10 @@ WINO4_CASES = [
     (1, 8, 6, 7, 8, ZERO, 1),  # one tile row per image: no row carried
     (2, 17, 10, 10, 25, ZERO, 1),  # input channels past whole panels
     (1, 16, 10, 10, 16, ZERO, 2),  # groups, batch 1
+    (3, 9, 26, 26, 10, ZERO, 1),  # 24x24 output, two tile rows per vector
+    (2, 8, 19, 21, 9, ZERO, 1),  # 17x19 output: 5 tile columns, partial tiles
+    (2, 8, 7, 30, 8, ZERO, 1),  # 5x28 output: 7 tile columns, the last pair single
+    (2, 9, 22, 20, 11, ZERO, 1),  # 20x18 output: 5 tile rows
 ]
 
 
@@ -352,6 +356,26 @@ def test_conv2d_winograd_tiles(rng, dtype, case):
           R.conv2d_backward_input(gy, weight, (h, w), ONE, p, ONE, g), dtype)
     close(_C.conv2d_backward_weight(gy, x, (3, 3), ONE, p, ONE, g),
           R.conv2d_backward_weight(gy, x, (3, 3), ONE, p, ONE, g), dtype)
+
+
+@pytest.mark.parametrize("case", WINO4_CASES, ids=lambda c: "x".join(map(str, c[:5])))
+def test_conv2d_winograd_backward_input_writes_every_element(rng, case):
+    # The adjoint path stores each gx row once instead of clearing gx first:
+    # give it a NaN-filled buffer (the one just freed, which the allocator
+    # hands back) so an element it misses shows up.
+    n, c, h, w, o, p, g = case
+    x, weight, _ = conv_args(rng, np.float32, n, c, h, w, o, (3, 3), g)
+    gy = randn(rng, R.conv2d(x, weight, None, ONE, p, ONE, g).shape, np.float32)
+    for _ in range(3):
+        junk = np.full((n, c, h, w), np.nan, np.float32)
+        addr = junk.ctypes.data
+        del junk
+        gx = _C.conv2d_backward_input(gy, weight, (h, w), ONE, p, ONE, g)
+        if gx.ctypes.data == addr:
+            break
+    else:
+        pytest.skip("the allocator did not hand the NaN-filled buffer back")
+    close(gx, R.conv2d_backward_input(gy, weight, (h, w), ONE, p, ONE, g), np.float32)
 
 
 @pytest.mark.parametrize(("c", "o", "hw", "p"),

@@ -398,8 +398,8 @@ __attribute__((noinline)) inline void narrow_adjoint(const Shape& s, const Narro
   int64_t th = g0 % s.TH;
   float* plane = gx + (g0 / s.TH) * gx_img - wd.pw;
   // Rows 4 and 5 of a tile row are rows 0 and 1 of the next one: they stay in
-  // registers when that one is in this vector, so each plane row is read and
-  // written once per vector. A tile row's rows are all loaded before any is
+  // registers when that one is in this vector, so each plane row is written
+  // once per vector. Rows that must be read are all loaded before any is
   // stored: a load overlapping a recent masked store (the next row, W < 16
   // floats on) cannot be forwarded and waits for it (measured: row by row,
   // most of this function's time).
@@ -417,6 +417,11 @@ __attribute__((noinline)) inline void narrow_adjoint(const Shape& s, const Narro
     const __mmask16 st = static_cast<__mmask16>(wd.lo & (m4 | m2));
     const bool next_here = g + 1 < g1 && th + 1 < s.TH;
     const int rend = next_here ? 4 : 6;  // rows stored from this tile row
+    // gx is not cleared first: a row's first store writes it. Only the first
+    // tile row of a vector adds to what earlier vectors stored: its rows 0
+    // and 1 (the previous tile row's 4 and 5, whole), and, when the row
+    // began in the previous vector (off < 0), the columns of its tiles there.
+    const __mmask16 split = g == g0 && off < 0 ? lanes(4 * -off + 2) : __mmask16(0);
     __mmask16 mk[6];
     __m512 cur[6];
 #pragma GCC unroll 6
@@ -424,7 +429,8 @@ __attribute__((noinline)) inline void narrow_adjoint(const Shape& s, const Narro
       const int64_t ih = 4 * th + r - wd.ph;
       mk[r] = r < rend && ih >= 0 && ih < wd.H
                   ? static_cast<__mmask16>(st | (r < 2 ? carry_st : 0)) : __mmask16(0);
-      cur[r] = _mm512_maskz_loadu_ps(mk[r], plane + ih * wd.W);
+      const __mmask16 old = g == g0 && th > 0 && r < 2 ? mk[r] : mk[r] & split;
+      cur[r] = old ? _mm512_maskz_loadu_ps(old, plane + ih * wd.W) : _mm512_setzero_ps();
     }
 #pragma GCC unroll 6
     for (int r = 0; r < 6; ++r) {
@@ -451,11 +457,80 @@ __attribute__((noinline)) inline void narrow_adjoint(const Shape& s, const Narro
   }
 }
 
+// gx += B dV B^T for the tiles of one image (wide planes: two tile rows per
+// vector) of one input channel: Mo points at the image's first slot in the
+// channel's row of the products, plane at gx's plane; wd is gx's window.
+// Rows 4 and 5 are carried as in narrow_adjoint; with whole planes here,
+// every row is stored once, and gx needs neither clearing nor reading.
+__attribute__((noinline)) inline void wide_adjoint(const Shape& s, const Perms& pm,
+                                                   const Window& wd, const float* Mo, int64_t ldp,
+                                                   float* plane) {
+  plane -= wd.pw;  // window column 0
+  unsigned m4[2] = {0, 0}, m2[2] = {0, 0};  // per column half, as in narrow_adjoint
+  for (int64_t tw = 0; tw < s.TW; ++tw) {
+    const unsigned long long c4 = 0xFull << (4 * tw), c2 = 0x3ull << (4 * tw + 4);
+    m4[0] |= static_cast<unsigned>(c4 & 0xFFFF), m4[1] |= static_cast<unsigned>(c4 >> 16);
+    m2[0] |= static_cast<unsigned>(c2 & 0xFFFF), m2[1] |= static_cast<unsigned>(c2 >> 16);
+  }
+  const __mmask16 st[2] = {static_cast<__mmask16>(wd.lo & (m4[0] | m2[0])),
+                           static_cast<__mmask16>(wd.hi & (m4[1] | m2[1]))};
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512 carry[2][2] = {{_mm512_setzero_ps(), _mm512_setzero_ps()},
+                        {_mm512_setzero_ps(), _mm512_setzero_ps()}};
+  alignas(64) float D[6][6][L];
+  for (int64_t th = 0; th < s.TH; th += 2) {
+    const bool two = th + 1 < s.TH;
+    const __mmask16 ld = lanes((two ? 2 : 1) * s.TW);
+    {
+      __m512 q[6][6];
+      for (int i = 0; i < 6; ++i) {
+        __m512 m[6];
+        for (int j = 0; j < 6; ++j) m[j] = _mm512_maskz_loadu_ps(ld, Mo + th * s.TW + (i * 6 + j) * ldp);
+        in1d_t(m, q[i]);
+      }
+      for (int c = 0; c < 6; ++c) {
+        __m512 col[6], d6[6];
+        for (int i = 0; i < 6; ++i) col[i] = q[i][c];
+        in1d_t(col, d6);
+        for (int r = 0; r < 6; ++r) _mm512_store_ps(D[r][c], d6[r]);
+      }
+    }
+    for (int t = 0; t < (two ? 2 : 1); ++t) {
+      const int64_t row0 = 4 * (th + t) - wd.ph;
+      const bool next_here = th + t + 1 < s.TH;
+      const int rend = next_here ? 4 : 6;
+#pragma GCC unroll 6
+      for (int r = 0; r < 6; ++r) {
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          const __m512i idx = pm.out[t][h], idx2 = _mm512_sub_epi32(idx, one);
+          const __m512 e =
+              _mm512_permutex2var_ps(_mm512_load_ps(D[r][0]), idx, _mm512_load_ps(D[r][1]));
+          const __m512 o =
+              _mm512_permutex2var_ps(_mm512_load_ps(D[r][2]), idx, _mm512_load_ps(D[r][3]));
+          __m512 v = _mm512_maskz_mov_ps(static_cast<__mmask16>(m4[h]),
+                                         _mm512_mask_blend_ps(0xCCCC, e, o));
+          v = _mm512_mask_add_ps(
+              v, static_cast<__mmask16>(m2[h]), v,
+              _mm512_permutex2var_ps(_mm512_load_ps(D[r][4]), idx2, _mm512_load_ps(D[r][5])));
+          if (r < 2) v = _mm512_add_ps(v, carry[r][h]);
+          if (r >= rend) {
+            carry[r - 4][h] = v;
+            continue;
+          }
+          if (row0 + r >= 0 && row0 + r < wd.H)
+            _mm512_mask_storeu_ps(plane + (row0 + r) * wd.W + 16 * h, st[h], v);
+        }
+      }
+    }
+  }
+}
+
 // Whether gx of a forward with output plane OH x OW (narrow) is cheaper as
 // the adjoint: fewer multiplies than F(4x4) by rows on gx's own H x W plane
 // (the usual path there) and no more than F(2x2)'s.
 inline bool adjoint_preferred(int64_t H, int64_t W, int64_t OH, int64_t OW) {
-  if (OW < 5 || OW > 12 || OH < 1) return false;
+  if (OW < 5 || (OW > 12 && OW < 17) || OW > 28 || OH < 1) return false;
   const int64_t f4 = 36 * ((OH + 3) / 4) * ((OW + 3) / 4);
   const int64_t f4_gx = 36 * ((H + 3) / 4) * ((W + 3) / 4);
   const int64_t f2_gx = 16 * ((H + 1) / 2) * ((W + 1) / 2);
@@ -565,14 +640,20 @@ inline void backward_input(const Shape& s, int64_t N, const float* gy, int64_t g
       const int64_t dpos = pos_stride<float>(s.Cin * T), mpos = pos_stride<float>(RO * T);
       transform_block<4>(wgy, tb, s.Cin, gy, gy_img, s.OH * s.OW, n0, n1, T, dM.get(), dpos,
                          f4::Grad1d{});
-      for (int64_t n = n0; n < n1; ++n)
-        for (int64_t c = 0; c < s.Cout; ++c) std::fill_n(gx + n * gx_img + c * plane, plane, 0.f);
       for (int64_t ob = 0; ob < s.OB; ++ob) {
         f4::panel_products(U + ob * s.Cin * 36 * RO, s.Cin, dM.get(), dpos, T, M.get(), mpos);
-        for (int64_t r = 0; r < RO && ob * RO + r < s.Cout; ++r)
-          for (int64_t k = 0; k < T / L; ++k)
-            narrow_adjoint(s, tb.nar, wgx, k, (n1 - n0) * s.TH, M.get() + r * T, mpos,
-                           gx + n0 * gx_img + (ob * RO + r) * plane, gx_img);
+        for (int64_t r = 0; r < RO && ob * RO + r < s.Cout; ++r) {
+          float* gxc = gx + (ob * RO + r) * plane;
+          if (tb.narrow) {
+            for (int64_t k = 0; k < T / L; ++k)
+              narrow_adjoint(s, tb.nar, wgx, k, (n1 - n0) * s.TH, M.get() + r * T, mpos,
+                             gxc + n0 * gx_img, gx_img);
+            continue;
+          }
+          for (int64_t n = n0; n < n1; ++n)
+            wide_adjoint(s, tb.wide, wgx, M.get() + r * T + (n - n0) * per_image, mpos,
+                         gxc + n * gx_img);
+        }
       }
     }
   };
