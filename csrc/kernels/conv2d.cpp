@@ -566,7 +566,9 @@ bool wino4_backward_input<float>(const Conv2dParams& p, const Geom& g, const flo
                                  const float* w, float* gx) {
   namespace f4r = winograd::f4rows;
   if (f4r::adjoint_preferred(p.H, p.W, p.OH, p.OW)) {
-    // Rows of the products are input channels: the filter of (c, o) is w[o][c].
+    // On the forward's own output tiles, where gx's plane needs more (any
+    // padding; see winograd_f4_rows.h). Rows of the products are input
+    // channels: the filter of (c, o) is w[o][c], unrotated.
     const f4r::Shape s = f4r::make_shape(g.Og, g.Cg, p.H, p.W, p.OH, p.OW, p.ph, p.pw);
     Scratch<float> U(kSlotWeights, 36 * s.OB * winograd::f4::RO * g.Og);
     for (int64_t gi = 0; gi < g.G; ++gi) {

@@ -18,7 +18,8 @@
 //   V[pos][c][T]       transformed input (pos_stride apart)
 //   U[ob][c][pos][RO]  transformed weights (winograd_f4.h's packed panels)
 //   Mb[pos][RO][T]     products of one panel of RO output channels
-//   dM[pos][o][T]      transformed grad_out (backward-weight)
+//   dM[pos][o][T]      transformed grad_out (backward-weight, and
+//                      backward-input as the adjoint, further down)
 //
 // Transforms (wide planes; narrow ones further down). Two tile rows share a
 // vector (2 * TW <= 14 of its 16 lanes).
@@ -340,7 +341,7 @@ __attribute__((noinline)) inline void narrow_output(const Shape& s, const Narrow
   }
 }
 
-// --- backward-input as the adjoint of the forward (narrow planes) ----------
+// --- backward-input as the adjoint of the forward ---------------------------
 // The usual backward-input runs a forward conv of grad_out padded by 2, so
 // its tiles cover gx's plane; on a 10x10 plane that is 3x3 tiles (144
 // outputs for 100). The forward's own output plane often needs fewer tiles
@@ -370,6 +371,25 @@ FASTNN_F4R_INLINE void in1d_t(const __m512* v, __m512* d) {
   d[5] = v[5];
 }
 
+// D[r][c] = tap (r, c) of B dV B^T for the tiles in the lanes ld of the
+// products at Mo (positions ldp apart), staged in L1: its 36 vectors and the
+// 36 of the first pass do not fit the 32 registers.
+FASTNN_F4R_INLINE void adjoint_taps(const float* Mo, int64_t ldp, __mmask16 ld,
+                                    float (*D)[6][L]) {
+  __m512 q[6][6];  // B along each row of the 6x6 transform domain
+  for (int i = 0; i < 6; ++i) {
+    __m512 m[6];
+    for (int j = 0; j < 6; ++j) m[j] = _mm512_maskz_loadu_ps(ld, Mo + (i * 6 + j) * ldp);
+    in1d_t(m, q[i]);
+  }
+  for (int c = 0; c < 6; ++c) {
+    __m512 col[6], d6[6];
+    for (int i = 0; i < 6; ++i) col[i] = q[i][c];
+    in1d_t(col, d6);
+    for (int r = 0; r < 6; ++r) _mm512_store_ps(D[r][c], d6[r]);
+  }
+}
+
 // gx += B dV B^T for slot vector k of a block (images from n0, TH * TW
 // forward output tiles each) of one input channel: Mo points at its row of
 // the products, gx at its plane in image n0; wd is gx's window.
@@ -377,23 +397,8 @@ __attribute__((noinline)) inline void narrow_adjoint(const Shape& s, const Narro
                                                      const Window& wd, int64_t k,
                                                      int64_t rows_total, const float* Mo,
                                                      int64_t ldp, float* gx, int64_t gx_img) {
-  // D[r][c]: tap (r, c) of each lane's input tile, staged in L1 (36 vectors
-  // and the 36 of the first pass do not fit the 32 registers).
   alignas(64) float D[6][6][L];
-  {
-    __m512 q[6][6];  // B along each row of the 6x6 transform domain
-    for (int i = 0; i < 6; ++i) {
-      __m512 m[6];
-      for (int j = 0; j < 6; ++j) m[j] = _mm512_loadu_ps(Mo + L * k + (i * 6 + j) * ldp);
-      in1d_t(m, q[i]);
-    }
-    for (int c = 0; c < 6; ++c) {
-      __m512 col[6], d6[6];
-      for (int i = 0; i < 6; ++i) col[i] = q[i][c];
-      in1d_t(col, d6);
-      for (int r = 0; r < 6; ++r) _mm512_store_ps(D[r][c], d6[r]);
-    }
-  }
+  adjoint_taps(Mo + L * k, ldp, 0xFFFF, D);
   const int64_t g0 = L * k / s.TW, g1 = std::min(rows_total, (L * k + L - 1) / s.TW + 1);
   int64_t th = g0 % s.TH;
   float* plane = gx + (g0 / s.TH) * gx_img - wd.pw;
@@ -480,21 +485,7 @@ __attribute__((noinline)) inline void wide_adjoint(const Shape& s, const Perms& 
   alignas(64) float D[6][6][L];
   for (int64_t th = 0; th < s.TH; th += 2) {
     const bool two = th + 1 < s.TH;
-    const __mmask16 ld = lanes((two ? 2 : 1) * s.TW);
-    {
-      __m512 q[6][6];
-      for (int i = 0; i < 6; ++i) {
-        __m512 m[6];
-        for (int j = 0; j < 6; ++j) m[j] = _mm512_maskz_loadu_ps(ld, Mo + th * s.TW + (i * 6 + j) * ldp);
-        in1d_t(m, q[i]);
-      }
-      for (int c = 0; c < 6; ++c) {
-        __m512 col[6], d6[6];
-        for (int i = 0; i < 6; ++i) col[i] = q[i][c];
-        in1d_t(col, d6);
-        for (int r = 0; r < 6; ++r) _mm512_store_ps(D[r][c], d6[r]);
-      }
-    }
+    adjoint_taps(Mo + th * s.TW, ldp, lanes((two ? 2 : 1) * s.TW), D);
     for (int t = 0; t < (two ? 2 : 1); ++t) {
       const int64_t row0 = 4 * (th + t) - wd.ph;
       const bool next_here = th + t + 1 < s.TH;
@@ -526,9 +517,11 @@ __attribute__((noinline)) inline void wide_adjoint(const Shape& s, const Perms& 
   }
 }
 
-// Whether gx of a forward with output plane OH x OW (narrow) is cheaper as
-// the adjoint: fewer multiplies than F(4x4) by rows on gx's own H x W plane
-// (the usual path there) and no more than F(2x2)'s.
+// Whether gx of a forward with output plane OH x OW (a width this file
+// takes) is cheaper as the adjoint: fewer multiplies than F(4x4) by rows on
+// gx's own H x W plane (the usual path) and no more than F(2x2)'s there. The
+// strong preset: 26x26 gx 36 tiles per image against 49, 10x10 gx 4 against
+// 9; its 12x12 gx (9 either way) stays on the usual path.
 inline bool adjoint_preferred(int64_t H, int64_t W, int64_t OH, int64_t OW) {
   if (OW < 5 || (OW > 12 && OW < 17) || OW > 28 || OH < 1) return false;
   const int64_t f4 = 36 * ((OH + 3) / 4) * ((OW + 3) / 4);
