@@ -265,9 +265,9 @@ inline void micro(int64_t kc, const typename V::T* __restrict a, int64_t rsa, in
   }
   for (int64_t k = 0; k < kc; ++k) {
     R bv[NVK];
-    // The packed B panel streams from L2 (the A panel stays in L1); a few
-    // rows of look-ahead measured 3-6% faster at two threads (Xeon 6/207),
-    // where both cores' streams compete for the hardware prefetchers.
+    // The packed B panel streams from L2 (the A panel stays in L1): a few
+    // rows of look-ahead, about 2% at two threads in paired runs (Xeon
+    // 6/207), within that machine's noise.
     if (PackedB && k + 6 < kc) {
       FASTNN_UNROLL for (int v = 0; v < NVK; ++v) __builtin_prefetch(b + 6 * NRP + v * W, 0, 3);
     }
@@ -602,7 +602,7 @@ void packed_rect(const Problem& p, const T* A, const T* B, const Rect<T>& r) {
   const int64_t MC = std::min<int64_t>(p.blk.MC, (r.m1 - r.m0 + MR - 1) / MR * MR);
   const int64_t kcmax = std::min<int64_t>(KC, r.k1 - r.k0);
   T* bufB = t_scratch_b.get<T>(size_t(NC * kcmax));
-  T* bufA = t_scratch_a.get<T>(size_t(MC * kcmax));
+  T* bufA = p.ta ? t_scratch_a.get<T>(size_t(MC * kcmax)) : nullptr;  // see inplace_a
 
   for (int64_t jc = r.n0; jc < r.n1; jc += NC) {
     const int64_t nc = std::min(NC, r.n1 - jc);
@@ -621,8 +621,8 @@ void packed_rect(const Problem& p, const T* A, const T* B, const Rect<T>& r) {
         // A row-major (K contiguous) is read in place: a micro-panel's MR row
         // segments (MR x KC, as small as the packed panel) stay in L1 across
         // the jr loop all the same, and the transposing pack is skipped
-        // (2-6% on the linear and 512^3 products; 2048^2 unchanged).
-        const bool inplace_a = !p.ta;
+        // (1-5% on the linear, 512^3 and ragged products; 2048^2 unchanged).
+        const bool inplace_a = !p.ta;  // bufA is allocated only otherwise
         if (!inplace_a) {
           for (int64_t ir = 0; ir < mc; ir += MR) {
             int rv = int(std::min<int64_t>(MR, mc - ir));

@@ -459,8 +459,8 @@ inline void prod_micro(const T* __restrict u, int64_t us, const T* __restrict v,
   typename Vec<T>::reg acc[kProdRows][NV];
   prod_step<T, NV, true>(acc, u, v);
   // v's rows are ldv apart (one per channel): a stride the L2 streamer
-  // follows late on short blocks; prefetching 6 channels ahead measured 3-9%
-  // faster on the 10x10 and 12x12 layers (Xeon 6/207).
+  // follows late on short blocks; prefetching 6 channels ahead measured 0-5%
+  // faster on the 10x10 and 12x12 layers (Xeon 6/207, paired runs).
   for (int64_t c = 1; c < C; ++c) {
     if (c + 6 < C) {
 #pragma GCC unroll 16

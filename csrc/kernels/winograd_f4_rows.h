@@ -570,15 +570,17 @@ void transform_block(const Window& wd, const Tables& tb, int64_t C, const float*
       for (int64_t c = 0; c < C; ++c) std::fill_n(V + p * vpos + c * T + tiles, T - tiles, 0.f);
 }
 
-// y[n] (Cout, OH, OW) = conv3x3(x[n] (Cin, H, W)) + bias for n in [0, N), U
-// packed by f4::transform_weights; image strides as in winograd::forward.
-inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, const float* U,
-                    const float* bias, float* y, int64_t y_img) {
+// The block loop forward and backward_input share. Images are taken in
+// blocks (in parallel where there are enough); per block, V = the NT-tap
+// transform f1d of `in` (s.Cin planes of `plane` floats per image) on the
+// s.TH x s.TW tiles, then per panel of RO product rows Mb = U panel @ V, and
+// emit(row, Mb's row for it, mpos, n0, n1, T) turns each row back into planes.
+template <int NT, typename F, typename Emit>
+void run_blocks(const Shape& s, int64_t N, const Window& wd, const Tables& tb, const float* in,
+                int64_t in_img, int64_t plane, const float* U, F f1d, Emit emit) {
   const int64_t per_image = s.TH * s.TW, nt = get_num_threads();
   const int64_t blocks = f4::balanced_blocks(N, images_per_block(per_image, N));
   const int64_t Tmax = ((N + blocks - 1) / blocks * per_image + L - 1) / L * L;
-  const Window wd(s.H, s.W, s.ph, s.pw, s.TH);
-  const Tables tb(s.TW);
   auto body = [&](int64_t b0, int64_t b1) {
     Scratch<float> V(kSlotWinoIn, 36 * pos_stride<float>(s.Cin * Tmax)),
         M(kSlotWinoOut, 36 * pos_stride<float>(RO * Tmax));
@@ -586,23 +588,11 @@ inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, co
       const int64_t n0 = N * blk / blocks, n1 = N * (blk + 1) / blocks;
       const int64_t T = ((n1 - n0) * per_image + L - 1) / L * L;
       const int64_t vpos = pos_stride<float>(s.Cin * T), mpos = pos_stride<float>(RO * T);
-      transform_block<6>(wd, tb, s.Cin, x, x_img, s.H * s.W, n0, n1, T, V.get(), vpos,
-                         f4::In1d{});
+      transform_block<NT>(wd, tb, s.Cin, in, in_img, plane, n0, n1, T, V.get(), vpos, f1d);
       for (int64_t ob = 0; ob < s.OB; ++ob) {
         f4::panel_products(U + ob * s.Cin * 36 * RO, s.Cin, V.get(), vpos, T, M.get(), mpos);
-        for (int64_t r = 0; r < RO && ob * RO + r < s.Cout; ++r) {
-          const int64_t o = ob * RO + r;
-          if (tb.narrow) {
-            for (int64_t k = 0; k < T / L; ++k)
-              narrow_output(s, tb.nar, k, (n1 - n0) * s.TH, M.get() + r * T, mpos,
-                            bias ? bias[o] : 0.f, y + n0 * y_img + o * s.OH * s.OW, y_img);
-            continue;
-          }
-          for (int64_t n = n0; n < n1; ++n)
-            for (int64_t th = 0; th < s.TH; th += 2)
-              pair_output(s, tb.wide, th, M.get() + r * T + (n - n0) * per_image + th * s.TW, mpos,
-                          bias ? bias[o] : 0.f, y + n * y_img + o * s.OH * s.OW);
-        }
+        for (int64_t r = 0; r < RO && ob * RO + r < s.Cout; ++r)
+          emit(ob * RO + r, M.get() + r * T, mpos, n0, n1, T);
       }
     }
   };
@@ -613,48 +603,54 @@ inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, co
   }
 }
 
+// y[n] (Cout, OH, OW) = conv3x3(x[n] (Cin, H, W)) + bias for n in [0, N), U
+// packed by f4::transform_weights; image strides as in winograd::forward.
+inline void forward(const Shape& s, int64_t N, const float* x, int64_t x_img, const float* U,
+                    const float* bias, float* y, int64_t y_img) {
+  const int64_t per_image = s.TH * s.TW;
+  const Tables tb(s.TW);
+  run_blocks<6>(s, N, Window(s.H, s.W, s.ph, s.pw, s.TH), tb, x, x_img, s.H * s.W, U,
+                f4::In1d{},
+                [&](int64_t o, const float* Mo, int64_t mpos, int64_t n0, int64_t n1, int64_t T) {
+                  const float b = bias ? bias[o] : 0.f;
+                  float* yo = y + o * s.OH * s.OW;
+                  if (tb.narrow) {
+                    for (int64_t k = 0; k < T / L; ++k)
+                      narrow_output(s, tb.nar, k, (n1 - n0) * s.TH, Mo, mpos, b, yo + n0 * y_img,
+                                    y_img);
+                    return;
+                  }
+                  for (int64_t n = n0; n < n1; ++n)
+                    for (int64_t th = 0; th < s.TH; th += 2)
+                      pair_output(s, tb.wide, th, Mo + (n - n0) * per_image + th * s.TW, mpos, b,
+                                  yo + n * y_img);
+                });
+}
+
 // gx[n] (Cin, H, W) = the gradient of the forward's x for gy[n] (Cout, OH,
 // OW), n in [0, N), as the adjoint above; s = make_shape(Cout, Cin, H, W, OH,
-// OW, ph, pw) (the products' rows are the input channels), OW narrow, U =
-// f4::transform_weights of the unrotated filters with rows = input channels.
+// OW, ph, pw) (the products' rows are the input channels) with OW a width
+// this file takes, U = f4::transform_weights of the unrotated filters with
+// rows = input channels.
 inline void backward_input(const Shape& s, int64_t N, const float* gy, int64_t gy_img,
                            const float* U, float* gx, int64_t gx_img) {
-  const int64_t per_image = s.TH * s.TW, nt = get_num_threads(), plane = s.H * s.W;
-  const int64_t blocks = f4::balanced_blocks(N, images_per_block(per_image, N));
-  const int64_t Tmax = ((N + blocks - 1) / blocks * per_image + L - 1) / L * L;
-  const Window wgy(s.OH, s.OW, 0, 0, s.TH), wgx(s.H, s.W, s.ph, s.pw, s.TH);
+  const int64_t per_image = s.TH * s.TW, plane = s.H * s.W;
+  const Window wgx(s.H, s.W, s.ph, s.pw, s.TH);
   const Tables tb(s.TW);
-  auto body = [&](int64_t b0, int64_t b1) {
-    Scratch<float> dM(kSlotWinoIn, 36 * pos_stride<float>(s.Cin * Tmax)),
-        M(kSlotWinoOut, 36 * pos_stride<float>(RO * Tmax));
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t n0 = N * blk / blocks, n1 = N * (blk + 1) / blocks;
-      const int64_t T = ((n1 - n0) * per_image + L - 1) / L * L;
-      const int64_t dpos = pos_stride<float>(s.Cin * T), mpos = pos_stride<float>(RO * T);
-      transform_block<4>(wgy, tb, s.Cin, gy, gy_img, s.OH * s.OW, n0, n1, T, dM.get(), dpos,
-                         f4::Grad1d{});
-      for (int64_t ob = 0; ob < s.OB; ++ob) {
-        f4::panel_products(U + ob * s.Cin * 36 * RO, s.Cin, dM.get(), dpos, T, M.get(), mpos);
-        for (int64_t r = 0; r < RO && ob * RO + r < s.Cout; ++r) {
-          float* gxc = gx + (ob * RO + r) * plane;
-          if (tb.narrow) {
-            for (int64_t k = 0; k < T / L; ++k)
-              narrow_adjoint(s, tb.nar, wgx, k, (n1 - n0) * s.TH, M.get() + r * T, mpos,
-                             gxc + n0 * gx_img, gx_img);
-            continue;
-          }
-          for (int64_t n = n0; n < n1; ++n)
-            wide_adjoint(s, tb.wide, wgx, M.get() + r * T + (n - n0) * per_image, mpos,
-                         gxc + n * gx_img);
-        }
-      }
-    }
-  };
-  if (blocks >= nt && nt > 1) {
-    parallel_for(blocks, 1, body);
-  } else {
-    body(0, blocks);
-  }
+  run_blocks<4>(s, N, Window(s.OH, s.OW, 0, 0, s.TH), tb, gy, gy_img, s.OH * s.OW, U,
+                f4::Grad1d{},
+                [&](int64_t c, const float* Mo, int64_t mpos, int64_t n0, int64_t n1, int64_t T) {
+                  float* gxc = gx + c * plane;
+                  if (tb.narrow) {
+                    for (int64_t k = 0; k < T / L; ++k)
+                      narrow_adjoint(s, tb.nar, wgx, k, (n1 - n0) * s.TH, Mo, mpos,
+                                     gxc + n0 * gx_img, gx_img);
+                    return;
+                  }
+                  for (int64_t n = n0; n < n1; ++n)
+                    wide_adjoint(s, tb.wide, wgx, Mo + (n - n0) * per_image, mpos,
+                                 gxc + n * gx_img);
+                });
 }
 
 // dU[o][pos][c] (rows 36 * Cp apart, Cp = f4::padded_channels(Cin), the
