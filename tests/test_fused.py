@@ -188,6 +188,93 @@ def test_backward_special_values_per_image(host_backend, rng, ow, threads):
     _close(gb, want[2], np.float32)
 
 
+# First layers: one input channel, 3x3, no padding, the exact 2x2 pool. The AVX-512
+# float32 build runs conv, relu and pool in registers, and (without grad_x) the
+# weight and bias gradients straight from the codes. (N, H, W): MNIST's 28x28; 16
+# pooled columns (a whole vector); 2 and 3 columns; one pooled row; batch 1.
+CONV1_SHAPES = [(6, 28, 28), (3, 34, 34), (4, 6, 8), (2, 4, 6), (1, 10, 12)]
+
+
+def _conv1_data(rng, shape, specials):
+    n, h, w = shape
+    x = rng.standard_normal((n, 1, h, w)).astype(np.float32)
+    if specials:  # image 0 only, so the other images' gradients stay finite
+        vals = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0], dtype=np.float32)
+        mask = rng.random((h, w)) < 0.1
+        x[0, 0][mask] = rng.choice(vals, size=int(mask.sum()))
+        x[-1, 0, :4, :4] = 0.0  # zero taps: +-0.0 outputs from the bias below
+    wt = (rng.standard_normal((8, 1, 3, 3)) * 0.4).astype(np.float32)
+    wt[2] = 0.0
+    b = (rng.standard_normal(8) * 0.2).astype(np.float32)
+    b[0] = -1e3  # nothing > 0: no gradient anywhere in channel 0
+    b[1] = -0.0
+    b[2] = -0.0
+    return x, wt, b
+
+
+def _codes_2x2(r):
+    """Window codes of the 2x2 stride-2 pool over r = relu(conv) (N, C, 2*POH, 2*POW),
+    by their definition: the first maximum's tap, 255 where it is not > 0 or a
+    NaN is in the window."""
+    n, c, h, w = r.shape
+    t = r.reshape(n, c, h // 2, 2, w // 2, 2).transpose(0, 1, 2, 4, 3, 5)
+    t = t.reshape(n, c, h // 2, w // 2, 4)
+    nan = np.isnan(t).any(axis=-1)
+    code = np.argmax(np.where(np.isnan(t), -np.inf, t), axis=-1)
+    best = np.take_along_axis(t, code[..., None], axis=-1)[..., 0]
+    return np.where(nan | ~(best > 0), 255, code).astype(np.uint8)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("specials", [False, True], ids=["finite", "specials"])
+@pytest.mark.parametrize("shape", CONV1_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_first_layer_path(host_backend, rng, shape, specials, threads):
+    """The one-input-channel fused kernels: the forward equals relu -> max_pool2d of
+    the conv bit for bit (-0.0 and NaN too) with the reference's codes, and the
+    weight and bias gradients without grad_x are the same bits whether routed by
+    the codes or recomputed, and match backpropagation through the separate ops."""
+    x, wt, b = _conv1_data(rng, shape, specials)
+    old = fastnn.get_num_threads()
+    fastnn.set_num_threads(threads)
+    mask = (False, True, True)
+    try:
+        with fastnn.backend(host_backend), np.errstate(invalid="ignore", over="ignore"):
+            y, codes = F.conv2d_relu_max_pool2d(x, wt, b, pool_kernel_size=2,
+                                                return_argmax=True)
+            y_want = _unfused(x, wt, b, {}, {"pool_kernel_size": 2})
+            codes_want = _codes_2x2(F.relu(F.conv2d(x, wt, b)))
+            gy = rng.standard_normal(y.shape).astype(np.float32)
+            by_codes = F.conv2d_relu_max_pool2d_backward(gy, x, wt, b, pool_kernel_size=2,
+                                                         argmax=codes, output_mask=mask)
+            recomputed = F.conv2d_relu_max_pool2d_backward(gy, x, wt, b, pool_kernel_size=2,
+                                                           output_mask=mask)
+            want = _unfused_grads(gy, x, wt, b, {}, {"pool_kernel_size": 2})
+        with fastnn.backend("numpy"), np.errstate(invalid="ignore", over="ignore"):
+            _, codes_ref = F.conv2d_relu_max_pool2d(x, wt, b, pool_kernel_size=2,
+                                                    return_argmax=True)
+    finally:
+        fastnn.set_num_threads(old)
+    if host_backend == "cpu":  # the numpy backend's own ops are the oracle here
+        np.testing.assert_array_equal(y.view(np.uint32), y_want.view(np.uint32))
+    else:
+        np.testing.assert_array_equal(y, y_want)
+    np.testing.assert_array_equal(codes, codes_want)
+    if not specials:  # with inf inputs the Winograd and direct convs differ
+        np.testing.assert_array_equal(codes, codes_ref)
+    assert by_codes[0] is None and recomputed[0] is None
+    for got, again in zip(by_codes[1:], recomputed[1:]):
+        np.testing.assert_array_equal(got, again)
+    gw, gb = by_codes[1:]
+    assert specials or gb[0] == 0.0  # an inf input can beat the bias
+    _close(gb, want[2], np.float32, "grad_b")
+    if specials:
+        # A non-finite input reaches the weight gradient through different products
+        # in the Winograd and direct sums; where the input is finite they agree.
+        assert not np.isfinite(gw).all()
+    else:
+        _close(gw, want[1], np.float32, "grad_w")
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_argmax_codes_and_backward_by_them(host_backend, rng, case, dtype):

@@ -18,9 +18,17 @@
 // parallel_for calls run serially on the worker), so the forward output is
 // bit-identical to max_pool2d(relu(conv2d(x))) and the gradients differ from
 // the unfused ones only in the order the per-image weight/bias sums are added.
+//
+// The first layer of an MNIST-style network (one input channel, 3x3, the
+// exact 2x2 pool; AVX-512 float32) goes further: conv1_relu_maxpool_image
+// keeps the conv output in registers, and without grad_x the weight and bias
+// gradients come straight from the codes (conv1_relu_maxpool_grads_image), so
+// neither direction writes a conv-sized plane at all.
 #include <algorithm>
+#include <type_traits>
 
 #include "fastnn/parallel.h"
+#include "kernels/conv_small.h"
 #include "kernels/image_ranges.h"
 #include "kernels/ops.h"
 #include "kernels/simd.h"
@@ -176,6 +184,150 @@ bool relu_maxpool2x2_forward<float>(const float* __restrict m, int64_t C, int64_
     }
   }
   return true;
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// One image of conv_small's Winograd F(2,3) forward (one input channel, 3x3:
+// the MNIST first layer) with relu and the exact 2x2 pool applied in
+// registers: y (O, POH, T) and codes (same shape, when given) from the tile
+// planes v (4, 3, 2*POH*T) [plane stride ld, L floats readable past the last
+// plane] of the image (conv_small::wino_tile_planes) and the transformed
+// weights u (O, 3, 4) (conv_small::wino_fwd_weights); T <= 16 pooled columns.
+//
+// The unfused order stores each channel's conv output in pixel order (an
+// interleave per 32 pixels) and the pool pass reads it back and unzips it
+// again. Here a vector holds one conv row's T tiles, and a tile's two
+// outputs (e, o) are the two columns of a pool window, so the window taps
+// a b / c d of pooled row p are (e, o) of conv rows 2p and 2p + 1 in the same
+// lane: no shuffles, and the conv output never leaves registers. A vector
+// uses T of its 16 lanes (13 for MNIST); the lanes past T are not stored.
+// The sums, the selects and their order are wino_fwd_channel's and
+// relu_maxpool2x2_forward's, so y and codes are bit for bit the unfused ones.
+inline void conv1_relu_maxpool_image(const float* __restrict u, const float* __restrict bias,
+                                     const float* __restrict v, int64_t ld, int64_t POH,
+                                     int64_t T, int64_t O, float* __restrict y,
+                                     uint8_t* __restrict codes) {
+  using V = simd::Vec<float>;
+  const __mmask16 cols = static_cast<__mmask16>((1u << T) - 1u);
+  const __m512 zero = _mm512_setzero_ps();
+  // relu(a) = a < 0 ? 0 : a in one op: vmaxps returns its second operand for
+  // a NaN and for a pair of zeros (so -0.0 stays -0.0), as relu_inplace does.
+  auto relu = [&](__m512 a) { return _mm512_max_ps(zero, a); };
+  const int64_t plane = POH * T;
+  for (int64_t p = 0; p < POH; ++p) {
+    // R[i][j] = V_i of the tiles of input row 2p + j: conv row 2p uses rows
+    // 0..2, conv row 2p + 1 rows 1..3. V depends only on the input row, so
+    // it is read from whichever tap-row plane holds it.
+    __m512 R[4][4];
+    for (int i = 0; i < 4; ++i) {
+      for (int j = 0; j < 4; ++j) {
+        const int kh = j < 2 ? j : 2;
+        R[i][j] = _mm512_loadu_ps(v + (i * 3 + kh) * ld + (2 * p + j - kh) * T);
+      }
+    }
+    for (int64_t o = 0; o < O; ++o) {
+      const float* uo = u + o * 12;
+      const __m512 bo = _mm512_set1_ps(bias ? bias[o] : 0.0f);
+      __m512 M0[4], M1[4];
+      for (int i = 0; i < 4; ++i) {
+        const __m512 u0 = _mm512_set1_ps(uo[i]), u1 = _mm512_set1_ps(uo[4 + i]);
+        const __m512 u2 = _mm512_set1_ps(uo[8 + i]);
+        M0[i] = i == 1 ? _mm512_fmadd_ps(u0, R[i][0], bo) : _mm512_mul_ps(u0, R[i][0]);
+        M1[i] = i == 1 ? _mm512_fmadd_ps(u0, R[i][1], bo) : _mm512_mul_ps(u0, R[i][1]);
+        M0[i] = _mm512_fmadd_ps(u1, R[i][1], M0[i]);
+        M1[i] = _mm512_fmadd_ps(u1, R[i][2], M1[i]);
+        M0[i] = _mm512_fmadd_ps(u2, R[i][2], M0[i]);
+        M1[i] = _mm512_fmadd_ps(u2, R[i][3], M1[i]);
+      }
+      Taps2x2 t;
+      t.a = _mm512_add_ps(_mm512_add_ps(M0[0], M0[1]), M0[2]);
+      t.b = _mm512_sub_ps(_mm512_sub_ps(M0[1], M0[2]), M0[3]);
+      t.c = _mm512_add_ps(_mm512_add_ps(M1[0], M1[1]), M1[2]);
+      t.d = _mm512_sub_ps(_mm512_sub_ps(M1[1], M1[2]), M1[3]);
+      // Without a NaN among the taps max_nan is plain vmaxps: 3 ops instead of 9.
+      const __mmask16 nan = _mm512_cmp_ps_mask(t.a, t.b, _CMP_UNORD_Q) |
+                            _mm512_cmp_ps_mask(t.c, t.d, _CMP_UNORD_Q);
+      const __m512 m =
+          nan == 0 ? _mm512_max_ps(_mm512_max_ps(relu(t.a), relu(t.c)),
+                                   _mm512_max_ps(relu(t.b), relu(t.d)))
+                   : simd::max_nan<float>(simd::max_nan<float>(relu(t.a), relu(t.c)),
+                                          simd::max_nan<float>(relu(t.b), relu(t.d)));
+      const int64_t at = o * plane + p * T;
+      V::storep(y + at, m, T);
+      if (codes) {
+        const Winner2x2 w = winner_2x2(t);
+        __m512i c = _mm512_maskz_mov_epi32(w.ub, _mm512_set1_epi32(1));
+        c = _mm512_mask_mov_epi32(c, w.uc, _mm512_set1_epi32(2));
+        c = _mm512_mask_mov_epi32(c, w.ud, _mm512_set1_epi32(3));
+        c = _mm512_mask_mov_epi32(_mm512_set1_epi32(kNoGrad), w.live, c);
+        _mm512_mask_cvtepi32_storeu_epi8(codes + at, cols, c);
+      }
+    }
+  }
+}
+
+// The weight and bias gradients of conv1_relu_maxpool_image's layer for one
+// image, from the pooled gradient g (O, POH, T) routed by the window codes
+// (same shape): lanes (O, 4, 3, Folded::kLen) += lane-wise U_i * V_i as in
+// conv_small::wino_bwd_w (its finish turns them into gw), gb[o] += the
+// gradient that reaches channel o. v: the image's tile planes, as there.
+//
+// The unfused order scatters g into a conv-output gradient in pixel order
+// (an interleave per 32 pixels), and wino_bwd_w reads it back and unzips it.
+// Here the codes give each tile's two gradients (e, o) directly, in the
+// tiles' lanes: window tap a or b of pooled row p is (e, o) of conv row 2p,
+// c or d of conv row 2p + 1. Conv row 2p + r meets input rows 2p + r + kh,
+// whose V_i are the tile-plane vectors of the forward.
+inline void conv1_relu_maxpool_grads_image(const float* __restrict v, int64_t ld, int64_t POH,
+                                           int64_t T, int64_t O, const float* __restrict g,
+                                           const uint8_t* __restrict codes,
+                                           float* __restrict lanes, float* __restrict gb) {
+  using Fold = conv_small::Folded<float>;
+  constexpr int64_t F = Fold::kLen;
+  const __mmask16 cols = static_cast<__mmask16>((1u << T) - 1u);
+  const int64_t plane = POH * T;
+  for (int64_t o = 0; o < O; ++o) {
+    float* lo = lanes + o * 12 * F;
+    __m512 acc[4][3];
+    for (int i = 0; i < 4; ++i)
+      for (int kh = 0; kh < 3; ++kh) acc[i][kh] = Fold::load(lo + (i * 3 + kh) * F);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t p = 0; p < POH; ++p) {
+      const int64_t at = o * plane + p * T;
+      // No tap of a lane past T is set: those lanes add nothing.
+      const __m512i c = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(cols, codes + at));
+      const __mmask16 ka = _mm512_mask_cmpeq_epi32_mask(cols, c, _mm512_set1_epi32(0));
+      const __mmask16 kb = _mm512_mask_cmpeq_epi32_mask(cols, c, _mm512_set1_epi32(1));
+      const __mmask16 kc = _mm512_mask_cmpeq_epi32_mask(cols, c, _mm512_set1_epi32(2));
+      const __mmask16 kd = _mm512_mask_cmpeq_epi32_mask(cols, c, _mm512_set1_epi32(3));
+      const __m512 gr = _mm512_maskz_loadu_ps(static_cast<__mmask16>(ka | kb | kc | kd), g + at);
+      sum = _mm512_add_ps(sum, gr);
+      const __m512 e0 = _mm512_maskz_mov_ps(ka, gr), o0 = _mm512_maskz_mov_ps(kb, gr);
+      const __m512 e1 = _mm512_maskz_mov_ps(kc, gr), o1 = _mm512_maskz_mov_ps(kd, gr);
+      for (int i = 0; i < 4; ++i) {
+        // U_i of each conv row's (e, o), as wino_step: (e, e + o, e - o, o).
+        const __m512 u0 = i == 0 ? e0 : i == 1 ? _mm512_add_ps(e0, o0)
+                          : i == 2 ? _mm512_sub_ps(e0, o0) : o0;
+        const __m512 u1 = i == 0 ? e1 : i == 1 ? _mm512_add_ps(e1, o1)
+                          : i == 2 ? _mm512_sub_ps(e1, o1) : o1;
+        // V_i of input rows 2p .. 2p + 3; lanes past T are zeroed, as a
+        // neighbouring row's inf there would turn 0 * inf into NaN.
+        __m512 r[4];
+        for (int j = 0; j < 4; ++j) {
+          const int kh = j < 2 ? j : 2;
+          r[j] = _mm512_maskz_loadu_ps(cols, v + (i * 3 + kh) * ld + (2 * p + j - kh) * T);
+        }
+        for (int kh = 0; kh < 3; ++kh) {
+          acc[i][kh] = _mm512_fmadd_ps(u0, r[kh], acc[i][kh]);
+          acc[i][kh] = _mm512_fmadd_ps(u1, r[kh + 1], acc[i][kh]);
+        }
+      }
+    }
+    for (int i = 0; i < 4; ++i)
+      for (int kh = 0; kh < 3; ++kh) Fold::store(lo + (i * 3 + kh) * F, acc[i][kh]);
+    if (gb) gb[o] += _mm512_reduce_add_ps(sum);
+  }
 }
 #endif
 
@@ -339,6 +491,82 @@ void scatter_codes(const Pool2dParams& p, const T* g, const uint8_t* codes, T* g
 // the batch-level kernels (which split rows/planes) are used instead.
 inline bool per_image(int64_t N) { return N >= 2 * static_cast<int64_t>(get_num_threads()); }
 
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// Whether conv1_relu_maxpool_forward takes this layer: the conv is
+// conv_small's Winograd one and the pool the exact 2x2, at most 16 pooled
+// columns.
+inline bool conv1_pool_applies(const Conv2dParams& cp, const Pool2dParams& pp) {
+  return conv_small::applies(cp) && conv_small::wino_applies(cp) && exact_2x2_pool(cp, pp) &&
+         pp.OW <= 16;
+}
+
+// conv2d_relu_maxpool_forward for those layers: the images are split between
+// the threads, each building one image's tile planes at a time (12 KB for
+// MNIST, in L1) and running conv1_relu_maxpool_image on them.
+void conv1_relu_maxpool_forward(const Conv2dParams& cp, const Pool2dParams& pp, const float* x,
+                                const float* w, const float* b, float* y, uint8_t* codes) {
+  constexpr int64_t L = simd::Vec<float>::L;
+  const int64_t T = pp.OW;
+  const int64_t ld = (cp.OH * T + L - 1) / L * L;
+  const int64_t in_img = cp.H * cp.W, out_img = cp.O * pp.OH * pp.OW;
+  Buffer<float> u(cp.O * 12);
+  conv_small::wino_fwd_weights(w, cp.O, u.get());
+  parallel_for(cp.N, 1, [&](int64_t n0, int64_t n1) {
+    Scratch<float> v(kSlotFusedMid, 12 * ld + L);
+    for (int64_t n = n0; n < n1; ++n) {
+      conv_small::wino_tile_planes(x + n * in_img, cp.H, cp.W, v.get(), ld);
+      conv1_relu_maxpool_image(u.get(), b, v.get(), ld, pp.OH, T, cp.O, y + n * out_img,
+                               codes ? codes + n * out_img : nullptr);
+    }
+  });
+}
+
+// conv2d_relu_maxpool_backward for those layers when no input gradient is
+// asked for (the first layer of a network needs none): the images are split
+// into the fixed ranges of sum_over_image_ranges, each range keeping lane
+// sums (conv1_relu_maxpool_grads_image) that are finished into gw once. With
+// no codes from the forward, each image's codes are recomputed first
+// (conv1_relu_maxpool_image: the same decisions), so both ways give the same
+// bits.
+void conv1_relu_maxpool_backward(const Conv2dParams& cp, const Pool2dParams& pp, const float* gy,
+                                 const float* x, const float* w, const float* b,
+                                 const uint8_t* codes, float* gw, float* gb) {
+  using Fold = conv_small::Folded<float>;
+  constexpr int64_t L = simd::Vec<float>::L;
+  const int64_t T = pp.OW;
+  const int64_t ld = (cp.OH * T + L - 1) / L * L;
+  const int64_t in_img = cp.H * cp.W, out_img = cp.O * pp.OH * pp.OW;
+  const int64_t wsize = cp.O * 9, sums_len = wsize + cp.O;
+  Buffer<float> u(codes ? 1 : cp.O * 12);
+  if (!codes) conv_small::wino_fwd_weights(w, cp.O, u.get());
+  Buffer<float> sums(sums_len);
+  sums.zero(sums_len);
+  sum_over_image_ranges(kSlotFusedSums, cp.N, sums_len, sums.get(),
+                        [&](int64_t n0, int64_t n1, float* acc) {
+    Scratch<float> v(kSlotFusedMid, 12 * ld + L);
+    Scratch<float> lanes(kSlotFusedW, cp.O * 12 * Fold::kLen);
+    Scratch<float> ybuf(kSlotFusedGrad, codes ? 1 : out_img);
+    Scratch<uint8_t> cbuf(kSlotFusedCodes, codes ? 1 : out_img);
+    std::fill(lanes.get(), lanes.get() + cp.O * 12 * Fold::kLen, 0.0f);
+    for (int64_t n = n0; n < n1; ++n) {
+      conv_small::wino_tile_planes(x + n * in_img, cp.H, cp.W, v.get(), ld);
+      const uint8_t* cn = codes ? codes + n * out_img : cbuf.get();
+      if (!codes) {
+        conv1_relu_maxpool_image(u.get(), b, v.get(), ld, pp.OH, T, cp.O, ybuf.get(),
+                                 cbuf.get());
+      }
+      conv1_relu_maxpool_grads_image(v.get(), ld, pp.OH, T, cp.O, gy + n * out_img, cn,
+                                     lanes.get(), gb ? acc + wsize : nullptr);
+    }
+    Scratch<float> gw1(kSlotFusedGrad, wsize);
+    conv_small::wino_bwd_w_finish(lanes.get(), cp.O, gw1.get());
+    for (int64_t i = 0; i < wsize; ++i) acc[i] += gw1.get()[i];
+  });
+  if (gw) std::copy(sums.get(), sums.get() + wsize, gw);
+  if (gb) std::copy(sums.get() + wsize, sums.get() + sums_len, gb);
+}
+#endif
+
 }  // namespace
 
 template <typename T>
@@ -348,6 +576,14 @@ void conv2d_relu_maxpool_forward(const Conv2dParams& cp, const Pool2dParams& pp,
   const int64_t mid_img = cp.O * cp.OH * cp.OW;
   const int64_t out_img = pp.C * pp.OH * pp.OW;
   if (cp.N == 0 || out_img == 0) return;
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (conv1_pool_applies(cp, pp)) {
+      conv1_relu_maxpool_forward(cp, pp, x, w, b, y, codes);
+      return;
+    }
+  }
+#endif
   if (!per_image(cp.N)) {
     Buffer<T> mid(cp.N * mid_img);
     conv2d_forward<T>(cp, x, w, b, mid.get());
@@ -390,6 +626,14 @@ void conv2d_relu_maxpool_backward(const Conv2dParams& cp, const Pool2dParams& pp
     if (gx) std::fill(gx, gx + cp.N * in_img, T(0));
     return;
   }
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (!gx && conv1_pool_applies(cp, pp)) {
+      conv1_relu_maxpool_backward(cp, pp, gy, x, w, b, codes, gw, gb);
+      return;
+    }
+  }
+#endif
   if (!per_image(cp.N)) {
     Buffer<T> gmid(cp.N * mid_img);
     if (codes) {

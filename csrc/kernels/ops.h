@@ -58,7 +58,8 @@ enum ScratchSlot : int {
   kSlotFusedGrad = 8,  // fused conv+relu+pool: its gradient
   kSlotFusedW = 9,     // fused conv+relu+pool: one image's weight gradient
   kSlotFusedSums = 10, // fused conv+relu+pool: per-range gradient partials (caller thread)
-  kNumSlots = 11,
+  kSlotFusedCodes = 11, // fused conv+relu+pool: one image's recomputed window codes
+  kNumSlots = 12,
 };
 
 class ThreadScratch {
