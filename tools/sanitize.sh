@@ -58,6 +58,9 @@ export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 export PYTHONMALLOC=malloc  # let ASan see Python's own allocations too
 export PYTHONPATH="$work"
 export FASTNN_SANITIZED=1 FASTNN_REQUIRE_NATIVE=1
+# Fresh scratch holds NaN, so an element a kernel never wrote cannot pass
+# unnoticed (ASan does not report reads of uninitialised memory).
+export FASTNN_POISON_SCRATCH=1
 export FASTNN_FUZZ_PROFILE="${FASTNN_FUZZ_PROFILE:-ci}"
 export FASTNN_DATA_DIR="${FASTNN_DATA_DIR:-$repo/../shared/data/mnist}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"

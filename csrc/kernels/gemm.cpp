@@ -39,6 +39,7 @@
 
 #include "fastnn/cpuinfo.h"
 #include "fastnn/parallel.h"
+#include "kernels/poison.h"
 
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -559,6 +560,7 @@ struct Scratch {
       size_t rounded = (want + 4095) & ~size_t(4095);
       if (posix_memalign(&p, 4096, rounded) != 0) throw std::bad_alloc();
       bytes = rounded;
+      poison_fill(p, bytes);
     }
     return static_cast<T*>(p);
   }

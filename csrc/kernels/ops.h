@@ -12,6 +12,7 @@
 
 #include "fastnn/kernels.h"
 #include "kernels/gemm.h"  // gemm<T> of this ISA
+#include "kernels/poison.h"
 
 #ifndef FASTNN_ISA_NS
 #error "FASTNN_ISA_NS must name the ISA namespace (set by CMakeLists.txt)"
@@ -30,6 +31,7 @@ class Buffer {
     const size_t bytes = (static_cast<size_t>(n > 0 ? n : 1) * sizeof(T) + 63) & ~size_t(63);
     ptr_ = static_cast<T*>(std::aligned_alloc(64, bytes));
     if (ptr_ == nullptr) throw std::bad_alloc();
+    poison_fill(ptr_, bytes);
   }
   ~Buffer() { std::free(ptr_); }
   Buffer(const Buffer&) = delete;
@@ -76,6 +78,7 @@ class ThreadScratch {
       s.ptr = std::aligned_alloc(64, cap);
       if (s.ptr == nullptr) throw std::bad_alloc();
       s.cap = cap;
+      poison_fill(s.ptr, cap);
     }
     return s.ptr;
   }
@@ -102,6 +105,7 @@ class Scratch {
     if (bytes > ThreadScratch::kKeepBytes) {
       owned_ = static_cast<T*>(std::aligned_alloc(64, (bytes + 63) & ~size_t(63)));
       if (owned_ == nullptr) throw std::bad_alloc();
+      poison_fill(owned_, bytes);
       ptr_ = owned_;
     } else {
       ptr_ = static_cast<T*>(ThreadScratch::get(slot, bytes));
