@@ -191,8 +191,8 @@ bool relu_maxpool2x2_forward<float>(const float* __restrict m, int64_t C, int64_
 // One image of conv_small's Winograd F(2,3) forward (one input channel, 3x3:
 // the MNIST first layer) with relu and the exact 2x2 pool applied in
 // registers: y (O, POH, T) and codes (same shape, when given) from the tile
-// planes v (4, 3, 2*POH*T) [plane stride ld, L floats readable past the last
-// plane] of the image (conv_small::wino_tile_planes) and the transformed
+// planes v (4, 3, 2*POH*T) [plane stride ld] of the image
+// (conv_small::wino_tile_planes) and the transformed
 // weights u (O, 3, 4) (conv_small::wino_fwd_weights); T <= 16 pooled columns.
 //
 // The unfused order stores each channel's conv output in pixel order (an
@@ -496,9 +496,9 @@ void scatter_codes(const Pool2dParams& p, const T* g, const uint8_t* codes, T* g
 inline bool per_image(int64_t N) { return N >= 2 * static_cast<int64_t>(get_num_threads()); }
 
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
-// Whether conv1_relu_maxpool_forward takes this layer: the conv is
-// conv_small's Winograd one and the pool the exact 2x2, at most 16 pooled
-// columns.
+// Whether conv1_relu_maxpool_forward (and, without grad_x, _backward) takes
+// this layer: the conv is conv_small's Winograd one and the pool the exact
+// 2x2, at most 16 pooled columns.
 inline bool conv1_pool_applies(const Conv2dParams& cp, const Pool2dParams& pp) {
   return conv_small::applies(cp) && conv_small::wino_applies(cp) && exact_2x2_pool(cp, pp) &&
          pp.OW <= 16;
@@ -516,7 +516,7 @@ void conv1_relu_maxpool_forward(const Conv2dParams& cp, const Pool2dParams& pp, 
   Buffer<float> u(cp.O * 12);
   conv_small::wino_fwd_weights(w, cp.O, u.get());
   parallel_for(cp.N, 1, [&](int64_t n0, int64_t n1) {
-    Scratch<float> v(kSlotFusedMid, 12 * ld + L);
+    Scratch<float> v(kSlotFusedMid, 12 * ld);
     for (int64_t n = n0; n < n1; ++n) {
       conv_small::wino_tile_planes(x + n * in_img, cp.H, cp.W, v.get(), ld);
       conv1_relu_maxpool_image(u.get(), b, v.get(), ld, pp.OH, T, cp.O, y + n * out_img,
@@ -547,7 +547,7 @@ void conv1_relu_maxpool_backward(const Conv2dParams& cp, const Pool2dParams& pp,
   sums.zero(sums_len);
   sum_over_image_ranges(kSlotFusedSums, cp.N, sums_len, sums.get(),
                         [&](int64_t n0, int64_t n1, float* acc) {
-    Scratch<float> v(kSlotFusedMid, 12 * ld + L);
+    Scratch<float> v(kSlotFusedMid, 12 * ld);
     Scratch<float> lanes(kSlotFusedW, cp.O * 12 * Fold::kLen);
     Scratch<float> ybuf(kSlotFusedGrad, codes ? 1 : out_img);
     Scratch<uint8_t> cbuf(kSlotFusedCodes, codes ? 1 : out_img);
@@ -562,7 +562,7 @@ void conv1_relu_maxpool_backward(const Conv2dParams& cp, const Pool2dParams& pp,
       conv1_relu_maxpool_grads_image(v.get(), ld, pp.OH, T, cp.O, gy + n * out_img, cn,
                                      lanes.get(), gb ? acc + wsize : nullptr);
     }
-    Scratch<float> gw1(kSlotFusedGrad, wsize);
+    Buffer<float> gw1(wsize);
     conv_small::wino_bwd_w_finish(lanes.get(), cp.O, gw1.get());
     for (int64_t i = 0; i < wsize; ++i) acc[i] += gw1.get()[i];
   });
