@@ -100,14 +100,13 @@ def _torch_worker(model: str, limit: int, threads: int) -> None:
     print(seconds * MNIST_TRAIN / (len(labels) // n * n))
 
 
-def seed_floor_seconds(sgemm_gflops: float) -> tuple[float, float]:
-    """(the seed epoch's FLOP floor in seconds, its GFLOP): one profiled step's
-    GEMM and conv FLOPs times 469 steps, at the measured sgemm rate."""
+def seed_epoch_gflop() -> float:
+    """The seed epoch's GEMM and conv GFLOP: one profiled step's FLOPs times 469
+    steps (its floor is this at the measured sgemm rate)."""
     from fastnn.bench.profile import profile_train_step
 
     p = profile_train_step("seed", steps=3, warmup=1)
-    gflop = p.flops_per_step * (MNIST_TRAIN // 128) / 1e9
-    return gflop / sgemm_gflops, gflop
+    return p.flops_per_step * (MNIST_TRAIN // 128) / 1e9
 
 
 def sgemm_clean() -> float:
@@ -140,7 +139,7 @@ def main() -> int:
     threads = args.threads or fastnn.get_num_threads()
     cpu = machine.cpu_model()
     load = machine.load_average()
-    _, gflop = seed_floor_seconds(1.0)
+    gflop = seed_epoch_gflop()
     models = args.models.split(",")
     times: dict[str, dict[str, list[float]]] = {m: {"fastnn": [], "torch": []} for m in models}
     sgemms: list[float] = []  # measured right before each round's seed fastnn epoch

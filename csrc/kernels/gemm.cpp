@@ -39,7 +39,7 @@
 
 #include "fastnn/cpuinfo.h"
 #include "fastnn/parallel.h"
-#include "kernels/poison.h"
+#include "kernels/ops.h"  // poison_fill
 
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -546,10 +546,10 @@ inline void pack_b_panel(bool trans, const T* B, int64_t ldb, int64_t j0, int64_
 // ---------------------------------------------------------------------------
 // Thread-local, 64-byte aligned scratch, grown on demand and kept for reuse.
 // ---------------------------------------------------------------------------
-struct Scratch {
+struct PanelBuffer {
   void* p = nullptr;
   size_t bytes = 0;
-  ~Scratch() { std::free(p); }
+  ~PanelBuffer() { std::free(p); }
   template <typename T>
   T* get(size_t n) {
     size_t want = n * sizeof(T);
@@ -566,7 +566,7 @@ struct Scratch {
   }
 };
 // a: packed A, b: packed B, c: K-split partial products, t: transposed C.
-thread_local Scratch t_scratch_a, t_scratch_b, t_scratch_c, t_scratch_t;
+thread_local PanelBuffer t_scratch_a, t_scratch_b, t_scratch_c, t_scratch_t;
 
 struct Problem {
   bool ta, tb;
