@@ -1114,72 +1114,191 @@ py::tuple batch_norm2d_relu_backward(const py::handle& grad_out, const py::handl
 // --- optimizer steps ---------------------------------------------------------------
 
 py::array state_arg(const char* op, const char* name, const py::handle& obj,
-                    const py::array& param) {
+                    const py::array& param, const char* param_name) {
   py::array a = float_arg(op, name, obj, -1, "");
-  same_dtype(op, param, "param", a, name);
-  same_shape(op, param, "param", a, name);
+  same_dtype(op, param, param_name, a, name);
+  same_shape(op, param, param_name, a, name);
   return a;
+}
+
+// One parameter's arrays for an optimizer step, checked: param and the state
+// (s0, s1; s1 or both may be absent) writeable, grad read; one dtype and shape;
+// no two sharing memory. The names are those of the single-tensor ops
+// ("param", "exp_avg") or, in a multi-tensor op, of list entries ("params[3]").
+// The arrays are held (a list entry replaced while the GIL is released stays
+// alive) and their data pointers taken while the GIL is held.
+struct StepEntry {
+  py::array param, grad;
+  std::optional<py::array> s0, s1;
+  DType dtype = DType::f32;
+  void *p = nullptr, *m = nullptr, *v = nullptr;
+  const void* g = nullptr;
+  int64_t n = 0, step = 0;
+};
+
+StepEntry step_entry(const char* op, const std::string (&names)[4], const py::handle& param_obj,
+                     const py::handle& grad_obj, const py::handle& s0_obj,
+                     const py::handle& s1_obj) {
+  StepEntry e;
+  const char* pn = names[0].c_str();
+  e.param = float_arg(op, pn, param_obj, -1, "");
+  check_writeable(op, pn, e.param);
+  e.grad = state_arg(op, names[1].c_str(), grad_obj, e.param, pn);
+  no_overlap(op, e.param, pn, e.grad, names[1].c_str());
+  const py::handle objs[2] = {s0_obj, s1_obj};
+  std::optional<py::array>* slots[2] = {&e.s0, &e.s1};
+  for (int k = 0; k < 2; ++k) {
+    if (objs[k].is_none()) continue;
+    const char* sn = names[2 + k].c_str();
+    py::array a = state_arg(op, sn, objs[k], e.param, pn);
+    check_writeable(op, sn, a);
+    no_overlap(op, e.param, pn, a, sn);
+    no_overlap(op, e.grad, names[1].c_str(), a, sn);
+    if (k == 1 && e.s0) no_overlap(op, *e.s0, names[2].c_str(), a, sn);
+    *slots[k] = a;
+  }
+  e.dtype = float_dtype(op, pn, e.param);
+  e.p = e.param.mutable_data();
+  e.g = e.grad.data();
+  e.m = e.s0 ? e.s0->mutable_data() : nullptr;
+  e.v = e.s1 ? e.s1->mutable_data() : nullptr;
+  e.n = e.param.size();
+  return e;
+}
+
+void check_step_count(const char* op, const std::string& name, int64_t step) {
+  if (step < 1) {
+    throw py::value_error(std::string(op) + ": " + name + " must be >= 1 (1-based), got " +
+                          std::to_string(step));
+  }
+}
+
+// A multi-tensor op's list argument: a list or tuple of `n` entries (n < 0: any).
+py::sequence list_arg(const char* op, const char* name, const py::handle& obj, py::ssize_t n) {
+  if (!py::isinstance<py::list>(obj) && !py::isinstance<py::tuple>(obj)) {
+    throw py::type_error(std::string(op) + ": " + name + " must be a list or tuple, got " +
+                         py::str(py::type::of(obj).attr("__name__")).cast<std::string>());
+  }
+  auto seq = py::reinterpret_borrow<py::sequence>(obj);
+  if (n >= 0 && py::len(seq) != size_t(n)) {
+    throw py::value_error(std::string(op) + ": " + name + " has " +
+                          std::to_string(py::len(seq)) + " entries, params has " +
+                          std::to_string(n));
+  }
+  return seq;
+}
+
+std::string entry_name(const char* list, size_t i) {
+  return std::string(list) + "[" + std::to_string(i) + "]";
+}
+
+// The kernels of one entry; no Python API (runs with the GIL released).
+void run_sgd(const StepEntry& e, double lr, double momentum, double weight_decay,
+             bool nesterov) {
+  with_dtype(e.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    table<T>().sgd_step(static_cast<T*>(e.p), static_cast<const T*>(e.g),
+                        static_cast<T*>(e.m), e.n, lr, momentum, weight_decay, nesterov);
+    return 0;
+  });
+}
+
+void run_adam(const StepEntry& e, double lr, double beta1, double beta2, double eps,
+              double weight_decay, bool decoupled) {
+  with_dtype(e.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    table<T>().adam_step(static_cast<T*>(e.p), static_cast<const T*>(e.g), static_cast<T*>(e.m),
+                         static_cast<T*>(e.v), e.n, e.step, lr, beta1, beta2, eps, weight_decay,
+                         decoupled);
+    return 0;
+  });
 }
 
 void sgd_step(const py::handle& param_obj, const py::handle& grad_obj, const py::handle& buf_obj,
               double lr, double momentum, double weight_decay, bool nesterov) {
   const char* op = "sgd_step";
-  py::array param = float_arg(op, "param", param_obj, -1, "");
-  check_writeable(op, "param", param);
-  py::array grad = state_arg(op, "grad", grad_obj, param);
-  no_overlap(op, param, "param", grad, "grad");
-  std::optional<py::array> buf;
-  if (!buf_obj.is_none()) {
-    buf = state_arg(op, "momentum_buf", buf_obj, param);
-    check_writeable(op, "momentum_buf", *buf);
-    no_overlap(op, param, "param", *buf, "momentum_buf");
-    no_overlap(op, grad, "grad", *buf, "momentum_buf");
-  } else if (momentum != 0) {
+  static const std::string names[4] = {"param", "grad", "momentum_buf", ""};
+  if (buf_obj.is_none() && momentum != 0) {
     throw py::value_error(std::string(op) + ": momentum_buf must be an array when momentum != 0");
   }
-  with_dtype(float_dtype(op, "param", param), [&](auto tag) {
-    using T = decltype(tag);
-    T* pp = ptr<T>(param);
-    T* bp = buf ? ptr<T>(*buf) : nullptr;
-    const int64_t n = param.size();
-    py::gil_scoped_release release;
-    table<T>().sgd_step(pp, cptr<T>(grad), bp, n, lr, momentum, weight_decay, nesterov);
-    return 0;
-  });
+  const StepEntry e = step_entry(op, names, param_obj, grad_obj, buf_obj, py::none());
+  py::gil_scoped_release release;
+  run_sgd(e, lr, momentum, weight_decay, nesterov);
 }
 
 void adam_step(const py::handle& param_obj, const py::handle& grad_obj, const py::handle& m_obj,
                const py::handle& v_obj, int64_t step, double lr, double beta1, double beta2,
                double eps, double weight_decay, bool decoupled) {
   const char* op = "adam_step";
-  if (step < 1) {
-    throw py::value_error(std::string(op) + ": step must be >= 1 (1-based), got " +
-                          std::to_string(step));
+  static const std::string names[4] = {"param", "grad", "exp_avg", "exp_avg_sq"};
+  check_step_count(op, "step", step);
+  as_array(op, names[2].c_str(), m_obj);  // the state is required (None is a TypeError)
+  as_array(op, names[3].c_str(), v_obj);
+  StepEntry e = step_entry(op, names, param_obj, grad_obj, m_obj, v_obj);
+  e.step = step;
+  py::gil_scoped_release release;
+  run_adam(e, lr, beta1, beta2, eps, weight_decay, decoupled);
+}
+
+// The multi-tensor steps: what an optimizer does for one parameter group, in one
+// call. Every entry is checked as the single-tensor op checks it, all before
+// any update; then the entries run in order with the GIL released once.
+void sgd_step_multi(const py::handle& params_obj, const py::handle& grads_obj,
+                    const py::handle& bufs_obj, double lr, double momentum,
+                    double weight_decay, bool nesterov) {
+  const char* op = "sgd_step_multi";
+  const py::sequence params = list_arg(op, "params", params_obj, -1);
+  const py::ssize_t n = py::ssize_t(py::len(params));
+  const py::sequence grads = list_arg(op, "grads", grads_obj, n);
+  std::optional<py::sequence> bufs;
+  if (!bufs_obj.is_none()) bufs = list_arg(op, "momentum_bufs", bufs_obj, n);
+  std::vector<StepEntry> entries;
+  entries.reserve(size_t(n));
+  for (size_t i = 0; i < size_t(n); ++i) {
+    const std::string names[4] = {entry_name("params", i), entry_name("grads", i),
+                                  entry_name("momentum_bufs", i), ""};
+    const py::handle buf = bufs ? py::handle((*bufs)[i]) : py::handle(py::none());
+    if (buf.is_none() && momentum != 0) {
+      throw py::value_error(std::string(op) + ": " + names[2] +
+                            " is required when momentum != 0");
+    }
+    entries.push_back(step_entry(op, names, params[i], grads[i], buf, py::none()));
   }
-  py::array param = float_arg(op, "param", param_obj, -1, "");
-  check_writeable(op, "param", param);
-  py::array grad = state_arg(op, "grad", grad_obj, param);
-  py::array m = state_arg(op, "exp_avg", m_obj, param);
-  py::array v = state_arg(op, "exp_avg_sq", v_obj, param);
-  check_writeable(op, "exp_avg", m);
-  check_writeable(op, "exp_avg_sq", v);
-  no_overlap(op, param, "param", grad, "grad");
-  no_overlap(op, param, "param", m, "exp_avg");
-  no_overlap(op, param, "param", v, "exp_avg_sq");
-  no_overlap(op, grad, "grad", m, "exp_avg");
-  no_overlap(op, grad, "grad", v, "exp_avg_sq");
-  no_overlap(op, m, "exp_avg", v, "exp_avg_sq");
-  with_dtype(float_dtype(op, "param", param), [&](auto tag) {
-    using T = decltype(tag);
-    T* pp = ptr<T>(param);
-    T* mp = ptr<T>(m);
-    T* vp = ptr<T>(v);
-    const int64_t n = param.size();
-    py::gil_scoped_release release;
-    table<T>().adam_step(pp, cptr<T>(grad), mp, vp, n, step, lr, beta1, beta2, eps,
-                         weight_decay, decoupled);
-    return 0;
-  });
+  py::gil_scoped_release release;
+  for (const StepEntry& e : entries) run_sgd(e, lr, momentum, weight_decay, nesterov);
+}
+
+void adam_step_multi(const py::handle& params_obj, const py::handle& grads_obj,
+                     const py::handle& m_obj, const py::handle& v_obj,
+                     const py::handle& steps_obj, double lr, double beta1, double beta2,
+                     double eps, double weight_decay, bool decoupled) {
+  const char* op = "adam_step_multi";
+  const py::sequence params = list_arg(op, "params", params_obj, -1);
+  const py::ssize_t n = py::ssize_t(py::len(params));
+  const py::sequence grads = list_arg(op, "grads", grads_obj, n);
+  const py::sequence ms = list_arg(op, "exp_avgs", m_obj, n);
+  const py::sequence vs = list_arg(op, "exp_avg_sqs", v_obj, n);
+  const py::sequence steps = list_arg(op, "steps", steps_obj, n);
+  std::vector<StepEntry> entries;
+  entries.reserve(size_t(n));
+  for (size_t i = 0; i < size_t(n); ++i) {
+    const std::string names[4] = {entry_name("params", i), entry_name("grads", i),
+                                  entry_name("exp_avgs", i), entry_name("exp_avg_sqs", i)};
+    const py::handle st = steps[i];
+    if (!PyLong_Check(st.ptr()) || PyBool_Check(st.ptr())) {
+      throw py::type_error(std::string(op) + ": " + entry_name("steps", i) +
+                           " must be an int, got " +
+                           py::str(py::type::of(st).attr("__name__")).cast<std::string>());
+    }
+    const int64_t step = st.cast<int64_t>();
+    check_step_count(op, entry_name("steps", i), step);
+    as_array(op, names[2].c_str(), ms[i]);
+    as_array(op, names[3].c_str(), vs[i]);
+    entries.push_back(step_entry(op, names, params[i], grads[i], ms[i], vs[i]));
+    entries.back().step = step;
+  }
+  py::gil_scoped_release release;
+  for (const StepEntry& e : entries) run_adam(e, lr, beta1, beta2, eps, weight_decay, decoupled);
 }
 
 // --- ISA selection -------------------------------------------------------------------
@@ -1353,4 +1472,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("exp_avg_sq"), py::arg("step"), py::arg("lr"), py::arg("beta1"),
         py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled"),
         "In-place torch.optim.Adam (decoupled=False) / AdamW (decoupled=True) step.");
+  m.def("sgd_step_multi", &sgd_step_multi, py::arg("params"), py::arg("grads"),
+        py::arg("momentum_bufs"), py::arg("lr"), py::arg("momentum"), py::arg("weight_decay"),
+        py::arg("nesterov"),
+        "sgd_step on each (params[i], grads[i], momentum_bufs[i]) (lists or tuples; "
+        "momentum_bufs may be None when momentum == 0): every entry checked before any "
+        "update, then all run with the GIL released once.");
+  m.def("adam_step_multi", &adam_step_multi, py::arg("params"), py::arg("grads"),
+        py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("steps"), py::arg("lr"),
+        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("decoupled"),
+        "adam_step on each (params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]) at its own "
+        "1-based steps[i] (lists or tuples): every entry checked before any update, then all "
+        "run with the GIL released once.");
 }

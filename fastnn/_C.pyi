@@ -8,6 +8,8 @@ argument. Outputs are new arrays; the ``*_step`` optimizer steps work in place.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 Pair = tuple[int, int]
@@ -121,6 +123,19 @@ def adam_step(
     step: int, lr: float, beta1: float, beta2: float, eps: float,
     weight_decay: float, decoupled: bool,
 ) -> None: ...
+def sgd_step_multi(
+    params: Sequence[np.ndarray], grads: Sequence[np.ndarray],
+    momentum_bufs: Sequence[np.ndarray | None] | None, lr: float, momentum: float,
+    weight_decay: float, nesterov: bool,
+) -> None:
+    """sgd_step on each entry; every entry checked before any update."""
+def adam_step_multi(
+    params: Sequence[np.ndarray], grads: Sequence[np.ndarray],
+    exp_avgs: Sequence[np.ndarray], exp_avg_sqs: Sequence[np.ndarray], steps: Sequence[int],
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
+) -> None:
+    """adam_step on each entry at its own 1-based step; every entry checked before any
+    update."""
 def batch_norm2d(
     x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None,
     mean: np.ndarray | None, var: np.ndarray | None, eps: float, training: bool,

@@ -24,6 +24,9 @@ __all__ = [
     "wrap_like",
 ]
 
+#: The float dtypes fastnn computes in (native byte order).
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
 
 def is_cupy(a: Any) -> bool:
     """True for a CuPy array (checked by type, without importing CuPy)."""

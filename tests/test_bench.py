@@ -483,6 +483,10 @@ def test_op_cost_counts_gemm_and_conv_flops() -> None:
     p = np.zeros(10, np.float32)
     flops, moved = op_cost("adam_step", (p, p, p, p, 1, 1e-3), None)
     assert flops == 0 and moved == 8 * p.nbytes  # 4 read, 3 written back + param
+    q = np.zeros(3, np.float32)
+    lists = ([p, q], [p, q], [p, q], [p, q], [1, 1])
+    flops, moved = op_cost("adam_step_multi", (*lists, 1e-3), None)
+    assert flops == 0 and moved == 7 * (p.nbytes + q.nbytes)  # grads are only read
 
 
 def test_timed_backend_wraps_and_restores() -> None:
@@ -515,7 +519,7 @@ def test_cli_train_prints_step_profile(tmp_path: Path, capsys: pytest.CaptureFix
     assert prof["model"] == "seed" and prof["step_ms"] > 0
     # The seed step's products: conv forward and weight gradient, three big GEMMs.
     assert {"matmul", "linear_relu", "linear_relu_backward", "conv2d_relu_max_pool2d",
-            "conv2d_relu_max_pool2d_backward", "adam_step"} <= set(prof["ops"])
+            "conv2d_relu_max_pool2d_backward", "adam_step_multi"} <= set(prof["ops"])
     # The hidden layer runs as linear_relu (+ backward); the output layer as 3 matmuls.
     assert prof["ops"]["matmul"]["calls"] == 3 and prof["ops"]["linear_relu"]["calls"] == 1
     assert abs(prof["gflop_per_step"] * 1e9 - 2 * 4 * 2 * (5408 * 128 + 128 * 10) * 1.5

@@ -624,6 +624,30 @@ def test_adam_step(rng, wd, decoupled, dtype) -> None:
 
 
 @sim
+def test_multi_tensor_steps(rng) -> None:
+    """The per-parameter fallback of the optimizers (the flat launch is the fast path)."""
+    shapes = [(3, 2), (5,), (0,)]
+    p = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    g = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    m = [np.zeros_like(a) for a in p]
+    v = [np.zeros_like(a) for a in p]
+    want = [[a.copy() for a in xs] for xs in (p, m, v)]
+    cb.adam_step_multi(p, g, m, v, [1, 3, 1], 1e-2, 0.9, 0.999, 1e-8, 0.1, True)
+    ref.adam_step_multi(want[0], g, want[1], want[2], [1, 3, 1], 1e-2, 0.9, 0.999, 1e-8, 0.1,
+                        True)
+    for got, exp in zip(p + m + v, want[0] + want[1] + want[2]):
+        _close(got, exp)
+    bufs = [np.zeros_like(a) for a in p]
+    want_p, want_b = [a.copy() for a in p], [a.copy() for a in bufs]
+    cb.sgd_step_multi(p, g, bufs, 0.1, 0.9, 0.0, True)
+    ref.sgd_step_multi(want_p, g, want_b, 0.1, 0.9, 0.0, True)
+    for got, exp in zip(p + bufs, want_p + want_b):
+        _close(got, exp)
+    with pytest.raises(ValueError, match=r"grads\[1\]"):
+        cb.sgd_step_multi(p, [g[0], g[0], g[2]], None, 0.1, 0.0, 0.0, False)
+
+
+@sim
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_optimizer_state_subnormals_stored_as_zero(dtype) -> None:
     """As on the other backends: state that decays below the smallest normal is 0."""

@@ -21,12 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from fastnn._array import array_module
+from fastnn._array import FLOAT_DTYPES, array_module, is_cupy
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 
 __all__ = [
     "adam_step",
+    "check_step_arrays",
     "batch_norm2d",
     "batch_norm2d_backward",
     "dropout_masked",
@@ -249,6 +250,44 @@ def flush_subnormal(state: Array) -> None:
     xp = array_module(state)
     tiny = xp.finfo(state.dtype).tiny
     state[xp.abs(state) < tiny] = 0
+
+def check_step_arrays(op: str, index: int | None, param: Array,
+                  others: list[tuple[str, Any, bool]] | tuple[tuple[str, Any, bool], ...]) -> None:
+    """An optimizer step's arrays: ``param`` a float32/float64 NumPy or CuPy array,
+    C-contiguous and writeable; each of ``others``, (name, array or None, updated
+    in place) triples, of param's type, dtype and shape, C-contiguous, and
+    writeable where updated in place. TypeError/ValueError naming the array;
+    ``index``: the position in a multi-tensor op's lists (names become
+    ``params[i]``, ``grads[i]``, ...). Written for speed:
+    an optimizer checks every parameter's arrays on every step, so names are
+    only formatted for an error."""
+
+    def nm(base: str) -> str:
+        return base if index is None else f"{base}s[{index}]"
+
+    kind = type(param)
+    if not (kind is np.ndarray or is_cupy(param)) or param.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {nm('param')} must be a float32/float64 NumPy or CuPy array")
+    flags = param.flags
+    if not flags.c_contiguous:
+        raise ValueError(f"{op}: {nm('param')} must be C-contiguous (it is updated in place)")
+    if not getattr(flags, "writeable", True):
+        raise ValueError(f"{op}: {nm('param')} is read-only but is updated in place")
+    dtype, shape = param.dtype, param.shape
+    for name, a, in_place in others:
+        if a is None:
+            continue
+        if type(a) is not kind or a.dtype != dtype or a.shape != shape:
+            raise ValueError(
+                f"{op}: {nm(name)} must be a {dtype} array of shape {tuple(shape)} "
+                f"like {nm('param')}, got {getattr(a, 'dtype', type(a).__name__)} "
+                f"{tuple(getattr(a, 'shape', ()))}"
+            )
+        flags = a.flags
+        if not flags.c_contiguous:
+            raise ValueError(f"{op}: {nm(name)} must be C-contiguous")
+        if in_place and not getattr(flags, "writeable", True):
+            raise ValueError(f"{op}: {nm(name)} is read-only but is updated in place")
 
 
 def sgd_step(

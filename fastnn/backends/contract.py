@@ -333,6 +333,31 @@ class Backend(Protocol):
         """
         ...
 
+    def sgd_step_multi(
+        self, params: list[Array], grads: list[Array], momentum_bufs: list[Array] | None,
+        lr: float, momentum: float, weight_decay: float, nesterov: bool,
+    ) -> None:
+        """sgd_step on each (params[i], grads[i], momentum_bufs[i]), in order: one
+        optimizer parameter group in one call. Lists (or tuples) of equal length;
+        momentum_bufs may be None when momentum == 0. Unlike the single-tensor
+        ops, the backend checks every entry's arrays (as sgd_step's arguments,
+        named ``params[i]``, ``grads[i]``, ...) before it updates any.
+        """
+        ...
+
+    def adam_step_multi(
+        self, params: list[Array], grads: list[Array], exp_avgs: list[Array],
+        exp_avg_sqs: list[Array], steps: list[int], lr: float, beta1: float, beta2: float,
+        eps: float, weight_decay: float, decoupled: bool,
+    ) -> None:
+        """adam_step on each (params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]) at
+        its own 1-based steps[i], in order: one optimizer parameter group in one
+        call. Lists (or tuples) of equal length. Unlike the single-tensor ops,
+        the backend checks every entry's arrays (as adam_step's arguments, named
+        ``params[i]``, ``grads[i]``, ...) before it updates any.
+        """
+        ...
+
 
 # --------------------------------------------------------------------------
 # Introspection: what the contract asks for, and whether a module provides it

@@ -36,6 +36,7 @@ from fastnn.backends._array_ops import (
 
 __all__ = [
     "adam_step",
+    "adam_step_multi",
     "avg_pool2d",
     "avg_pool2d_backward",
     "batch_norm2d",
@@ -62,6 +63,7 @@ __all__ = [
     "relu",
     "relu_backward",
     "sgd_step",
+    "sgd_step_multi",
     "sigmoid",
     "sigmoid_backward",
     "softmax_cross_entropy",
@@ -104,6 +106,8 @@ relu_backward = _C.relu_backward
 softmax_cross_entropy = _C.softmax_cross_entropy
 sgd_step = _C.sgd_step
 adam_step = _C.adam_step
+sgd_step_multi = _C.sgd_step_multi
+adam_step_multi = _C.adam_step_multi
 batch_norm2d = _C.batch_norm2d
 batch_norm2d_backward = _C.batch_norm2d_backward
 batch_norm2d_relu = _C.batch_norm2d_relu

@@ -47,6 +47,7 @@ Pair = tuple[int, int]
 
 __all__ = [
     "adam_step",
+    "adam_step_multi",
     "avg_pool2d",
     "avg_pool2d_backward",
     "batch_norm2d",
@@ -73,6 +74,7 @@ __all__ = [
     "relu",
     "relu_backward",
     "sgd_step",
+    "sgd_step_multi",
     "sigmoid",
     "sigmoid_backward",
     "softmax_cross_entropy",
@@ -484,3 +486,4 @@ conv2d_relu_max_pool2d, conv2d_relu_max_pool2d_backward = _composed.fused_conv_r
 )
 batch_norm2d_relu, batch_norm2d_relu_backward = _composed.fused_bn_relu(sys.modules[__name__])
 linear_relu, linear_relu_backward = _composed.fused_linear_relu(sys.modules[__name__])
+sgd_step_multi, adam_step_multi = _composed.multi_steps(sys.modules[__name__])

@@ -31,6 +31,8 @@ __all__ = ["OpStats", "StepProfile", "format_profile", "op_cost", "profile_train
 
 #: Ops that update their first arrays in place (counted as read and written).
 _IN_PLACE = {"adam_step": 4, "sgd_step": 3}
+#: The multi-tensor steps: their list arguments updated in place (grads are read).
+_IN_PLACE_LISTS = {"adam_step_multi": (0, 2, 3), "sgd_step_multi": (0, 2)}
 
 
 def _arrays(values: Any) -> list[np.ndarray]:
@@ -83,6 +85,7 @@ def op_cost(name: str, args: tuple, result: Any) -> tuple[float, float]:
     inputs = _arrays(args)
     moved = sum(a.nbytes for a in inputs) + sum(a.nbytes for a in _arrays(result))
     moved += sum(a.nbytes for a in inputs[: _IN_PLACE.get(name, 0)])
+    moved += sum(a.nbytes for i in _IN_PLACE_LISTS.get(name, ()) for a in _arrays(args[i]))
     return flops, float(moved)
 
 

@@ -68,11 +68,12 @@ from fastnn.functional.normalization import (
     batch_norm2d_relu_backward,
     batch_norm2d_relu_forward,
 )
-from fastnn.functional.optim_steps import adam_step, sgd_step
+from fastnn.functional.optim_steps import adam_step, adam_step_multi, sgd_step, sgd_step_multi
 from fastnn.functional.pool import avg_pool2d, avg_pool2d_backward, max_pool2d, max_pool2d_backward
 
 __all__ = [
     "adam_step",
+    "adam_step_multi",
     "avg_pool2d",
     "avg_pool2d_backward",
     "batch_norm2d",
@@ -106,6 +107,7 @@ __all__ = [
     "relu",
     "relu_backward",
     "sgd_step",
+    "sgd_step_multi",
     "sigmoid",
     "sigmoid_backward",
     "softmax_cross_entropy",

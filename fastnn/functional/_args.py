@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from fastnn._array import FLOAT_DTYPES as _FLOAT_DTYPES
 from fastnn._array import array_module as _xp
 from fastnn._array import from_dlpack as _from_dlpack
 from fastnn._array import is_cupy as _is_cupy
@@ -35,7 +36,6 @@ def register_tensor_handler(op: str, handler: Callable[..., Any]) -> None:
     Functions here, so this package never imports it."""
     _TENSOR_HANDLERS[op] = handler
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 # --------------------------------------------------------------------------

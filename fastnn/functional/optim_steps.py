@@ -6,16 +6,8 @@ import math
 import numbers
 from typing import Any
 
-import numpy as np
-
-from fastnn.functional._args import (
-    _FLOAT_DTYPES,
-    Array,
-    _int,
-    _is_cupy,
-    _pick_backend,
-    _tensor_aware,
-)
+from fastnn.backends._array_ops import check_step_arrays
+from fastnn.functional._args import Array, _int, _pick_backend, _tensor_aware
 
 # --------------------------------------------------------------------------
 # optimizer steps (in place)
@@ -24,28 +16,21 @@ from fastnn.functional._args import (
 
 def _check_state(op: str, param: Array, **arrays: Any) -> None:
     """Optimizer state is updated in place: same type, dtype, shape, contiguous, writeable."""
-    if not (_is_cupy(param) or isinstance(param, np.ndarray)) or param.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: param must be a float32/float64 NumPy or CuPy array")
-    flags = param.flags
-    if not flags.c_contiguous:
-        raise ValueError(f"{op}: param must be C-contiguous (it is updated in place)")
-    if not getattr(flags, "writeable", True):
-        raise ValueError(f"{op}: param is read-only but is updated in place")
-    kind, dtype, shape = type(param), param.dtype, param.shape
-    for name, a in arrays.items():
-        if a is None:
-            continue
-        if type(a) is not kind or a.dtype != dtype or a.shape != shape:
-            raise ValueError(
-                f"{op}: {name} must be a {dtype} array of shape {tuple(shape)} "
-                f"like param, got {getattr(a, 'dtype', type(a).__name__)} "
-                f"{tuple(getattr(a, 'shape', ()))}"
-            )
-        flags = a.flags
-        if not flags.c_contiguous:
-            raise ValueError(f"{op}: {name} must be C-contiguous")
-        if name != "grad" and not getattr(flags, "writeable", True):
-            raise ValueError(f"{op}: {name} is read-only but is updated in place")
+    check_step_arrays(op, None, param, [(name, a, name != "grad") for name, a in arrays.items()])
+
+
+def _check_lists(op: str, params: Any, **lists: Any) -> int:
+    """The multi-tensor ops' sequences: lists or tuples, each as long as ``params``
+    (a None entry of ``lists`` stands for "not given"). Returns that length."""
+    for name, seq in (("params", params), *lists.items()):
+        if seq is not None and not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{op}: {name} must be a list or tuple of arrays, "
+                            f"got {type(seq).__name__}")
+    n = len(params)
+    for name, seq in lists.items():
+        if seq is not None and len(seq) != n:
+            raise ValueError(f"{op}: {name} has {len(seq)} entries, params has {n}")
+    return n
 
 
 def _finite(op: str, **values: float) -> None:
@@ -106,3 +91,62 @@ def adam_step(
         param, grad, exp_avg, exp_avg_sq, step, float(lr), float(beta1), float(beta2),
         float(eps), float(weight_decay), bool(decoupled),
     )
+
+
+def sgd_step_multi(
+    params: list[Array] | tuple[Array, ...],
+    grads: list[Array] | tuple[Array, ...],
+    momentum_bufs: list[Array | None] | tuple[Array | None, ...] | None,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+) -> None:
+    """:func:`sgd_step` on each ``(params[i], grads[i], momentum_bufs[i])``, with one
+    set of options: what an optimizer does for a parameter group, at a fraction
+    of the per-call cost (the options are checked here once; the backend checks
+    every entry's arrays, as the single-tensor step does, before it updates any).
+    ``momentum_bufs`` may be None when momentum == 0."""
+    op = "sgd_step_multi"
+    n = _check_lists(op, params, grads=grads, momentum_bufs=momentum_bufs)
+    _finite(op, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if momentum != 0 and momentum_bufs is None:
+        raise ValueError(f"{op}: momentum_bufs is required when momentum != 0")
+    if n == 0:
+        return
+    _pick_backend(op, list(params)).sgd_step_multi(
+        params, grads, momentum_bufs, float(lr), float(momentum), float(weight_decay),
+        bool(nesterov))
+
+
+def adam_step_multi(
+    params: list[Array] | tuple[Array, ...],
+    grads: list[Array] | tuple[Array, ...],
+    exp_avgs: list[Array] | tuple[Array, ...],
+    exp_avg_sqs: list[Array] | tuple[Array, ...],
+    steps: list[int] | tuple[int, ...],
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
+) -> None:
+    """:func:`adam_step` on each ``(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i])``
+    at its own 1-based ``steps[i]``, with one set of options: what an optimizer
+    does for a parameter group, at a fraction of the per-call cost (the options
+    are checked here once; the backend checks every entry's arrays, as the
+    single-tensor step does, before it updates any)."""
+    op = "adam_step_multi"
+    n = _check_lists(op, params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                     steps=steps)
+    _finite(op, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    counts = [_int(steps[i], op, f"steps[{i}]") for i in range(n)]
+    for i, step in enumerate(counts):
+        if step < 1:
+            raise ValueError(f"{op}: steps[{i}] must be >= 1, got {step}")
+    if n == 0:
+        return
+    _pick_backend(op, list(params)).adam_step_multi(
+        params, grads, exp_avgs, exp_avg_sqs, counts, float(lr), float(beta1), float(beta2),
+        float(eps), float(weight_decay), bool(decoupled))

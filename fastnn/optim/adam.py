@@ -41,8 +41,7 @@ class Adam(Optimizer):
     _flat_state = ("exp_avg", "exp_avg_sq")
 
     def _param_step(self, g: dict[str, Any]) -> None:
-        decoupled = self._decoupled
-        lr, (b1, b2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]
+        params, grads, avgs, avg_sqs, steps = [], [], [], [], []
         for p in g["params"]:
             grad = p.grad
             if grad is None:
@@ -55,9 +54,18 @@ class Adam(Optimizer):
                     "exp_avg": xp.zeros_like(p.data),
                     "exp_avg_sq": xp.zeros_like(p.data),
                 }
-            st["step"] += 1
-            F.adam_step(p.data, grad, st["exp_avg"], st["exp_avg_sq"], st["step"], lr,
-                        b1, b2, eps, wd, decoupled)
+            params.append(p.data)
+            grads.append(grad)
+            avgs.append(st["exp_avg"])
+            avg_sqs.append(st["exp_avg_sq"])
+            steps.append(st["step"] + 1)
+        # One call per group: the options are checked once, every array before any
+        # update; the step counts advance only once it has run.
+        F.adam_step_multi(params, grads, avgs, avg_sqs, steps, g["lr"], *g["betas"], g["eps"],
+                          g["weight_decay"], self._decoupled)
+        for p in g["params"]:
+            if p.grad is not None:
+                self.state[p]["step"] += 1
 
     def _flat_group_step(self, layout: Any, grp: Any, g: dict[str, Any]) -> bool:
         state = self.state

@@ -36,19 +36,23 @@ class SGD(Optimizer):
     _flat_state = ("momentum_buffer",)
 
     def _param_step(self, g: dict[str, Any]) -> None:
-        lr, mom, wd, nest = g["lr"], g["momentum"], g["weight_decay"], g["nesterov"]
+        mom = g["momentum"]
+        params, grads, bufs = [], [], []
         for p in g["params"]:
             grad = p.grad
             if grad is None:
                 continue
-            buf = None
+            params.append(p.data)
+            grads.append(grad)
             if mom != 0:
                 st = self.state.setdefault(p, {})
                 buf = st.get("momentum_buffer")
                 if buf is None:
                     # Zeros make the first step buf = g, which is torch's clone(g).
                     buf = st["momentum_buffer"] = _xp(p.data).zeros_like(p.data)
-            F.sgd_step(p.data, grad, buf, lr, mom, wd, nest)
+                bufs.append(buf)
+        F.sgd_step_multi(params, grads, bufs if mom != 0 else None, g["lr"], mom,
+                         g["weight_decay"], g["nesterov"])
 
     def _flat_group_step(self, layout: Any, grp: Any, g: dict[str, Any]) -> bool:
         lr, mom, wd, nest = g["lr"], g["momentum"], g["weight_decay"], g["nesterov"]
