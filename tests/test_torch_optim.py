@@ -19,17 +19,18 @@ def _model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
 
 
 def _spy(monkeypatch) -> list[int]:
-    """Count fastnn adam_step calls (to tell fastnn's step from torch's fallback)."""
+    """Count the parameters fastnn's Adam updates (to tell fastnn's step from torch's
+    fallback): one entry per parameter of each group call."""
     import fastnn.functional as F
 
     calls: list[int] = []
-    real = F.adam_step
+    real = F.adam_step_multi
 
-    def spy(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
+    def spy(params, *a, **k):
+        calls.extend(1 for _ in params)
+        return real(params, *a, **k)
 
-    monkeypatch.setattr(F, "adam_step", spy)
+    monkeypatch.setattr(F, "adam_step_multi", spy)
     return calls
 
 

@@ -115,18 +115,22 @@ class Adam(torch.optim.Adam):
         lr, (beta1, beta2) = float(group["lr"]), group["betas"]
         eps, wd = float(group["eps"]), float(group["weight_decay"])
         decoupled = bool(group.get("decoupled_weight_decay", False))
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if len(state) == 0:
-                state.update(_zeros_state(p))
-            step_t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-            step_t += 1
-            F.adam_step(p.detach().numpy(), p.grad.detach().numpy(), m.numpy(), v.numpy(),
-                        int(step_t.item()), lr, float(beta1), float(beta2), eps, wd, decoupled)
+        todo = [p for p in group["params"] if p.grad is not None]
+        for p in todo:
+            if len(self.state[p]) == 0:
+                self.state[p].update(_zeros_state(p))
+        states = [self.state[p] for p in todo]
+        # One call for the group: every entry is checked before any is updated.
+        F.adam_step_multi([p.detach().numpy() for p in todo],
+                          [p.grad.detach().numpy() for p in todo],
+                          [st["exp_avg"].numpy() for st in states],
+                          [st["exp_avg_sq"].numpy() for st in states],
+                          [int(st["step"].item()) + 1 for st in states],
+                          lr, float(beta1), float(beta2), eps, wd, decoupled)
+        for p, st in zip(todo, states):
+            st["step"] += 1
             # Written through NumPy views: tell autograd, as torch's in-place ops do.
-            increment_version((p, m, v))
+            increment_version((p, st["exp_avg"], st["exp_avg_sq"]))
 
 
 class AdamW(Adam, torch.optim.AdamW):
