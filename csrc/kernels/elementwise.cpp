@@ -140,7 +140,10 @@ void adam_step(T* __restrict param, const T* __restrict grad, T* __restrict exp_
   const T b1 = static_cast<T>(beta1), b2 = static_cast<T>(beta2);
   const T one_b1 = static_cast<T>(1.0 - beta1), one_b2 = static_cast<T>(1.0 - beta2);
   const T step_size = static_cast<T>(lr / bc1);
-  const T bc2s = static_cast<T>(bc2_sqrt);
+  // sqrt(v) * (1 / sqrt(bc2)) rather than sqrt(v) / sqrt(bc2): the step is bound by
+  // the divider (vsqrtps and vdivps share it), and this keeps one sqrt and one
+  // division per element. Never overflows where the division would not.
+  const T inv_bc2s = static_cast<T>(1.0 / bc2_sqrt);
   const T eps_t = static_cast<T>(eps);
   const T wd = static_cast<T>(weight_decay);
   const T decay = static_cast<T>(1.0 - lr * weight_decay);
@@ -157,7 +160,7 @@ void adam_step(T* __restrict param, const T* __restrict grad, T* __restrict exp_
       T* __restrict vp = exp_avg_sq;
       // Locals, not captured references: loads through the closure could alias the
       // stores as far as GCC knows, which also blocks vectorization.
-      const T c_b1 = b1, c_b2 = b2, c_one_b1 = one_b1, c_one_b2 = one_b2, c_bc2s = bc2s;
+      const T c_b1 = b1, c_b2 = b2, c_one_b1 = one_b1, c_one_b2 = one_b2, c_inv = inv_bc2s;
       const T c_eps = eps_t, c_step = step_size, c_wd = wd, c_decay = decay;
       for (int64_t i = b; i < e; ++i) {
         T p = pp[i];
@@ -167,7 +170,7 @@ void adam_step(T* __restrict param, const T* __restrict grad, T* __restrict exp_
         const T v = flush_subnormal(vp[i] * c_b2 + c_one_b2 * g * g);
         mp[i] = m;
         vp[i] = v;
-        const T denom = std::sqrt(v) / c_bc2s + c_eps;
+        const T denom = std::sqrt(v) * c_inv + c_eps;
         pp[i] = p - c_step * m / denom;
       }
     });
