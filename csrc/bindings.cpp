@@ -1166,6 +1166,14 @@ StepEntry step_entry(const char* op, const std::string (&names)[4], const py::ha
   return e;
 }
 
+// Adam's state arrays are required: None is a TypeError before anything else is
+// checked (fastnn.backends._composed checks in the same order).
+void require_state(const char* op, const std::string& name, const py::handle& obj) {
+  if (obj.is_none()) {
+    throw py::type_error(std::string(op) + ": " + name + " must be an array, got None");
+  }
+}
+
 void check_step_count(const char* op, const std::string& name, int64_t step) {
   if (step < 1) {
     throw py::value_error(std::string(op) + ": " + name + " must be >= 1 (1-based), got " +
@@ -1232,8 +1240,8 @@ void adam_step(const py::handle& param_obj, const py::handle& grad_obj, const py
   const char* op = "adam_step";
   static const std::string names[4] = {"param", "grad", "exp_avg", "exp_avg_sq"};
   check_step_count(op, "step", step);
-  as_array(op, names[2].c_str(), m_obj);  // the state is required (None is a TypeError)
-  as_array(op, names[3].c_str(), v_obj);
+  require_state(op, names[2], m_obj);
+  require_state(op, names[3], v_obj);
   StepEntry e = step_entry(op, names, param_obj, grad_obj, m_obj, v_obj);
   e.step = step;
   py::gil_scoped_release release;
@@ -1292,8 +1300,8 @@ void adam_step_multi(const py::handle& params_obj, const py::handle& grads_obj,
     }
     const int64_t step = st.cast<int64_t>();
     check_step_count(op, entry_name("steps", i), step);
-    as_array(op, names[2].c_str(), ms[i]);
-    as_array(op, names[3].c_str(), vs[i]);
+    require_state(op, names[2], ms[i]);
+    require_state(op, names[3], vs[i]);
     entries.push_back(step_entry(op, names, params[i], grads[i], ms[i], vs[i]));
     entries.back().step = step;
   }

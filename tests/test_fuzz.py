@@ -1057,6 +1057,89 @@ def test_fuzz_adam_step(case):
     _compare_states(op, want, got, scale)
 
 
+@st.composite
+def multi_case(draw, single):
+    """1-3 entries of a single-tensor step's case (each its own dtype and shape), as
+    the lists of the multi-tensor op; sometimes a list one entry short."""
+    n = draw(st.integers(0, 3))
+    entries = [draw(single()) for _ in range(n)]
+    specs = [e[0] for e in entries]
+    scalars = dict(entries[0][1]) if entries else dict(draw(single())[1])
+    steps = [e[1].get("step", 1) for e in entries]
+    short = draw(st.sampled_from([None] * 9 + list(specs[0]))) if specs else None
+    return specs, scalars, steps, short
+
+
+def _run_multi(op: str, fn: Callable, names: tuple[str, ...], lists: tuple[str, ...],
+               case) -> tuple[list, list] | None:
+    """``fn`` (a multi-tensor step) on both backends; the states after it, or None when
+    both raised (the same type, one of the allowed errors)."""
+    specs, scalars, steps, short = case
+    scalars = {k: v for k, v in scalars.items() if k != "step"}
+    states, excs = [], []
+    for backend in ("numpy", TARGET):
+        st_ = [{k: _make_state(v) for k, v in e.items()} for e in specs]
+        kwargs = {lst: [e[name] for e in st_] for name, lst in zip(names, lists)}
+        if short is not None:
+            lst = lists[names.index(short)]
+            kwargs[lst] = kwargs[lst][:-1]
+        if op == "adam_step_multi":
+            kwargs["steps"] = list(steps)
+        out, exc = _call(backend, fn, (), {**kwargs, **scalars})
+        assert exc is not None or out is None, f"{op} must return None"
+        states.append(st_)
+        excs.append(exc)
+    if excs[0] is not None or excs[1] is not None:
+        assert type(excs[0]) is type(excs[1]), (
+            f"{op}: reference raised {excs[0]!r} but {TARGET} raised {excs[1]!r}"
+        )
+        assert isinstance(excs[0], ALLOWED_ERRORS), f"{op}: unexpected {excs[0]!r}"
+        # Every entry is checked before any update: a failed call changed nothing.
+        for before, after in zip(specs, states[1]):
+            for k, v in before.items():
+                w = _make_state(v)
+                if isinstance(w, np.ndarray) and isinstance(after[k], np.ndarray):
+                    assert np.array_equal(w, after[k], equal_nan=w.dtype.kind in "fc"), (
+                        f"{op} raised {excs[1]!r} after updating {k}")
+        COUNTS[op][type(excs[0]).__name__] += 1
+        event(f"{op}: {type(excs[0]).__name__}")
+        return None
+    COUNTS[op]["ok"] += 1
+    event(f"{op}: ok")
+    return states[0], states[1]
+
+
+@FUZZ
+@given(case=multi_case(sgd_case))
+def test_fuzz_sgd_step_multi(case):
+    op = "sgd_step_multi"
+    names = ("param", "grad", "momentum_buf")
+    lists = ("params", "grads", "momentum_bufs")
+    r = _run_multi(op, F.sgd_step_multi, names, lists, case)
+    if r is None:
+        return
+    specs, scalars, _, _ = case
+    for entry, want, got in zip(specs, *r):
+        before = {k: _make_state(v) for k, v in entry.items()}
+        _compare_states(op, want, got, _abs_scale(F.sgd_step, before, scalars))
+
+
+@FUZZ
+@given(case=multi_case(adam_case))
+def test_fuzz_adam_step_multi(case):
+    op = "adam_step_multi"
+    names = ("param", "grad", "exp_avg", "exp_avg_sq")
+    lists = ("params", "grads", "exp_avgs", "exp_avg_sqs")
+    r = _run_multi(op, F.adam_step_multi, names, lists, case)
+    if r is None:
+        return
+    specs, scalars, steps, _ = case
+    for entry, step, want, got in zip(specs, steps, *r):
+        before = {k: _make_state(v) for k, v in entry.items()}
+        _compare_states(op, want, got,
+                        _abs_scale(F.adam_step, before, {**scalars, "step": step}))
+
+
 # --------------------------------------------------------------------------
 # fused conv2d + relu + max_pool2d
 # --------------------------------------------------------------------------

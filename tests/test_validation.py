@@ -168,8 +168,10 @@ def test_labels_and_optimizer_arguments(mode):
     with raises(ValueError, r"labels must have shape \(2,\)"):
         F.softmax_cross_entropy(np.zeros((2, 3)), np.array([0, 1, 2]))
     p = np.zeros(4, np.float32)
-    with raises(ValueError, "grad must be a float32 array of shape"):
+    with raises(ValueError, r"grad must have the shape of param \(4,\), got \(3,\)"):
         F.sgd_step(p, np.zeros(3, np.float32), None, 0.1)
+    with raises(TypeError, "grad has dtype float64 but param has dtype float32"):
+        F.sgd_step(p, np.zeros(4), None, 0.1)
     with raises(ValueError, "momentum_buf is required"):
         F.sgd_step(p, np.zeros(4, np.float32), None, 0.1, momentum=0.9)
     with raises(ValueError, "lr must be a finite number"):

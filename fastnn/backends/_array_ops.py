@@ -252,42 +252,60 @@ def flush_subnormal(state: Array) -> None:
     state[xp.abs(state) < tiny] = 0
 
 def check_step_arrays(op: str, index: int | None, param: Array,
-                  others: list[tuple[str, Any, bool]] | tuple[tuple[str, Any, bool], ...]) -> None:
-    """An optimizer step's arrays: ``param`` a float32/float64 NumPy or CuPy array,
-    C-contiguous and writeable; each of ``others``, (name, array or None, updated
-    in place) triples, of param's type, dtype and shape, C-contiguous, and
-    writeable where updated in place. TypeError/ValueError naming the array;
-    ``index``: the position in a multi-tensor op's lists (names become
-    ``params[i]``, ``grads[i]``, ...). Written for speed:
-    an optimizer checks every parameter's arrays on every step, so names are
-    only formatted for an error."""
+                      others: list[tuple[str, Any, bool]] | tuple[tuple[str, Any, bool], ...],
+                      disjoint: bool = False) -> None:
+    """An optimizer step's arrays, in the cpu bindings' order (so both raise the same
+    exception type for the same input): ``param`` a float32/float64 NumPy or CuPy
+    array (TypeError), C-contiguous and writeable (ValueError); each of ``others``,
+    (name, array or None, updated in place) triples: of param's array type and a
+    float dtype (TypeError), C-contiguous (ValueError), of param's dtype
+    (TypeError) and shape (ValueError), writeable where updated in place
+    (ValueError) and, with ``disjoint``, sharing no memory with the arrays before
+    it (ValueError). ``index``: the position in a multi-tensor op's lists (names
+    become ``params[i]``, ``grads[i]``, ...). Written for speed: an optimizer
+    checks every parameter's arrays on every step, so names are only formatted
+    for an error."""
 
     def nm(base: str) -> str:
         return base if index is None else f"{base}s[{index}]"
 
     kind = type(param)
-    if not (kind is np.ndarray or is_cupy(param)) or param.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {nm('param')} must be a float32/float64 NumPy or CuPy array")
+    if not (kind is np.ndarray or is_cupy(param)):
+        raise TypeError(f"{op}: {nm('param')} must be a NumPy or CuPy array, got {kind.__name__}")
+    dtype, shape = param.dtype, param.shape
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {nm('param')} must be float32 or float64, got {dtype}")
     flags = param.flags
     if not flags.c_contiguous:
         raise ValueError(f"{op}: {nm('param')} must be C-contiguous (it is updated in place)")
     if not getattr(flags, "writeable", True):
         raise ValueError(f"{op}: {nm('param')} is read-only but is updated in place")
-    dtype, shape = param.dtype, param.shape
+    seen = [("param", param)]
     for name, a, in_place in others:
         if a is None:
             continue
-        if type(a) is not kind or a.dtype != dtype or a.shape != shape:
-            raise ValueError(
-                f"{op}: {nm(name)} must be a {dtype} array of shape {tuple(shape)} "
-                f"like {nm('param')}, got {getattr(a, 'dtype', type(a).__name__)} "
-                f"{tuple(getattr(a, 'shape', ()))}"
-            )
+        if type(a) is not kind:
+            raise TypeError(f"{op}: {nm(name)} must be a {kind.__name__} like {nm('param')}, "
+                            f"got {type(a).__name__}")
+        if a.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {nm(name)} must be float32 or float64, got {a.dtype}")
         flags = a.flags
         if not flags.c_contiguous:
             raise ValueError(f"{op}: {nm(name)} must be C-contiguous")
+        if a.dtype != dtype:
+            raise TypeError(f"{op}: {nm(name)} has dtype {a.dtype} but {nm('param')} has "
+                            f"dtype {dtype} (all arrays must share one dtype)")
+        if a.shape != shape:
+            raise ValueError(f"{op}: {nm(name)} must have the shape of {nm('param')} "
+                             f"{tuple(shape)}, got {tuple(a.shape)}")
         if in_place and not getattr(flags, "writeable", True):
             raise ValueError(f"{op}: {nm(name)} is read-only but is updated in place")
+        if disjoint:
+            xp = array_module(a)
+            for prev, b in seen:
+                if xp.may_share_memory(b, a):
+                    raise ValueError(f"{op}: {nm(prev)} and {nm(name)} must not share memory")
+            seen.append((name, a))
 
 
 def sgd_step(

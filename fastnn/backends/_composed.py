@@ -143,44 +143,36 @@ def fused_linear_relu(ops: ModuleType) -> tuple[Callable[..., Any], Callable[...
 
 def multi_steps(ops: ModuleType) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """``sgd_step_multi`` and ``adam_step_multi`` of a backend whose ``sgd_step`` and
-    ``adam_step`` are ``ops``'s: every entry checked first
-    (:func:`~fastnn.backends._array_ops.check_step_arrays`), then one call per entry."""
+    ``adam_step`` are ``ops``'s: every entry checked first, as the cpu binding
+    checks it (:func:`~fastnn.backends._array_ops.check_step_arrays`, in the same
+    order, so the same input raises the same exception type), then one call per
+    entry."""
     from fastnn.backends._array_ops import check_step_arrays
 
-    def disjoint(op: str, i: int, named: tuple[tuple[str, Any], ...]) -> None:
-        # As the cpu binding: arrays updated in place must not alias each other.
-        live = [(n, a) for n, a in named if a is not None]
-        for j, (an, a) in enumerate(live):
-            for bn, b in live[j + 1:]:
-                if array_module(a).may_share_memory(a, b):
-                    raise ValueError(f"{op}: {an}s[{i}] and {bn}s[{i}] must not share memory")
-
-    def sgd_step_multi(params, grads, momentum_bufs, lr, momentum, weight_decay, nesterov):
+    def sgd_step_multi(params: Any, grads: Any, momentum_bufs: Any, lr: float,
+                       momentum: float, weight_decay: float, nesterov: bool) -> None:
         bufs = momentum_bufs if momentum_bufs is not None else [None] * len(params)
         for i, p in enumerate(params):
             if bufs[i] is None and momentum != 0:
                 raise ValueError(f"sgd_step_multi: momentum_bufs[{i}] is required when "
                                  "momentum != 0")
             check_step_arrays("sgd_step_multi", i, p, (("grad", grads[i], False),
-                                                       ("momentum_buf", bufs[i], True)))
-            disjoint("sgd_step_multi", i, (("param", p), ("grad", grads[i]),
-                                           ("momentum_buf", bufs[i])))
+                                                       ("momentum_buf", bufs[i], True)), True)
         for i, p in enumerate(params):
             if p.size:
                 ops.sgd_step(p, grads[i], bufs[i], lr, momentum, weight_decay, nesterov)
 
-    def adam_step_multi(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps,
-                        weight_decay, decoupled):
+    def adam_step_multi(params: Any, grads: Any, exp_avgs: Any, exp_avg_sqs: Any, steps: Any,
+                        lr: float, beta1: float, beta2: float, eps: float,
+                        weight_decay: float, decoupled: bool) -> None:
         for i, p in enumerate(params):
+            for name, a in (("exp_avgs", exp_avgs[i]), ("exp_avg_sqs", exp_avg_sqs[i])):
+                if a is None:
+                    raise TypeError(f"adam_step_multi: {name}[{i}] must be an array, got None")
             check_step_arrays("adam_step_multi", i, p, (("grad", grads[i], False),
                                                         ("exp_avg", exp_avgs[i], True),
-                                                        ("exp_avg_sq", exp_avg_sqs[i], True)))
-            if exp_avgs[i] is None or exp_avg_sqs[i] is None:
-                raise TypeError(f"adam_step_multi: exp_avgs[{i}] and exp_avg_sqs[{i}] must "
-                                "be arrays")
-            disjoint("adam_step_multi", i, (("param", p), ("grad", grads[i]),
-                                            ("exp_avg", exp_avgs[i]),
-                                            ("exp_avg_sq", exp_avg_sqs[i])))
+                                                        ("exp_avg_sq", exp_avg_sqs[i], True)),
+                              True)
         for i, p in enumerate(params):
             if p.size:
                 ops.adam_step(p, grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], lr, beta1,
