@@ -949,6 +949,11 @@ def _run_step(op: str, fn: Callable, specs: dict, scalars: dict):
         assert exc is not None or out is None, f"{op} must return None"
         states.append(st_)
         excs.append(exc)
+    return None if _raised(op, excs) else states
+
+
+def _raised(op: str, excs: list) -> bool:
+    """Whether the two runs of a step raised; if so, the same allowed type. Counted."""
     if excs[0] is not None or excs[1] is not None:
         assert type(excs[0]) is type(excs[1]), (
             f"{op}: reference raised {excs[0]!r} but {TARGET} raised {excs[1]!r}"
@@ -956,10 +961,10 @@ def _run_step(op: str, fn: Callable, specs: dict, scalars: dict):
         assert isinstance(excs[0], ALLOWED_ERRORS), f"{op}: unexpected {excs[0]!r}"
         COUNTS[op][type(excs[0]).__name__] += 1
         event(f"{op}: {type(excs[0]).__name__}")
-        return None
+        return True
     COUNTS[op]["ok"] += 1
     event(f"{op}: ok")
-    return states
+    return False
 
 
 def _compare_states(op: str, want: dict, got: dict, scale: dict) -> None:
@@ -1089,11 +1094,7 @@ def _run_multi(op: str, fn: Callable, names: tuple[str, ...], lists: tuple[str, 
         assert exc is not None or out is None, f"{op} must return None"
         states.append(st_)
         excs.append(exc)
-    if excs[0] is not None or excs[1] is not None:
-        assert type(excs[0]) is type(excs[1]), (
-            f"{op}: reference raised {excs[0]!r} but {TARGET} raised {excs[1]!r}"
-        )
-        assert isinstance(excs[0], ALLOWED_ERRORS), f"{op}: unexpected {excs[0]!r}"
+    if _raised(op, excs):
         # Every entry is checked before any update: a failed call changed nothing.
         for before, after in zip(specs, states[1]):
             for k, v in before.items():
@@ -1101,11 +1102,7 @@ def _run_multi(op: str, fn: Callable, names: tuple[str, ...], lists: tuple[str, 
                 if isinstance(w, np.ndarray) and isinstance(after[k], np.ndarray):
                     assert np.array_equal(w, after[k], equal_nan=w.dtype.kind in "fc"), (
                         f"{op} raised {excs[1]!r} after updating {k}")
-        COUNTS[op][type(excs[0]).__name__] += 1
-        event(f"{op}: {type(excs[0]).__name__}")
         return None
-    COUNTS[op]["ok"] += 1
-    event(f"{op}: ok")
     return states[0], states[1]
 
 
