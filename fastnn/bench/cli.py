@@ -14,6 +14,7 @@ import argparse
 import sys
 from typing import Any
 
+from fastnn._malloc import retain_freed_memory
 from fastnn.bench import machine as machine_mod
 from fastnn.bench import report
 from fastnn.bench.cases import BACKENDS, known_op_names, select_cases
@@ -129,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = MODES[mode]
     rounds = args.rounds or cfg["rounds"]
+    # Every peer (this process and each worker) runs with glibc keeping freed memory,
+    # as `fastnn train` does: a training step's frees and page faults are then what
+    # the CLI pays, and the peers share one allocator setting.
+    retain_freed_memory()
     info = machine_mod.machine_info()
     notes = [n for n in (machine_mod.openblas_note(), machine_mod.busy_note()) if n]
     for n in notes:

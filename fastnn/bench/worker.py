@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
 
+    from fastnn._malloc import retain_freed_memory
     from fastnn.bench.cases import Case, Unsupported
     from fastnn.bench.runners import InProcessRunner
+
+    retain_freed_memory()  # as the parent `fastnn bench` (see fastnn.bench.cli.main)
 
     runner = InProcessRunner(args[0])
     for line in sys.stdin:
