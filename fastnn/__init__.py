@@ -27,6 +27,7 @@ _LAZY = {
     "optim": ("fastnn.optim", None),
     "data": ("fastnn.data", None),
     "models": ("fastnn.models", None),
+    "retain_freed_memory": ("fastnn._malloc", "retain_freed_memory"),
 }
 
 
@@ -60,6 +61,7 @@ __all__ = [
     "backend",
     "get_num_threads",
     "park_threads",
+    "retain_freed_memory",
     "set_num_threads",
     "show_config",
 ]

@@ -253,9 +253,10 @@ def test_run_epoch_counts_and_reseeds(host_backend: str) -> None:
 
 
 def test_retain_freed_memory_keeps_steps_from_faulting() -> None:
-    """fastnn train asks glibc to keep freed pages: a step that frees and reallocates
-    ~100 MB of activations then faults nothing back in; without it, every step
-    faults its pages in again (checked in a child process each way)."""
+    """fastnn train (and a user, through fastnn.retain_freed_memory) asks glibc to
+    keep freed pages: a step that frees and reallocates ~100 MB of activations then
+    faults nothing back in; without it, every step faults its pages in again
+    (checked in a child process each way)."""
     import subprocess
     import sys
     import textwrap
@@ -263,8 +264,8 @@ def test_retain_freed_memory_keeps_steps_from_faulting() -> None:
     code = textwrap.dedent("""
         import resource, sys
         import numpy as np
-        from fastnn._malloc import retain_freed_memory
-        ok = retain_freed_memory() if sys.argv[1] == "1" else True
+        import fastnn  # the public name, as a user's own training loop calls it
+        ok = fastnn.retain_freed_memory() if sys.argv[1] == "1" else True
         def step():
             arrs = [np.ones(1_000_000) for _ in range(12)]  # 12 x 8 MB live, then freed
             return sum(float(a[-1]) for a in arrs)
