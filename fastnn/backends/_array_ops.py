@@ -27,9 +27,9 @@ Array = Any  # numpy.ndarray or cupy.ndarray
 
 __all__ = [
     "adam_step",
-    "check_step_arrays",
     "batch_norm2d",
     "batch_norm2d_backward",
+    "check_step_arrays",
     "dropout_masked",
     "log_softmax",
     "log_softmax_backward",
@@ -250,6 +250,7 @@ def flush_subnormal(state: Array) -> None:
     xp = array_module(state)
     tiny = xp.finfo(state.dtype).tiny
     state[xp.abs(state) < tiny] = 0
+
 
 def check_step_arrays(op: str, index: int | None, param: Array,
                       others: list[tuple[str, Any, bool]] | tuple[tuple[str, Any, bool], ...],

@@ -41,7 +41,7 @@ class Adam(Optimizer):
     _flat_state = ("exp_avg", "exp_avg_sq")
 
     def _param_step(self, g: dict[str, Any]) -> None:
-        params, grads, avgs, avg_sqs, steps = [], [], [], [], []
+        params, grads, avgs, avg_sqs, steps, states = [], [], [], [], [], []
         for p in g["params"]:
             grad = p.grad
             if grad is None:
@@ -59,13 +59,13 @@ class Adam(Optimizer):
             avgs.append(st["exp_avg"])
             avg_sqs.append(st["exp_avg_sq"])
             steps.append(st["step"] + 1)
+            states.append(st)
         # One call per group: the options are checked once, every array before any
         # update; the step counts advance only once it has run.
         F.adam_step_multi(params, grads, avgs, avg_sqs, steps, g["lr"], *g["betas"], g["eps"],
                           g["weight_decay"], self._decoupled)
-        for p in g["params"]:
-            if p.grad is not None:
-                self.state[p]["step"] += 1
+        for st, step in zip(states, steps):
+            st["step"] = step
 
     def _flat_group_step(self, layout: Any, grp: Any, g: dict[str, Any]) -> bool:
         state = self.state
