@@ -592,6 +592,29 @@ def test_matmul_matches_reference(rng, dtype, batch, ta, tb):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "ta,m,n,k",
+    [
+        (False, 200, 333, 700),  # several K blocks, ragged last column panel
+        (True, 130, 1500, 129),  # A packed; B's first row panel packs B as it runs
+        (False, 9, 2900, 64),  # one full row panel and a ragged one
+        (True, 700, 100, 50),  # at one thread more rows than an MC block: B packed first
+    ],
+)
+def test_matmul_packed_paths_match_reference(rng, dtype, threads, ta, m, n, k):
+    a = randn(rng, (k, m) if ta else (m, k), dtype)
+    b = randn(rng, (k, n), dtype)
+    old = _C.get_num_threads()
+    _C.set_num_threads(threads)
+    try:
+        got = _C.matmul(a, b, ta, False)
+    finally:
+        _C.set_num_threads(old)
+    close(got, R.matmul(a, b, ta, False), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_relu_and_backward(rng, dtype):
     x = randn(rng, (3, 37), dtype)
     x[0, :3] = [np.nan, 0.0, -0.0]
