@@ -615,6 +615,27 @@ def test_matmul_packed_paths_match_reference(rng, dtype, threads, ta, m, n, k):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "ta,tb,m,n,k",
+    [
+        (False, True, 128, 10, 128),  # the MNIST output layer: computed directly
+        (True, False, 128, 10, 128),  # A transposed: through C^T
+        (False, True, 128, 2, 128),  # very narrow: through C^T
+        (False, False, 1024, 10, 128),  # A past a quarter of L2: directly
+        (False, True, 128, 10, 600),  # long K: through C^T, K in blocks
+        (False, False, 37, 3, 5),
+    ],
+)
+def test_matmul_narrow_outputs_match_reference(rng, dtype, ta, tb, m, n, k):
+    """N below a few vectors: gemm picks C = A B or C^T = B^T A^T by cost."""
+    a = randn(rng, (k, m) if ta else (m, k), dtype)
+    b = randn(rng, (n, k) if tb else (k, n), dtype)
+    out = _C.matmul(a, b, ta, tb)
+    assert out.shape == (m, n) and out.flags.c_contiguous
+    close(out, R.matmul(a, b, ta, tb), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_relu_and_backward(rng, dtype):
     x = randn(rng, (3, 37), dtype)
     x[0, :3] = [np.nan, 0.0, -0.0]
