@@ -877,17 +877,17 @@ def test_fuzz_softmax_cross_entropy(case):
         assert np.allclose(got_g[fin], want_g[fin], rtol=0, atol=8 * (k + 4) * fi.eps / n)
         return
     labels = np.asarray(ra[1]).reshape(-1).astype(np.int64)
-    shifted = logits - logits.max(axis=1, keepdims=True)
     # Per-row error ~ eps * (K + |logit of the label - row max|), averaged over N
     # (which may overflow to inf for logits near the float maximum: no bound then).
     with np.errstate(over="ignore"):
+        shifted = logits - logits.max(axis=1, keepdims=True)
         loss_tol = 8 * fi.eps * (k + 4 + np.abs(shifted[np.arange(n), labels]).mean())
     # The loss in float64: near the float32 maximum the mean itself may overflow in
     # one backend's accumulation and not in another's; no comparison there.
     with np.errstate(over="ignore"):
         lse = np.log(np.exp(shifted).sum(axis=1))
         exact = float(np.mean(lse - shifted[np.arange(n), labels]))
-    if abs(exact) < fi.max / 4:
+    if abs(exact) < float(fi.max) / 4:
         assert got_loss == want_loss or abs(float(got_loss) - float(want_loss)) <= loss_tol, (
             f"{op}: loss {float(got_loss)!r} vs reference {float(want_loss)!r}"
         )
