@@ -350,10 +350,11 @@ inline void micro(int64_t kc, const typename V::T* __restrict a, int64_t rsa, in
 // micro's full MR x NR tile (B untransposed) that also packs B as it goes: b
 // is op(B) in place (rows ldb apart), and each row's NR values, once loaded
 // for the FMAs, are stored into the packed micro-panel bp (kc x NR) that the
-// block's other row panels then read. So the first row panel's products hide
-// the copy that packing would otherwise do on its own, and B's rows come from
-// L3 only once, prefetched kAhead rows ahead: they are ldb apart, a page or
-// more, where the hardware prefetchers do not follow.
+// block's other row panels then read. So the first row panel's products
+// overlap the copy that packing would otherwise do on its own (they hide only
+// part of it: reading B from L3 costs more than one row panel's FMAs), with
+// B's rows prefetched kAhead rows ahead: they are ldb apart, a page or more,
+// where the hardware prefetchers do not follow.
 template <class V, int MR, int NV, bool PackedA>
 inline void micro_pack_b(int64_t kc, const typename V::T* __restrict a, int64_t rsa, int64_t csa,
                          const typename V::T* __restrict b, int64_t ldb,
