@@ -39,6 +39,19 @@ def _gpu_available() -> bool:
 NATIVE = _native_available()
 GPU = _gpu_available()
 
+# HYPOTHESIS_PROFILE=ci (set by .ci/run): every property test draws the same
+# examples on every run, so a commit's CI result does not depend on the run;
+# a plain `pytest` keeps drawing fresh examples. test_fuzz.py reads the same
+# variable for its own profiles (its "ci" one is derandomized too).
+try:
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:  # not installed (it comes with the test extra): nothing to set
+    pass
+else:
+    _hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+    if os.environ.get("HYPOTHESIS_PROFILE") == "ci":
+        _hypothesis_settings.load_profile("ci")
+
 # Backends that take NumPy arrays. CI sets FASTNN_REQUIRE_NATIVE=1 so that a
 # missing extension fails loudly instead of silently testing only the reference.
 HOST_BACKENDS = ["numpy"] + (["cpu"] if NATIVE else [])
