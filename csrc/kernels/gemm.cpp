@@ -5,7 +5,7 @@
 //     for pc over K in KC blocks
 //       pack op(B)[pc:pc+kc, jc:jc+nc] into kc x NR micro-panels (an
 //       untransposed B with few rows of C: by the first row panel's
-//       micro-kernels, as they load it; see micro_pack_b)
+//       micro-kernels, as they load it; see micro's CopyB)
 //       for ic over M in MC blocks
 //         pack op(A)[ic:ic+mc, pc:pc+kc] into MR x kc micro-panels (A
 //         stored transposed only: a row-major A is read in place)
@@ -304,11 +304,22 @@ inline __attribute__((always_inline)) void store_tile(typename V::R (&acc)[MRK][
 // null, is added per column (bias[j], j < n) after the sum, then relu clamps
 // at 0 (NaN stays NaN): the same operations, in the same order, as a separate
 // bias add and ReLU pass over C.
+//
+// CopyB (B in place, rows rsb apart): each row's NVK*W values, once loaded for
+// the FMAs, are also stored into the packed micro-panel bp (kc x NVK*W) that
+// the block's other row panels then read, so the first row panel's products
+// overlap the copy that packing would otherwise do on its own (only part of
+// it: reading B from L3 costs more than one row panel's FMAs). B's rows are
+// then prefetched 8 rows ahead: they are rsb apart, a page or more, where the
+// hardware prefetchers do not follow.
 // ---------------------------------------------------------------------------
-template <class V, int MRK, int NVK, bool PackedA, bool PackedB, int MRP, int NRP>
+template <class V, int MRK, int NVK, bool PackedA, bool PackedB, int MRP, int NRP,
+          bool CopyB = false>
 inline void micro(int64_t kc, const typename V::T* __restrict a, int64_t rsa, int64_t csa,
                   const typename V::T* __restrict b, int64_t rsb, typename V::T* __restrict c,
-                  int64_t ldc, int m, int n, bool beta1, const typename V::T* bias, bool relu) {
+                  int64_t ldc, int m, int n, bool beta1, const typename V::T* bias, bool relu,
+                  typename V::T* __restrict bp = nullptr) {
+  static_assert(!(CopyB && PackedB), "CopyB reads B in place");
   using R = typename V::R;
   constexpr int W = V::W;
   if (PackedA) {
@@ -334,9 +345,14 @@ inline void micro(int64_t kc, const typename V::T* __restrict a, int64_t rsa, in
     if (PackedB && k + 6 < kc) {
       FASTNN_UNROLL for (int v = 0; v < NVK; ++v) __builtin_prefetch(b + 6 * NRP + v * W, 0, 3);
     }
+    if (CopyB && k + 8 < kc) {
+      FASTNN_UNROLL for (int v = 0; v < NVK; ++v) __builtin_prefetch(b + 8 * rsb + v * W, 0, 3);
+    }
     FASTNN_UNROLL for (int v = 0; v < NVK; ++v) {
       bv[v] = PackedB ? V::load(b + v * W) : V::loadu(b + v * W);
+      if constexpr (CopyB) V::storeu(bp + v * W, bv[v]);
     }
+    if constexpr (CopyB) bp += NVK * W;
     FASTNN_UNROLL for (int i = 0; i < MRK; ++i) {
       R ai = V::set1(a[i * rsa]);
       FASTNN_UNROLL for (int v = 0; v < NVK; ++v) acc[i][v] = V::fma(ai, bv[v], acc[i][v]);
@@ -345,53 +361,6 @@ inline void micro(int64_t kc, const typename V::T* __restrict a, int64_t rsa, in
     b += rsb;
   }
   store_tile<V, MRK, NVK>(acc, c, ldc, m, n, beta1, bias, relu);
-}
-
-// micro's full MR x NR tile (B untransposed) that also packs B as it goes: b
-// is op(B) in place (rows ldb apart), and each row's NR values, once loaded
-// for the FMAs, are stored into the packed micro-panel bp (kc x NR) that the
-// block's other row panels then read. So the first row panel's products
-// overlap the copy that packing would otherwise do on its own (they hide only
-// part of it: reading B from L3 costs more than one row panel's FMAs), with
-// B's rows prefetched kAhead rows ahead: they are ldb apart, a page or more,
-// where the hardware prefetchers do not follow.
-template <class V, int MR, int NV, bool PackedA>
-inline void micro_pack_b(int64_t kc, const typename V::T* __restrict a, int64_t rsa, int64_t csa,
-                         const typename V::T* __restrict b, int64_t ldb,
-                         typename V::T* __restrict bp, typename V::T* __restrict c, int64_t ldc,
-                         bool beta1, const typename V::T* bias, bool relu) {
-  using R = typename V::R;
-  constexpr int W = V::W;
-  constexpr int64_t kAhead = 8;
-  if (PackedA) {
-    rsa = 1;
-    csa = MR;
-  }
-  FASTNN_UNROLL for (int i = 0; i < MR; ++i) {
-    FASTNN_UNROLL for (int v = 0; v < NV; ++v) __builtin_prefetch(c + i * ldc + v * W, 1, 3);
-  }
-  R acc[MR][NV];
-  FASTNN_UNROLL for (int i = 0; i < MR; ++i) {
-    FASTNN_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = V::zero();
-  }
-  for (int64_t k = 0; k < kc; ++k) {
-    if (k + kAhead < kc) {
-      FASTNN_UNROLL for (int v = 0; v < NV; ++v) __builtin_prefetch(b + kAhead * ldb + v * W, 0, 3);
-    }
-    R bv[NV];
-    FASTNN_UNROLL for (int v = 0; v < NV; ++v) {
-      bv[v] = V::loadu(b + v * W);
-      V::storeu(bp + v * W, bv[v]);
-    }
-    FASTNN_UNROLL for (int i = 0; i < MR; ++i) {
-      R ai = V::set1(a[i * rsa]);
-      FASTNN_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = V::fma(ai, bv[v], acc[i][v]);
-    }
-    a += csa;
-    b += ldb;
-    bp += NV * W;
-  }
-  store_tile<V, MR, NV>(acc, c, ldc, MR, NV * W, beta1, bias, relu);
 }
 
 // Picks the smallest register tile covering m rows x n columns, so ragged
@@ -708,7 +677,7 @@ void packed_rect(const Problem& p, const T* A, const T* B, const Rect<T>& r) {
       const T* bias = last && r.bias != nullptr ? r.bias + jc : nullptr;
       const bool relu = last && r.relu;
       // An untransposed B is packed by the first row panel's tiles as they
-      // run (micro_pack_b), where the rows are few (one MC block): there the
+      // run (micro's CopyB), where the rows are few (one MC block): there the
       // copy is a large share of the work and the products hide part of it
       // (1.02-1.05x at one thread on the MNIST linear backward products and
       // 512^2; at 1024^2, 128 row panels, it was 0.98x). Only a ragged last
@@ -744,8 +713,9 @@ void packed_rect(const Problem& p, const T* A, const T* B, const Rect<T>& r) {
               const int n = int(std::min<int64_t>(NR, nc - jr));
               const T* bj = bias != nullptr ? bias + jr : nullptr;
               if (packing && n == NR) {
-                micro_pack_b<V, MR, NV, false>(kc, ap, p.lda, 1, bsrc + jr, p.ldb, bufB + jr * kc,
-                                               crow + jr, r.ldc, beta1, bj, relu);
+                micro<V, MR, NV, false, false, MR, NR, true>(kc, ap, p.lda, 1, bsrc + jr, p.ldb,
+                                                             crow + jr, r.ldc, MR, NR, beta1, bj,
+                                                             relu, bufB + jr * kc);
               } else {
                 tile<V, false, true, MR, NV>(kc, ap, p.lda, 1, bufB + jr * kc, NR, crow + jr,
                                              r.ldc, m, n, beta1, bj, relu);
@@ -758,8 +728,9 @@ void packed_rect(const Problem& p, const T* A, const T* B, const Rect<T>& r) {
             const int n = int(std::min<int64_t>(NR, nc - jr));
             const T* bj = bias != nullptr ? bias + jr : nullptr;
             if (packing && n == NR) {
-              micro_pack_b<V, MR, NV, true>(kc, ap, 1, MR, bsrc + jr, p.ldb, bufB + jr * kc,
-                                            crow + jr, r.ldc, beta1, bj, relu);
+              micro<V, MR, NV, true, false, MR, NR, true>(kc, ap, 1, MR, bsrc + jr, p.ldb,
+                                                          crow + jr, r.ldc, MR, NR, beta1, bj,
+                                                          relu, bufB + jr * kc);
             } else {
               tile<V, true, true, MR, NV>(kc, ap, 1, MR, bufB + jr * kc, NR, crow + jr, r.ldc, m,
                                           n, beta1, bj, relu);
