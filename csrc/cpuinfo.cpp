@@ -19,6 +19,34 @@
 #endif
 
 namespace fastnn {
+
+bool parse_size(const std::string& text, int64_t& bytes) {
+  size_t i = 0;
+  while (i < text.size() && std::isspace(static_cast<unsigned char>(text[i]))) ++i;
+  if (i == text.size() || !std::isdigit(static_cast<unsigned char>(text[i]))) return false;
+  int64_t v = 0;
+  for (; i < text.size() && std::isdigit(static_cast<unsigned char>(text[i])); ++i) {
+    v = v * 10 + (text[i] - '0');
+    if (v > (int64_t(1) << 40)) return false;
+  }
+  int64_t mult = 1;
+  if (i < text.size()) {
+    switch (std::toupper(static_cast<unsigned char>(text[i]))) {
+      case 'K': mult = int64_t(1) << 10; ++i; break;
+      case 'M': mult = int64_t(1) << 20; ++i; break;
+      case 'G': mult = int64_t(1) << 30; ++i; break;
+      default: break;
+    }
+    if (i < text.size() && std::toupper(static_cast<unsigned char>(text[i])) == 'I') ++i;
+    if (i < text.size() && std::toupper(static_cast<unsigned char>(text[i])) == 'B') ++i;
+  }
+  while (i < text.size() && std::isspace(static_cast<unsigned char>(text[i]))) ++i;
+  // v <= 2^40 times 2^30 would wrap (2^34 + 1 G reads as 1 G): refuse instead.
+  if (i != text.size() || v > (int64_t(1) << 40) / mult) return false;
+  bytes = v * mult;
+  return true;
+}
+
 namespace {
 
 // Used when neither CPUID nor sysfs answers: small enough that blocking for
@@ -94,33 +122,6 @@ void cpuid_detect(CpuInfo& info) {
   if (ok) info.source = "cpuid";
 }
 #endif
-
-// "48K" / "2048K" / "2M" as sysfs writes them (and the override accepts).
-bool parse_size(const std::string& text, int64_t& bytes) {
-  size_t i = 0;
-  while (i < text.size() && std::isspace(static_cast<unsigned char>(text[i]))) ++i;
-  if (i == text.size() || !std::isdigit(static_cast<unsigned char>(text[i]))) return false;
-  int64_t v = 0;
-  for (; i < text.size() && std::isdigit(static_cast<unsigned char>(text[i])); ++i) {
-    v = v * 10 + (text[i] - '0');
-    if (v > (int64_t(1) << 40)) return false;
-  }
-  int64_t mult = 1;
-  if (i < text.size()) {
-    switch (std::toupper(static_cast<unsigned char>(text[i]))) {
-      case 'K': mult = int64_t(1) << 10; ++i; break;
-      case 'M': mult = int64_t(1) << 20; ++i; break;
-      case 'G': mult = int64_t(1) << 30; ++i; break;
-      default: break;
-    }
-    if (i < text.size() && std::toupper(static_cast<unsigned char>(text[i])) == 'I') ++i;
-    if (i < text.size() && std::toupper(static_cast<unsigned char>(text[i])) == 'B') ++i;
-  }
-  while (i < text.size() && std::isspace(static_cast<unsigned char>(text[i]))) ++i;
-  if (i != text.size()) return false;
-  bytes = v * mult;
-  return true;
-}
 
 std::string read_line(const std::string& path) {
   std::ifstream f(path);

@@ -106,7 +106,10 @@ def test_override_changes_blocking_and_restores(cache_override):
     assert _C.cpu_info()["override"] is None
 
 
-@pytest.mark.parametrize("spec", ["l1d", "l1d=", "l1d=abc", "l4=1M", "l2=1T", "l1d=512"])
+# 17179869185G is 2^64 + 1 GiB: it once wrapped around to 1 GiB and was accepted.
+@pytest.mark.parametrize(
+    "spec", ["l1d", "l1d=", "l1d=abc", "l4=1M", "l2=1T", "l1d=512", "l3=17179869185G"]
+)
 def test_override_rejects_bad_specs(cache_override, spec):
     from fastnn import _C
 

@@ -47,4 +47,9 @@ std::string cache_override();
 // Why FASTNN_CACHE_SIZES was ignored (it is then not applied at all), or "".
 std::string cache_env_error();
 
+// A byte count as sysfs writes cache sizes and the FASTNN_* size variables
+// take them: digits, then optionally K, M or G (binary; "KiB", "MB" accepted),
+// at most 2^40 bytes in all. False, bytes untouched, on anything else.
+bool parse_size(const std::string& text, int64_t& bytes);
+
 }  // namespace fastnn
