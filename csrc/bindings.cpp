@@ -21,6 +21,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -30,6 +31,7 @@
 
 #include "fastnn/cpuinfo.h"
 #include "fastnn/kernels.h"
+#include "fastnn/memory_pool.h"
 #include "fastnn/parallel.h"
 
 #ifndef FASTNN_VERSION
@@ -191,6 +193,86 @@ const T* cptr(const py::array& a) {
   return static_cast<const T*>(a.data());
 }
 
+// --- output memory: NumPy's allocator interface -----------------------------------
+//
+// Large outputs get their memory from fastnn::pool (fastnn/memory_pool.h: a
+// training step's activations come back with their pages mapped; with its
+// limit at 0 NumPy's own allocator serves them, as for small ones) through
+// NumPy's allocator interface (NEP 49): while one is created our handler is
+// NumPy's current one, so the array is an ordinary array that owns its data,
+// and NumPy hands its memory to the handler when it dies. The two structs are
+// NumPy's PyDataMemAllocator and PyDataMem_Handler (numpy/ndarraytypes.h,
+// ABI-stable since 1.22), declared here so the build needs no NumPy headers.
+struct NpyAllocator {
+  void* ctx;
+  void* (*malloc)(void* ctx, size_t size);
+  void* (*calloc)(void* ctx, size_t nelem, size_t elsize);
+  void* (*realloc)(void* ctx, void* ptr, size_t new_size);
+  void (*free)(void* ctx, void* ptr, size_t size);
+};
+struct NpyHandler {
+  char name[127];
+  uint8_t version;
+  NpyAllocator allocator;
+};
+
+NpyHandler pool_handler = {
+    "fastnn_memory_pool",
+    1,
+    {nullptr,
+     [](void*, size_t size) { return fastnn::pool::acquire(size); },
+     [](void*, size_t n, size_t elsize) -> void* {
+       size_t bytes = 0;
+       return __builtin_mul_overflow(n, elsize, &bytes) ? nullptr : fastnn::pool::acquire_zeroed(bytes);
+     },
+     [](void*, void* p, size_t size) { return fastnn::pool::resize(p, size); },
+     [](void*, void* p, size_t) { fastnn::pool::release(p); }}};
+
+// PyDataMem_SetHandler from NumPy's C-API table (entry 304 of _ARRAY_API, as
+// numpy/__multiarray_api.h defines it; pybind11 reaches the table the same
+// way), or nullptr where NumPy is older than 1.22: outputs then use NumPy's
+// own allocator.
+using SetHandlerFn = PyObject* (*)(PyObject*);
+SetHandlerFn numpy_set_handler = nullptr;
+PyObject* pool_capsule = nullptr;
+
+void init_output_allocator() {
+  py::module_ np = py::module_::import("numpy");
+  const std::string version = py::str(np.attr("__version__"));
+  int major = 0, minor = 0;
+  if (std::sscanf(version.c_str(), "%d.%d", &major, &minor) != 2 || (major == 1 && minor < 22)) return;
+  py::module_ mu = py::module_::import(major >= 2 ? "numpy._core.multiarray" : "numpy.core.multiarray");
+  py::object table = mu.attr("_ARRAY_API");
+  void** api = static_cast<void**>(PyCapsule_GetPointer(table.ptr(), nullptr));
+  if (!api) throw py::error_already_set();
+  pool_capsule = PyCapsule_New(&pool_handler, "mem_handler", nullptr);  // lives as long as the process
+  if (!pool_capsule) throw py::error_already_set();
+  numpy_set_handler = reinterpret_cast<SetHandlerFn>(api[304]);
+}
+
+// Makes the pool NumPy's allocator for this thread's context while alive.
+class PoolAllocatorScope {
+ public:
+  PoolAllocatorScope() : old_(numpy_set_handler ? numpy_set_handler(pool_capsule) : nullptr) {
+    if (numpy_set_handler && !old_) PyErr_Clear();  // not switched: NumPy's own allocator serves
+  }
+  ~PoolAllocatorScope() {
+    if (!old_) return;
+    PyObject* ours = numpy_set_handler(old_);
+    if (ours) {
+      Py_DECREF(ours);
+    } else {
+      PyErr_Clear();
+    }
+    Py_DECREF(old_);
+  }
+  PoolAllocatorScope(const PoolAllocatorScope&) = delete;
+  PoolAllocatorScope& operator=(const PoolAllocatorScope&) = delete;
+
+ private:
+  PyObject* old_;
+};
+
 template <typename T>
 py::array new_array(const std::vector<py::ssize_t>& shape) {
   // An output whose byte count overflows cannot be allocated: MemoryError
@@ -198,6 +280,10 @@ py::array new_array(const std::vector<py::ssize_t>& shape) {
   py::ssize_t bytes = sizeof(T);
   for (py::ssize_t d : shape) {
     if (d < 0 || __builtin_mul_overflow(bytes, d, &bytes)) throw std::bad_alloc();
+  }
+  if (static_cast<size_t>(bytes) >= fastnn::pool::kMinBytes && fastnn::pool::limit() > 0) {
+    PoolAllocatorScope scope;
+    return py::array_t<T, py::array::c_style>(shape);
   }
   return py::array_t<T, py::array::c_style>(shape);
 }
@@ -1373,6 +1459,41 @@ PYBIND11_MODULE(_C, m) {
   m.def("select_isa", &py_select_isa, py::arg("name"),
         "Switch the active ISA ('baseline', 'avx2', 'avx512' or 'best'); returns False, "
         "leaving the selection unchanged, if this CPU/OS cannot run it.");
+
+  init_output_allocator();
+  const std::string pool_err = fastnn::pool::env_error();
+  m.attr("_memory_pool_warning") = pool_err.empty() ? py::object(py::none()) : py::object(py::str(pool_err));
+  m.def(
+      "memory_pool_stats",
+      [] {
+        const fastnn::pool::Stats st = fastnn::pool::stats();
+        py::dict d;
+        d["hits"] = st.hits;
+        d["misses"] = st.misses;
+        d["cached_bytes"] = st.cached_bytes;
+        d["cached_blocks"] = st.cached_blocks;
+        d["in_use_bytes"] = st.in_use_bytes;
+        d["in_use_blocks"] = st.in_use_blocks;
+        d["limit"] = st.limit;
+        d["enabled"] = numpy_set_handler != nullptr && st.limit > 0;
+        return d;
+      },
+      "Counters of the cache that large kernel outputs come from: hits and misses (outputs "
+      "served from it or by the system), the free blocks it holds (cached_bytes, "
+      "cached_blocks), outputs alive now (in_use_bytes, in_use_blocks), its limit in bytes, "
+      "and whether outputs use it at all (NumPy >= 1.22).");
+  m.def("memory_pool_clear", &fastnn::pool::clear,
+        "Return every cached block to the system (outputs still alive are untouched).");
+  m.def(
+      "set_memory_pool_limit",
+      [](int64_t bytes) {
+        if (bytes < 0)
+          throw py::value_error("set_memory_pool_limit: bytes must be >= 0, got " + std::to_string(bytes));
+        fastnn::pool::set_limit(static_cast<size_t>(bytes));
+      },
+      py::arg("bytes"),
+      "Most bytes of freed outputs the cache keeps for reuse; frees any past it. 0 turns it off: "
+      "new outputs then come from NumPy's allocator.");
 
   const std::string cache_err = fastnn::cache_env_error();
   m.attr("_cache_warning") = cache_err.empty()

@@ -19,6 +19,8 @@ __version__: str
 _isa_warning: str | None
 # Why FASTNN_CACHE_SIZES was ignored at import (then the detected sizes are used), else None.
 _cache_warning: str | None
+# Why FASTNN_MEMORY_POOL_LIMIT was ignored at import (then the default limit holds), else None.
+_memory_pool_warning: str | None
 
 def get_num_threads() -> int: ...
 def set_num_threads(n: int) -> None: ...
@@ -36,6 +38,12 @@ def gemm_blocking(dtype: str = "float32") -> dict[str, int]:
     """The active ISA's gemm blocking: MR, NR (register tile), KC, MC, NC (cache blocks)."""
 def set_cache_sizes(spec: str) -> None:
     """Override the cache sizes ('l1d=32K,l2=1M,l3=32M', any subset); '' restores them."""
+def memory_pool_stats() -> dict[str, int | bool]:
+    """hits, misses, cached_bytes, cached_blocks, in_use_bytes, in_use_blocks, limit, enabled."""
+def memory_pool_clear() -> None:
+    """Return every cached output block to the system."""
+def set_memory_pool_limit(bytes: int) -> None:
+    """Most bytes of freed outputs kept for reuse; 0 turns the pool off."""
 
 def conv2d(
     x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,

@@ -7,7 +7,15 @@ all tested against. Start with :mod:`fastnn.functional`.
 
 from __future__ import annotations
 
-from fastnn._config import get_num_threads, park_threads, set_num_threads, show_config
+from fastnn._config import (
+    empty_memory_pool,
+    get_num_threads,
+    memory_pool_stats,
+    park_threads,
+    set_memory_pool_limit,
+    set_num_threads,
+    show_config,
+)
 from fastnn.backends import available_backends, backend
 
 __version__ = "0.1.0"
@@ -59,9 +67,12 @@ __all__ = [
     "optim",
     "available_backends",
     "backend",
+    "empty_memory_pool",
     "get_num_threads",
+    "memory_pool_stats",
     "park_threads",
     "retain_freed_memory",
+    "set_memory_pool_limit",
     "set_num_threads",
     "show_config",
 ]

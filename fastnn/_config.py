@@ -1,4 +1,5 @@
-"""Runtime configuration: thread count, ISA, CPU caches and blocking, and ``show_config``."""
+"""Runtime configuration: thread count, ISA, CPU caches and blocking, the output
+memory pool, and ``show_config``."""
 
 from __future__ import annotations
 
@@ -21,16 +22,21 @@ def get_num_threads() -> int:
     return c.get_num_threads() if c is not None else 1
 
 
-def set_num_threads(n: int) -> None:
-    """Set the number of threads the C++ kernels use."""
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"n must be an int, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+def _native_setting(name: str, value: int, minimum: int):
+    """The extension, once ``value`` (argument ``name``) is an int >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
     c = _native()
     if c is None:
         raise RuntimeError("fastnn._C is not built; the CPU backend is unavailable")
-    c.set_num_threads(n)
+    return c
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of threads the C++ kernels use."""
+    _native_setting("n", n, 1).set_num_threads(n)
 
 
 def park_threads() -> None:
@@ -45,6 +51,38 @@ def park_threads() -> None:
     c = _native()
     if c is not None:
         c.park_threads()
+
+
+def memory_pool_stats() -> dict:
+    """Counters of the cache that the C++ kernels' large outputs come from.
+
+    Outputs of at least 256 KiB take their memory from it (they are ordinary
+    NumPy arrays that own their data), and give it back when NumPy frees them,
+    so a training loop's activations and gradients reuse their pages instead of
+    faulting fresh ones in every step. Keys: ``hits`` and ``misses`` (outputs
+    served from the cache or by the system), ``cached_bytes`` and
+    ``cached_blocks`` (freed blocks held for reuse), ``in_use_bytes`` and
+    ``in_use_blocks`` (outputs alive now), ``limit`` (bytes) and ``enabled``.
+    Empty without the extension."""
+    c = _native()
+    return dict(c.memory_pool_stats()) if c is not None else {}
+
+
+def set_memory_pool_limit(nbytes: int) -> None:
+    """Keep at most ``nbytes`` of freed kernel outputs for reuse (the default is
+    1 GiB, or an eighth of the machine's memory where that is less;
+    ``FASTNN_MEMORY_POOL_LIMIT``, e.g. ``512M``, sets it at import). Blocks past
+    the new limit go back to the system now. ``0`` turns the pool off: new
+    outputs then come from NumPy's own allocator."""
+    _native_setting("nbytes", nbytes, 0).set_memory_pool_limit(nbytes)
+
+
+def empty_memory_pool() -> None:
+    """Give every cached block back to the system (outputs still alive keep theirs,
+    and return them to the pool when they die). No-op without the extension."""
+    c = _native()
+    if c is not None:
+        c.memory_pool_clear()
 
 
 def _size(n: int) -> str:
@@ -78,6 +116,16 @@ def cpu_cache_info() -> dict:
     return info
 
 
+def _memory_pool_line(c) -> str | None:
+    if c is None:
+        return None
+    st = c.memory_pool_stats()
+    if not st["enabled"]:
+        return "off (outputs use NumPy's allocator)"
+    return (f"outputs >= 256 KiB reuse freed blocks: limit {_size(st['limit'])}, "
+            f"cached {_size(st['cached_bytes'])}, hits {st['hits']}, misses {st['misses']}")
+
+
 def config() -> dict:
     """The facts ``show_config`` prints, as a dict."""
     from fastnn import __version__
@@ -95,6 +143,8 @@ def config() -> dict:
         "FASTNN_ISA": os.environ.get("FASTNN_ISA"),
         **cpu_cache_info(),
         "FASTNN_CACHE_SIZES": os.environ.get("FASTNN_CACHE_SIZES"),
+        "memory_pool": _memory_pool_line(c),
+        "FASTNN_MEMORY_POOL_LIMIT": os.environ.get("FASTNN_MEMORY_POOL_LIMIT"),
     }
     try:
         from fastnn.backends import cuda
@@ -106,6 +156,9 @@ def config() -> dict:
 
 
 def show_config() -> None:
-    """Print the version, backends, chosen ISA, threads, CPU caches, gemm blocking and GPU."""
-    for key, value in config().items():
-        print(f"{key:>16}: {value}")
+    """Print the version, backends, chosen ISA, threads, CPU caches, gemm blocking, the
+    output memory pool and GPU."""
+    info = config()
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"{key:>{width}}: {value}")

@@ -5,7 +5,9 @@ every step faulted its pages back in (about 8,300 pages, 32 MB, per step of the
 ``strong`` preset: 15% of its time in one thread).
 
 :func:`retain_freed_memory` is what ``fastnn train`` calls; a library user's
-process is left as it is unless they call it too.
+process is left as it is unless they call it too. The native kernels' own large
+outputs do not depend on it: they come from fastnn's pool of freed blocks
+(``csrc/memory_pool.cpp``, :func:`fastnn.memory_pool_stats`).
 """
 
 from __future__ import annotations

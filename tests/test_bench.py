@@ -528,3 +528,19 @@ def test_cli_train_prints_step_profile(tmp_path: Path, capsys: pytest.CaptureFix
     ops_ms = sum(o["ms"] for o in prof["ops"].values())
     assert 0 < ops_ms <= prof["timed_step_ms"]
     assert 0 <= prof["outside_ops_ms"] <= prof["timed_step_ms"] - ops_ms
+
+
+def test_bench_memory_pool_script_switches_the_pool():
+    """benchmarks/bench_memory_pool.py's two configurations are what it says."""
+    import importlib.util
+
+    pytest.importorskip("fastnn._C", reason="fastnn._C is not built")
+    path = REPO / "benchmarks" / "bench_memory_pool.py"
+    spec = importlib.util.spec_from_file_location("bench_memory_pool", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    on, off = mod.run("seed", 2, pool=True), mod.run("seed", 2, pool=False)
+    assert on["pool"]["enabled"] and on["pool"]["hits"] > 0
+    assert not off["pool"]["enabled"] and off["pool"]["hits"] == 0
+    assert on["ms"] > 0 and off["ms"] > 0 and on["faults"] >= 0
+

@@ -11,6 +11,7 @@
 #include <new>
 
 #include "fastnn/kernels.h"
+#include "fastnn/memory_pool.h"  // poison_enabled
 #include "kernels/gemm.h"  // gemm<T> of this ISA
 
 #ifndef FASTNN_ISA_NS
@@ -20,15 +21,13 @@
 namespace fastnn {
 namespace FASTNN_ISA_NS {
 
-// With FASTNN_POISON_SCRATCH set (read once), fresh scratch memory is filled
-// with all-ones bytes (NaN as float32 and float64) before a kernel sees it, so
-// a kernel that lets a never-written scratch element reach its output turns it
-// into NaN that the tests notice. AddressSanitizer does not report such reads;
-// tools/sanitize.sh sets it. (Stale scratch also costs speed when it happens to
-// hold subnormals: see conv1_relu_maxpool_image in fused.cpp.)
+// Fresh scratch memory is filled with NaN bytes under FASTNN_POISON_SCRATCH
+// (fastnn::poison_enabled, fastnn/memory_pool.h), so a kernel that lets a
+// never-written scratch element reach its output turns it into NaN that the
+// tests notice. (Stale scratch also costs speed when it happens to hold
+// subnormals: see conv1_relu_maxpool_image in fused.cpp.)
 inline void poison_fill(void* p, size_t bytes) {
-  static const bool on = std::getenv("FASTNN_POISON_SCRATCH") != nullptr;
-  if (on) std::memset(p, 0xff, bytes);
+  if (poison_enabled()) std::memset(p, 0xff, bytes);
 }
 
 // An uninitialised, 64-byte aligned scratch array. Kernel scratch lives here

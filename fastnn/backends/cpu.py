@@ -75,9 +75,11 @@ __all__ = [
 # extension fell back to the best available one and left the reason here.
 if _C._isa_warning is not None:
     warnings.warn(_C._isa_warning, RuntimeWarning, stacklevel=2)
-# Likewise a malformed FASTNN_CACHE_SIZES (ignored: the detected sizes are used).
-if _C._cache_warning is not None:
-    warnings.warn(_C._cache_warning, RuntimeWarning, stacklevel=2)
+# Likewise a malformed FASTNN_CACHE_SIZES (ignored: the detected sizes are used)
+# or FASTNN_MEMORY_POOL_LIMIT (ignored: the default limit holds).
+for _warning in (_C._cache_warning, _C._memory_pool_warning):
+    if _warning is not None:
+        warnings.warn(_warning, RuntimeWarning, stacklevel=2)
 
 
 def is_available() -> bool:
