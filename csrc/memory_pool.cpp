@@ -76,29 +76,30 @@ class Pool {
   void* acquire(size_t bytes, bool zero) {
     if (bytes > (size_t{1} << 48)) return nullptr;  // no such block: avoids wrap-around below
     const size_t cap = (std::max<size_t>(bytes, 1) + kPage - 1) / kPage * kPage;
+    Header* h = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
       // Best fit within 1/8: a steady loop asks for the same sizes every step,
       // and a much larger block would hold memory a later request needs.
       auto it = by_size_.lower_bound(cap);
       if (it != by_size_.end() && it->first <= cap + cap / 8) {
-        Header* h = it->second;
+        h = it->second;
         take(it);
         ++hits_;
         in_use_bytes_ += h->capacity;
         ++in_use_blocks_;
-        return hand_out(h, bytes, zero);
+      } else {
+        ++misses_;
       }
-      ++misses_;
     }
-    Header* h = allocate(cap);
-    if (!h) return nullptr;
-    {
+    if (!h) {
+      h = allocate(cap);
+      if (!h) return nullptr;
       std::lock_guard<std::mutex> lock(mu_);
       in_use_bytes_ += h->capacity;
       ++in_use_blocks_;
     }
-    return hand_out(h, bytes, zero);
+    return hand_out(h, bytes, zero);  // outside the lock: it may fill the block
   }
 
   void* resize(void* p, size_t bytes) {
