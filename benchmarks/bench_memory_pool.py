@@ -11,6 +11,8 @@ this machine's speed moves within minutes; the table gives per-round medians and
 the median of the per-round ratios.
 
     python benchmarks/bench_memory_pool.py --model strong --rounds 5 --steps 20
+
+(with a development build instead of an install: ``PYTHONPATH=$PWD python ...``).
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 _CHILD = r"""
 import json, resource, sys, time
@@ -53,14 +53,23 @@ print(json.dumps({
 """
 
 
+def _fastnn_root() -> Path:
+    """The folder holding the fastnn this script imports (installed, or a checkout
+    on PYTHONPATH with a development build): the children import the same one."""
+    import fastnn
+
+    return Path(fastnn.__file__).resolve().parents[1]
+
+
 def run(model: str, steps: int, pool: bool) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    root = _fastnn_root()
+    env = dict(os.environ, PYTHONPATH=str(root))
     env.pop("FASTNN_MEMORY_POOL_LIMIT", None)
     if not pool:
         env["FASTNN_MEMORY_POOL_LIMIT"] = "0"
     out = subprocess.run(
         [sys.executable, "-c", _CHILD, model, str(steps)],
-        env=env, capture_output=True, text=True, check=True, timeout=1800,
+        env=env, cwd=root, capture_output=True, text=True, check=True, timeout=1800,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -97,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fastnn_threads() -> int:
-    sys.path.insert(0, str(REPO))
     import fastnn
 
     return fastnn.get_num_threads()

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,10 +223,12 @@ def test_training_reaches_a_steady_state(pool_on):
 
 
 def _run(env_value: str, code: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, FASTNN_MEMORY_POOL_LIMIT=env_value)
+    # The child imports the fastnn under test (installed, or the checkout).
+    root = Path(fastnn.__file__).resolve().parents[1]
+    env = dict(os.environ, FASTNN_MEMORY_POOL_LIMIT=env_value, PYTHONPATH=str(root))
     return subprocess.run(
         [sys.executable, "-W", "always", "-c", code],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env, cwd=root, capture_output=True, text=True, timeout=120,
     )
 
 
