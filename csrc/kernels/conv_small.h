@@ -418,6 +418,25 @@ void wino_bwd_w_finish(const T* lanes, int64_t Og, T* gw) {
 // columns 2t..2t+3 (V as in the backward-weight above, in tile order): a flat
 // run over the output plane per (i, kh). (One plane per i, offset by kh*T per
 // tap row, would do, but aligned loads cost less.)
+// V_i (wino_v) of the L tiles t0 .. t0+L-1 of one input row of width W (tile
+// t covers columns 2t .. 2t+3; tiles past the row's end come out of zeros).
+template <typename T>
+inline void wino_row_v(const T* __restrict row, int64_t W, int64_t t0, typename Vec<T>::reg (&vi)[4]) {
+  using V = Vec<T>;
+  using R = typename V::reg;
+  // Elements 2*t0 .. W-1 of the row remain; take 2L of them from 2*t0 and
+  // from 2*t0 + 2 (the next tile's start), zero past the row's end.
+  const int64_t a = W - 2 * t0, b = a - 2;
+  R e, o, e1, o1;
+  V::deinterleave(V::loadp(row + 2 * t0, std::min<int64_t>(a, V::L)),
+                  V::loadp(row + 2 * t0 + V::L, std::max<int64_t>(0, std::min<int64_t>(a - V::L, V::L))),
+                  e, o);
+  V::deinterleave(V::loadp(row + 2 * t0 + 2, std::min<int64_t>(b, V::L)),
+                  V::loadp(row + 2 * t0 + 2 + V::L, std::max<int64_t>(0, std::min<int64_t>(b - V::L, V::L))),
+                  e1, o1);
+  wino_v<T>(e, o, e1, o1, vi);
+}
+
 template <typename T>
 void wino_tile_planes(const T* __restrict x, int64_t H, int64_t W, T* __restrict v, int64_t ld) {
   using V = Vec<T>;
@@ -427,18 +446,8 @@ void wino_tile_planes(const T* __restrict x, int64_t H, int64_t W, T* __restrict
     const T* row = x + r * W;
     for (int64_t t0 = 0; t0 < TT; t0 += V::L) {
       const int64_t m = std::min<int64_t>(V::L, TT - t0);
-      // Elements 2*t0 .. W-1 of the row remain; take 2L of them from 2*t0 and
-      // from 2*t0 + 2 (the next tile's start), zero past the row's end.
-      const int64_t a = W - 2 * t0, b = a - 2;
-      R e, o, e1, o1;
-      V::deinterleave(V::loadp(row + 2 * t0, std::min<int64_t>(a, V::L)),
-                      V::loadp(row + 2 * t0 + V::L, std::max<int64_t>(0, std::min<int64_t>(a - V::L, V::L))),
-                      e, o);
-      V::deinterleave(V::loadp(row + 2 * t0 + 2, std::min<int64_t>(b, V::L)),
-                      V::loadp(row + 2 * t0 + 2 + V::L, std::max<int64_t>(0, std::min<int64_t>(b - V::L, V::L))),
-                      e1, o1);
       R vi[4];
-      wino_v<T>(e, o, e1, o1, vi);
+      wino_row_v<T>(row, W, t0, vi);
       for (int64_t kh = std::max<int64_t>(0, r - (H - 3)); kh <= std::min<int64_t>(2, r); ++kh) {
         T* dst = v + kh * ld + (r - kh) * TT + t0;
         for (int i = 0; i < 4; ++i) V::storep(dst + i * 3 * ld, vi[i], m);

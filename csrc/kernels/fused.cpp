@@ -188,48 +188,66 @@ bool relu_maxpool2x2_forward<float>(const float* __restrict m, int64_t C, int64_
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
+// The tile planes of one image for the two kernels below, by pooled row pair:
+// q[i][j][p*T + t] = V_i (conv_small::wino_v, as wino_tile_planes computes
+// it) of tile t of input row 2p + j, for the pooled rows p < POH and j < 4
+// (plane stride ld). Conv rows 2p and 2p + 1 read input rows 2p .. 2p + 3,
+// so with this order every vector the kernels load is 16 consecutive (p, t)
+// of one plane: their lanes run over the whole pooled plane (169 positions
+// for MNIST: 11 vectors) instead of one pooled row per vector (13 of 16
+// lanes used, 13 vectors). Lanes past POH*T are never loaded unmasked.
+inline void conv1_pair_planes(const float* __restrict x, int64_t W, int64_t POH, int64_t T,
+                              float* __restrict q, int64_t ld) {
+  using V = simd::Vec<float>;
+  for (int64_t r = 0; r < 2 * POH + 2; ++r) {
+    for (int64_t t0 = 0; t0 < T; t0 += V::L) {
+      const int64_t m = std::min<int64_t>(V::L, T - t0);
+      V::reg vi[4];
+      conv_small::wino_row_v<float>(x + r * W, W, t0, vi);
+      for (int64_t j = r & 1; j < 4; j += 2) {  // r = 2p + j
+        const int64_t p = (r - j) / 2;
+        if (p < 0 || p >= POH) continue;
+        for (int i = 0; i < 4; ++i) V::storep(q + (i * 4 + j) * ld + p * T + t0, vi[i], m);
+      }
+    }
+  }
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
 // One image of conv_small's Winograd F(2,3) forward (one input channel, 3x3:
 // the MNIST first layer) with relu and the exact 2x2 pool applied in
-// registers: y (O, POH, T) and codes (same shape, when given) from the tile
-// planes v (4, 3, 2*POH*T) [plane stride ld] of the image
-// (conv_small::wino_tile_planes) and the transformed
+// registers: y (O, POH, T) and codes (same shape, when given) from the image's
+// pair planes q (conv1_pair_planes, plane stride ld) and the transformed
 // weights u (O, 3, 4) (conv_small::wino_fwd_weights); T <= 16 pooled columns.
 //
 // The unfused order stores each channel's conv output in pixel order (an
 // interleave per 32 pixels) and the pool pass reads it back and unzips it
-// again. Here a vector holds one conv row's T tiles, and a tile's two
-// outputs (e, o) are the two columns of a pool window, so the window taps
-// a b / c d of pooled row p are (e, o) of conv rows 2p and 2p + 1 in the same
-// lane: no shuffles, and the conv output never leaves registers. A vector
-// uses T of its 16 lanes (13 for MNIST); the lanes past T are not stored.
-// The sums, the selects and their order are wino_fwd_channel's and
-// relu_maxpool2x2_forward's, so y and codes are bit for bit the unfused ones.
+// again. Here a lane holds one pooled position s = p*T + t, and its tile's two
+// outputs (e, o) in conv rows 2p and 2p + 1 are the pool window's taps a b /
+// c d: no shuffles, and the conv output never leaves registers. The sums, the
+// selects and their order are wino_fwd_channel's and relu_maxpool2x2_forward's,
+// so y and codes are bit for bit the unfused ones.
 inline void conv1_relu_maxpool_image(const float* __restrict u, const float* __restrict bias,
-                                     const float* __restrict v, int64_t ld, int64_t POH,
+                                     const float* __restrict q, int64_t ld, int64_t POH,
                                      int64_t T, int64_t O, float* __restrict y,
                                      uint8_t* __restrict codes) {
-  using V = simd::Vec<float>;
-  const __mmask16 cols = static_cast<__mmask16>((1u << T) - 1u);
+  constexpr int64_t L = simd::Vec<float>::L;
   const __m512 zero = _mm512_setzero_ps();
   // relu(a) = a < 0 ? 0 : a in one op: vmaxps returns its second operand for
   // a NaN and for a pair of zeros (so -0.0 stays -0.0), as relu_inplace does.
   auto relu = [&](__m512 a) { return _mm512_max_ps(zero, a); };
   const int64_t plane = POH * T;
-  for (int64_t p = 0; p < POH; ++p) {
-    // R[i][j] = V_i of the tiles of input row 2p + j: conv row 2p uses rows
-    // 0..2, conv row 2p + 1 rows 1..3. V depends only on the input row, so
-    // it is read from whichever tap-row plane holds it.
-    // Lanes past T are zeroed: past the last row they would read whatever the
-    // scratch held before, and a stale subnormal there costs a microcode
-    // assist in every FMA it meets (measured: the kernel ran 2x slower inside
-    // the training step than alone).
+  for (int64_t s0 = 0; s0 < plane; s0 += L) {
+    const int64_t m = std::min<int64_t>(L, plane - s0);
+    const __mmask16 lanes = static_cast<__mmask16>((1u << m) - 1u);
+    // R[i][j] = V_i of input row 2p + j. Lanes past the plane load zero: past
+    // its end the scratch holds whatever it held before, and a stale
+    // subnormal there costs a microcode assist in every FMA it meets
+    // (measured: the kernel ran 2x slower inside the training step than alone).
     __m512 R[4][4];
-    for (int i = 0; i < 4; ++i) {
-      for (int j = 0; j < 4; ++j) {
-        const int kh = j < 2 ? j : 2;
-        R[i][j] = _mm512_maskz_loadu_ps(cols, v + (i * 3 + kh) * ld + (2 * p + j - kh) * T);
-      }
-    }
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) R[i][j] = _mm512_maskz_loadu_ps(lanes, q + (i * 4 + j) * ld + s0);
     for (int64_t o = 0; o < O; ++o) {
       const float* uo = u + o * 12;
       const __m512 bo = _mm512_set1_ps(bias ? bias[o] : 0.0f);
@@ -252,20 +270,20 @@ inline void conv1_relu_maxpool_image(const float* __restrict u, const float* __r
       // Without a NaN among the taps max_nan is plain vmaxps: 3 ops instead of 9.
       const __mmask16 nan = _mm512_cmp_ps_mask(t.a, t.b, _CMP_UNORD_Q) |
                             _mm512_cmp_ps_mask(t.c, t.d, _CMP_UNORD_Q);
-      const __m512 m =
+      const __m512 mx =
           nan == 0 ? _mm512_max_ps(_mm512_max_ps(relu(t.a), relu(t.c)),
                                    _mm512_max_ps(relu(t.b), relu(t.d)))
                    : simd::max_nan<float>(simd::max_nan<float>(relu(t.a), relu(t.c)),
                                           simd::max_nan<float>(relu(t.b), relu(t.d)));
-      const int64_t at = o * plane + p * T;
-      V::storep(y + at, m, T);
+      const int64_t at = o * plane + s0;
+      _mm512_mask_storeu_ps(y + at, lanes, mx);
       if (codes) {
         const Winner2x2 w = winner_2x2(t);
         __m512i c = _mm512_maskz_mov_epi32(w.ub, _mm512_set1_epi32(1));
         c = _mm512_mask_mov_epi32(c, w.uc, _mm512_set1_epi32(2));
         c = _mm512_mask_mov_epi32(c, w.ud, _mm512_set1_epi32(3));
         c = _mm512_mask_mov_epi32(_mm512_set1_epi32(kNoGrad), w.live, c);
-        _mm512_mask_cvtepi32_storeu_epi8(codes + at, cols, c);
+        _mm512_mask_cvtepi32_storeu_epi8(codes + at, lanes, c);
       }
     }
   }
@@ -275,21 +293,21 @@ inline void conv1_relu_maxpool_image(const float* __restrict u, const float* __r
 // image, from the pooled gradient g (O, POH, T) routed by the window codes
 // (same shape): lanes (O, 4, 3, Folded::kLen) += lane-wise U_i * V_i as in
 // conv_small::wino_bwd_w (its finish turns them into gw), gb[o] += the
-// gradient that reaches channel o. v: the image's tile planes, as there.
+// gradient that reaches channel o. q: the image's pair planes, as there.
 //
 // The unfused order scatters g into a conv-output gradient in pixel order
 // (an interleave per 32 pixels), and wino_bwd_w reads it back and unzips it.
-// Here the codes give each tile's two gradients (e, o) directly, in the
-// tiles' lanes: window tap a or b of pooled row p is (e, o) of conv row 2p,
-// c or d of conv row 2p + 1. Conv row 2p + r meets input rows 2p + r + kh,
-// whose V_i are the tile-plane vectors of the forward.
-inline void conv1_relu_maxpool_grads_image(const float* __restrict v, int64_t ld, int64_t POH,
+// Here the codes give each tile's two gradients (e, o) directly, in the lanes
+// of the pooled positions: window tap a or b is (e, o) of conv row 2p, c or d
+// of conv row 2p + 1. Conv row 2p + r meets input rows 2p + r + kh, whose V_i
+// are the pair planes' j = r + kh.
+inline void conv1_relu_maxpool_grads_image(const float* __restrict q, int64_t ld, int64_t POH,
                                            int64_t T, int64_t O, const float* __restrict g,
                                            const uint8_t* __restrict codes,
                                            float* __restrict lanes, float* __restrict gb) {
   using Fold = conv_small::Folded<float>;
   constexpr int64_t F = Fold::kLen;
-  const __mmask16 cols = static_cast<__mmask16>((1u << T) - 1u);
+  constexpr int64_t L = simd::Vec<float>::L;
   const int64_t plane = POH * T;
   for (int64_t o = 0; o < O; ++o) {
     float* lo = lanes + o * 12 * F;
@@ -297,9 +315,11 @@ inline void conv1_relu_maxpool_grads_image(const float* __restrict v, int64_t ld
     for (int i = 0; i < 4; ++i)
       for (int kh = 0; kh < 3; ++kh) acc[i][kh] = Fold::load(lo + (i * 3 + kh) * F);
     __m512 sum = _mm512_setzero_ps();
-    for (int64_t p = 0; p < POH; ++p) {
-      const int64_t at = o * plane + p * T;
-      // No tap of a lane past T is set: those lanes add nothing.
+    for (int64_t s0 = 0; s0 < plane; s0 += L) {
+      const int64_t m = std::min<int64_t>(L, plane - s0);
+      const __mmask16 cols = static_cast<__mmask16>((1u << m) - 1u);
+      const int64_t at = o * plane + s0;
+      // No tap of a lane past the plane is set: those lanes add nothing.
       const __m512i c = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(cols, codes + at));
       const __mmask16 ka = _mm512_mask_cmpeq_epi32_mask(cols, c, _mm512_set1_epi32(0));
       const __mmask16 kb = _mm512_mask_cmpeq_epi32_mask(cols, c, _mm512_set1_epi32(1));
@@ -315,13 +335,10 @@ inline void conv1_relu_maxpool_grads_image(const float* __restrict v, int64_t ld
                           : i == 2 ? _mm512_sub_ps(e0, o0) : o0;
         const __m512 u1 = i == 0 ? e1 : i == 1 ? _mm512_add_ps(e1, o1)
                           : i == 2 ? _mm512_sub_ps(e1, o1) : o1;
-        // V_i of input rows 2p .. 2p + 3; lanes past T are zeroed, as a
-        // neighbouring row's inf there would turn 0 * inf into NaN.
+        // V_i of input rows 2p .. 2p + 3; lanes past the plane are zeroed, as
+        // stale scratch there could hold an inf (0 * inf = NaN) or a subnormal.
         __m512 r[4];
-        for (int j = 0; j < 4; ++j) {
-          const int kh = j < 2 ? j : 2;
-          r[j] = _mm512_maskz_loadu_ps(cols, v + (i * 3 + kh) * ld + (2 * p + j - kh) * T);
-        }
+        for (int j = 0; j < 4; ++j) r[j] = _mm512_maskz_loadu_ps(cols, q + (i * 4 + j) * ld + s0);
         for (int kh = 0; kh < 3; ++kh) {
           acc[i][kh] = _mm512_fmadd_ps(u0, r[kh], acc[i][kh]);
           acc[i][kh] = _mm512_fmadd_ps(u1, r[kh + 1], acc[i][kh]);
@@ -505,21 +522,21 @@ inline bool conv1_pool_applies(const Conv2dParams& cp, const Pool2dParams& pp) {
 }
 
 // conv2d_relu_maxpool_forward for those layers: the images are split between
-// the threads, each building one image's tile planes at a time (12 KB for
+// the threads, each building one image's pair planes at a time (11 KB for
 // MNIST, in L1) and running conv1_relu_maxpool_image on them.
 void conv1_relu_maxpool_forward(const Conv2dParams& cp, const Pool2dParams& pp, const float* x,
                                 const float* w, const float* b, float* y, uint8_t* codes) {
   constexpr int64_t L = simd::Vec<float>::L;
   const int64_t T = pp.OW;
-  const int64_t ld = (cp.OH * T + L - 1) / L * L;
+  const int64_t ld = (pp.OH * T + L - 1) / L * L;
   const int64_t in_img = cp.H * cp.W, out_img = cp.O * pp.OH * pp.OW;
   Buffer<float> u(cp.O * 12);
   conv_small::wino_fwd_weights(w, cp.O, u.get());
   parallel_for(cp.N, 1, [&](int64_t n0, int64_t n1) {
-    Scratch<float> v(kSlotFusedMid, 12 * ld);
+    Scratch<float> q(kSlotFusedMid, 16 * ld);
     for (int64_t n = n0; n < n1; ++n) {
-      conv_small::wino_tile_planes(x + n * in_img, cp.H, cp.W, v.get(), ld);
-      conv1_relu_maxpool_image(u.get(), b, v.get(), ld, pp.OH, T, cp.O, y + n * out_img,
+      conv1_pair_planes(x + n * in_img, cp.W, pp.OH, T, q.get(), ld);
+      conv1_relu_maxpool_image(u.get(), b, q.get(), ld, pp.OH, T, cp.O, y + n * out_img,
                                codes ? codes + n * out_img : nullptr);
     }
   });
@@ -538,7 +555,7 @@ void conv1_relu_maxpool_backward(const Conv2dParams& cp, const Pool2dParams& pp,
   using Fold = conv_small::Folded<float>;
   constexpr int64_t L = simd::Vec<float>::L;
   const int64_t T = pp.OW;
-  const int64_t ld = (cp.OH * T + L - 1) / L * L;
+  const int64_t ld = (pp.OH * T + L - 1) / L * L;
   const int64_t in_img = cp.H * cp.W, out_img = cp.O * pp.OH * pp.OW;
   const int64_t wsize = cp.O * 9, sums_len = wsize + cp.O;
   Buffer<float> u(codes ? 1 : cp.O * 12);
@@ -547,19 +564,19 @@ void conv1_relu_maxpool_backward(const Conv2dParams& cp, const Pool2dParams& pp,
   sums.zero(sums_len);
   sum_over_image_ranges(kSlotFusedSums, cp.N, sums_len, sums.get(),
                         [&](int64_t n0, int64_t n1, float* acc) {
-    Scratch<float> v(kSlotFusedMid, 12 * ld);
+    Scratch<float> q(kSlotFusedMid, 16 * ld);
     Scratch<float> lanes(kSlotFusedW, cp.O * 12 * Fold::kLen);
     Scratch<float> ybuf(kSlotFusedGrad, codes ? 1 : out_img);
     Scratch<uint8_t> cbuf(kSlotFusedCodes, codes ? 1 : out_img);
     std::fill(lanes.get(), lanes.get() + cp.O * 12 * Fold::kLen, 0.0f);
     for (int64_t n = n0; n < n1; ++n) {
-      conv_small::wino_tile_planes(x + n * in_img, cp.H, cp.W, v.get(), ld);
+      conv1_pair_planes(x + n * in_img, cp.W, pp.OH, T, q.get(), ld);
       const uint8_t* cn = codes ? codes + n * out_img : cbuf.get();
       if (!codes) {
-        conv1_relu_maxpool_image(u.get(), b, v.get(), ld, pp.OH, T, cp.O, ybuf.get(),
+        conv1_relu_maxpool_image(u.get(), b, q.get(), ld, pp.OH, T, cp.O, ybuf.get(),
                                  cbuf.get());
       }
-      conv1_relu_maxpool_grads_image(v.get(), ld, pp.OH, T, cp.O, gy + n * out_img, cn,
+      conv1_relu_maxpool_grads_image(q.get(), ld, pp.OH, T, cp.O, gy + n * out_img, cn,
                                      lanes.get(), gb ? acc + wsize : nullptr);
     }
     Buffer<float> gw1(wsize);
