@@ -1475,12 +1475,14 @@ PYBIND11_MODULE(_C, m) {
         d["in_use_bytes"] = st.in_use_bytes;
         d["in_use_blocks"] = st.in_use_blocks;
         d["limit"] = st.limit;
+        d["min_bytes"] = fastnn::pool::kMinBytes;
         d["enabled"] = numpy_set_handler != nullptr && st.limit > 0;
         return d;
       },
       "Counters of the cache that large kernel outputs come from: hits and misses (outputs "
       "served from it or by the system), the free blocks it holds (cached_bytes, "
-      "cached_blocks), outputs alive now (in_use_bytes, in_use_blocks), its limit in bytes, "
+      "cached_blocks), outputs alive now (in_use_bytes, in_use_blocks), its limit in bytes, the "
+      "smallest output that uses it (min_bytes), "
       "and whether outputs use it at all (NumPy >= 1.22).");
   m.def("memory_pool_clear", &fastnn::pool::clear,
         "Return every cached block to the system (outputs still alive are untouched).");

@@ -157,6 +157,16 @@ class Pool {
     for (Header* e : evicted) deallocate(e);
   }
 
+  // Frees every cached block; the limit stays (so outputs keep coming here).
+  void clear() {
+    std::vector<Header*> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      evict_oldest_until(0, evicted);
+    }
+    for (Header* e : evicted) deallocate(e);
+  }
+
   size_t limit() const { return limit_.load(std::memory_order_relaxed); }
   const std::string& env_error() const { return env_error_; }
 
@@ -257,11 +267,7 @@ void release(void* p) { the_pool().release(p); }
 Stats stats() { return the_pool().stats(); }
 void set_limit(size_t bytes) { the_pool().set_limit(bytes); }
 size_t limit() { return the_pool().limit(); }
-void clear() {
-  const size_t keep = the_pool().limit();
-  the_pool().set_limit(0);
-  the_pool().set_limit(keep);
-}
+void clear() { the_pool().clear(); }
 std::string env_error() { return the_pool().env_error(); }
 
 }  // namespace pool

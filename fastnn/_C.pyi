@@ -39,7 +39,8 @@ def gemm_blocking(dtype: str = "float32") -> dict[str, int]:
 def set_cache_sizes(spec: str) -> None:
     """Override the cache sizes ('l1d=32K,l2=1M,l3=32M', any subset); '' restores them."""
 def memory_pool_stats() -> dict[str, int | bool]:
-    """hits, misses, cached_bytes, cached_blocks, in_use_bytes, in_use_blocks, limit, enabled."""
+    """hits, misses, cached_bytes, cached_blocks, in_use_bytes, in_use_blocks, limit, min_bytes,
+    enabled."""
 def memory_pool_clear() -> None:
     """Return every cached output block to the system."""
 def set_memory_pool_limit(bytes: int) -> None:

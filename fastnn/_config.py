@@ -62,7 +62,8 @@ def memory_pool_stats() -> dict:
     faulting fresh ones in every step. Keys: ``hits`` and ``misses`` (outputs
     served from the cache or by the system), ``cached_bytes`` and
     ``cached_blocks`` (freed blocks held for reuse), ``in_use_bytes`` and
-    ``in_use_blocks`` (outputs alive now), ``limit`` (bytes) and ``enabled``.
+    ``in_use_blocks`` (outputs alive now), ``limit`` (bytes), ``min_bytes`` (the
+    smallest output that uses it) and ``enabled``.
     Empty without the extension."""
     c = _native()
     return dict(c.memory_pool_stats()) if c is not None else {}
@@ -122,7 +123,7 @@ def _memory_pool_line(c) -> str | None:
     st = c.memory_pool_stats()
     if not st["enabled"]:
         return "off (outputs use NumPy's allocator)"
-    return (f"outputs >= 256 KiB reuse freed blocks: limit {_size(st['limit'])}, "
+    return (f"outputs >= {_size(st['min_bytes'])} reuse freed blocks: limit {_size(st['limit'])}, "
             f"cached {_size(st['cached_bytes'])}, hits {st['hits']}, misses {st['misses']}")
 
 

@@ -28,7 +28,7 @@ _C = pytest.importorskip("fastnn._C", reason="fastnn._C is not built (run tools/
 if np.lib.NumpyVersion(np.__version__) < "1.22.0":
     pytest.skip("NumPy < 1.22 has no allocator interface", allow_module_level=True)
 
-BIG = 256 * 1024  # pool::kMinBytes
+BIG = _C.memory_pool_stats()["min_bytes"]  # pool::kMinBytes: 256 KiB
 
 
 def handler_name(a: np.ndarray) -> str:
