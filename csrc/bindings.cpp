@@ -953,6 +953,32 @@ py::array avg_pool2d_backward(const py::handle& gy_obj, const Pair& input_hw, co
 
 // --- elementwise -----------------------------------------------------------------
 
+// A C-contiguous 1-D int64 array of indices, each in [0, bound); len >= 0: its
+// required length.
+py::array index_arg(const char* op, const char* name, const py::handle& obj, int64_t len,
+                    int64_t bound) {
+  py::array a = as_array(op, name, obj);
+  const py::dtype dt = a.dtype();
+  if (!(dt.kind() == 'i' && dt.itemsize() == 8 && native_order(dt))) {
+    throw py::type_error(std::string(op) + ": " + name + " must be int64, got " + dtype_str(a));
+  }
+  if (a.ndim() != 1 || (len >= 0 && a.shape(0) != len)) {
+    throw py::value_error(std::string(op) + ": " + name + " must have shape (" +
+                          (len >= 0 ? std::to_string(len) : std::string("B")) + ",), got " +
+                          shape_str(a));
+  }
+  check_contiguous(op, name, a);
+  const auto* p = static_cast<const int64_t*>(a.data());
+  for (int64_t i = 0; i < a.shape(0); ++i) {
+    if (p[i] < 0 || p[i] >= bound) {
+      throw py::value_error(std::string(op) + ": " + name + " must be in [0, " +
+                            std::to_string(bound) + "), got " + std::to_string(p[i]) +
+                            " at index " + std::to_string(i));
+    }
+  }
+  return a;
+}
+
 std::vector<py::ssize_t> shape_of(const py::array& a) {
   return std::vector<py::ssize_t>(a.shape(), a.shape() + a.ndim());
 }
@@ -995,28 +1021,12 @@ py::array relu_backward(const py::handle& gy_obj, const py::handle& y_obj) {
 py::tuple softmax_cross_entropy(const py::handle& logits_obj, const py::handle& labels_obj) {
   const char* op = "softmax_cross_entropy";
   py::array z = float_arg(op, "logits", logits_obj, 2, "(N, K)");
-  py::array labels = as_array(op, "labels", labels_obj);
-  const py::dtype ldt = labels.dtype();
-  if (!(ldt.kind() == 'i' && ldt.itemsize() == 8 && native_order(ldt))) {
-    throw py::type_error(std::string(op) + ": labels must be int64, got " + dtype_str(labels));
-  }
-  if (labels.ndim() != 1 || labels.shape(0) != z.shape(0)) {
-    throw py::value_error(std::string(op) + ": labels must have shape (" +
-                          std::to_string(z.shape(0)) + ",), got " + shape_str(labels));
-  }
-  check_contiguous(op, "labels", labels);
   const int64_t N = z.shape(0), K = z.shape(1);
   if (N > 0 && K == 0) {
     throw py::value_error(std::string(op) + ": logits must have at least one class");
   }
+  py::array labels = index_arg(op, "labels", labels_obj, N, K);
   const auto* lp = static_cast<const int64_t*>(labels.data());
-  for (int64_t i = 0; i < N; ++i) {
-    if (lp[i] < 0 || lp[i] >= K) {
-      throw py::value_error(std::string(op) + ": labels must be in [0, " + std::to_string(K) +
-                            "), got " + std::to_string(lp[i]) + " at index " +
-                            std::to_string(i));
-    }
-  }
   return with_dtype(float_dtype(op, "logits", z), [&](auto tag) {
     using T = decltype(tag);
     py::array loss = new_array<T>({});
@@ -1028,6 +1038,45 @@ py::tuple softmax_cross_entropy(const py::handle& logits_obj, const py::handle& 
       table<T>().softmax_cross_entropy(cptr<T>(z), lp, N, K, lossp, gp);
     }
     return py::make_tuple(loss, grad);
+  });
+}
+
+py::array lookup_u8(const py::handle& images_obj, const py::handle& rows_obj,
+                    const py::handle& table_obj) {
+  const char* op = "lookup_u8";
+  py::array images = as_array(op, "images", images_obj);
+  const py::dtype idt = images.dtype();
+  if (!(idt.kind() == 'u' && idt.itemsize() == 1)) {
+    throw py::type_error(std::string(op) + ": images must be uint8, got " + dtype_str(images));
+  }
+  if (images.ndim() < 1) {
+    throw py::value_error(std::string(op) + ": images must have a leading (n,) axis, got shape " +
+                          shape_str(images));
+  }
+  check_contiguous(op, "images", images);
+  py::array tab = float_arg(op, "table", table_obj, 1, "(256,)");
+  if (tab.shape(0) != 256) {
+    throw py::value_error(std::string(op) + ": table must have shape (256,), got " +
+                          shape_str(tab));
+  }
+  const int64_t n = images.shape(0);
+  const int64_t row_len = n > 0 ? images.size() / n : 0;
+  std::optional<py::array> rows;
+  if (!rows_obj.is_none()) rows = index_arg(op, "rows", rows_obj, -1, n);
+  const int64_t B = rows ? rows->shape(0) : n;
+  std::vector<py::ssize_t> shape = shape_of(images);
+  shape[0] = B;
+  const auto* rp = rows ? static_cast<const int64_t*>(rows->data()) : nullptr;
+  return with_dtype(float_dtype(op, "table", tab), [&](auto tag) {
+    using T = decltype(tag);
+    py::array out = new_array<T>(shape);
+    T* outp = ptr<T>(out);
+    const auto* src = static_cast<const uint8_t*>(images.data());
+    {
+      py::gil_scoped_release release;
+      table<T>().lookup_u8(src, row_len, rp, B, cptr<T>(tab), outp);
+    }
+    return out;
   });
 }
 
@@ -1575,6 +1624,9 @@ PYBIND11_MODULE(_C, m) {
         "grad_out where y > 0, else 0.");
   m.def("softmax_cross_entropy", &softmax_cross_entropy, py::arg("logits"), py::arg("labels"),
         "logits (N,K), labels int64 (N,) -> (mean loss as a 0-d array, (softmax - onehot)/N).");
+  m.def("lookup_u8", &lookup_u8, py::arg("images"), py::arg("rows"), py::arg("table"),
+        "images uint8 (n, ...), rows int64 (B,) in [0, n) or None (every row), table (256,) "
+        "float -> out (B, ...) of table's dtype, out[b] = table[images[rows[b]]].");
   m.def("batch_norm2d", &batch_norm2d, py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("mean"), py::arg("var"), py::arg("eps"), py::arg("training"),
         "x (N,C,H,W); weight, bias (C,) or None -> (y, mean, var). training: mean/var are "

@@ -145,6 +145,11 @@ def adam_step_multi(
 ) -> None:
     """adam_step on each entry at its own 1-based step; every entry checked before any
     update."""
+def lookup_u8(
+    images: np.ndarray, rows: np.ndarray | None, table: np.ndarray,
+) -> np.ndarray:
+    """images uint8 (n, ...), rows int64 (B,) in [0, n) or None (every row), table (256,)
+    float -> out (B, ...) of table's dtype, out[b] = table[images[rows[b]]]."""
 def batch_norm2d(
     x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None,
     mean: np.ndarray | None, var: np.ndarray | None, eps: float, training: bool,

@@ -565,6 +565,21 @@ def test_relu_and_backward(rng, dtype) -> None:
 
 @sim
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lookup_u8(rng, dtype) -> None:
+    images = rng.integers(0, 256, (9, 4, 5), dtype=np.uint8)
+    table = rng.standard_normal(256).astype(dtype)
+    rows = np.array([8, 0, 0, 3], np.int64)
+    got = cb.lookup_u8(images, rows, table)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, ref.lookup_u8(images, rows, table))
+    np.testing.assert_array_equal(got, table[images[rows]])
+    np.testing.assert_array_equal(cb.lookup_u8(images, None, table), table[images])
+    with pytest.raises(TypeError, match="rows"):
+        cb.lookup_u8(images, [0], table)
+
+
+@sim
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n,k", [(5, 7), (1, 1), (3, 300)])
 def test_softmax_cross_entropy(rng, n, k, dtype) -> None:
     logits = (rng.standard_normal((n, k)) * 8).astype(dtype)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fastnn.data import DataLoader, MNISTError, load_mnist, read_idx
-from fastnn.data.loader import MNIST_MEAN, MNIST_STD
+from fastnn.data.loader import MNIST_MEAN, MNIST_STD, normalize
 from fastnn.data.mnist import FILES, RAW_SHA256, candidate_dirs, find_mnist_dir, parse_idx
 
 
@@ -339,6 +339,17 @@ def test_loader_without_augmentation_is_exact() -> None:
     assert np.array_equal(raw, images)
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_loader_accepts_non_contiguous_images(shuffle: bool) -> None:
+    rng = np.random.default_rng(4)
+    wide = rng.integers(0, 256, (7, 6, 12), dtype=np.uint8)
+    images, labels = wide[:, :, ::2], np.arange(7)  # a strided view
+    loader = DataLoader(images, labels, 3, shuffle=shuffle, seed=1)
+    for x, y in loader:
+        want = (images[y].astype(np.float64) / 255 - MNIST_MEAN) / MNIST_STD
+        np.testing.assert_array_equal(x[:, 0], want.astype(np.float32))
+
+
 def test_loader_accepts_nchw_uint8() -> None:
     images, labels = _ids_dataset(4)
     ((x, _),) = list(DataLoader(images[:, None], labels, 4))
@@ -383,14 +394,29 @@ def test_load_is_cached_until_files_change(tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
-def test_loader_cuda_matches_host() -> None:
+@pytest.mark.parametrize("shift", [0, 1])
+def test_loader_cuda_matches_host(shift: int) -> None:
     import cupy
 
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (20, 8, 8)).astype(np.uint8), np.arange(20)
-    host = DataLoader(images, labels, 6, shuffle=True, seed=2, augment_shift=1)
-    dev = DataLoader(images, labels, 6, shuffle=True, seed=2, augment_shift=1, device="cuda")
+    host = DataLoader(images, labels, 6, shuffle=True, seed=2, augment_shift=shift)
+    dev = DataLoader(images, labels, 6, shuffle=True, seed=2, augment_shift=shift, device="cuda")
     for (xh, yh), (xd, yd) in zip(host, dev):
         assert isinstance(xd, cupy.ndarray) and xd.dtype == np.float32 and yd.dtype == np.int64
         np.testing.assert_array_equal(xh, xd.get())
         np.testing.assert_array_equal(yh, yd.get())
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (3, 4, 4), (2, 1, 3, 3)])
+def test_normalize_matches_the_formula(shape: tuple) -> None:
+    rng = np.random.default_rng(6)
+    images = rng.integers(0, 256, shape, dtype=np.uint8)
+    want = ((images.astype(np.float64) / 255 - MNIST_MEAN) / MNIST_STD).astype(np.float32)
+    got = normalize(images)
+    assert got.dtype == np.float32 and got.shape == shape
+    np.testing.assert_array_equal(got, want)
+    if images.ndim == 3:  # a strided view gives the same values
+        np.testing.assert_array_equal(normalize(images[:, ::2]), want[:, ::2])
+        np.testing.assert_array_equal(normalize(images, 0.5, 2.0),
+                                      ((images / 255 - 0.5) / 2.0).astype(np.float32))

@@ -64,6 +64,10 @@ struct KernelTable {
   void (*avg_pool2d_backward)(const Pool2dParams& p, const T* gy, T* gx);
 
   // Elementwise ops of the training loop (csrc/kernels/elementwise.cpp).
+  // out (B, row_len) = table (256,)[images[rows[b]] (n, row_len) uint8]; rows
+  // (B,) in [0, n) (checked by the caller), or null for rows 0..B-1.
+  void (*lookup_u8)(const uint8_t* images, int64_t row_len, const int64_t* rows, int64_t B,
+                    const T* table, T* out);
   // y = max(x, 0), NaN stays NaN.
   void (*relu)(const T* x, T* y, int64_t n);
   // gx = gy where y > 0, else 0.

@@ -205,6 +205,9 @@ void batch_norm2d_relu_backward(int64_t N, int64_t C, int64_t HW, const T* gy, c
 
 // --- elementwise.cpp ---------------------------------------------------------
 template <typename T>
+void lookup_u8(const uint8_t* images, int64_t row_len, const int64_t* rows, int64_t B,
+               const T* table, T* out);
+template <typename T>
 void relu(const T* x, T* y, int64_t n);
 template <typename T>
 void relu_backward(const T* gy, const T* y, T* gx, int64_t n);

@@ -16,6 +16,7 @@ void fill(KernelTable<T>& t) {
   t.max_pool2d_with_indices_forward = &max_pool2d_with_indices_forward<T>;
   t.avg_pool2d_forward = &avg_pool2d_forward<T>;
   t.avg_pool2d_backward = &avg_pool2d_backward<T>;
+  t.lookup_u8 = &lookup_u8<T>;
   t.relu = &relu<T>;
   t.relu_backward = &relu_backward<T>;
   t.softmax_cross_entropy = &softmax_cross_entropy<T>;

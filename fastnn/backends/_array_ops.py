@@ -33,6 +33,7 @@ __all__ = [
     "dropout_masked",
     "log_softmax",
     "log_softmax_backward",
+    "lookup_u8",
     "mse_loss",
     "mse_loss_backward",
     "relu",
@@ -116,6 +117,13 @@ def mse_loss_backward(grad_out: Array, input: Array, target: Array) -> Array:  #
     The gradient of ``target`` is its negation.
     """
     return fresh((input - target) * (grad_out * (2.0 / max(input.size, 1))), input.dtype)
+
+
+def lookup_u8(images: Array, rows: Array | None, table: Array) -> Array:
+    """table[images[rows]] (every row when rows is None): a batch of uint8 pixels
+    through a 256-entry table."""
+    xp = array_module(images)
+    return fresh(xp.take(table, images if rows is None else images[rows]), table.dtype)
 
 
 def dropout_masked(x: Array, mask: Array) -> Array:

@@ -358,6 +358,14 @@ class Backend(Protocol):
         """
         ...
 
+    # -- data --------------------------------------------------------------------
+    def lookup_u8(self, images: Array, rows: Array | None, table: Array) -> Array:
+        """images (n, ...) uint8, rows (B,) int64 in [0, n) or None (B = n, the rows in
+        order), table (256,) float32/float64 -> out (B, ...) of table's dtype with
+        out[b] = table[images[rows[b]]]: a data loader's shuffled gather and pixel
+        normalisation in one pass. The one op whose input is not float."""
+        ...
+
 
 # --------------------------------------------------------------------------
 # Introspection: what the contract asks for, and whether a module provides it

@@ -54,6 +54,7 @@ __all__ = [
     "linear_relu_backward",
     "log_softmax",
     "log_softmax_backward",
+    "lookup_u8",
     "matmul",
     "max_pool2d",
     "max_pool2d_backward",
@@ -106,6 +107,7 @@ linear_relu_backward = _C.linear_relu_backward
 relu = _C.relu
 relu_backward = _C.relu_backward
 softmax_cross_entropy = _C.softmax_cross_entropy
+lookup_u8 = _C.lookup_u8
 sgd_step = _C.sgd_step
 adam_step = _C.adam_step
 sgd_step_multi = _C.sgd_step_multi

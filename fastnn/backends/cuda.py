@@ -147,6 +147,7 @@ _OPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "mse_loss": (_ARRAY_OPS, ("input", "target")),
     "mse_loss_backward": (_ARRAY_OPS, ("grad_out", "input", "target")),
     "dropout_masked": (_ARRAY_OPS, ("x", "mask")),
+    "lookup_u8": (_ARRAY_OPS, ("images", "rows", "table")),
     "batch_norm2d": (_ARRAY_OPS, ("x", "weight", "bias", "mean", "var")),
     "batch_norm2d_backward": (_ARRAY_OPS, ("grad_out", "x", "weight", "mean", "var")),
 }

