@@ -103,7 +103,7 @@ def prepare(case: Case, backend: str, dtype: str) -> Prepared:
 
     images, labels, source = mnist_train_arrays()
     loader = DataLoader(images, labels, n, shuffle=True, seed=0, drop_last=True, device=arrays,
-                        prefetch=1)  # as fastnn train's loader
+                        prefetch=0)  # as fastnn train's loader
     epoch = [0]
 
     def run(steps: int) -> Any:

@@ -92,10 +92,12 @@ class DataLoader:
     mean, std : normalisation applied after scaling pixels to [0, 1].
     prefetch : batches a background thread prepares ahead of the consumer (0: none,
         the batch is built when asked for). The thread gathers, augments and
-        normalises the next batch while the training step runs (NumPy releases
-        the GIL in those copies), so the step waits for none of it. The batches
-        and their order are the same either way. ``device="cpu"`` only: cuda
-        batches are gathers on the GPU, queued on its stream already.
+        normalises the next batch while the training step runs (the gather and
+        lookup release the GIL). It pays only where a core would otherwise idle:
+        beside multithreaded kernels that use every core it slows them (the seed
+        epoch ran 8-10% slower on 2 cores), so ``fastnn train`` leaves it at 0.
+        The batches and their order are the same either way. ``device="cpu"``
+        only: cuda batches are gathers on the GPU, queued on its stream already.
     shard : ``(rank, world_size)`` for data-parallel training: every global batch
         (``batch_size`` samples, same shuffle and augmentation as one process) is
         cut into ``world_size`` contiguous shares (:func:`share_bounds`) and only
