@@ -25,6 +25,7 @@ torch):
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Any, NamedTuple
 
@@ -129,11 +130,32 @@ class PoolGeometry(NamedTuple):
     out_hw: Pair
 
 
+def _exact(v: Any) -> bool:
+    """Whether ``v`` is None, a str, an exact int or a pair of exact ints: a geometry
+    argument whose validation can be cached. (Equal-hashing look-alikes, such as
+    True for 1, take the uncached path and its type checks.)"""
+    t = type(v)
+    return t is int or t is str or v is None or (
+        t is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int)
+
+
 def conv_geometry(
     op: str, input_hw: Pair, kernel_hw: Pair, stride: Any, padding: Any, dilation: Any,
 ) -> ConvGeometry:
     """Validate conv2d's stride, padding ("same", "valid", int or pair) and dilation
-    for an (H, W) input and a (KH, KW) kernel; raise ValueError/TypeError naming them."""
+    for an (H, W) input and a (KH, KW) kernel; raise ValueError/TypeError naming them.
+
+    The result of a valid call is cached (a training loop repeats the same few
+    geometries), so a repeated call costs one dictionary lookup."""
+    if (type(input_hw) is tuple and type(kernel_hw) is tuple and _exact(stride)
+            and _exact(padding) and _exact(dilation)):
+        return _conv_geometry_cached(op, input_hw, kernel_hw, stride, padding, dilation)
+    return _conv_geometry(op, input_hw, kernel_hw, stride, padding, dilation)
+
+
+def _conv_geometry(
+    op: str, input_hw: Pair, kernel_hw: Pair, stride: Any, padding: Any, dilation: Any,
+) -> ConvGeometry:
     stride = as_pair(stride, op, "stride", 1)
     dilation = as_pair(dilation, op, "dilation", 1)
     kh, kw = kernel_hw
@@ -170,6 +192,10 @@ def conv_geometry(
     return ConvGeometry(stride, pad, dilation, extra, out_hw)
 
 
+# Errors are raised afresh on every call (lru_cache keeps only results).
+_conv_geometry_cached = functools.lru_cache(maxsize=1024)(_conv_geometry)
+
+
 def pool_stride(stride: Any, kernel: Pair, op: str, name: str = "stride") -> Pair:
     """A pooling stride; None or an empty tuple/list means the kernel size (torch's default)."""
     if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0):
@@ -184,8 +210,21 @@ def pool_geometry(
     """Validate max_pool2d / avg_pool2d arguments for an (H, W) input (avg: dilation 1).
 
     ``prefix`` names the arguments (``pool_`` in the fused op), ``what`` the
-    pooled array in messages. ``ceil_mode`` must already be a bool.
+    pooled array in messages. ``ceil_mode`` must already be a bool. Valid results
+    are cached, as :func:`conv_geometry`'s.
     """
+    if (type(ceil_mode) is bool and type(input_hw) is tuple and _exact(kernel_size)
+            and _exact(stride) and _exact(padding) and _exact(dilation)):
+        return _pool_geometry_cached(op, input_hw, kernel_size, stride, padding, dilation,
+                                     ceil_mode, prefix, what)
+    return _pool_geometry(op, input_hw, kernel_size, stride, padding, dilation, ceil_mode,
+                          prefix, what)
+
+
+def _pool_geometry(
+    op: str, input_hw: Pair, kernel_size: Any, stride: Any, padding: Any, dilation: Any,
+    ceil_mode: bool, prefix: str, what: str,
+) -> PoolGeometry:
     k = as_pair(kernel_size, op, f"{prefix}kernel_size", 1)
     s = pool_stride(stride, k, op, f"{prefix}stride")
     p = as_pair(padding, op, f"{prefix}padding", 0)
@@ -207,3 +246,6 @@ def pool_geometry(
             + (" even with ceil_mode" if ceil_mode else "")
         )
     return PoolGeometry(k, s, p, d, (oh, ow))
+
+
+_pool_geometry_cached = functools.lru_cache(maxsize=1024)(_pool_geometry)

@@ -115,6 +115,27 @@ def test_argument_forms():
     assert G.pool_stride((1,), (2, 3), "op") == (1, 1)
 
 
+def test_cached_geometry_keeps_every_check():
+    """Valid results are cached; look-alikes that hash equal (True for 1, NumPy ints,
+    lists) still get their own checks and the same answers."""
+    conv = G.conv_geometry("conv2d", (8, 8), (3, 3), 1, 1, 1)
+    assert G.conv_geometry("conv2d", (8, 8), (3, 3), 1, 1, 1) is conv  # from the cache
+    assert G.conv_geometry("conv2d", (8, 8), (3, 3), np.int64(1), [1, 1], (1, 1)) == conv
+    pool = G.pool_geometry("max_pool2d", (8, 8), 2, None, 0, 1, False)
+    assert G.pool_geometry("max_pool2d", (8, 8), 2, None, 0, 1, False) is pool
+    assert G.pool_geometry("max_pool2d", (8, 8), [2, 2], None, 0, 1, False) == pool
+    for kw in ({"stride": True}, {"padding": False}, {"dilation": (1, True)}):
+        args = {"stride": 1, "padding": 1, "dilation": 1, **kw}
+        with pytest.raises(TypeError, match="must be an int"):
+            G.conv_geometry("conv2d", (8, 8), (3, 3), args["stride"], args["padding"],
+                            args["dilation"])
+    with pytest.raises(TypeError, match="kernel_size must be an int"):
+        G.pool_geometry("max_pool2d", (8, 8), True, None, 0, 1, False)
+    for _ in range(2):  # errors are raised on every call, never cached
+        with pytest.raises(ValueError, match="larger than the padded input"):
+            G.conv_geometry("conv2d", (2, 2), (3, 3), 1, 0, 1)
+
+
 def test_output_sizes_and_same_padding():
     # Floor mode: windows that fit; ceil_mode adds the partial last window
     # unless it would start past the input and its left padding.

@@ -25,6 +25,7 @@ from fastnn.geometry import as_pair as _pair  # noqa: F401
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 Pair = "int | tuple[int, int]"
+_F32, _F64 = _FLOAT_DTYPES
 
 #: name -> callable with the same signature, registered by fastnn.autograd.
 _TENSOR_HANDLERS: dict[str, Callable[..., Any]] = {}
@@ -97,12 +98,16 @@ def _call_through_dlpack(
 
 
 _warned_no_cpu = False
+_cpu_backend: ModuleType | None = None  # the default host backend, once imported
 
 
 def _default_cpu_backend() -> ModuleType:
-    global _warned_no_cpu
+    global _warned_no_cpu, _cpu_backend
+    if _cpu_backend is not None:
+        return _cpu_backend
     try:
-        return get_backend("cpu")
+        _cpu_backend = get_backend("cpu")
+        return _cpu_backend
     except ImportError:
         if not _warned_no_cpu:
             warnings.warn(
@@ -116,8 +121,10 @@ def _default_cpu_backend() -> ModuleType:
 
 def _pick_backend(op: str, arrays: list[Array]) -> ModuleType:
     """The backend for these arrays: the forced one, else by array type."""
-    on_gpu = [_is_cupy(a) for a in arrays]
     forced = forced_backend()
+    if forced is None and all(type(a) is np.ndarray for a in arrays):
+        return _default_cpu_backend()  # the common case, without the checks below
+    on_gpu = [_is_cupy(a) for a in arrays]
     if forced is not None:
         if forced != "cuda" and any(on_gpu):
             raise TypeError(
@@ -141,6 +148,8 @@ def _pick_backend(op: str, arrays: list[Array]) -> ModuleType:
 
 def _as_float_array(a: Any, op: str, name: str) -> Array:
     """``a`` as a NumPy/CuPy array of float32 or float64, or raise naming ``name``."""
+    if type(a) is np.ndarray and (a.dtype is _F32 or a.dtype is _F64):
+        return a  # the common case: NumPy's own float dtypes are singletons
     if _is_cupy(a) or isinstance(a, np.ndarray):
         arr = a
     elif isinstance(a, (list, tuple, numbers.Number)) or hasattr(a, "__array__"):
@@ -191,7 +200,8 @@ def _batched(x: Array, op: str, name: str = "x") -> tuple[Array, bool]:
 
 def _check_alloc(op: str, shape: tuple[int, ...], dtype: Any) -> None:
     """MemoryError, before any backend runs, for an output no machine can hold."""
-    if math.prod(shape) * np.dtype(dtype).itemsize > sys.maxsize:
+    if math.prod(shape) * (dtype.itemsize if isinstance(dtype, np.dtype) else
+                           np.dtype(dtype).itemsize) > sys.maxsize:
         raise MemoryError(f"{op}: the output of shape {tuple(shape)} cannot be allocated")
 
 
