@@ -953,10 +953,12 @@ py::array avg_pool2d_backward(const py::handle& gy_obj, const Pair& input_hw, co
 
 // --- elementwise -----------------------------------------------------------------
 
-// A C-contiguous 1-D int64 array of indices, each in [0, bound); len >= 0: its
-// required length.
-py::array index_arg(const char* op, const char* name, const py::handle& obj, int64_t len,
-                    int64_t bound) {
+// The indices of a C-contiguous 1-D int64 array, each checked to be in [0,
+// bound) (len >= 0: the required length). Returned as a copy, taken with the GIL
+// held: the kernels index memory with them after the GIL is released, when
+// another Python thread could write to the array.
+std::vector<int64_t> index_arg(const char* op, const char* name, const py::handle& obj,
+                               int64_t len, int64_t bound) {
   py::array a = as_array(op, name, obj);
   const py::dtype dt = a.dtype();
   if (!(dt.kind() == 'i' && dt.itemsize() == 8 && native_order(dt))) {
@@ -969,14 +971,15 @@ py::array index_arg(const char* op, const char* name, const py::handle& obj, int
   }
   check_contiguous(op, name, a);
   const auto* p = static_cast<const int64_t*>(a.data());
-  for (int64_t i = 0; i < a.shape(0); ++i) {
-    if (p[i] < 0 || p[i] >= bound) {
+  std::vector<int64_t> out(p, p + a.shape(0));
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (out[i] < 0 || out[i] >= bound) {
       throw py::value_error(std::string(op) + ": " + name + " must be in [0, " +
-                            std::to_string(bound) + "), got " + std::to_string(p[i]) +
+                            std::to_string(bound) + "), got " + std::to_string(out[i]) +
                             " at index " + std::to_string(i));
     }
   }
-  return a;
+  return out;
 }
 
 std::vector<py::ssize_t> shape_of(const py::array& a) {
@@ -1025,8 +1028,8 @@ py::tuple softmax_cross_entropy(const py::handle& logits_obj, const py::handle& 
   if (N > 0 && K == 0) {
     throw py::value_error(std::string(op) + ": logits must have at least one class");
   }
-  py::array labels = index_arg(op, "labels", labels_obj, N, K);
-  const auto* lp = static_cast<const int64_t*>(labels.data());
+  const std::vector<int64_t> labels = index_arg(op, "labels", labels_obj, N, K);
+  const int64_t* lp = labels.data();
   return with_dtype(float_dtype(op, "logits", z), [&](auto tag) {
     using T = decltype(tag);
     py::array loss = new_array<T>({});
@@ -1061,12 +1064,13 @@ py::array lookup_u8(const py::handle& images_obj, const py::handle& rows_obj,
   }
   const int64_t n = images.shape(0);
   const int64_t row_len = n > 0 ? images.size() / n : 0;
-  std::optional<py::array> rows;
-  if (!rows_obj.is_none()) rows = index_arg(op, "rows", rows_obj, -1, n);
-  const int64_t B = rows ? rows->shape(0) : n;
+  const bool all_rows = rows_obj.is_none();
+  const std::vector<int64_t> rows =
+      all_rows ? std::vector<int64_t>() : index_arg(op, "rows", rows_obj, -1, n);
+  const int64_t B = all_rows ? n : static_cast<int64_t>(rows.size());
   std::vector<py::ssize_t> shape = shape_of(images);
   shape[0] = B;
-  const auto* rp = rows ? static_cast<const int64_t*>(rows->data()) : nullptr;
+  const int64_t* rp = all_rows ? nullptr : rows.data();
   return with_dtype(float_dtype(op, "table", tab), [&](auto tag) {
     using T = decltype(tag);
     py::array out = new_array<T>(shape);

@@ -327,3 +327,57 @@ def test_park_threads_without_work_is_harmless() -> None:
     fastnn.park_threads()
     x = np.arange(-3, 3, dtype=np.float32)
     assert np.array_equal(F.relu(x), np.maximum(x, 0))
+
+
+def _index_cases() -> list[tuple[str, Callable[[np.ndarray], object], np.ndarray]]:
+    """(name, call taking the index array, a valid index array): kernels whose
+    index arguments a second thread may write to while they run."""
+    from fastnn import _C
+
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (64, 2048), dtype=np.uint8)
+    table = rng.standard_normal(256).astype(np.float32)
+    logits = rng.standard_normal((300_000, 10)).astype(np.float32)
+    return [
+        ("lookup_u8 rows", lambda rows: _C.lookup_u8(images, rows, table),
+         np.full(4096, 3, np.int64)),
+        ("softmax_cross_entropy labels", lambda labels: _C.softmax_cross_entropy(logits, labels),
+         np.full(300_000, 3, np.int64)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(2))
+def test_index_arrays_written_by_another_thread_stay_in_bounds(case: int) -> None:
+    """The kernel reads the indices it checked (a copy taken with the GIL held): a
+    thread writing out-of-range values into the array while the kernel runs (the
+    call has released the GIL) cannot make it read out of bounds. Reading the
+    array itself, both kernels crashed (SIGSEGV) on every run of this test."""
+    import time
+
+    name, call, valid = _index_cases()[case]
+    want = call(valid.copy())
+    ran = 0
+    for _ in range(10):
+        idx = valid.copy()
+        go = threading.Event()
+
+        def scribble(idx: np.ndarray = idx, go: threading.Event = go) -> None:
+            go.wait()
+            time.sleep(0.001)  # past the check, inside the kernel (a few ms of work)
+            idx[:] = 1 << 40
+
+        t = threading.Thread(target=scribble)
+        t.start()
+        try:
+            go.set()
+            got = call(idx)
+        except ValueError:
+            continue  # the check already saw the written values: refused
+        finally:
+            t.join()
+        assert idx[0] == 1 << 40, name  # the thread wrote while the call ran
+        for g, w in zip(got if isinstance(got, tuple) else (got,),
+                        want if isinstance(want, tuple) else (want,)):
+            np.testing.assert_array_equal(g, w, err_msg=name)
+        ran += 1
+    assert ran >= 5, name  # the check passed and the kernel ran, most of the time

@@ -114,3 +114,4 @@ def test_large_batch_on_several_threads(rng) -> None:
 def test_native_rejects_bad_input(images, rows, table, exc, match) -> None:
     with pytest.raises(exc, match=f"lookup_u8: {match}"):
         get_backend("cpu").lookup_u8(images, rows, table)
+
