@@ -420,3 +420,28 @@ def test_normalize_matches_the_formula(shape: tuple) -> None:
         np.testing.assert_array_equal(normalize(images[:, ::2]), want[:, ::2])
         np.testing.assert_array_equal(normalize(images, 0.5, 2.0),
                                       ((images / 255 - 0.5) / 2.0).astype(np.float32))
+
+
+def test_loader_without_the_native_extension_gives_the_same_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where fastnn._C is not built the loader uses the NumPy reference's lookup_u8."""
+    import fastnn.data.loader as loader_mod
+    from fastnn import backends
+
+    rng = np.random.default_rng(8)
+    images, labels = rng.integers(0, 256, (30, 5, 7), dtype=np.uint8), np.arange(30)
+    want = [x for x, _ in DataLoader(images, labels, 8, shuffle=True, seed=2)]
+    get_backend = backends.get_backend
+
+    def no_cpu(name: str):
+        if name == "cpu":
+            raise ImportError("fastnn._C is not built (simulated)")
+        return get_backend(name)
+
+    monkeypatch.setattr(backends, "get_backend", no_cpu)
+    assert loader_mod._lookup("cpu") is get_backend("numpy").lookup_u8
+    got = [x for x, _ in DataLoader(images, labels, 8, shuffle=True, seed=2)]
+    assert len(got) == len(want) == 4
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)

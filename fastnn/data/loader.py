@@ -33,18 +33,17 @@ def _lut(mean: float, std: float) -> np.ndarray:
 
 
 def _lookup(device: str) -> Any:
-    """The ``lookup_u8`` op for batches on ``device``: the cpu backend's native one
-    where the extension is built, else the NumPy/CuPy one (the same values)."""
-    if device == "cpu":
-        from fastnn.backends import get_backend
+    """The ``lookup_u8`` op of the backend that owns ``device``'s arrays: cuda's for
+    CuPy batches; on the host the cpu backend's native one where the extension is
+    built, else the NumPy reference's (the same values)."""
+    from fastnn.backends import get_backend
 
-        try:
-            return get_backend("cpu").lookup_u8
-        except ImportError:
-            pass
-    from fastnn.backends._array_ops import lookup_u8
-
-    return lookup_u8
+    if device == "cuda":
+        return get_backend("cuda").lookup_u8
+    try:
+        return get_backend("cpu").lookup_u8
+    except ImportError:
+        return get_backend("numpy").lookup_u8
 
 
 def normalize(images: Any, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> Any:
