@@ -528,6 +528,33 @@ def test_cli_train_prints_step_profile(tmp_path: Path, capsys: pytest.CaptureFix
     ops_ms = sum(o["ms"] for o in prof["ops"].values())
     assert 0 < ops_ms <= prof["timed_step_ms"]
     assert 0 <= prof["outside_ops_ms"] <= prof["timed_step_ms"] - ops_ms
+    # The glue alone: steps that ran no kernel (every op replayed), so shorter than
+    # the op time the timed steps spent in the kernels.
+    assert "that Python alone" in printed
+    assert 0 < prof["python_alone_ms"] < ops_ms
+
+
+def test_replayed_backend_returns_recorded_outputs_without_running_ops() -> None:
+    from fastnn.backends import numpy_ref
+    from fastnn.bench.profile import replayed_backend
+
+    x = np.arange(-2.0, 2.0)
+    calls = []
+    original = numpy_ref.relu
+    with replayed_backend(numpy_ref, ["relu", "tanh"]) as rec:
+        first = numpy_ref.relu(x)
+        second = numpy_ref.tanh(x)
+        rec.replay()
+        assert numpy_ref.relu(x * 0) is first and numpy_ref.tanh(None) is second
+        assert numpy_ref.relu(x) is first  # cycles through the record
+        with pytest.raises(RuntimeError, match="relu called where tanh was recorded"):
+            numpy_ref.relu(x)
+        calls.append(1)
+    assert numpy_ref.relu is original and calls == [1]
+    with pytest.raises(RuntimeError, match="nothing was recorded"), \
+            replayed_backend(numpy_ref, ["relu"]) as rec:
+        rec.replay()
+    assert numpy_ref.relu is original
 
 
 def test_bench_memory_pool_script_switches_the_pool():

@@ -3,7 +3,10 @@ own floor, and the epoch against the epoch's floor (``fastnn bench --ops train``
 
 Every op of the backend module (``fastnn.backends.cpu``: the ``_C`` kernels) is
 wrapped in a timer for the profiled steps only; what the step spends outside the
-ops is the Python, autograd and NumPy glue between them. Floors come from the same
+ops is the Python, autograd and NumPy glue between them. That glue is also timed
+alone: steps in which every op returns the output it gave in a recorded step (no
+kernel runs), so the gap between the two is the glue running with cold caches
+between kernels. Floors come from the same
 run's ceilings (:mod:`fastnn.bench.machine`): an op's floor is the larger of its
 FLOPs at NumPy's sgemm rate and its bytes at the large-copy bandwidth, so a
 kernel at 1.0x its floor runs as fast as NumPy's best GEMM (or a plain copy)
@@ -27,7 +30,7 @@ import numpy as np
 from fastnn.geometry import conv_out_size
 
 __all__ = ["OpStats", "StepProfile", "format_profile", "op_cost", "profile_train_step",
-           "timed_backend", "to_json"]
+           "replayed_backend", "timed_backend", "to_json"]
 
 #: Ops that update their first arrays in place (counted as read and written).
 _IN_PLACE = {"adam_step": 4, "sgd_step": 3}
@@ -115,6 +118,9 @@ class StepProfile:
     #: Mean wall time of the op-timed steps themselves. The ops run inside them, so
     #: their sum never exceeds it; the difference is the time outside the ops.
     timed_step_seconds: float = 0.0
+    #: Mean wall time of a step whose ops all replay a recorded step's outputs: the
+    #: Python, autograd and NumPy glue alone, with hot caches (None: not measured).
+    replayed_step_seconds: float | None = None
 
     def per_step(self, s: OpStats) -> OpStats:
         n = self.steps
@@ -171,6 +177,51 @@ def timed_backend(module: ModuleType, names: list[str]) -> Iterator[dict[str, Op
             setattr(module, n, fn)
 
 
+@contextlib.contextmanager
+def replayed_backend(module: ModuleType, names: list[str]) -> Iterator[Any]:
+    """While inside, ``module.<name>`` for each name records its calls (name and
+    result) until ``replay()`` is called on the yielded object; from then on each call
+    returns the next recorded result without running the op (in-place ops do
+    nothing), cycling through the record. A call out of the recorded order raises
+    RuntimeError. Restores the originals on exit, also after an error."""
+    originals = {n: getattr(module, n) for n in names}
+
+    class Record:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, Any]] = []
+            self.replaying = False
+            self.at = 0
+
+        def replay(self) -> None:
+            if not self.calls:
+                raise RuntimeError("replayed_backend: nothing was recorded")
+            self.replaying, self.at = True, 0
+
+    rec = Record()
+
+    def wrap(name: str, fn: Any) -> Any:
+        def op(*args: Any, **kwargs: Any) -> Any:
+            if not rec.replaying:
+                out = fn(*args, **kwargs)
+                rec.calls.append((name, out))
+                return out
+            want, out = rec.calls[rec.at % len(rec.calls)]
+            if want != name:
+                raise RuntimeError(f"replayed_backend: {name} called where {want} was recorded")
+            rec.at += 1
+            return out
+
+        return op
+
+    try:
+        for n, fn in originals.items():
+            setattr(module, n, wrap(n, fn))
+        yield rec
+    finally:
+        for n, fn in originals.items():
+            setattr(module, n, fn)
+
+
 def profile_train_step(model_name: str = "seed", backend: str = "cpu", batch: int = 128,
                        steps: int = 30, warmup: int = 5) -> StepProfile:
     """Profile :func:`fastnn.training.train_step` (what ``fastnn train`` runs) of
@@ -205,8 +256,17 @@ def profile_train_step(model_name: str = "seed", backend: str = "cpu", batch: in
             for _ in range(steps):
                 train_step(model, opt, x, y)
             timed = (time.perf_counter() - t0) / steps
+        # Last, as it leaves the model's gradients pointing at recorded arrays.
+        with replayed_backend(module, names) as rec:
+            train_step(model, opt, x, y)
+            rec.replay()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                train_step(model, opt, x, y)
+            replayed = (time.perf_counter() - t0) / steps
     ops = {n: s for n, s in stats.items() if s.calls}
-    return StepProfile(model_name, backend, batch, steps, statistics.median(times), ops, timed)
+    return StepProfile(model_name, backend, batch, steps, statistics.median(times), ops, timed,
+                       replayed)
 
 
 def format_profile(p: StepProfile, sgemm_gflops: float, copy_gb_s: float,
@@ -235,6 +295,10 @@ def format_profile(p: StepProfile, sgemm_gflops: float, copy_gb_s: float,
     rest = p.outside_seconds_per_step
     lines.append(f"{'(outside the ops: Python, autograd)':34s} {'':5s} {rest * 1e3:8.3f} "
                  f"{rest / step:6.1%}")
+    if p.replayed_step_seconds is not None:
+        glue = p.replayed_step_seconds
+        lines.append(f"{'  (that Python alone, hot caches)':34s} {'':5s} {glue * 1e3:8.3f} "
+                     f"{glue / step:6.1%}")
     flop_floor = p.flops_per_step / (sgemm_gflops * 1e9)
     lines.append(f"step: {step * 1e3:.2f} ms = {step / flop_floor:.2f}x its FLOP floor "
                  f"({p.flops_per_step / 1e9:.3f} GFLOP at {sgemm_gflops:.0f} GFLOP/s = "
@@ -262,4 +326,6 @@ def to_json(p: StepProfile, sgemm_gflops: float, copy_gb_s: float) -> dict[str, 
             "step_ms": p.step_seconds * 1e3, "gflop_per_step": p.flops_per_step / 1e9,
             "timed_step_ms": p.timed_step_seconds * 1e3,
             "outside_ops_ms": p.outside_seconds_per_step * 1e3,
+            "python_alone_ms": (None if p.replayed_step_seconds is None
+                                else p.replayed_step_seconds * 1e3),
             "ops": ops}
