@@ -144,11 +144,24 @@ class StepProfile:
 
 
 @contextlib.contextmanager
+def _wrapped(module: ModuleType, names: list[str], wrap: Any) -> Iterator[None]:
+    """``module.<name> = wrap(name, original)`` for each name while inside; the
+    originals are restored on exit, also after an error."""
+    originals = {n: getattr(module, n) for n in names}
+    try:
+        for n, fn in originals.items():
+            setattr(module, n, wrap(n, fn))
+        yield
+    finally:
+        for n, fn in originals.items():
+            setattr(module, n, fn)
+
+
+@contextlib.contextmanager
 def timed_backend(module: ModuleType, names: list[str]) -> Iterator[dict[str, OpStats]]:
     """Replace ``module.<name>`` for each name by a timing wrapper while inside; yields
     the per-op totals. Restores the originals on exit, also after an error."""
     stats: dict[str, OpStats] = {}
-    originals = {n: getattr(module, n) for n in names}
 
     def wrap(name: str, fn: Any) -> Any:
         st = stats.setdefault(name, OpStats())
@@ -168,13 +181,8 @@ def timed_backend(module: ModuleType, names: list[str]) -> Iterator[dict[str, Op
 
         return timed
 
-    try:
-        for n, fn in originals.items():
-            setattr(module, n, wrap(n, fn))
+    with _wrapped(module, names, wrap):
         yield stats
-    finally:
-        for n, fn in originals.items():
-            setattr(module, n, fn)
 
 
 @contextlib.contextmanager
@@ -184,7 +192,6 @@ def replayed_backend(module: ModuleType, names: list[str]) -> Iterator[Any]:
     returns the next recorded result without running the op (in-place ops do
     nothing), cycling through the record. A call out of the recorded order raises
     RuntimeError. Restores the originals on exit, also after an error."""
-    originals = {n: getattr(module, n) for n in names}
 
     class Record:
         def __init__(self) -> None:
@@ -213,13 +220,8 @@ def replayed_backend(module: ModuleType, names: list[str]) -> Iterator[Any]:
 
         return op
 
-    try:
-        for n, fn in originals.items():
-            setattr(module, n, wrap(n, fn))
+    with _wrapped(module, names, wrap):
         yield rec
-    finally:
-        for n, fn in originals.items():
-            setattr(module, n, fn)
 
 
 def profile_train_step(model_name: str = "seed", backend: str = "cpu", batch: int = 128,
