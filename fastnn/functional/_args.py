@@ -98,16 +98,12 @@ def _call_through_dlpack(
 
 
 _warned_no_cpu = False
-_cpu_backend: ModuleType | None = None  # the default host backend, once imported
 
 
 def _default_cpu_backend() -> ModuleType:
-    global _warned_no_cpu, _cpu_backend
-    if _cpu_backend is not None:
-        return _cpu_backend
+    global _warned_no_cpu
     try:
-        _cpu_backend = get_backend("cpu")
-        return _cpu_backend
+        return get_backend("cpu")
     except ImportError:
         if not _warned_no_cpu:
             warnings.warn(
@@ -200,8 +196,7 @@ def _batched(x: Array, op: str, name: str = "x") -> tuple[Array, bool]:
 
 def _check_alloc(op: str, shape: tuple[int, ...], dtype: Any) -> None:
     """MemoryError, before any backend runs, for an output no machine can hold."""
-    if math.prod(shape) * (dtype.itemsize if isinstance(dtype, np.dtype) else
-                           np.dtype(dtype).itemsize) > sys.maxsize:
+    if math.prod(shape) * np.dtype(dtype).itemsize > sys.maxsize:
         raise MemoryError(f"{op}: the output of shape {tuple(shape)} cannot be allocated")
 
 
