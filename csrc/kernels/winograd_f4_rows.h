@@ -664,15 +664,38 @@ inline void weight_grad_range(const Shape& s, int64_t n0, int64_t n1, const floa
   const Tables tb(s.TW);
   Scratch<float> V(kSlotWinoIn, 36 * pos_stride<float>(s.Cin * Tmax));
   Scratch<float> dM(kSlotWinoOut, 36 * pos_stride<float>(s.Cout * Tmax));
+  Scratch<float> VT(kSlotWinoGrid, Tmax * Cp);  // one position's V^T: T x Cp
   for (int64_t b = n0; b < n1; b += nb) {
     const int64_t e = std::min(n1, b + nb), T = ((e - b) * per_image + L - 1) / L * L;
     const int64_t vpos = pos_stride<float>(s.Cin * T), mpos = pos_stride<float>(s.Cout * T);
     transform_block<6>(win, tb, s.Cin, x, x_img, s.H * s.W, b, e, T, V.get(), vpos, f4::In1d{});
     transform_block<4>(wgy, tb, s.Cout, gy, gy_img, s.OH * s.OW, b, e, T, dM.get(), mpos,
                        f4::Grad1d{});
-    for (int pos = 0; pos < 36; ++pos)
-      gemm<float>(false, true, s.Cout, s.Cin, T, dM.get() + pos * mpos, T, V.get() + pos * vpos, T,
-                  dU + pos * Cp, 36 * Cp, true);
+    for (int pos = 0; pos < 36; ++pos) {
+      // The products reduce over tiles, which both V and dM hold contiguously:
+      // V[pos] is transposed (16 x 16 in registers) so that channels are the
+      // vector lanes of winograd_f4.h's register tile, which then sums each
+      // accumulator over t in order, as gemm did (bit-identical), without
+      // gemm's per-call copy of V^T into 8 x 8-transposed panels.
+      const float* Vp = V.get() + pos * vpos;
+      for (int64_t t0 = 0; t0 < T; t0 += L) {
+        for (int64_t c0 = 0; c0 < Cp; c0 += L) {
+          __m512 r[L];
+          for (int64_t ci = 0; ci < L; ++ci)
+            r[ci] = c0 + ci < s.Cin ? _mm512_loadu_ps(Vp + (c0 + ci) * T + t0) : _mm512_setzero_ps();
+          f4::transpose16(r);
+          for (int64_t l = 0; l < L; ++l) _mm512_storeu_ps(VT.get() + (t0 + l) * Cp + c0, r[l]);
+        }
+      }
+      // Panels of about equal height, as in winograd_f4.h.
+      const int64_t panels = (s.Cout + f4::kWRows - 1) / f4::kWRows;
+      for (int64_t pi = 0, o0 = 0; pi < panels; ++pi) {
+        const int nr = static_cast<int>((s.Cout - o0 + (panels - pi) - 1) / (panels - pi));
+        f4::wgrad_tile(nr, dM.get() + pos * mpos + o0 * T, T, VT.get(), Cp, T, Cp / L,
+                       dU + (o0 * 36 + pos) * Cp, 36 * Cp);
+        o0 += nr;
+      }
+    }
   }
 }
 
