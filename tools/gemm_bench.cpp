@@ -5,7 +5,7 @@
 //   g++ -O3 -std=c++17 -pthread -Icsrc -DFASTNN_ISA_NS=isa_avx512
 //       -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512dq -mavx512vl
 //       -mprefer-vector-width=512 tools/gemm_bench.cpp csrc/kernels/gemm.cpp
-//       csrc/parallel.cpp csrc/cpuinfo.cpp -o build/gemm_bench_avx512
+//       csrc/parallel.cpp csrc/cpuinfo.cpp csrc/memory_pool.cpp -o build/gemm_bench_avx512
 //   build/gemm_bench_avx512 test      # gemm correctness; exit status 0 = passed
 //   build/gemm_bench_avx512 pool      # thread-pool tests (fork, nesting, ...)
 //   build/gemm_bench_avx512 bench f32 0,0,256,256,256 0,1,128,128,5408
