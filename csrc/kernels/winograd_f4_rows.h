@@ -682,7 +682,8 @@ inline void weight_grad_range(const Shape& s, int64_t n0, int64_t n1, const floa
         for (int64_t c0 = 0; c0 < Cp; c0 += L) {
           __m512 r[L];
           for (int64_t ci = 0; ci < L; ++ci)
-            r[ci] = c0 + ci < s.Cin ? _mm512_loadu_ps(Vp + (c0 + ci) * T + t0) : _mm512_setzero_ps();
+            r[ci] = c0 + ci < s.Cin ? _mm512_loadu_ps(Vp + (c0 + ci) * T + t0)
+                                    : _mm512_setzero_ps();
           f4::transpose16(r);
           for (int64_t l = 0; l < L; ++l) _mm512_storeu_ps(VT.get() + (t0 + l) * Cp + c0, r[l]);
         }
