@@ -25,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <utility>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -1116,51 +1117,75 @@ const T* cptr_or_null(const std::optional<py::array>& a) {
   return a ? cptr<T>(*a) : nullptr;
 }
 
+// The checked arguments of a BatchNorm forward (batch_norm2d, batch_norm2d_relu
+// and batch_norm2d_relu_max_pool2d).
+struct BnArgs {
+  py::array x;
+  std::optional<py::array> w, b, mean, var;
+  int64_t N, C, HW;
+};
+
+BnArgs bn_forward_args(const char* op, const py::handle& x_obj, const py::handle& w_obj,
+                       const py::handle& b_obj, const py::handle& mean_obj,
+                       const py::handle& var_obj, double eps, bool training) {
+  BnArgs a;
+  a.x = float_arg(op, "x", x_obj, 4, "(N, C, H, W)");
+  a.w = optional_channel_arg(op, "weight", w_obj, a.x);
+  a.b = optional_channel_arg(op, "bias", b_obj, a.x);
+  a.mean = optional_channel_arg(op, "mean", mean_obj, a.x);
+  a.var = optional_channel_arg(op, "var", var_obj, a.x);
+  check_eps(op, eps);
+  a.N = a.x.shape(0), a.C = a.x.shape(1), a.HW = a.x.shape(2) * a.x.shape(3);
+  if (training) {
+    if (a.mean || a.var) {
+      throw py::value_error(std::string(op) +
+                            ": mean and var must be None when training (they are computed)");
+    }
+    if (a.N * a.HW < 2) {
+      throw py::value_error(std::string(op) +
+                            ": expected more than 1 value per channel when training, got input "
+                            "of shape " + shape_str(a.x));
+    }
+  } else if (!a.mean || !a.var) {
+    throw py::value_error(std::string(op) + ": mean and var must be arrays when not training");
+  }
+  return a;
+}
+
+// Fresh (C,) arrays for the statistics a BatchNorm forward returns: filled with
+// the given ones unless training (the kernel computes them then).
+template <typename T>
+std::pair<py::array, py::array> bn_stats_out(const BnArgs& a, bool training) {
+  py::array mean_out = new_array<T>({a.C});
+  py::array var_out = new_array<T>({a.C});
+  if (!training) {
+    std::memcpy(ptr<T>(mean_out), cptr<T>(*a.mean), static_cast<size_t>(a.C) * sizeof(T));
+    std::memcpy(ptr<T>(var_out), cptr<T>(*a.var), static_cast<size_t>(a.C) * sizeof(T));
+  }
+  return {mean_out, var_out};
+}
+
 // batch_norm2d and batch_norm2d_relu (relu: the fused ReLU kernel).
 py::tuple batch_norm2d_impl(const char* op, bool relu, const py::handle& x_obj,
                             const py::handle& w_obj, const py::handle& b_obj,
                             const py::handle& mean_obj, const py::handle& var_obj, double eps,
                             bool training) {
-  py::array x = float_arg(op, "x", x_obj, 4, "(N, C, H, W)");
-  const auto w = optional_channel_arg(op, "weight", w_obj, x);
-  const auto b = optional_channel_arg(op, "bias", b_obj, x);
-  const auto mean = optional_channel_arg(op, "mean", mean_obj, x);
-  const auto var = optional_channel_arg(op, "var", var_obj, x);
-  check_eps(op, eps);
-  const int64_t N = x.shape(0), C = x.shape(1), HW = x.shape(2) * x.shape(3);
-  if (training) {
-    if (mean || var) {
-      throw py::value_error(std::string(op) +
-                            ": mean and var must be None when training (they are computed)");
-    }
-    if (N * HW < 2) {
-      throw py::value_error(std::string(op) +
-                            ": expected more than 1 value per channel when training, got input "
-                            "of shape " + shape_str(x));
-    }
-  } else if (!mean || !var) {
-    throw py::value_error(std::string(op) + ": mean and var must be arrays when not training");
-  }
-  return with_dtype(float_dtype(op, "x", x), [&](auto tag) {
+  const BnArgs a = bn_forward_args(op, x_obj, w_obj, b_obj, mean_obj, var_obj, eps, training);
+  return with_dtype(float_dtype(op, "x", a.x), [&](auto tag) {
     using T = decltype(tag);
-    py::array y = new_array<T>(shape_of(x));
-    py::array mean_out = new_array<T>({C});
-    py::array var_out = new_array<T>({C});
+    py::array y = new_array<T>(shape_of(a.x));
+    auto [mean_out, var_out] = bn_stats_out<T>(a, training);
     T* mp = ptr<T>(mean_out);
     T* vp = ptr<T>(var_out);
-    if (!training) {  // returned as given, in fresh arrays
-      std::memcpy(mp, cptr<T>(*mean), static_cast<size_t>(C) * sizeof(T));
-      std::memcpy(vp, cptr<T>(*var), static_cast<size_t>(C) * sizeof(T));
-    }
-    const T* xp = cptr<T>(x);
-    const T* wp = cptr_or_null<T>(w);
-    const T* bp = cptr_or_null<T>(b);
+    const T* xp = cptr<T>(a.x);
+    const T* wp = cptr_or_null<T>(a.w);
+    const T* bp = cptr_or_null<T>(a.b);
     T* yp = ptr<T>(y);
     {
       py::gil_scoped_release release;
       const auto& t = table<T>();
-      (relu ? t.batch_norm2d_relu_forward : t.batch_norm2d_forward)(N, C, HW, xp, wp, bp, mp, vp,
-                                                                   eps, training, yp);
+      (relu ? t.batch_norm2d_relu_forward : t.batch_norm2d_forward)(a.N, a.C, a.HW, xp, wp, bp,
+                                                                   mp, vp, eps, training, yp);
     }
     return py::make_tuple(y, mean_out, var_out);
   });
@@ -1178,27 +1203,35 @@ py::tuple batch_norm2d_relu(const py::handle& x, const py::handle& weight,
   return batch_norm2d_impl("batch_norm2d_relu", true, x, weight, bias, mean, var, eps, training);
 }
 
-// batch_norm2d_backward and, with relu (b_obj: the forward's bias),
-// batch_norm2d_relu_backward.
-py::tuple batch_norm2d_backward_impl(const char* op, bool relu, const py::handle& gy_obj,
-                                     const py::handle& x_obj, const py::handle& w_obj,
-                                     const py::handle& b_obj, const py::handle& mean_obj,
-                                     const py::handle& var_obj, double eps, bool training,
-                                     bool need_x, bool need_w, bool need_b) {
-  py::array gy = float_arg(op, "grad_out", gy_obj, 4, "(N, C, H, W)");
-  py::array x = float_arg(op, "x", x_obj, 4, "(N, C, H, W)");
-  same_dtype(op, x, "x", gy, "grad_out");
-  same_shape(op, x, "x", gy, "grad_out");
-  const auto w = optional_channel_arg(op, "weight", w_obj, x);
-  const auto b = relu ? optional_channel_arg(op, "bias", b_obj, x) : std::nullopt;
-  const py::array mean = channel_arg(op, "mean", mean_obj, x);
-  const py::array var = channel_arg(op, "var", var_obj, x);
+// The checked arguments of a BatchNorm backward beside grad_out; bias only with
+// relu (the forward's bias, to recompute its output).
+struct BnGradArgs {
+  py::array x, mean, var;
+  std::optional<py::array> w, b;
+  int64_t N, C, HW;
+};
+
+BnGradArgs bn_backward_args(const char* op, bool relu, const py::handle& x_obj,
+                            const py::handle& w_obj, const py::handle& b_obj,
+                            const py::handle& mean_obj, const py::handle& var_obj, double eps) {
+  BnGradArgs a;
+  a.x = float_arg(op, "x", x_obj, 4, "(N, C, H, W)");
+  a.w = optional_channel_arg(op, "weight", w_obj, a.x);
+  if (relu) a.b = optional_channel_arg(op, "bias", b_obj, a.x);
+  a.mean = channel_arg(op, "mean", mean_obj, a.x);
+  a.var = channel_arg(op, "var", var_obj, a.x);
   check_eps(op, eps);
-  const int64_t N = x.shape(0), C = x.shape(1), HW = x.shape(2) * x.shape(3);
-  return with_dtype(float_dtype(op, "x", x), [&](auto tag) {
-    using T = decltype(tag);
-    py::object gx = py::none(), gw = py::none(), gb = py::none();
-    T *gxp = nullptr, *gwp = nullptr, *gbp = nullptr;
+  a.N = a.x.shape(0), a.C = a.x.shape(1), a.HW = a.x.shape(2) * a.x.shape(3);
+  return a;
+}
+
+// (grad_x, grad_weight, grad_bias) arrays, each None unless wanted.
+template <typename T>
+struct BnGrads {
+  py::object gx = py::none(), gw = py::none(), gb = py::none();
+  T *gxp = nullptr, *gwp = nullptr, *gbp = nullptr;
+  BnGrads(const py::array& x, bool need_x, bool need_w, bool need_b) {
+    const int64_t C = x.shape(1);
     if (need_x) {
       py::array t = new_array<T>(shape_of(x));
       gxp = ptr<T>(t);
@@ -1214,23 +1247,42 @@ py::tuple batch_norm2d_backward_impl(const char* op, bool relu, const py::handle
       gbp = ptr<T>(t);
       gb = t;
     }
+  }
+  bool any() const { return gxp || gwp || gbp; }
+  py::tuple tuple() const { return py::make_tuple(gx, gw, gb); }
+};
+
+// batch_norm2d_backward and, with relu (b_obj: the forward's bias),
+// batch_norm2d_relu_backward.
+py::tuple batch_norm2d_backward_impl(const char* op, bool relu, const py::handle& gy_obj,
+                                     const py::handle& x_obj, const py::handle& w_obj,
+                                     const py::handle& b_obj, const py::handle& mean_obj,
+                                     const py::handle& var_obj, double eps, bool training,
+                                     bool need_x, bool need_w, bool need_b) {
+  py::array gy = float_arg(op, "grad_out", gy_obj, 4, "(N, C, H, W)");
+  const BnGradArgs a = bn_backward_args(op, relu, x_obj, w_obj, b_obj, mean_obj, var_obj, eps);
+  same_dtype(op, a.x, "x", gy, "grad_out");
+  same_shape(op, a.x, "x", gy, "grad_out");
+  return with_dtype(float_dtype(op, "x", a.x), [&](auto tag) {
+    using T = decltype(tag);
+    BnGrads<T> g(a.x, need_x, need_w, need_b);
     const T* gyp = cptr<T>(gy);
-    const T* xp = cptr<T>(x);
-    const T* wp = cptr_or_null<T>(w);
-    const T* mp = cptr<T>(mean);
-    const T* vp = cptr<T>(var);
-    const T* bp = cptr_or_null<T>(b);
-    if (gxp || gwp || gbp) {
+    const T* xp = cptr<T>(a.x);
+    const T* wp = cptr_or_null<T>(a.w);
+    const T* mp = cptr<T>(a.mean);
+    const T* vp = cptr<T>(a.var);
+    const T* bp = cptr_or_null<T>(a.b);
+    if (g.any()) {
       py::gil_scoped_release release;
       if (relu) {
-        table<T>().batch_norm2d_relu_backward(N, C, HW, gyp, xp, wp, bp, mp, vp, eps, training,
-                                              gxp, gwp, gbp);
+        table<T>().batch_norm2d_relu_backward(a.N, a.C, a.HW, gyp, xp, wp, bp, mp, vp, eps,
+                                              training, g.gxp, g.gwp, g.gbp);
       } else {
-        table<T>().batch_norm2d_backward(N, C, HW, gyp, xp, wp, mp, vp, eps, training, gxp, gwp,
-                                         gbp);
+        table<T>().batch_norm2d_backward(a.N, a.C, a.HW, gyp, xp, wp, mp, vp, eps, training,
+                                         g.gxp, g.gwp, g.gbp);
       }
     }
-    return py::make_tuple(gx, gw, gb);
+    return g.tuple();
   });
 }
 
@@ -1248,6 +1300,93 @@ py::tuple batch_norm2d_relu_backward(const py::handle& grad_out, const py::handl
                                      bool training, bool need_x, bool need_w, bool need_b) {
   return batch_norm2d_backward_impl("batch_norm2d_relu_backward", true, grad_out, x, weight,
                                     bias, mean, var, eps, training, need_x, need_w, need_b);
+}
+
+// batch_norm2d_relu_max_pool2d: the pool geometry over x (N, C, H, W).
+Pool2dParams bn_pool_params(const char* op, const py::array& x, const Pair& kernel,
+                            const Pair& stride, const Pair& padding, const Pair& dilation,
+                            const Pair& out_hw, bool codes) {
+  Pool2dParams p = max_pool_params(op, x, kernel, stride, padding, dilation, out_hw);
+  if (codes && p.kh * p.kw > 255) {
+    throw py::value_error(std::string(op) + ": argmax needs a pool window of at most 255 taps, "
+                          "got " + std::to_string(p.kh) + "x" + std::to_string(p.kw));
+  }
+  return p;
+}
+
+py::tuple batch_norm2d_relu_max_pool2d(const py::handle& x_obj, const py::handle& w_obj,
+                                       const py::handle& b_obj, const py::handle& mean_obj,
+                                       const py::handle& var_obj, double eps, bool training,
+                                       const Pair& pool_kernel, const Pair& pool_stride,
+                                       const Pair& pool_padding, const Pair& pool_dilation,
+                                       const Pair& pool_out_hw, bool return_argmax) {
+  const char* op = "batch_norm2d_relu_max_pool2d";
+  const BnArgs a = bn_forward_args(op, x_obj, w_obj, b_obj, mean_obj, var_obj, eps, training);
+  const Pool2dParams pp = bn_pool_params(op, a.x, pool_kernel, pool_stride, pool_padding,
+                                         pool_dilation, pool_out_hw, return_argmax);
+  return with_dtype(float_dtype(op, "x", a.x), [&](auto tag) -> py::tuple {
+    using T = decltype(tag);
+    py::array y = new_array<T>({pp.N, pp.C, pp.OH, pp.OW});
+    auto [mean_out, var_out] = bn_stats_out<T>(a, training);
+    py::array codes;
+    uint8_t* cp = nullptr;
+    if (return_argmax) {
+      codes = new_array<uint8_t>({pp.N, pp.C, pp.OH, pp.OW});
+      cp = static_cast<uint8_t*>(codes.mutable_data());
+    }
+    T* mp = ptr<T>(mean_out);
+    T* vp = ptr<T>(var_out);
+    const T* xp = cptr<T>(a.x);
+    const T* wp = cptr_or_null<T>(a.w);
+    const T* bp = cptr_or_null<T>(a.b);
+    T* yp = ptr<T>(y);
+    {
+      py::gil_scoped_release release;
+      table<T>().batch_norm2d_relu_maxpool_forward(pp, xp, wp, bp, mp, vp, eps, training, yp,
+                                                   cp);
+    }
+    if (return_argmax) return py::make_tuple(y, mean_out, var_out, codes);
+    return py::make_tuple(y, mean_out, var_out);
+  });
+}
+
+py::tuple batch_norm2d_relu_max_pool2d_backward(
+    const py::handle& gy_obj, const py::handle& x_obj, const py::handle& w_obj,
+    const py::handle& b_obj, const py::handle& mean_obj, const py::handle& var_obj, double eps,
+    bool training, const Pair& pool_kernel, const Pair& pool_stride, const Pair& pool_padding,
+    const Pair& pool_dilation, bool need_x, bool need_w, bool need_b,
+    const py::handle& argmax_obj) {
+  const char* op = "batch_norm2d_relu_max_pool2d_backward";
+  py::array gy = float_arg(op, "grad_out", gy_obj, 4, "(N, C, POH, POW)");
+  const BnGradArgs a = bn_backward_args(op, true, x_obj, w_obj, b_obj, mean_obj, var_obj, eps);
+  same_dtype(op, a.x, "x", gy, "grad_out");
+  Pool2dParams pp = pool_params(op, a.x, a.x.shape(2), a.x.shape(3), pool_kernel, pool_stride,
+                                pool_padding, pool_dilation);
+  check_pool_grad(op, gy, pp);
+  set_pool_out(op, pp, {gy.shape(2), gy.shape(3)});
+  if (argmax_obj.is_none() && pp.kh * pp.kw > 255) {
+    throw py::value_error(std::string(op) + ": a pool window of at most 255 taps is supported, "
+                          "got " + std::to_string(pp.kh) + "x" + std::to_string(pp.kw));
+  }
+  std::optional<py::array> codes;
+  if (!argmax_obj.is_none()) codes = argmax_arg(op, argmax_obj, pp);
+  return with_dtype(float_dtype(op, "x", a.x), [&](auto tag) {
+    using T = decltype(tag);
+    BnGrads<T> g(a.x, need_x, need_w, need_b);
+    const uint8_t* cp = codes ? static_cast<const uint8_t*>(codes->data()) : nullptr;
+    if (g.any()) {
+      const T* gyp = cptr<T>(gy);
+      const T* xp = cptr<T>(a.x);
+      const T* wp = cptr_or_null<T>(a.w);
+      const T* bp = cptr_or_null<T>(a.b);
+      const T* mp = cptr<T>(a.mean);
+      const T* vp = cptr<T>(a.var);
+      py::gil_scoped_release release;
+      table<T>().batch_norm2d_relu_maxpool_backward(pp, gyp, xp, wp, bp, mp, vp, eps, training,
+                                                    cp, g.gxp, g.gwp, g.gbp);
+    }
+    return g.tuple();
+  });
 }
 
 // --- optimizer steps ---------------------------------------------------------------
@@ -1652,6 +1791,23 @@ PYBIND11_MODULE(_C, m) {
         "(grad_x, grad_weight, grad_bias) of batch_norm2d_relu (None where not needed): "
         "grad_out masked where the forward's output is not > 0 (recomputed from x), then "
         "batch_norm2d_backward.");
+  m.def("batch_norm2d_relu_max_pool2d", &batch_norm2d_relu_max_pool2d, py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("mean"), py::arg("var"), py::arg("eps"),
+        py::arg("training"), py::arg("pool_kernel_size"), py::arg("pool_stride"),
+        py::arg("pool_padding"), py::arg("pool_dilation"), py::arg("pool_out_hw"),
+        py::arg("return_argmax") = false,
+        "max_pool2d(batch_norm2d_relu(x)) -> (y, mean, var[, argmax]) without writing the "
+        "(N,C,H,W) BatchNorm output; bit for bit the two ops. argmax: uint8 window codes as "
+        "conv2d_relu_max_pool2d's.");
+  m.def("batch_norm2d_relu_max_pool2d_backward", &batch_norm2d_relu_max_pool2d_backward,
+        py::arg("grad_out"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("mean"),
+        py::arg("var"), py::arg("eps"), py::arg("training"), py::arg("pool_kernel_size"),
+        py::arg("pool_stride"), py::arg("pool_padding"), py::arg("pool_dilation"),
+        py::arg("need_x"), py::arg("need_w"), py::arg("need_b"),
+        py::arg("argmax") = py::none(),
+        "(grad_x, grad_weight, grad_bias) of batch_norm2d_relu_max_pool2d from grad_out "
+        "(N,C,POH,POW) (None where not needed); routed by the forward's argmax when given, "
+        "else by codes recomputed from x.");
   m.def("sgd_step", &sgd_step, py::arg("param"), py::arg("grad"), py::arg("momentum_buf"),
         py::arg("lr"), py::arg("momentum"), py::arg("weight_decay"), py::arg("nesterov"),
         "In-place torch.optim.SGD step (dampening 0).");

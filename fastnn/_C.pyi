@@ -173,3 +173,20 @@ def batch_norm2d_relu_backward(
     need_b: bool,
 ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """(grad_x, grad_weight, grad_bias) of batch_norm2d_relu, None where not needed."""
+def batch_norm2d_relu_max_pool2d(
+    x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None,
+    mean: np.ndarray | None, var: np.ndarray | None, eps: float, training: bool,
+    pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
+    pool_out_hw: Pair, return_argmax: bool = False,
+) -> tuple[np.ndarray, ...]:
+    """max_pool2d(batch_norm2d_relu(x)) -> (y (N,C,POH,POW), mean, var[, argmax]),
+    bit-identical to the two ops; the (N,C,H,W) BatchNorm output is never written.
+    argmax: uint8 window codes as conv2d_relu_max_pool2d's."""
+def batch_norm2d_relu_max_pool2d_backward(
+    grad_out: np.ndarray, x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None,
+    mean: np.ndarray, var: np.ndarray, eps: float, training: bool,
+    pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
+    need_x: bool, need_w: bool, need_b: bool, argmax: np.ndarray | None = None,
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """(grad_x, grad_weight, grad_bias) of batch_norm2d_relu_max_pool2d, None where not
+    needed; routed by the forward's argmax when given, else by codes recomputed from x."""

@@ -709,8 +709,9 @@ def test_functional_forced_cuda_backend(rng) -> None:
 @sim
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_array_ops_through_functional(rng, dtype) -> None:
-    """sigmoid/tanh/log_softmax/MSE/dropout/BatchNorm(+ReLU) pairs on the cuda backend
-    (CuPy expressions; NumPy arrays here) against numpy_ref, via fastnn.functional."""
+    """sigmoid/tanh/log_softmax/MSE/dropout/BatchNorm(+ReLU, +ReLU+max pool) pairs on
+    the cuda backend (CuPy expressions and pool kernels; NumPy arrays here) against
+    numpy_ref, via fastnn.functional."""
     import fastnn
     from fastnn import functional as F
 
@@ -726,12 +727,17 @@ def test_array_ops_through_functional(rng, dtype) -> None:
         ev_grads = F.batch_norm2d_backward(g, x, w, ev[1], ev[2], 1e-5, False)
         yr, mr, vr = F.batch_norm2d_relu_forward(x, None, None, w, b, True)
         bn_relu = (yr, *F.batch_norm2d_relu_backward(g, x, w, b, mr, vr, 1e-5, True))
+        yp, mp, vp, codes = F.batch_norm2d_relu_max_pool2d_forward(
+            x, None, None, w, b, True, pool_kernel_size=2, pool_padding=1, return_argmax=True)
+        gp = g[:, :, :yp.shape[2], :yp.shape[3]] * 3
+        bn_pool = (yp, mp, vp, codes, *F.batch_norm2d_relu_max_pool2d_backward(
+            gp, x, w, b, mp, vp, 1e-5, True, pool_kernel_size=2, pool_padding=1, argmax=codes))
         s, t, ls = F.sigmoid(x), F.tanh(x), F.log_softmax(x, 1)
         act = (s, F.sigmoid_backward(g, s), t, F.tanh_backward(g, t), ls,
                F.log_softmax_backward(g, ls, 1))
         mse = (F.mse_loss(x, g), *F.mse_loss_backward(np.asarray(2.0, dtype), x, g))
         drop = F.dropout_forward(x, 0.4, True, np.random.default_rng(3))
-        return (*bn, *ev, *ev_grads, *bn_relu, *act, *mse, *drop,
+        return (*bn, *ev, *ev_grads, *bn_relu, *bn_pool, *act, *mse, *drop,
                 F.dropout_backward(g, drop[1]))
 
     with fastnn.backend("cuda"):
@@ -740,7 +746,7 @@ def test_array_ops_through_functional(rng, dtype) -> None:
         want = run()
     assert len(got) == len(want)
     for a, e in zip(got, want):
-        assert a.dtype == dtype
+        assert a.dtype == (np.uint8 if e.dtype == np.uint8 else dtype)
         _close(a, e)
     with pytest.raises(TypeError, match="NumPy arrays"):
         cb.batch_norm2d([[[[1.0]]]], None, None, None, None, 1e-5, True)

@@ -77,7 +77,8 @@ EOF
 default_tests="tests/test_functional.py tests/test_validation.py tests/test_fuzz.py
   tests/test_concurrency.py tests/test_memory.py tests/test_autograd.py
   tests/test_conv_small.py tests/test_native_bindings.py tests/test_fused.py tests/test_isa.py
-  tests/test_batchnorm.py tests/test_geometry.py tests/test_memory_pool.py tests/test_lookup_u8.py"
+  tests/test_batchnorm.py tests/test_batchnorm_relu.py tests/test_bn_relu_pool.py
+  tests/test_geometry.py tests/test_memory_pool.py tests/test_lookup_u8.py"
 read -r -a tests <<<"$(echo ${SANITIZE_TESTS:-$default_tests})"
 existing=()
 for t in "${tests[@]}"; do [[ -f $t ]] && existing+=("$t"); done

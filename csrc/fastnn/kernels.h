@@ -125,6 +125,23 @@ struct KernelTable {
                                        const T* gy, const T* x, const T* w, const T* b,
                                        const uint8_t* codes, T* gx, T* gw, T* gb);
 
+  // Fused BatchNorm + ReLU + max_pool2d (csrc/kernels/fused.cpp), pp the pool
+  // over x (N,C,H,W): y (N,C,POH,POW) = max_pool2d(relu(batch_norm2d(x))) bit
+  // for bit, mean/var as batch_norm2d_forward (computed when training), codes
+  // as conv2d_relu_maxpool_forward's. The (N,C,H,W) BatchNorm output is never
+  // written: each plane is normalised and pooled in cache.
+  void (*batch_norm2d_relu_maxpool_forward)(const Pool2dParams& pp, const T* x, const T* w,
+                                            const T* b, T* mean, T* var, double eps,
+                                            bool training, T* y, uint8_t* codes);
+  // Its gradients from gy (N,C,POH,POW): routed by the forward's codes when
+  // given, else by codes recomputed plane by plane (b is read only then), then
+  // batch_norm2d_backward's math on each plane in cache. gx (N,C,H,W), gw and
+  // gb (C,) may each be null (not wanted); the others are overwritten.
+  void (*batch_norm2d_relu_maxpool_backward)(const Pool2dParams& pp, const T* gy, const T* x,
+                                             const T* w, const T* b, const T* mean,
+                                             const T* var, double eps, bool training,
+                                             const uint8_t* codes, T* gx, T* gw, T* gb);
+
   // Fused Linear + ReLU (csrc/kernels/linear.cpp): y (M,N) = relu(x (M,K) @
   // w (N,K)^T + b (N,)), b may be null; bit-identical to gemm, bias add, relu.
   void (*linear_relu_forward)(int64_t M, int64_t N, int64_t K, const T* x, const T* w,

@@ -28,6 +28,7 @@
 #include <type_traits>
 
 #include "fastnn/parallel.h"
+#include "kernels/batchnorm.h"
 #include "kernels/conv_small.h"
 #include "kernels/image_ranges.h"
 #include "kernels/ops.h"
@@ -588,7 +589,112 @@ void conv1_relu_maxpool_backward(const Conv2dParams& cp, const Pool2dParams& pp,
 }
 #endif
 
+// --- BatchNorm + ReLU + max_pool2d ------------------------------------------
+// The unfused pair writes the BatchNorm output (N,C,H,W), reads it to pool,
+// and backward writes and re-reads its full-size gradient. Here each plane is
+// normalised into a per-thread buffer in L1 (bn::affine_plane, as
+// batch_norm2d_relu writes it) and pooled from there (the same pool kernels as
+// the conv fusion), so only the pooled output and its codes reach memory; the
+// backward scatters each plane's pooled gradient by the codes into that buffer
+// and runs batch_norm2d_backward's per-plane steps on it. The statistics are
+// bn::batch_stats's and the gradient sums are taken plane by plane in the same
+// order, so outputs equal the unfused ops' bit for bit.
+
+// Whether the pool is the exact 2x2 stride-2 one over the plane.
+inline bool exact_2x2_plane(const Pool2dParams& pp) {
+  return is_2x2_s2(pp) && pp.H == 2 * pp.OH && pp.W == 2 * pp.OW;
+}
+
 }  // namespace
+
+template <typename T>
+void batch_norm2d_relu_maxpool_forward(const Pool2dParams& pp, const T* x, const T* w,
+                                       const T* b, T* mean, T* var, double eps, bool training,
+                                       T* y, uint8_t* codes) {
+  const int64_t N = pp.N, C = pp.C, HW = pp.H * pp.W, OP = pp.OH * pp.OW;
+  if (C == 0) return;
+  Buffer<T> consts(2 * C);
+  const T* scale = consts.get();
+  const T* shift = consts.get() + C;
+  bn::forward_setup(N, C, HW, x, w, b, mean, var, eps, training, consts.get());
+  if (N == 0 || OP == 0) return;
+  Pool2dParams p1 = pp;
+  p1.N = 1;
+  p1.C = 1;
+  const bool exact = exact_2x2_plane(pp);
+  parallel_for(N * C, bn::plane_grain(HW), [&](int64_t lo, int64_t hi) {
+    Scratch<T> r(kSlotFusedMid, HW + kRowSlack);  // the 2x2 kernel reads past the last row
+    for (int64_t p = lo; p < hi; ++p) {
+      const int64_t c = p % C;
+      T* yp = y + p * OP;
+      uint8_t* cp = codes ? codes + p * OP : nullptr;
+      if (exact) {  // relu_maxpool2x2_forward applies the relu itself
+        bn::affine_plane<false>(x + p * HW, HW, mean[c], scale[c], shift[c], r.get());
+        if (relu_maxpool2x2_forward(r.get(), 1, pp.OH, pp.OW, yp, cp)) continue;
+        relu_inplace(r.get(), HW);
+      } else {
+        bn::affine_plane<true>(x + p * HW, HW, mean[c], scale[c], shift[c], r.get());
+      }
+      max_pool2d_forward<T>(p1, r.get(), yp);
+      if (cp) window_codes(p1, r.get(), cp);
+    }
+  });
+}
+
+template <typename T>
+void batch_norm2d_relu_maxpool_backward(const Pool2dParams& pp, const T* gy, const T* x,
+                                        const T* w, const T* b, const T* mean, const T* var,
+                                        double eps, bool training, const uint8_t* codes, T* gx,
+                                        T* gw, T* gb) {
+  const int64_t N = pp.N, C = pp.C, HW = pp.H * pp.W, OP = pp.OH * pp.OW;
+  if (C == 0) return;
+  const int64_t planes = N * C;
+  Buffer<T> fwd(codes ? 0 : 2 * C);  // the forward's scale and shift, to recompute codes
+  if (!codes) bn::forward_consts(C, w, b, var, eps, fwd.get(), fwd.get() + C);
+  Pool2dParams p1 = pp;
+  p1.N = 1;
+  p1.C = 1;
+  const bool exact = exact_2x2_plane(pp);
+  // g (HW + kRowSlack) = the gradient at relu(batch_norm2d(x)) of plane p;
+  // r and cb: room to recompute the plane and its codes when none were given.
+  auto route = [&](int64_t p, T* g, T* r, uint8_t* cb) {
+    const T* gp = gy + p * OP;
+    const uint8_t* cp = codes ? codes + p * OP : cb;
+    if (!codes) {
+      const int64_t c = p % C;
+      bn::affine_plane<true>(x + p * HW, HW, mean[c], fwd.get()[c], fwd.get()[C + c], r);
+      window_codes(p1, r, cb);
+    }
+    if (!exact || !codes2x2_backward(cp, gp, 1, pp.OH, pp.OW, g, static_cast<T*>(nullptr))) {
+      scatter_codes(p1, gp, cp, g);
+    }
+  };
+  auto each_plane = [&](auto&& body) {
+    parallel_for(planes, bn::plane_grain(HW), [&](int64_t lo, int64_t hi) {
+      Scratch<T> g(kSlotFusedGrad, HW + kRowSlack);
+      Scratch<T> r(kSlotFusedMid, codes ? 1 : HW);
+      Scratch<uint8_t> cb(kSlotFusedCodes, codes ? 1 : OP);
+      for (int64_t p = lo; p < hi; ++p) {
+        route(p, g.get(), r.get(), cb.get());
+        body(p, g.get());
+      }
+    });
+  };
+  Buffer<double> part(2 * planes);
+  double* pp2 = part.get();
+  each_plane([&](int64_t p, const T* g) {
+    bn::plane_grad_sums(g, x + p * HW, HW, static_cast<double>(mean[p % C]), pp2[2 * p],
+                        pp2[2 * p + 1]);
+  });
+  Buffer<T> consts(3 * C);  // k, a, d of bn::grad_plane
+  T* k = consts.get();
+  bn::grad_consts(N, C, HW, pp2, w, var, eps, training, k, gw, gb);
+  if (!gx) return;
+  each_plane([&](int64_t p, const T* g) {
+    const int64_t c = p % C;
+    bn::grad_plane(g, x + p * HW, HW, k[c], mean[c], k[C + c], k[2 * C + c], gx + p * HW);
+  });
+}
 
 template <typename T>
 void conv2d_relu_maxpool_forward(const Conv2dParams& cp, const Pool2dParams& pp, const T* x,
@@ -724,7 +830,13 @@ void conv2d_relu_maxpool_backward(const Conv2dParams& cp, const Pool2dParams& pp
                                                const T*, const T*, const T*, T*, uint8_t*);    \
   template void conv2d_relu_maxpool_backward<T>(const Conv2dParams&, const Pool2dParams&,      \
                                                 const T*, const T*, const T*, const T*,        \
-                                                const uint8_t*, T*, T*, T*);
+                                                const uint8_t*, T*, T*, T*);                   \
+  template void batch_norm2d_relu_maxpool_forward<T>(const Pool2dParams&, const T*, const T*,  \
+                                                     const T*, T*, T*, double, bool, T*,       \
+                                                     uint8_t*);                                \
+  template void batch_norm2d_relu_maxpool_backward<T>(const Pool2dParams&, const T*, const T*, \
+                                                      const T*, const T*, const T*, const T*,  \
+                                                      double, bool, const uint8_t*, T*, T*, T*);
 FASTNN_INSTANTIATE(float)
 FASTNN_INSTANTIATE(double)
 #undef FASTNN_INSTANTIATE

@@ -178,6 +178,15 @@ template <typename T>
 void conv2d_relu_maxpool_backward(const Conv2dParams& cp, const Pool2dParams& pp, const T* gy,
                                   const T* x, const T* w, const T* b, const uint8_t* codes,
                                   T* gx, T* gw, T* gb);
+template <typename T>
+void batch_norm2d_relu_maxpool_forward(const Pool2dParams& pp, const T* x, const T* w,
+                                       const T* b, T* mean, T* var, double eps, bool training,
+                                       T* y, uint8_t* codes);
+template <typename T>
+void batch_norm2d_relu_maxpool_backward(const Pool2dParams& pp, const T* gy, const T* x,
+                                        const T* w, const T* b, const T* mean, const T* var,
+                                        double eps, bool training, const uint8_t* codes, T* gx,
+                                        T* gw, T* gb);
 
 // --- linear.cpp --------------------------------------------------------------
 template <typename T>

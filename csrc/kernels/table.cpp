@@ -28,6 +28,8 @@ void fill(KernelTable<T>& t) {
   t.batch_norm2d_relu_backward = &batch_norm2d_relu_backward<T>;
   t.conv2d_relu_maxpool_forward = &conv2d_relu_maxpool_forward<T>;
   t.conv2d_relu_maxpool_backward = &conv2d_relu_maxpool_backward<T>;
+  t.batch_norm2d_relu_maxpool_forward = &batch_norm2d_relu_maxpool_forward<T>;
+  t.batch_norm2d_relu_maxpool_backward = &batch_norm2d_relu_maxpool_backward<T>;
   t.linear_relu_forward = &linear_relu_forward<T>;
   t.linear_relu_backward = &linear_relu_backward<T>;
   t.gemm_blocking = &gemm_blocking<T>;

@@ -20,6 +20,7 @@ __all__ = [
     "AvgPool2d",
     "BatchNorm2d",
     "BatchNorm2dReLU",
+    "BatchNorm2dReLUMaxPool2d",
     "Conv2d",
     "Conv2dReLUMaxPool2d",
     "CrossEntropy",
@@ -330,6 +331,40 @@ class BatchNorm2dReLU(BatchNorm2d):
     """``F.batch_norm2d_relu``: BatchNorm2d and the ReLU after it as one node."""
 
     op, relu = "batch_norm2d_relu", True
+
+
+class BatchNorm2dReLUMaxPool2d(Function):
+    """``F.batch_norm2d_relu_max_pool2d``: BatchNorm2d, ReLU and MaxPool2d as one node;
+    backward keeps x, the statistics and the pool's argmax codes (one byte per
+    pooled output), nothing of the BatchNorm output's size."""
+
+    op, inputs = "batch_norm2d_relu_max_pool2d", ("x", "weight", "bias")
+
+    @staticmethod
+    def forward(
+        ctx: Context, x: Array, weight: Array | None = None, bias: Array | None = None,
+        running_mean: Array | None = None, running_var: Array | None = None,
+        training: bool = False, momentum: float | None = 0.1, eps: float = 1e-5,
+        num_batches_tracked: Array | None = None, pool_kernel_size: Any = 2,
+        pool_stride: Any = None, pool_padding: Any = 0, pool_dilation: Any = 1,
+        pool_ceil_mode: bool = False,
+    ) -> Array:
+        pool = (pool_kernel_size, pool_stride, pool_padding, pool_dilation, pool_ceil_mode)
+        codes = any(ctx.needs_input_grad)  # inference: no backward, no codes
+        out = F.batch_norm2d_relu_max_pool2d_forward(
+            x, running_mean, running_var, weight, bias, training, momentum, eps,
+            num_batches_tracked, *pool, return_argmax=codes)
+        ctx.save_for_backward(x, weight, bias, out[1], out[2])
+        ctx.args = (eps, training, *pool)
+        ctx.argmax = out[3] if codes else None
+        return out[0]
+
+    @staticmethod
+    def backward(ctx: Context, g: Array) -> tuple:
+        x, w, b, mean, var = ctx.saved_tensors
+        return F.batch_norm2d_relu_max_pool2d_backward(
+            g, x, w, b, mean, var, *ctx.args, output_mask=ctx.needs_input_grad,
+            argmax=ctx.argmax)
 
 
 def batch_norm2d(

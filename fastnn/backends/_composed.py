@@ -1,7 +1,7 @@
 """Ops that a backend builds from its own primitives (numpy_ref and cuda).
 
-The cpu backend has fused C++ kernels for conv2d + ReLU + max_pool2d and for
-batch_norm2d + ReLU and linear + ReLU; the other backends compose the separate
+The cpu backend has fused C++ kernels for conv2d + ReLU + max_pool2d, for
+batch_norm2d + ReLU (and + max_pool2d) and linear + ReLU; the other backends compose the separate
 ops, the same way, from this one place.
 """
 
@@ -114,6 +114,46 @@ def fused_bn_relu(ops: ModuleType) -> tuple[Callable[..., Any], Callable[..., An
         fn.__doc__ = contract.doc(fn.__name__)
         fn.__module__ = ops.__name__
     return batch_norm2d_relu, batch_norm2d_relu_backward
+
+
+def fused_bn_relu_pool(ops: ModuleType) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``batch_norm2d_relu_max_pool2d`` and its backward, built from ``ops``'
+    ``batch_norm2d_relu`` (this module's, on numpy_ref and cuda) and pooling ops."""
+
+    def batch_norm2d_relu_max_pool2d(
+        x: Any, weight: Any | None, bias: Any | None, mean: Any | None, var: Any | None,
+        eps: float, training: bool,
+        pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
+        pool_out_hw: Pair, return_argmax: bool = False,
+    ) -> tuple[Any, ...]:
+        r, mean, var = ops.batch_norm2d_relu(x, weight, bias, mean, var, eps, training)
+        pool = (pool_kernel_size, pool_stride, pool_padding, pool_dilation, pool_out_hw)
+        if not return_argmax:
+            return ops.max_pool2d(r, *pool), mean, var
+        y, indices = ops.max_pool2d_with_indices(r, *pool)
+        return y, mean, var, window_codes(y, indices, r.shape[3], pool_stride, pool_padding,
+                                          pool_dilation, pool_kernel_size[1])
+
+    def batch_norm2d_relu_max_pool2d_backward(
+        grad_out: Any, x: Any, weight: Any | None, bias: Any | None, mean: Any, var: Any,
+        eps: float, training: bool,
+        pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
+        need_x: bool, need_w: bool, need_b: bool, argmax: Any | None = None,
+    ) -> tuple[Any | None, Any | None, Any | None]:
+        # The BatchNorm output recomputed with the forward's statistics, as in
+        # batch_norm2d_relu_backward; the argmax would only save that (see
+        # fused_conv_relu_pool), so this readable reference ignores it.
+        r = ops.batch_norm2d_relu(x, weight, bias, mean, var, eps, False)[0]
+        g = ops.max_pool2d_backward(grad_out, r, pool_kernel_size, pool_stride, pool_padding,
+                                    pool_dilation)
+        del r
+        return ops.batch_norm2d_relu_backward(g, x, weight, bias, mean, var, eps, training,
+                                              need_x, need_w, need_b)
+
+    for fn in (batch_norm2d_relu_max_pool2d, batch_norm2d_relu_max_pool2d_backward):
+        fn.__doc__ = contract.doc(fn.__name__)
+        fn.__module__ = ops.__name__
+    return batch_norm2d_relu_max_pool2d, batch_norm2d_relu_max_pool2d_backward
 
 
 def fused_linear_relu(ops: ModuleType) -> tuple[Callable[..., Any], Callable[..., Any]]:

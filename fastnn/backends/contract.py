@@ -308,6 +308,38 @@ class Backend(Protocol):
         """
         ...
 
+    def batch_norm2d_relu_max_pool2d(
+        self, x: Array, weight: Array | None, bias: Array | None, mean: Array | None,
+        var: Array | None, eps: float, training: bool,
+        pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
+        pool_out_hw: Pair, return_argmax: bool = False,
+    ) -> tuple[Array, ...]:
+        """max_pool2d(batch_norm2d_relu(x, ...)[0], pool_...) -> (y, mean, var), y
+        (N,C,POH,POW), the statistics as batch_norm2d_relu returns them.
+
+        Bit-identical to the two ops. ``cpu`` normalises and pools each plane in
+        cache without writing the (N,C,H,W) BatchNorm output; ``numpy`` and
+        ``cuda`` compose the separate ops (``fastnn.backends._composed``). With
+        ``return_argmax``, returns ``(y, mean, var, argmax)``, argmax uint8 window
+        codes as :meth:`conv2d_relu_max_pool2d`'s.
+        """
+        ...
+
+    def batch_norm2d_relu_max_pool2d_backward(
+        self, grad_out: Array, x: Array, weight: Array | None, bias: Array | None,
+        mean: Array, var: Array, eps: float, training: bool,
+        pool_kernel_size: Pair, pool_stride: Pair, pool_padding: Pair, pool_dilation: Pair,
+        need_x: bool, need_w: bool, need_b: bool, argmax: Array | None = None,
+    ) -> tuple[Array | None, Array | None, Array | None]:
+        """(grad_x, grad_weight, grad_bias) of batch_norm2d_relu_max_pool2d from grad_out
+        (N,C,POH,POW), None where not needed: batch_norm2d_relu_backward of
+        max_pool2d_backward(grad_out). ``argmax``: the forward's codes; ``cpu``
+        routes the gradient by them (else by codes it recomputes from x, weight,
+        bias and the statistics); ``numpy`` and ``cuda`` recompute the BatchNorm
+        output and ignore them.
+        """
+        ...
+
     # -- optimizer steps (in place) --------------------------------------------
     def sgd_step(
         self, param: Array, grad: Array, momentum_buf: Array | None,

@@ -43,6 +43,8 @@ __all__ = [
     "batch_norm2d_backward",
     "batch_norm2d_relu",
     "batch_norm2d_relu_backward",
+    "batch_norm2d_relu_max_pool2d",
+    "batch_norm2d_relu_max_pool2d_backward",
     "conv2d",
     "conv2d_backward_input",
     "conv2d_backward_weight",
@@ -116,3 +118,5 @@ batch_norm2d = _C.batch_norm2d
 batch_norm2d_backward = _C.batch_norm2d_backward
 batch_norm2d_relu = _C.batch_norm2d_relu
 batch_norm2d_relu_backward = _C.batch_norm2d_relu_backward
+batch_norm2d_relu_max_pool2d = _C.batch_norm2d_relu_max_pool2d
+batch_norm2d_relu_max_pool2d_backward = _C.batch_norm2d_relu_max_pool2d_backward

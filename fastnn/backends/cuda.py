@@ -194,13 +194,17 @@ conv2d_relu_max_pool2d, conv2d_relu_max_pool2d_backward = _composed.fused_conv_r
     sys.modules[__name__]
 )
 batch_norm2d_relu, batch_norm2d_relu_backward = _composed.fused_bn_relu(sys.modules[__name__])
+batch_norm2d_relu_max_pool2d, batch_norm2d_relu_max_pool2d_backward = (
+    _composed.fused_bn_relu_pool(sys.modules[__name__])
+)
 linear_relu, linear_relu_backward = _composed.fused_linear_relu(sys.modules[__name__])
 # (The optimizers' fast path on this backend is one multi-tensor launch per group
 # over flat buffers, fastnn.optim.flat; these serve the per-parameter fallback.)
 sgd_step_multi, adam_step_multi = _composed.multi_steps(sys.modules[__name__])
 
 __all__ = sorted([
-    *_OPS, "batch_norm2d_relu", "batch_norm2d_relu_backward", "conv2d_relu_max_pool2d",
+    *_OPS, "batch_norm2d_relu", "batch_norm2d_relu_backward", "batch_norm2d_relu_max_pool2d",
+    "batch_norm2d_relu_max_pool2d_backward", "conv2d_relu_max_pool2d",
     "conv2d_relu_max_pool2d_backward", "device_info", "is_available", "linear_relu",
     "linear_relu_backward", "sgd_step_multi", "adam_step_multi",
 ])

@@ -55,6 +55,8 @@ __all__ = [
     "batch_norm2d_backward",
     "batch_norm2d_relu",
     "batch_norm2d_relu_backward",
+    "batch_norm2d_relu_max_pool2d",
+    "batch_norm2d_relu_max_pool2d_backward",
     "conv2d",
     "conv2d_backward_input",
     "conv2d_backward_weight",
@@ -487,5 +489,8 @@ conv2d_relu_max_pool2d, conv2d_relu_max_pool2d_backward = _composed.fused_conv_r
     sys.modules[__name__]
 )
 batch_norm2d_relu, batch_norm2d_relu_backward = _composed.fused_bn_relu(sys.modules[__name__])
+batch_norm2d_relu_max_pool2d, batch_norm2d_relu_max_pool2d_backward = (
+    _composed.fused_bn_relu_pool(sys.modules[__name__])
+)
 linear_relu, linear_relu_backward = _composed.fused_linear_relu(sys.modules[__name__])
 sgd_step_multi, adam_step_multi = _composed.multi_steps(sys.modules[__name__])

@@ -20,7 +20,8 @@ C-contiguous arrays of one dtype and plain int pairs (see
 Each differentiable op ``op`` has ``op_backward`` (gradients from the forward's
 inputs or output); ops whose backward needs more than that have
 ``op_forward`` returning it too (``dropout_forward``: the mask,
-``batch_norm2d_forward`` and ``batch_norm2d_relu_forward``: the statistics).
+``batch_norm2d_forward``, ``batch_norm2d_relu_forward`` and
+``batch_norm2d_relu_max_pool2d_forward``: the statistics).
 
 If any argument is a ``fastnn.Tensor``, the call is forwarded to the autograd
 layer, which registers its handlers with :func:`register_tensor_handler`; this
@@ -67,6 +68,9 @@ from fastnn.functional.normalization import (
     batch_norm2d_relu,
     batch_norm2d_relu_backward,
     batch_norm2d_relu_forward,
+    batch_norm2d_relu_max_pool2d,
+    batch_norm2d_relu_max_pool2d_backward,
+    batch_norm2d_relu_max_pool2d_forward,
 )
 from fastnn.functional.optim_steps import adam_step, adam_step_multi, sgd_step, sgd_step_multi
 from fastnn.functional.pool import avg_pool2d, avg_pool2d_backward, max_pool2d, max_pool2d_backward
@@ -82,6 +86,9 @@ __all__ = [
     "batch_norm2d_relu",
     "batch_norm2d_relu_backward",
     "batch_norm2d_relu_forward",
+    "batch_norm2d_relu_max_pool2d",
+    "batch_norm2d_relu_max_pool2d_backward",
+    "batch_norm2d_relu_max_pool2d_forward",
     "conv2d",
     "conv2d_backward",
     "conv2d_relu_max_pool2d",

@@ -30,24 +30,28 @@ from fastnn.geometry import pool_geometry
 
 def _fused_pool_geometry(
     op: str, conv_out_shape: tuple[int, ...], kernel_size: Any, stride: Any, padding: Any,
-    dilation: Any, ceil_mode: Any,
+    dilation: Any, ceil_mode: Any, what: str = "conv output",
 ) -> tuple[Pair, Pair, Pair, Pair, tuple[int, int, int, int]]:
-    """max_pool2d's checks for a pool over the conv output (argument names prefixed)."""
+    """max_pool2d's checks for a pool over the fused op's inner output of shape
+    ``conv_out_shape`` (argument names prefixed ``pool_``; ``what`` names it)."""
     ceil_mode = _flag(ceil_mode, op, "pool_ceil_mode")
     g = pool_geometry(op, conv_out_shape[2:], kernel_size, stride, padding, dilation,
-                      ceil_mode, prefix="pool_", what="conv output")
+                      ceil_mode, prefix="pool_", what=what)
     return g.kernel, g.stride, g.padding, g.dilation, (*conv_out_shape[:2], *g.out_hw)
 
 
-def _argmax_codes(op: str, argmax: Any, a: _ConvArgs, out_shape: tuple[int, ...]) -> Array:
-    """The forward's codes, on x's device, batched like x, C-contiguous uint8."""
-    xp = _xp(a.x)
+def _argmax_codes(
+    op: str, argmax: Any, x: Array, unbatched: bool, out_shape: tuple[int, ...],
+) -> Array:
+    """The forward's codes, on x's device, batched like x (``unbatched``: the caller
+    added x's batch axis), C-contiguous uint8."""
+    xp = _xp(x)
     if not is_array(argmax) or array_module(argmax) is not xp:
         raise TypeError(f"{op}: argmax must be the {xp.__name__} array that the forward returned "
                         f"(return_argmax=True), got {type(argmax).__name__}")
     if argmax.dtype != xp.uint8:
         raise TypeError(f"{op}: argmax must be uint8 (the forward's codes), got {argmax.dtype}")
-    codes = argmax[None] if a.unbatched and argmax.ndim == 3 else argmax
+    codes = argmax[None] if unbatched and argmax.ndim == 3 else argmax
     if tuple(codes.shape) != tuple(out_shape):
         raise ValueError(f"{op}: argmax must have the output's shape {tuple(out_shape)}, "
                          f"got {tuple(argmax.shape)}")
@@ -153,7 +157,7 @@ def conv2d_relu_max_pool2d_backward(
     _check_grad_out(op, gy, out_shape)
     gy = _contig(gy)
     if argmax is not None:
-        argmax = _argmax_codes(op, argmax, a, out_shape)
+        argmax = _argmax_codes(op, argmax, a.x, a.unbatched, out_shape)
     need_x, need_w, need_b = (bool(m) for m in output_mask)
     if gy.size == 0 or a.x.size == 0 or a.weight.size == 0:
         # Degenerate shapes: backpropagate through the separate ops.

@@ -311,7 +311,13 @@ class BatchNorm2d(Module):
         """``relu(self(x))`` as one fused node (see ``F.batch_norm2d_relu``)."""
         return self._run(F.batch_norm2d_relu, x)
 
-    def _run(self, fn: Any, x: Any) -> Tensor:
+    def _forward_relu_max_pool(self, x: Any, pool: MaxPool2d) -> Tensor:
+        """``pool(relu(self(x)))`` as one fused node (see ``F.batch_norm2d_relu_max_pool2d``)."""
+        return self._run(F.batch_norm2d_relu_max_pool2d, x, pool_kernel_size=pool.kernel_size,
+                         pool_stride=pool.stride, pool_padding=pool.padding,
+                         pool_dilation=pool.dilation, pool_ceil_mode=pool.ceil_mode)
+
+    def _run(self, fn: Any, x: Any, **pool: Any) -> Tensor:
         x = _as_tensor(x)
         if x.ndim != 4 or x.shape[1] != self.num_features:
             raise ValueError(
@@ -322,7 +328,7 @@ class BatchNorm2d(Module):
             x, self.running_mean, self.running_var, self.weight, self.bias,
             training=self.training or not self.track_running_stats,
             momentum=self.momentum, eps=self.eps,
-            num_batches_tracked=self.num_batches_tracked,
+            num_batches_tracked=self.num_batches_tracked, **pool,
         )
 
     def extra_repr(self) -> str:
@@ -350,10 +356,11 @@ class Sequential(Module):
         d = self.__dict__
         return [d[n] for n in d["_module_names"] if d[n] is not None]
 
-    #: Run Conv2d -> ReLU -> MaxPool2d, BatchNorm2d -> ReLU and Linear -> ReLU runs as
-    #: one fused op each (same forward values bit for bit on cpu, within rounding
-    #: elsewhere; gradients up to summation order); set False on an instance to run
-    #: them apart.
+    #: Run Conv2d -> ReLU -> MaxPool2d, BatchNorm2d -> ReLU -> MaxPool2d, BatchNorm2d ->
+    #: ReLU and Linear -> ReLU runs as one fused op each (same forward values bit for
+    #: bit on cpu, within rounding elsewhere; gradients up to summation order); set
+    #: False on an instance to run them apart. (A MaxPool2d with return_indices is
+    #: never fused.)
     fuse = True
 
     def forward(self, x: Any) -> Any:
@@ -364,8 +371,9 @@ class Sequential(Module):
             m = layers[i]
             # Exact types only: a subclass may override forward and must then run as written.
             if (
-                type(m) is Conv2d and i + 2 < n and type(layers[i + 1]) is ReLU
-                and type(layers[i + 2]) is MaxPool2d and self.fuse
+                (type(m) is Conv2d or type(m) is BatchNorm2d) and i + 2 < n
+                and type(layers[i + 1]) is ReLU and type(layers[i + 2]) is MaxPool2d
+                and not layers[i + 2].return_indices and self.fuse
             ):
                 x = m._forward_relu_max_pool(x, layers[i + 2])
                 i += 3
