@@ -1162,8 +1162,8 @@ POOL_KEYS = ("pool_kernel_size", "pool_stride", "pool_padding", "pool_dilation",
 
 
 @st.composite
-def fused_case(draw, backward: bool):
-    (x, wt, bias), kwargs = draw(conv_case(backward=False))
+def pool_kwargs(draw) -> dict:
+    """A fused op's ``pool_*`` keyword arguments, some left out, some bad."""
     pool = {"pool_kernel_size": draw(geometry(1, 3))}
     if draw(st.booleans()):
         pool["pool_stride"] = None if draw(st.integers(0, 4)) == 0 else draw(geometry(1, 3))
@@ -1173,7 +1173,13 @@ def fused_case(draw, backward: bool):
         pool["pool_dilation"] = draw(geometry(1, 2))
     if draw(st.booleans()):
         pool["pool_ceil_mode"] = draw(st.booleans())
-    kwargs = {**kwargs, **pool}
+    return pool
+
+
+@st.composite
+def fused_case(draw, backward: bool):
+    (x, wt, bias), kwargs = draw(conv_case(backward=False))
+    kwargs = {**kwargs, **draw(pool_kwargs())}
     if not backward:
         return (x, wt, bias), kwargs
     x_shape = x.shape if isinstance(x, ArraySpec) else (1, 1, 1, 1)
@@ -1250,6 +1256,96 @@ def test_fuzz_conv2d_relu_max_pool2d_backward(case):
         assert np.array_equal(np.isnan(g), np.isnan(s_)) or not all(_specs(*args)), (
             f"{op}[{j}]: NaN pattern differs from the separate ops' chain"
         )
+
+
+# --------------------------------------------------------------------------
+# fused batch_norm2d + relu + max_pool2d
+# --------------------------------------------------------------------------
+
+
+@st.composite
+def bn_pool_case(draw, backward: bool):
+    """(x, running_mean, running_var, weight, bias, training) and pool kwargs; with
+    ``backward``, (grad_out, x, weight, bias, mean, var, eps, training)."""
+    dtype = draw(st.sampled_from(FLOATS))
+    n, c = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+    h, w = draw(st.integers(0, 7)), draw(st.integers(0, 7))
+    x_shape = draw(maybe_wrong_ndim((n, c, h, w)))
+    x = draw(array_spec(x_shape, dtype))
+
+    def channel(lo: float = -2.0):
+        length = c if draw(st.integers(0, 14)) else c + 1
+        spec = draw(array_spec((length,), dtype))
+        if lo >= 0 and isinstance(spec, ArraySpec) and spec.values in ("normal", "ints"):
+            spec = ArraySpec(spec.shape, spec.dtype, spec.layout, "zeros", spec.seed)
+        return spec
+
+    wt = channel() if draw(st.booleans()) else None
+    bias = channel() if draw(st.booleans()) else None
+    training = draw(st.booleans())
+    kwargs = draw(pool_kwargs())
+    if not backward:
+        # Running stats are updated in place when training; the fuzzer's inputs
+        # must stay unchanged, so they are given in eval mode only.
+        stats = (None, None) if training else (channel(), channel(0.0))
+        return (x, *stats, wt, bias, training), kwargs
+    mean, var = channel(), channel(0.0)
+    out_shape = None
+    if isinstance(x, ArraySpec):
+        out_shape = _ref_out_shape(F.max_pool2d, (np.zeros(x_shape),),
+                                   {k[5:]: v for k, v in kwargs.items()})
+    if out_shape is None or draw(st.integers(0, 14)) == 0:
+        out_shape = tuple(draw(st.lists(st.integers(0, 4), min_size=3, max_size=4)))
+    gy = draw(array_spec(out_shape, dtype))
+    if draw(st.integers(0, 4)) == 0:
+        kwargs["output_mask"] = draw(st.tuples(st.booleans(), st.booleans(), st.booleans()))
+    return (gy, x, wt, bias, mean, var, 1e-5, training), kwargs
+
+
+@FUZZ
+@given(case=bn_pool_case(backward=False))
+def test_fuzz_batch_norm2d_relu_max_pool2d(case):
+    """Same errors as the reference; bit-identical to the separate ops (its docstring)."""
+    args, kwargs = case
+    op = "batch_norm2d_relu_max_pool2d"
+    r = run_both(op, F.batch_norm2d_relu_max_pool2d, args, kwargs)
+    if r is None:
+        return
+    want, got, _, _, ta, tkw = r
+    pool = {k[5:]: v for k, v in tkw.items()}
+    ks = pool.pop("kernel_size")
+    with fastnn.backend(TARGET), np.errstate(all="ignore"):
+        sep = F.max_pool2d(F.batch_norm2d_relu(*ta), ks, **pool)
+    check_exact(op + " vs separate ops", got, sep, list(ta))
+    assert got.shape == want.shape and got.dtype == want.dtype
+
+
+@FUZZ
+@given(case=bn_pool_case(backward=True))
+def test_fuzz_batch_norm2d_relu_max_pool2d_backward(case):
+    """Same errors as the reference; bit-identical to the separate ops' chain."""
+    args, kwargs = case
+    op = "batch_norm2d_relu_max_pool2d_backward"
+    r = run_both(op, F.batch_norm2d_relu_max_pool2d_backward, args, kwargs)
+    if r is None:
+        return
+    want, got, _, _, ta, tkw = r
+    gy, x, w, b, mean, var, eps, training = ta
+    mask = tkw.pop("output_mask", (True, True, True))
+    pool = {k[5:]: v for k, v in tkw.items()}
+    ks = pool.pop("kernel_size")
+    # As the fused op saw them: the recompute below takes the statistics as
+    # running stats, which must be arrays of x's dtype.
+    dt = _floatify(x).dtype
+    mean, var = _floatify(mean).astype(dt), _floatify(var).astype(dt)
+    with fastnn.backend(TARGET), np.errstate(all="ignore"):
+        y = F.batch_norm2d_relu(x, mean, var, w, b, False, eps=eps)
+        sep = F.batch_norm2d_relu_backward(F.max_pool2d_backward(gy, y, ks, **pool), x, w, b,
+                                           mean, var, eps, training, output_mask=mask)
+    for j, (g, s_) in enumerate(zip(got, sep)):
+        assert (g is None) == (s_ is None), f"{op}[{j}]: None where the chain has a value"
+        if s_ is not None:
+            check_exact(f"{op}[{j}] vs separate ops", g, s_, list(ta))
 
 
 # --------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from fastnn.functional._args import (
     _xp,
 )
 from fastnn.functional.fused import _argmax_codes, _fused_pool_geometry
+from fastnn.functional.pool import _check_channels
 
 
 def _real(op: str, name: str, v: Any) -> float:
@@ -284,6 +285,8 @@ def _pool_geometry(
     op: str, x: Array, kernel_size: Any, stride: Any, padding: Any, dilation: Any,
     ceil_mode: Any,
 ) -> tuple[Pair, Pair, Pair, Pair, tuple[int, int, int, int]]:
+    """max_pool2d's checks (channels, then geometry) for the pool over x."""
+    _check_channels(op, x)
     return _fused_pool_geometry(op, tuple(x.shape), kernel_size, stride, padding, dilation,
                                 ceil_mode, what="BatchNorm output")
 

@@ -28,6 +28,12 @@ from fastnn.geometry import pool_geometry
 # --------------------------------------------------------------------------
 
 
+def _check_channels(op: str, x: Array) -> None:
+    """torch's rule for pooling: only the batch may be empty."""
+    if x.shape[1] == 0:
+        raise ValueError(f"{op}: x must have at least one channel, got shape {x.shape}")
+
+
 class _PoolArgs:
     __slots__ = ("x", "unbatched", "kernel", "stride", "padding", "dilation", "out_shape",
                  "backend")
@@ -37,8 +43,7 @@ class _PoolArgs:
         x, self.unbatched = _batched(x, op)
         ceil_mode = _flag(ceil_mode, op, "ceil_mode")
         n, c, h, w = x.shape
-        if c == 0:  # torch: only the batch may be empty
-            raise ValueError(f"{op}: x must have at least one channel, got shape {x.shape}")
+        _check_channels(op, x)
         g = pool_geometry(op, (h, w), kernel_size, stride, padding, dilation, ceil_mode)
         self.x = _contig(x)
         self.kernel, self.stride, self.padding, self.dilation = g[:4]
