@@ -1364,10 +1364,6 @@ py::tuple batch_norm2d_relu_max_pool2d_backward(
                                 pool_padding, pool_dilation);
   check_pool_grad(op, gy, pp);
   set_pool_out(op, pp, {gy.shape(2), gy.shape(3)});
-  if (argmax_obj.is_none() && pp.kh * pp.kw > 255) {
-    throw py::value_error(std::string(op) + ": a pool window of at most 255 taps is supported, "
-                          "got " + std::to_string(pp.kh) + "x" + std::to_string(pp.kw));
-  }
   std::optional<py::array> codes;
   if (!argmax_obj.is_none()) codes = argmax_arg(op, argmax_obj, pp);
   return with_dtype(float_dtype(op, "x", a.x), [&](auto tag) {
@@ -1807,7 +1803,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("argmax") = py::none(),
         "(grad_x, grad_weight, grad_bias) of batch_norm2d_relu_max_pool2d from grad_out "
         "(N,C,POH,POW) (None where not needed); routed by the forward's argmax when given, "
-        "else by codes recomputed from x.");
+        "else by max_pool2d_backward on the BatchNorm output recomputed from x.");
   m.def("sgd_step", &sgd_step, py::arg("param"), py::arg("grad"), py::arg("momentum_buf"),
         py::arg("lr"), py::arg("momentum"), py::arg("weight_decay"), py::arg("nesterov"),
         "In-place torch.optim.SGD step (dampening 0).");

@@ -189,4 +189,5 @@ def batch_norm2d_relu_max_pool2d_backward(
     need_x: bool, need_w: bool, need_b: bool, argmax: np.ndarray | None = None,
 ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """(grad_x, grad_weight, grad_bias) of batch_norm2d_relu_max_pool2d, None where not
-    needed; routed by the forward's argmax when given, else by codes recomputed from x."""
+    needed; routed by the forward's argmax when given, else by the pool's backward on the
+    BatchNorm output recomputed from x."""

@@ -295,3 +295,37 @@ def test_sequential_does_not_fuse_a_pool_that_returns_indices(rng):
     assert out._ctx.fn is nn.layers.ag.MaxPool2d
     assert out._ctx.parents[0].fn is BatchNorm2dReLU
     assert idx.dtype == np.int64
+
+
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("cpu", marks=native)])
+@pytest.mark.parametrize("head", ["conv", "batchnorm"])
+def test_sequential_trains_through_a_pool_of_more_than_255_taps(backend, rng, head):
+    """A window of 16x16 has no one-byte argmax codes: the fused nodes then run
+    without them (the backward recomputes the routing) instead of raising, with
+    the same values as the layers run apart."""
+    x = rng.standard_normal((2, 2, 19, 18)).astype(np.float32)
+    results = []
+    for fuse in (True, False):
+        first = (nn.Conv2d(2, 3, 3, rng=0) if head == "conv" else nn.BatchNorm2d(2))
+        net = nn.Sequential(first, nn.ReLU(), nn.MaxPool2d(16, 1), nn.Flatten())
+        net.fuse = fuse
+        with fastnn.backend(backend):
+            out = net(Tensor(x))
+            (out * out).sum().backward()
+        results.append([out.data] + [p.grad for p in net.parameters()])
+    for a, e in zip(*results):
+        np.testing.assert_array_equal(a, e)
+
+
+@native
+def test_backward_without_codes_takes_any_window(rng):
+    x, w, b, stats = _args(rng, (2, 3, 17, 16), np.float32, True, True)
+    pool, ohw = _pool(x.shape, 16, 1, 0, 1)
+    g = rng.standard_normal((2, 3, *ohw)).astype(np.float32)
+    y, mean, var = _C.batch_norm2d_relu_max_pool2d(x, w, b, *stats, EPS, True, *pool, ohw)
+    want, want_g = _unfused(_C, x, w, b, stats, True, pool, ohw, g, (True, True, True))
+    _equal((y, mean, var), want)
+    _equal(_C.batch_norm2d_relu_max_pool2d_backward(g, x, w, b, mean, var, EPS, True, *pool,
+                                                    True, True, True), want_g)
+    with pytest.raises(ValueError, match="argmax needs a pool window of at most 255 taps"):
+        _C.batch_norm2d_relu_max_pool2d(x, w, b, *stats, EPS, True, *pool, ohw, True)

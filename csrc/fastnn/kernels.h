@@ -134,7 +134,8 @@ struct KernelTable {
                                             const T* b, T* mean, T* var, double eps,
                                             bool training, T* y, uint8_t* codes);
   // Its gradients from gy (N,C,POH,POW): routed by the forward's codes when
-  // given, else by codes recomputed plane by plane (b is read only then), then
+  // given, else by max_pool2d_backward on each plane recomputed (b is read only
+  // then; any window size), then
   // batch_norm2d_backward's math on each plane in cache. gx (N,C,H,W), gw and
   // gb (C,) may each be null (not wanted); the others are overwritten.
   void (*batch_norm2d_relu_maxpool_backward)(const Pool2dParams& pp, const T* gy, const T* x,

@@ -649,33 +649,35 @@ void batch_norm2d_relu_maxpool_backward(const Pool2dParams& pp, const T* gy, con
   const int64_t N = pp.N, C = pp.C, HW = pp.H * pp.W, OP = pp.OH * pp.OW;
   if (C == 0) return;
   const int64_t planes = N * C;
-  Buffer<T> fwd(codes ? 0 : 2 * C);  // the forward's scale and shift, to recompute codes
+  Buffer<T> fwd(codes ? 0 : 2 * C);  // the forward's scale and shift, to recompute it
   if (!codes) bn::forward_consts(C, w, b, var, eps, fwd.get(), fwd.get() + C);
   Pool2dParams p1 = pp;
   p1.N = 1;
   p1.C = 1;
   const bool exact = exact_2x2_plane(pp);
-  // g (HW + kRowSlack) = the gradient at relu(batch_norm2d(x)) of plane p;
-  // r and cb: room to recompute the plane and its codes when none were given.
-  auto route = [&](int64_t p, T* g, T* r, uint8_t* cb) {
+  // g (HW + kRowSlack) = the gradient at relu(batch_norm2d(x)) of plane p: by
+  // the codes, or without them as max_pool2d_backward and relu_backward on the
+  // plane recomputed into r (any window size: no one-byte codes needed).
+  auto route = [&](int64_t p, T* g, T* r) {
     const T* gp = gy + p * OP;
-    const uint8_t* cp = codes ? codes + p * OP : cb;
-    if (!codes) {
-      const int64_t c = p % C;
-      bn::affine_plane<true>(x + p * HW, HW, mean[c], fwd.get()[c], fwd.get()[C + c], r);
-      window_codes(p1, r, cb);
+    if (codes) {
+      const uint8_t* cp = codes + p * OP;
+      if (!exact || !codes2x2_backward(cp, gp, 1, pp.OH, pp.OW, g, static_cast<T*>(nullptr))) {
+        scatter_codes(p1, gp, cp, g);
+      }
+      return;
     }
-    if (!exact || !codes2x2_backward(cp, gp, 1, pp.OH, pp.OW, g, static_cast<T*>(nullptr))) {
-      scatter_codes(p1, gp, cp, g);
-    }
+    const int64_t c = p % C;
+    bn::affine_plane<true>(x + p * HW, HW, mean[c], fwd.get()[c], fwd.get()[C + c], r);
+    max_pool2d_backward<T>(p1, gp, r, g);
+    relu_backward_inplace(g, r, HW);
   };
   auto each_plane = [&](auto&& body) {
     parallel_for(planes, bn::plane_grain(HW), [&](int64_t lo, int64_t hi) {
       Scratch<T> g(kSlotFusedGrad, HW + kRowSlack);
       Scratch<T> r(kSlotFusedMid, codes ? 1 : HW);
-      Scratch<uint8_t> cb(kSlotFusedCodes, codes ? 1 : OP);
       for (int64_t p = lo; p < hi; ++p) {
-        route(p, g.get(), r.get(), cb.get());
+        route(p, g.get(), r.get());
         body(p, g.get());
       }
     });

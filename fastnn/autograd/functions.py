@@ -131,7 +131,10 @@ class Conv2dReLUMaxPool2d(Function):
         ctx.save_for_backward(x, weight, bias)
         ctx.args = (stride, padding, dilation, groups, pool_kernel_size, pool_stride,
                     pool_padding, pool_dilation, pool_ceil_mode)
-        if not any(ctx.needs_input_grad):  # inference: no backward, no codes
+        # No codes for inference (no backward) or a window of more than 255 taps
+        # (no one-byte codes): the backward then recomputes the routing.
+        ctx.argmax = None
+        if not (any(ctx.needs_input_grad) and F.fused.argmax_fits(pool_kernel_size)):
             return F.conv2d_relu_max_pool2d(x, weight, bias, *ctx.args)
         y, ctx.argmax = F.conv2d_relu_max_pool2d(x, weight, bias, *ctx.args, return_argmax=True)
         return y
@@ -350,7 +353,8 @@ class BatchNorm2dReLUMaxPool2d(Function):
         pool_ceil_mode: bool = False,
     ) -> Array:
         pool = (pool_kernel_size, pool_stride, pool_padding, pool_dilation, pool_ceil_mode)
-        codes = any(ctx.needs_input_grad)  # inference: no backward, no codes
+        # As Conv2dReLUMaxPool2d: codes only where a backward will use them.
+        codes = any(ctx.needs_input_grad) and F.fused.argmax_fits(pool_kernel_size)
         out = F.batch_norm2d_relu_max_pool2d_forward(
             x, running_mean, running_var, weight, bias, training, momentum, eps,
             num_batches_tracked, *pool, return_argmax=codes)

@@ -334,9 +334,9 @@ class Backend(Protocol):
         """(grad_x, grad_weight, grad_bias) of batch_norm2d_relu_max_pool2d from grad_out
         (N,C,POH,POW), None where not needed: batch_norm2d_relu_backward of
         max_pool2d_backward(grad_out). ``argmax``: the forward's codes; ``cpu``
-        routes the gradient by them (else by codes it recomputes from x, weight,
-        bias and the statistics); ``numpy`` and ``cuda`` recompute the BatchNorm
-        output and ignore them.
+        routes the gradient by them; without them, and on ``numpy`` and ``cuda``,
+        the BatchNorm output is recomputed from x, weight, bias and the
+        statistics (``cpu``: plane by plane, in cache) for the pool's backward.
         """
         ...
 

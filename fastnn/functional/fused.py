@@ -21,7 +21,7 @@ from fastnn.functional._args import (
 from fastnn.functional.activations import relu, relu_backward
 from fastnn.functional.conv import _ConvArgs, conv2d, conv2d_backward
 from fastnn.functional.pool import max_pool2d, max_pool2d_backward
-from fastnn.geometry import pool_geometry
+from fastnn.geometry import as_pair, pool_geometry
 
 # --------------------------------------------------------------------------
 # fused conv2d + ReLU + max_pool2d
@@ -38,6 +38,23 @@ def _fused_pool_geometry(
     g = pool_geometry(op, conv_out_shape[2:], kernel_size, stride, padding, dilation,
                       ceil_mode, prefix="pool_", what=what)
     return g.kernel, g.stride, g.padding, g.dilation, (*conv_out_shape[:2], *g.out_hw)
+
+
+def argmax_fits(pool_kernel_size: Any) -> bool:
+    """Whether a fused op's pool window has room for one-byte argmax codes (at most
+    255 taps; code 255 means "no gradient"), so that ``return_argmax`` is allowed.
+    A malformed ``pool_kernel_size`` gives True: the op's own checks report it."""
+    try:
+        kh, kw = as_pair(pool_kernel_size, "max_pool2d", "kernel_size", 1)
+    except (TypeError, ValueError):
+        return True
+    return kh * kw <= _composed.NO_GRAD
+
+
+def _check_argmax_fits(op: str, k: Pair) -> None:
+    if not argmax_fits(k):
+        raise ValueError(f"{op}: return_argmax needs a pool window of at most "
+                         f"{_composed.NO_GRAD} taps, got pool_kernel_size {k}")
 
 
 def _argmax_codes(
@@ -95,9 +112,8 @@ def conv2d_relu_max_pool2d(
         op, a.out_shape, pool_kernel_size, pool_stride, pool_padding, pool_dilation,
         pool_ceil_mode,
     )
-    if return_argmax and k[0] * k[1] > _composed.NO_GRAD:
-        raise ValueError(f"{op}: return_argmax needs a pool window of at most "
-                         f"{_composed.NO_GRAD} taps, got pool_kernel_size {k}")
+    if return_argmax:
+        _check_argmax_fits(op, k)
     if 0 in out_shape or a.x.shape[1] == 0:
         # Degenerate shapes: the separate ops already handle them.
         conv = conv2d(a.x, a.weight, b, a.stride, a.padding, a.dilation, a.groups)

@@ -9,7 +9,6 @@ import numbers
 from typing import Any
 
 from fastnn._array import is_array
-from fastnn.backends import _composed
 from fastnn.functional._args import (
     Array,
     Pair,
@@ -23,7 +22,7 @@ from fastnn.functional._args import (
     _tensor_aware,
     _xp,
 )
-from fastnn.functional.fused import _argmax_codes, _fused_pool_geometry
+from fastnn.functional.fused import _argmax_codes, _check_argmax_fits, _fused_pool_geometry
 from fastnn.functional.pool import _check_channels
 
 
@@ -193,7 +192,8 @@ def _backward(
 ) -> tuple[Array | None, Array | None, Array | None]:
     """Validate and run backend op ``op`` (batch_norm2d_backward, or
     batch_norm2d_relu_backward and batch_norm2d_relu_max_pool2d_backward, which
-    also take ``bias``; the latter its ``pool`` arguments, see _pool_args)."""
+    also take ``bias``; the latter its ``pool`` arguments: kernel_size, stride,
+    padding, dilation, ceil_mode and the forward's argmax or None)."""
     x = _x4d(op, x)
     c = x.shape[1]
     grad_out = _as_float_array(grad_out, op, "grad_out")
@@ -319,9 +319,8 @@ def batch_norm2d_relu_max_pool2d_forward(
     x = _x4d(op, x)
     k, s, p, d, out_shape = _pool_geometry(op, x, pool_kernel_size, pool_stride, pool_padding,
                                            pool_dilation, pool_ceil_mode)
-    if return_argmax and k[0] * k[1] > _composed.NO_GRAD:
-        raise ValueError(f"{op}: return_argmax needs a pool window of at most "
-                         f"{_composed.NO_GRAD} taps, got pool_kernel_size {k}")
+    if return_argmax:
+        _check_argmax_fits(op, k)
     if 0 in out_shape:
         # No pooled output: the statistics (and running-stat updates) still apply.
         _, mean, var = _forward("batch_norm2d_relu", x, running_mean, running_var, weight, bias,
