@@ -341,6 +341,13 @@ WINO4_CASES = [
     (2, 8, 19, 21, 9, ZERO, 1),  # 17x19 output: 5 tile columns, partial tiles
     (2, 8, 7, 30, 8, ZERO, 1),  # 5x28 output: 7 tile columns, the last pair single
     (2, 9, 22, 20, 11, ZERO, 1),  # 20x18 output: 5 tile rows
+    # Narrow adjoint, 3 tile columns: a vector that starts mid-row, on a tile
+    # row followed by another of the same image (rows 4 and 5 of the part the
+    # previous vector stored are added, not overwritten: wrong gx before the
+    # fix at all of these).
+    (3, 36, 26, 11, 12, ZERO, 1),  # 24x9 output: 6 tile rows per image
+    (16, 16, 13, 13, 8, ZERO, 1),  # 11x11 output, 16 images
+    (9, 18, 21, 13, 29, ZERO, 1),  # 19x11 output
 ]
 
 

@@ -409,7 +409,9 @@ __attribute__((noinline)) inline void narrow_adjoint(const Shape& s, const Narro
   // floats on) cannot be forwarded and waits for it (measured: row by row,
   // most of this function's time).
   __m512 carry[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-  __mmask16 carry_st = 0;
+  // carry_old: the columns of the carried rows that the previous vector stored
+  // (a first tile row that began there: its rows 4 and 5 hold that part).
+  __mmask16 carry_st = 0, carry_old = 0;
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t off = g * s.TW - L * k;  // lane of the row's tile 0 (may be < 0)
     unsigned m4 = 0, m2 = 0;  // window columns of taps 0..3 / 4..5 of this vector's tiles
@@ -425,7 +427,9 @@ __attribute__((noinline)) inline void narrow_adjoint(const Shape& s, const Narro
     // gx is not cleared first: a row's first store writes it. Only the first
     // tile row of a vector adds to what earlier vectors stored: its rows 0
     // and 1 (the previous tile row's 4 and 5, whole), and, when the row
-    // began in the previous vector (off < 0), the columns of its tiles there.
+    // began in the previous vector (off < 0), the columns of its tiles there,
+    // in all six rows; rows 4 and 5 of those columns are added where they are
+    // stored, as rows 0 and 1 of the next tile row when that is here.
     const __mmask16 split = g == g0 && off < 0 ? lanes(4 * -off + 2) : __mmask16(0);
     __mmask16 mk[6];
     __m512 cur[6];
@@ -434,7 +438,8 @@ __attribute__((noinline)) inline void narrow_adjoint(const Shape& s, const Narro
       const int64_t ih = 4 * th + r - wd.ph;
       mk[r] = r < rend && ih >= 0 && ih < wd.H
                   ? static_cast<__mmask16>(st | (r < 2 ? carry_st : 0)) : __mmask16(0);
-      const __mmask16 old = g == g0 && th > 0 && r < 2 ? mk[r] : mk[r] & split;
+      const __mmask16 old = g == g0 && th > 0 && r < 2 ? mk[r]
+                            : mk[r] & (split | (r < 2 ? carry_old : __mmask16(0)));
       cur[r] = old ? _mm512_maskz_loadu_ps(old, plane + ih * wd.W) : _mm512_setzero_ps();
     }
 #pragma GCC unroll 6
@@ -454,9 +459,10 @@ __attribute__((noinline)) inline void narrow_adjoint(const Shape& s, const Narro
     }
     if (next_here) {
       carry_st = st;
+      carry_old = split;
     } else {
       carry[0] = carry[1] = _mm512_setzero_ps();
-      carry_st = 0;
+      carry_st = carry_old = 0;
     }
     if (++th == s.TH) th = 0, plane += gx_img;
   }
