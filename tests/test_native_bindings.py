@@ -365,6 +365,36 @@ def test_conv2d_winograd_tiles(rng, dtype, case):
           R.conv2d_backward_weight(gy, x, (3, 3), ONE, p, ONE, g), dtype)
 
 
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(1, 24), groups=st.sampled_from([1, 1, 2]), cg=st.integers(4, 24),
+       og=st.integers(4, 24), h=st.integers(3, 30), w=st.integers(3, 30),
+       ph=st.integers(0, 2), pw=st.integers(0, 2), seed=st.integers(0, 2**16))
+def test_conv2d_3x3_winograd_sized_random_shapes(n, groups, cg, og, h, w, ph, pw, seed):
+    """Every pass of a 3x3 stride-1 conv with channel counts that take the
+    Winograd paths (the cases above pick their branches; these shapes land
+    anywhere), float32 against a float64 reference. Fan-in scaled weights keep
+    the outputs O(1), so a misplaced tile shows far above rounding."""
+    if h + 2 * ph < 3 or w + 2 * pw < 3:
+        return
+    rng = np.random.default_rng(seed)
+    c, o, p = cg * groups, og * groups, (ph, pw)
+    x = randn(rng, (n, c, h, w), np.float32)
+    wt = (randn(rng, (o, cg, 3, 3), np.float64) / np.sqrt(9 * cg)).astype(np.float32)
+    gy = randn(rng, (n, o, h + 2 * ph - 2, w + 2 * pw - 2), np.float32)
+    x64, w64, gy64 = (a.astype(np.float64) for a in (x, wt, gy))
+    pairs = [
+        (_C.conv2d(x, wt, None, ONE, p, ONE, groups), R.conv2d(x64, w64, None, ONE, p, ONE,
+                                                              groups)),
+        (_C.conv2d_backward_input(gy, wt, (h, w), ONE, p, ONE, groups),
+         R.conv2d_backward_input(gy64, w64, (h, w), ONE, p, ONE, groups)),
+        (_C.conv2d_backward_weight(gy, x, (3, 3), ONE, p, ONE, groups),
+         R.conv2d_backward_weight(gy64, x64, (3, 3), ONE, p, ONE, groups)),
+    ]
+    for got, want in pairs:
+        err = np.abs(got - want).max() / max(1.0, float(np.abs(want).max()))
+        assert err < 1e-4, (got.shape, err)
+
+
 @pytest.mark.parametrize("case", WINO4_CASES, ids=lambda c: "x".join(map(str, c[:5])))
 def test_conv2d_winograd_backward_input_writes_every_element(rng, case):
     # The adjoint path stores each gx row once instead of clearing gx first:
