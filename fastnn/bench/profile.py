@@ -278,11 +278,12 @@ def format_profile(p: StepProfile, sgemm_gflops: float, copy_gb_s: float,
     epoch against its floor. ``epoch_seconds``: a measured epoch to compare (e.g.
     the same run's ``train_mnist`` row), else the step time times ``epoch_steps``."""
     step = p.step_seconds
+    w = max([37, *map(len, p.ops)])  # the op column: the longest name
     lines = [
         f"step profile: {p.model} model, batch {p.batch}, {p.backend} backend, "
         f"{step * 1e3:.2f} ms/step (median of {p.steps}); floors at NumPy sgemm "
         f"{sgemm_gflops:.0f} GFLOP/s and copy {copy_gb_s:.0f} GB/s",
-        f"{'op':34s} {'calls':>5s} {'ms/step':>8s} {'share':>6s} {'GFLOP':>7s} "
+        f"{'op':{w}s} {'calls':>5s} {'ms/step':>8s} {'share':>6s} {'GFLOP':>7s} "
         f"{'floor ms':>8s} {'x floor':>8s}",
     ]
     rows = sorted(p.ops.items(), key=lambda kv: -kv[1].seconds)
@@ -292,14 +293,14 @@ def format_profile(p: StepProfile, sgemm_gflops: float, copy_gb_s: float,
         floor = max(s.flops / (sgemm_gflops * 1e9), s.bytes / (copy_gb_s * 1e9))
         floor_total += floor
         ratio = f"{s.seconds / floor:7.2f}x" if floor > 0 else "       -"
-        lines.append(f"{name:34s} {s.calls:5d} {s.seconds * 1e3:8.3f} "
+        lines.append(f"{name:{w}s} {s.calls:5d} {s.seconds * 1e3:8.3f} "
                      f"{s.seconds / step:6.1%} {s.flops / 1e9:7.3f} {floor * 1e3:8.3f} {ratio}")
     rest = p.outside_seconds_per_step
-    lines.append(f"{'(outside the ops: Python, autograd)':34s} {'':5s} {rest * 1e3:8.3f} "
+    lines.append(f"{'(outside the ops: Python, autograd)':{w}s} {'':5s} {rest * 1e3:8.3f} "
                  f"{rest / step:6.1%}")
     if p.replayed_step_seconds is not None:
         glue = p.replayed_step_seconds
-        lines.append(f"{'  (that Python alone, hot caches)':34s} {'':5s} {glue * 1e3:8.3f} "
+        lines.append(f"{'  (that Python alone, hot caches)':{w}s} {'':5s} {glue * 1e3:8.3f} "
                      f"{glue / step:6.1%}")
     flop_floor = p.flops_per_step / (sgemm_gflops * 1e9)
     lines.append(f"step: {step * 1e3:.2f} ms = {step / flop_floor:.2f}x its FLOP floor "
