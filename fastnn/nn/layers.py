@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from fastnn import autograd as ag
-from fastnn import functional as F
 from fastnn.autograd import Tensor
 from fastnn.geometry import as_pair
 from fastnn.nn import init
@@ -305,28 +304,30 @@ class BatchNorm2d(Module):
             self.num_batches_tracked[...] = 0
 
     def forward(self, x: Any) -> Tensor:
-        return self._run(F.batch_norm2d, x)
+        return self._run(ag.BatchNorm2d, x)
 
     def _forward_relu(self, x: Any) -> Tensor:
         """``relu(self(x))`` as one fused node (see ``F.batch_norm2d_relu``)."""
-        return self._run(F.batch_norm2d_relu, x)
+        return self._run(ag.BatchNorm2dReLU, x)
 
     def _forward_relu_max_pool(self, x: Any, pool: MaxPool2d) -> Tensor:
         """``pool(relu(self(x)))`` as one fused node (see ``F.batch_norm2d_relu_max_pool2d``)."""
-        return self._run(F.batch_norm2d_relu_max_pool2d, x, pool_kernel_size=pool.kernel_size,
+        return self._run(ag.BatchNorm2dReLUMaxPool2d, x, pool_kernel_size=pool.kernel_size,
                          pool_stride=pool.stride, pool_padding=pool.padding,
                          pool_dilation=pool.dilation, pool_ceil_mode=pool.ceil_mode)
 
-    def _run(self, fn: Any, x: Any, **pool: Any) -> Tensor:
+    def _run(self, node: Any, x: Any, **pool: Any) -> Tensor:
+        # The autograd node directly, as Conv2d does: F's Tensor dispatch would
+        # bind these keywords to its signature on every call.
         x = _as_tensor(x)
         if x.ndim != 4 or x.shape[1] != self.num_features:
             raise ValueError(
                 f"BatchNorm2d: expected input of shape (N, {self.num_features}, H, W), "
                 f"got {x.shape}"
             )
-        return fn(
-            x, self.running_mean, self.running_var, self.weight, self.bias,
-            training=self.training or not self.track_running_stats,
+        return node.apply(
+            x, self.weight, self.bias, running_mean=self.running_mean,
+            running_var=self.running_var, training=self.training or not self.track_running_stats,
             momentum=self.momentum, eps=self.eps,
             num_batches_tracked=self.num_batches_tracked, **pool,
         )
