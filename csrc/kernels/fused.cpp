@@ -649,7 +649,7 @@ void batch_norm2d_relu_maxpool_backward(const Pool2dParams& pp, const T* gy, con
   const int64_t N = pp.N, C = pp.C, HW = pp.H * pp.W, OP = pp.OH * pp.OW;
   if (C == 0) return;
   const int64_t planes = N * C;
-  Buffer<T> fwd(codes ? 0 : 2 * C);  // the forward's scale and shift, to recompute it
+  Buffer<T> fwd(codes ? 0 : 2 * C);  // the forward's scale and shift, to recompute planes
   if (!codes) bn::forward_consts(C, w, b, var, eps, fwd.get(), fwd.get() + C);
   Pool2dParams p1 = pp;
   p1.N = 1;
