@@ -199,24 +199,32 @@ def _conv_bn_relu_net(dtype) -> nn.Sequential:
     )
 
 
+def check_fused_as_apart(make_net, x, backend, training=True, node=None, buffers=True):
+    """``make_net()`` run with ``fuse`` on and off on ``backend``: the same output,
+    parameter gradients (and buffers) bit for bit; with ``node``, the output's
+    producer is that fused autograd node exactly when fusing."""
+    results = []
+    for fuse in (True, False):
+        net = make_net()
+        net.train(training)
+        net.fuse = fuse
+        with fastnn.backend(backend):
+            out = net(Tensor(x))
+            if node is not None:
+                assert (out._ctx.parents[0].fn is node) is fuse
+            (out * out).sum().backward()
+        results.append([out.data] + [p.grad for p in net.parameters()]
+                       + ([buf for _, buf in net.named_buffers()] if buffers else []))
+    for a, e in zip(*results):
+        np.testing.assert_array_equal(a, e)
+
+
 @pytest.mark.parametrize("backend", ["numpy", pytest.param("cpu", marks=native)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("training", [True, False])
 def test_sequential_fuses_batchnorm_relu_with_the_same_values(backend, rng, dtype, training):
     x = rng.standard_normal((3, 2, 9, 8)).astype(dtype)
-    results = []
-    for fuse in (True, False):
-        net = _conv_bn_relu_net(dtype)
-        net.train(training)
-        net.fuse = fuse
-        with fastnn.backend(backend):
-            out = net(Tensor(x))
-            assert (out._ctx.parents[0].fn is BatchNorm2dReLU) is fuse
-            (out * out).sum().backward()
-        results.append([out.data] + [p.grad for p in net.parameters()]
-                       + [buf for _, buf in net.named_buffers()])
-    for a, e in zip(*results):
-        np.testing.assert_array_equal(a, e)
+    check_fused_as_apart(lambda: _conv_bn_relu_net(dtype), x, backend, training, BatchNorm2dReLU)
 
 
 def test_sequential_leaves_subclasses_and_other_orders_alone(rng):

@@ -16,12 +16,14 @@ from conftest import NATIVE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_batchnorm import _tol, isa  # noqa: F401 - the plain kernels' ISA fixture
+from test_batchnorm_relu import check_fused_as_apart
 
 import fastnn
 import fastnn.functional as F
 from fastnn import nn
 from fastnn.autograd import BatchNorm2dReLU, BatchNorm2dReLUMaxPool2d, Tensor
 from fastnn.backends import numpy_ref as ref
+from fastnn.backends._composed import window_codes
 from fastnn.gradcheck import gradcheck
 
 native = pytest.mark.skipif(not NATIVE, reason="fastnn._C is not built")
@@ -97,7 +99,6 @@ def test_same_bits_as_the_separate_ops(backend, shape, geom, dtype, training, af
     # The codes are the conv fusion's: the same rule applied to the relu'd input.
     r = mod.batch_norm2d_relu(x, w, b, *stats, EPS, training)[0]
     _, ind = mod.max_pool2d_with_indices(r, *pool, ohw)
-    from fastnn.backends._composed import window_codes
     np.testing.assert_array_equal(codes, window_codes(y, ind, shape[3], pool[1], pool[2],
                                                       pool[3], pool[0][1]))
     for argmax in (codes, None):
@@ -273,19 +274,8 @@ def _strong_like_net(dtype) -> nn.Sequential:
 def test_sequential_fuses_batchnorm_relu_maxpool_with_the_same_values(backend, rng, dtype,
                                                                       training):
     x = rng.standard_normal((3, 2, 15, 14)).astype(dtype)
-    results = []
-    for fuse in (True, False):
-        net = _strong_like_net(dtype)
-        net.train(training)
-        net.fuse = fuse
-        with fastnn.backend(backend):
-            out = net(Tensor(x))
-            assert (out._ctx.parents[0].fn is BatchNorm2dReLUMaxPool2d) is fuse
-            (out * out).sum().backward()
-        results.append([out.data] + [p.grad for p in net.parameters()]
-                       + [buf for _, buf in net.named_buffers()])
-    for a, e in zip(*results):
-        np.testing.assert_array_equal(a, e)
+    check_fused_as_apart(lambda: _strong_like_net(dtype), x, backend, training,
+                         BatchNorm2dReLUMaxPool2d)
 
 
 def test_sequential_does_not_fuse_a_pool_that_returns_indices(rng):
@@ -304,17 +294,12 @@ def test_sequential_trains_through_a_pool_of_more_than_255_taps(backend, rng, he
     without them (the backward recomputes the routing) instead of raising, with
     the same values as the layers run apart."""
     x = rng.standard_normal((2, 2, 19, 18)).astype(np.float32)
-    results = []
-    for fuse in (True, False):
+
+    def make_net():
         first = (nn.Conv2d(2, 3, 3, rng=0) if head == "conv" else nn.BatchNorm2d(2))
-        net = nn.Sequential(first, nn.ReLU(), nn.MaxPool2d(16, 1), nn.Flatten())
-        net.fuse = fuse
-        with fastnn.backend(backend):
-            out = net(Tensor(x))
-            (out * out).sum().backward()
-        results.append([out.data] + [p.grad for p in net.parameters()])
-    for a, e in zip(*results):
-        np.testing.assert_array_equal(a, e)
+        return nn.Sequential(first, nn.ReLU(), nn.MaxPool2d(16, 1), nn.Flatten())
+
+    check_fused_as_apart(make_net, x, backend, buffers=False)
 
 
 @native
