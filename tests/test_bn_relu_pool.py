@@ -16,7 +16,8 @@ from conftest import NATIVE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_batchnorm import _tol, isa  # noqa: F401 - the plain kernels' ISA fixture
-from test_batchnorm_relu import check_fused_as_apart
+from test_batchnorm_relu import EPS, MASKS, check_fused_as_apart, native
+from test_batchnorm_relu import _args as _args_with_grad
 
 import fastnn
 import fastnn.functional as F
@@ -26,22 +27,13 @@ from fastnn.backends import numpy_ref as ref
 from fastnn.backends._composed import window_codes
 from fastnn.gradcheck import gradcheck
 
-native = pytest.mark.skipif(not NATIVE, reason="fastnn._C is not built")
-
 if NATIVE:
     from fastnn import _C
 
-EPS = 1e-3
-MASKS = [(True, True, True), (True, False, False), (False, True, True)]
-
 
 def _args(rng, shape, dtype, affine, training):
-    x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
-    c = shape[1]
-    w = rng.standard_normal(c).astype(dtype) if affine else None
-    b = rng.standard_normal(c).astype(dtype) if affine else None
-    stats = (None, None) if training else (rng.standard_normal(c).astype(dtype),
-                                           rng.uniform(0.2, 3, c).astype(dtype))
+    """test_batchnorm_relu's inputs without its full-size gradient."""
+    x, _, w, b, stats = _args_with_grad(rng, shape, dtype, affine, training)
     return x, w, b, stats
 
 
